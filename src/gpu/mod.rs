@@ -1,0 +1,465 @@
+//! The GPU context: device and queue, a pipeline cache, a buffer pool, a
+//! command recorder that batches many dispatches into one submit, and
+//! upload/readback. wgpu errors come back as `anyhow` errors, never panics.
+
+pub mod adapter;
+pub mod pool;
+
+use anyhow::{anyhow, bail, Context, Result};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+pub use adapter::AdapterRequest;
+pub use pool::PoolStats;
+use pool::{bucket, Pool, STORAGE_USAGE};
+
+/// One WGSL file: its name (for errors and the cache) and its source.
+pub struct Shader {
+    pub name: &'static str,
+    pub source: &'static str,
+}
+
+/// Kernel design differs by adapter: CPU adapters (lavapipe) want
+/// register-blocked kernels without workgroup memory, GPUs want tiles.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeviceClass {
+    Cpu,
+    Gpu,
+}
+
+/// Uniform parameters of one dispatch live in a slot of a chunk; chunks are
+/// reused across submits so a steady step allocates no parameter buffers.
+const PARAM_CHUNK: u64 = 64 * 1024;
+/// Largest parameter block a kernel may take, in u32 words.
+pub const MAX_PARAMS: usize = 32;
+
+struct ParamChunk {
+    buf: wgpu::Buffer,
+    data: Vec<u8>,
+}
+
+#[derive(Default)]
+struct Recorder {
+    encoder: Option<wgpu::CommandEncoder>,
+    chunks: Vec<ParamChunk>,
+    chunk: usize,
+    offset: u64,
+    dispatches: u64,
+    /// MAP_READ staging buffers for readback, by size.
+    staging: HashMap<u64, Vec<wgpu::Buffer>>,
+}
+
+pub struct Gpu {
+    pub device: wgpu::Device,
+    pub queue: wgpu::Queue,
+    pub info: wgpu::AdapterInfo,
+    pub limits: wgpu::Limits,
+    pub features: wgpu::Features,
+    pub class: DeviceClass,
+    pool: Pool,
+    modules: Mutex<HashMap<&'static str, wgpu::ShaderModule>>,
+    pipelines: Mutex<HashMap<String, wgpu::ComputePipeline>>,
+    rec: Mutex<Recorder>,
+    /// First error wgpu reported outside an error scope.
+    error: Arc<Mutex<Option<String>>>,
+    /// Bound in place of an absent optional input (e.g. no bias).
+    dummy: wgpu::Buffer,
+}
+
+impl Gpu {
+    /// Open the adapter the request names (or the best one) with its own
+    /// limits: CLIP activations exceed wgpu's 128 MiB default binding size.
+    pub fn new(req: &AdapterRequest) -> Result<Arc<Gpu>> {
+        let adapter = adapter::choose(req)?;
+        Self::from_adapter(adapter)
+    }
+
+    pub fn from_adapter(adapter: wgpu::Adapter) -> Result<Arc<Gpu>> {
+        let info = adapter.get_info();
+        let limits = adapter.limits();
+        let wanted = wgpu::Features::TIMESTAMP_QUERY
+            | wgpu::Features::TIMESTAMP_QUERY_INSIDE_ENCODERS
+            | wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES;
+        let features = adapter.features() & wanted;
+        let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+            label: Some("clip-wgpu"),
+            required_features: features,
+            required_limits: limits.clone(),
+            experimental_features: wgpu::ExperimentalFeatures::disabled(),
+            memory_hints: wgpu::MemoryHints::Performance,
+            trace: wgpu::Trace::Off,
+        }))
+        .with_context(|| format!("opening device on adapter {:?}", info.name))?;
+        let error = Arc::new(Mutex::new(None::<String>));
+        let slot = error.clone();
+        device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
+            let mut g = slot.lock().unwrap();
+            if g.is_none() {
+                *g = Some(describe_error(&e));
+            }
+        }));
+        let lost = error.clone();
+        device.set_device_lost_callback(move |reason, msg| {
+            let mut g = lost.lock().unwrap();
+            if g.is_none() {
+                *g = Some(format!("GPU device lost ({reason:?}): {msg}"));
+            }
+        });
+        let dummy = device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("dummy"),
+            size: 16,
+            usage: STORAGE_USAGE,
+            mapped_at_creation: false,
+        });
+        let class = if info.device_type == wgpu::DeviceType::Cpu {
+            DeviceClass::Cpu
+        } else {
+            DeviceClass::Gpu
+        };
+        Ok(Arc::new(Gpu {
+            device,
+            queue,
+            info,
+            limits,
+            features,
+            class,
+            pool: Pool::default(),
+            modules: Mutex::default(),
+            pipelines: Mutex::default(),
+            rec: Mutex::default(),
+            error,
+            dummy,
+        }))
+    }
+
+    /// Fail with the first asynchronous wgpu error, if one happened.
+    pub fn check(&self) -> Result<()> {
+        if let Some(e) = self.error.lock().unwrap().clone() {
+            bail!("{e}");
+        }
+        Ok(())
+    }
+
+    pub fn pool_stats(&self) -> PoolStats {
+        self.pool.stats()
+    }
+
+    /// A storage buffer of at least `bytes`, from the pool when one is free.
+    pub(crate) fn alloc(&self, bytes: u64) -> Result<wgpu::Buffer> {
+        let size = bucket(bytes);
+        if let Some(b) = self.pool.take(size) {
+            return Ok(b);
+        }
+        if size > self.limits.max_buffer_size {
+            bail!(
+                "a {} MiB tensor exceeds this adapter's max_buffer_size of {} MiB: try a smaller batch",
+                size >> 20,
+                self.limits.max_buffer_size >> 20
+            );
+        }
+        let scope = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        let buf = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: None,
+            size,
+            usage: STORAGE_USAGE,
+            mapped_at_creation: false,
+        });
+        if let Some(e) = pollster::block_on(scope.pop()) {
+            self.pool.trim();
+            bail!(
+                "GPU out of memory allocating {:.1} MiB (pool holds {:.1} MiB): try a smaller batch \
+                 ({})",
+                size as f64 / 1048576.0,
+                self.pool.stats().held_bytes as f64 / 1048576.0,
+                describe_error(&e)
+            );
+        }
+        self.pool.note_alloc(size);
+        Ok(buf)
+    }
+
+    pub(crate) fn release(&self, buf: wgpu::Buffer) {
+        self.pool.give(buf);
+    }
+
+    /// The pipeline for one entry point, compiled once and cached.
+    fn pipeline(
+        &self,
+        shader: &Shader,
+        entry: &str,
+        constants: &[(&str, f64)],
+    ) -> Result<wgpu::ComputePipeline> {
+        let key = format!("{}::{}{:?}", shader.name, entry, constants);
+        if let Some(p) = self.pipelines.lock().unwrap().get(&key) {
+            return Ok(p.clone());
+        }
+        let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let module = {
+            let mut m = self.modules.lock().unwrap();
+            m.entry(shader.name)
+                .or_insert_with(|| {
+                    self.device
+                        .create_shader_module(wgpu::ShaderModuleDescriptor {
+                            label: Some(shader.name),
+                            source: wgpu::ShaderSource::Wgsl(shader.source.into()),
+                        })
+                })
+                .clone()
+        };
+        let pipeline = self
+            .device
+            .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                label: Some(&key),
+                layout: None,
+                module: &module,
+                entry_point: Some(entry),
+                compilation_options: wgpu::PipelineCompilationOptions {
+                    constants,
+                    zero_initialize_workgroup_memory: false,
+                },
+                cache: None,
+            });
+        if let Some(e) = pollster::block_on(scope.pop()) {
+            bail!(
+                "compiling shaders/{}.wgsl entry point {entry}: {}",
+                shader.name,
+                describe_error(&e)
+            );
+        }
+        self.pipelines
+            .lock()
+            .unwrap()
+            .insert(key, pipeline.clone());
+        Ok(pipeline)
+    }
+
+    /// Record one dispatch. Binding 0 of every entry point is its uniform
+    /// `Params`; bindings 1.. are the storage buffers in order (`None` binds a
+    /// dummy for an absent optional input). Nothing runs until `flush`.
+    pub fn dispatch(
+        &self,
+        shader: &Shader,
+        entry: &str,
+        params: &[u32],
+        buffers: &[Option<&wgpu::Buffer>],
+        groups: [u32; 3],
+    ) -> Result<()> {
+        self.dispatch_with(shader, entry, &[], params, buffers, groups)
+    }
+
+    /// `dispatch` with WGSL `override` constants (part of the cache key).
+    pub fn dispatch_with(
+        &self,
+        shader: &Shader,
+        entry: &str,
+        constants: &[(&str, f64)],
+        params: &[u32],
+        buffers: &[Option<&wgpu::Buffer>],
+        groups: [u32; 3],
+    ) -> Result<()> {
+        assert!(params.len() <= MAX_PARAMS, "{}: too many params", shader.name);
+        if groups.contains(&0) {
+            return Ok(());
+        }
+        let max = self.limits.max_compute_workgroups_per_dimension;
+        if groups.iter().any(|&g| g > max) {
+            bail!(
+                "{}::{entry}: dispatch {:?} exceeds the adapter's {max} workgroups per dimension",
+                shader.name,
+                groups
+            );
+        }
+        let pipeline = self.pipeline(shader, entry, constants)?;
+        let mut rec = self.rec.lock().unwrap();
+        let (chunk, offset) = self.param_slot(&mut rec, params);
+        let layout = pipeline.get_bind_group_layout(0);
+        let mut entries = Vec::with_capacity(buffers.len() + 1);
+        entries.push(wgpu::BindGroupEntry {
+            binding: 0,
+            resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                buffer: &rec.chunks[chunk].buf,
+                offset,
+                size: wgpu::BufferSize::new((MAX_PARAMS * 4) as u64),
+            }),
+        });
+        for (i, b) in buffers.iter().enumerate() {
+            entries.push(wgpu::BindGroupEntry {
+                binding: i as u32 + 1,
+                resource: b.unwrap_or(&self.dummy).as_entire_binding(),
+            });
+        }
+        let bind = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: None,
+            layout: &layout,
+            entries: &entries,
+        });
+        let enc = self.encoder(&mut rec);
+        {
+            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor::default());
+            pass.set_pipeline(&pipeline);
+            pass.set_bind_group(0, &bind, &[]);
+            pass.dispatch_workgroups(groups[0], groups[1], groups[2]);
+        }
+        rec.dispatches += 1;
+        Ok(())
+    }
+
+    fn encoder<'a>(&self, rec: &'a mut Recorder) -> &'a mut wgpu::CommandEncoder {
+        rec.encoder.get_or_insert_with(|| {
+            self.device
+                .create_command_encoder(&wgpu::CommandEncoderDescriptor::default())
+        })
+    }
+
+    fn param_slot(&self, rec: &mut Recorder, params: &[u32]) -> (usize, u64) {
+        let align = (self.limits.min_uniform_buffer_offset_alignment as u64).max(16);
+        let slot = ((MAX_PARAMS * 4) as u64).div_ceil(align) * align;
+        if rec.offset + slot > PARAM_CHUNK {
+            rec.chunk += 1;
+            rec.offset = 0;
+        }
+        if rec.chunk == rec.chunks.len() {
+            let buf = self.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("params"),
+                size: PARAM_CHUNK,
+                usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            });
+            rec.chunks.push(ParamChunk {
+                buf,
+                data: vec![0; PARAM_CHUNK as usize],
+            });
+        }
+        let (c, o) = (rec.chunk, rec.offset);
+        let bytes: &[u8] = bytemuck::cast_slice(params);
+        rec.chunks[c].data[o as usize..o as usize + bytes.len()].copy_from_slice(bytes);
+        rec.offset += slot;
+        (c, o)
+    }
+
+    /// Record a zero fill (ordered with the dispatches around it).
+    pub fn clear(&self, buf: &wgpu::Buffer) {
+        let mut rec = self.rec.lock().unwrap();
+        self.encoder(&mut rec).clear_buffer(buf, 0, None);
+    }
+
+    /// Record a buffer-to-buffer copy of `bytes` bytes.
+    pub fn copy(&self, src: &wgpu::Buffer, dst: &wgpu::Buffer, bytes: u64) {
+        let mut rec = self.rec.lock().unwrap();
+        self.encoder(&mut rec)
+            .copy_buffer_to_buffer(src, 0, dst, 0, bytes);
+    }
+
+    /// Record a copy of `bytes` bytes from `src` at `offset` to the start of `dst`.
+    pub fn copy_range(&self, src: &wgpu::Buffer, offset: u64, dst: &wgpu::Buffer, bytes: u64) {
+        let mut rec = self.rec.lock().unwrap();
+        self.encoder(&mut rec)
+            .copy_buffer_to_buffer(src, offset, dst, 0, bytes);
+    }
+
+    /// Submit everything recorded so far (does not wait).
+    pub fn flush(&self) -> Result<()> {
+        let mut rec = self.rec.lock().unwrap();
+        self.flush_locked(&mut rec)
+    }
+
+    fn flush_locked(&self, rec: &mut Recorder) -> Result<()> {
+        if let Some(enc) = rec.encoder.take() {
+            let used = rec.chunk + usize::from(rec.offset > 0);
+            for c in &rec.chunks[..used] {
+                self.queue.write_buffer(&c.buf, 0, &c.data);
+            }
+            self.queue.submit([enc.finish()]);
+        }
+        rec.chunk = 0;
+        rec.offset = 0;
+        self.check()
+    }
+
+    /// Submit and wait until the GPU is idle.
+    pub fn sync(&self) -> Result<()> {
+        self.flush()?;
+        self.device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map_err(|e| anyhow!("waiting for the GPU: {e}"))?;
+        self.check()
+    }
+
+    /// Copy host bytes into a buffer. Pending work is submitted first so that
+    /// it still sees the old contents (queue writes land before the next submit).
+    pub fn write(&self, buf: &wgpu::Buffer, data: &[u8]) -> Result<()> {
+        self.flush()?;
+        if !data.is_empty() {
+            self.queue.write_buffer(buf, 0, data);
+        }
+        Ok(())
+    }
+
+    /// Read `bytes` bytes back from a buffer (submits and waits).
+    pub fn read(&self, buf: &wgpu::Buffer, bytes: u64) -> Result<Vec<u8>> {
+        if bytes == 0 {
+            return Ok(Vec::new());
+        }
+        let size = bucket(bytes);
+        let mut rec = self.rec.lock().unwrap();
+        let staging = match rec.staging.get_mut(&size).and_then(|v| v.pop()) {
+            Some(b) => b,
+            None => self.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("readback"),
+                size,
+                usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            }),
+        };
+        self.encoder(&mut rec)
+            .copy_buffer_to_buffer(buf, 0, &staging, 0, size.min(buf.size()));
+        self.flush_locked(&mut rec)?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        staging.map_async(wgpu::MapMode::Read, .., move |r| {
+            let _ = tx.send(r);
+        });
+        self.device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map_err(|e| anyhow!("waiting for the GPU: {e}"))?;
+        self.check()?;
+        rx.recv()
+            .context("readback callback never ran")?
+            .map_err(|e| anyhow!("mapping a readback buffer: {e}"))?;
+        let out = staging
+            .get_mapped_range(..bytes)
+            .map_err(|e| anyhow!("reading a mapped buffer: {e:?}"))?
+            .to_vec();
+        staging.unmap();
+        rec.staging.entry(size).or_default().push(staging);
+        Ok(out)
+    }
+
+    /// Dispatches recorded since this context was made (for tests/bench).
+    pub fn dispatch_count(&self) -> u64 {
+        self.rec.lock().unwrap().dispatches
+    }
+
+    /// Workgroup grid for `n` invocations of a 1-D kernel with `wg` threads
+    /// per group; rows of the grid spill into y past the per-dimension limit.
+    /// Kernels recover the index as `gid.x + gid.y * nwg.x * WG`.
+    pub fn grid_1d(&self, n: usize, wg: u32) -> [u32; 3] {
+        let groups = (n as u64).div_ceil(wg as u64).max(1);
+        let max = self.limits.max_compute_workgroups_per_dimension as u64;
+        if groups <= max {
+            [groups as u32, 1, 1]
+        } else {
+            let y = groups.div_ceil(max);
+            [groups.div_ceil(y) as u32, y as u32, 1]
+        }
+    }
+}
+
+fn describe_error(e: &wgpu::Error) -> String {
+    match e {
+        wgpu::Error::OutOfMemory { .. } => {
+            "GPU out of memory: try a smaller batch (--per_device_train_batch_size)".into()
+        }
+        wgpu::Error::Validation { description, .. } => format!("wgpu validation: {description}"),
+        wgpu::Error::Internal { description, .. } => format!("wgpu internal error: {description}"),
+    }
+}

@@ -1,0 +1,11 @@
+//! clip-wgpu: train CLIP-style image-text models on any GPU wgpu reaches,
+//! with every kernel (forward and backward) hand-written in WGSL.
+
+pub mod gpu;
+pub mod ops;
+pub mod tape;
+pub mod tensor;
+
+pub use gpu::Gpu;
+pub use tape::{Grads, Tape, Var};
+pub use tensor::Tensor;

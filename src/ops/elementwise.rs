@@ -1,0 +1,80 @@
+//! Elementwise add (with broadcast of the second operand: residual streams,
+//! biases, position embeddings) and in-place gradient accumulation.
+
+use super::{reduce, shader, u};
+use crate::gpu::Shader;
+use crate::tape::{Tape, Var};
+use crate::tensor::Tensor;
+use anyhow::{ensure, Result};
+
+const SHADER: Shader = shader!("elementwise");
+const ACC: Shader = shader!("accumulate");
+
+/// a + b, where b's element count divides a's and b repeats (broadcast over
+/// leading dimensions).
+pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let (n, nb) = (a.numel(), b.numel());
+    ensure!(
+        nb > 0 && n % nb == 0,
+        "add: {:?} does not broadcast over {:?}",
+        b.shape(),
+        a.shape()
+    );
+    let gpu = a.gpu();
+    let out = Tensor::empty(gpu, a.shape())?;
+    gpu.dispatch(
+        &SHADER,
+        "add",
+        &[u(n), u(nb), 0, 0],
+        &[Some(a.buffer()), Some(b.buffer()), Some(out.buffer())],
+        gpu.grid_1d(n, 256),
+    )?;
+    Ok(out)
+}
+
+/// acc += g (same element count).
+pub fn add_assign(acc: &Tensor, g: &Tensor) -> Result<()> {
+    ensure!(
+        acc.numel() == g.numel(),
+        "add_assign: {:?} vs {:?}",
+        acc.shape(),
+        g.shape()
+    );
+    let gpu = acc.gpu();
+    gpu.dispatch(
+        &ACC,
+        "add_assign",
+        &[u(acc.numel()), 0, 0, 0],
+        &[Some(g.buffer()), Some(acc.buffer())],
+        gpu.grid_1d(acc.numel(), 256),
+    )
+}
+
+/// Tape op: a + b with broadcast; db sums dy over the repeats.
+pub fn add_var(tape: &mut Tape, a: &Var, b: &Var) -> Result<Var> {
+    let out = add(a.tensor(), b.tensor())?;
+    let (n, nb) = (a.tensor().numel(), b.tensor().numel());
+    let bshape = b.shape().to_vec();
+    Ok(tape.record(
+        out,
+        &[a, b],
+        Box::new(move |dy, needs| {
+            let da = needs[0].then(|| dy.clone());
+            let db = if !needs[1] {
+                None
+            } else if n == nb {
+                Some(dy.clone())
+            } else {
+                Some(reduce::colsum(dy, n / nb, nb)?.reshape(&bshape)?)
+            };
+            Ok(vec![da, db])
+        }),
+    ))
+}
+
+pub fn add_ref(a: &[f64], b: &[f64]) -> Vec<f64> {
+    a.iter()
+        .enumerate()
+        .map(|(i, x)| x + b[i % b.len()])
+        .collect()
+}

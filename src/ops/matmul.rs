@@ -1,0 +1,347 @@
+//! Batched matmul with transpose flags and optional bias, and the linear
+//! layer built on it. Backward reuses the same kernel with other flags; the
+//! bias gradient is a column sum.
+
+use super::{f, reduce, shader, u};
+use crate::gpu::{DeviceClass, Shader};
+use crate::tape::{Tape, Var};
+use crate::tensor::Tensor;
+use anyhow::{ensure, Result};
+
+const SHADER: Shader = shader!("matmul");
+
+/// Which matmul kernel runs: chosen per adapter, forced with
+/// `CLIP_WGPU_MATMUL=regs|tiled`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Variant {
+    /// Register-blocked, no workgroup memory: best on CPU adapters.
+    Regs,
+    /// Workgroup-memory tiles: best on GPUs.
+    Tiled,
+}
+
+impl Variant {
+    pub fn for_class(class: DeviceClass) -> Variant {
+        match std::env::var("CLIP_WGPU_MATMUL").as_deref() {
+            Ok("regs") => Variant::Regs,
+            Ok("tiled") => Variant::Tiled,
+            _ => match class {
+                DeviceClass::Cpu => Variant::Regs,
+                DeviceClass::Gpu => Variant::Tiled,
+            },
+        }
+    }
+}
+
+/// C[b] = alpha * op(A[b]) op(B[b]) (+ bias) (+ C[b]). op(A) is [m, k], op(B)
+/// is [k, n]; `ta`/`tb` say the operand is stored transposed. An operand
+/// holding a single matrix is shared by every batch entry (weights).
+#[derive(Clone, Copy, Debug)]
+pub struct Gemm {
+    pub batch: usize,
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub ta: bool,
+    pub tb: bool,
+    pub alpha: f32,
+    pub accumulate: bool,
+    /// Force a kernel variant (tests, bench); `None` picks per adapter.
+    pub variant: Option<Variant>,
+}
+
+impl Gemm {
+    pub fn new(batch: usize, m: usize, n: usize, k: usize) -> Gemm {
+        Gemm {
+            batch,
+            m,
+            n,
+            k,
+            ta: false,
+            tb: false,
+            alpha: 1.0,
+            accumulate: false,
+            variant: None,
+        }
+    }
+    pub fn ta(mut self, t: bool) -> Gemm {
+        self.ta = t;
+        self
+    }
+    pub fn tb(mut self, t: bool) -> Gemm {
+        self.tb = t;
+        self
+    }
+    pub fn alpha(mut self, a: f32) -> Gemm {
+        self.alpha = a;
+        self
+    }
+    pub fn variant(mut self, v: Variant) -> Gemm {
+        self.variant = Some(v);
+        self
+    }
+    pub fn flops(&self) -> f64 {
+        2.0 * (self.batch * self.m * self.n * self.k) as f64
+    }
+}
+
+/// Batch stride of an operand: 0 when one matrix serves every batch entry.
+fn batch_stride(t: &Tensor, per: usize, batch: usize, what: &str) -> Result<usize> {
+    if t.numel() == per * batch {
+        Ok(per)
+    } else if t.numel() == per {
+        Ok(0)
+    } else {
+        anyhow::bail!(
+            "matmul: {what} has shape {:?}, expected {batch} x {per} or {per} elements",
+            t.shape()
+        )
+    }
+}
+
+/// Run `g` into an existing output (which it overwrites or, with
+/// `accumulate`, adds to).
+pub fn gemm_into(c: &Tensor, a: &Tensor, b: &Tensor, bias: Option<&Tensor>, g: Gemm) -> Result<()> {
+    let a_bs = batch_stride(a, g.m * g.k, g.batch, "A")?;
+    let b_bs = batch_stride(b, g.k * g.n, g.batch, "B")?;
+    ensure!(
+        c.numel() == g.batch * g.m * g.n,
+        "matmul: output {:?} is not {} x {} x {}",
+        c.shape(),
+        g.batch,
+        g.m,
+        g.n
+    );
+    if let Some(bias) = bias {
+        ensure!(bias.numel() == g.n, "matmul: bias {:?} is not [{}]", bias.shape(), g.n);
+    }
+    if g.m == 0 || g.n == 0 || g.batch == 0 {
+        return Ok(());
+    }
+    let gpu = a.gpu();
+    if g.k == 0 {
+        // Empty sum: C = bias (or unchanged when accumulating).
+        if !g.accumulate {
+            gpu.clear(c.buffer());
+        }
+        ensure!(bias.is_none(), "matmul: k = 0 with a bias is not supported");
+        return Ok(());
+    }
+    let lda = if g.ta { g.m } else { g.k };
+    let ldb = if g.tb { g.k } else { g.n };
+    let params = [
+        u(g.m),
+        u(g.n),
+        u(g.k),
+        u(lda),
+        u(ldb),
+        u(g.n),
+        u(a_bs),
+        u(b_bs),
+        u(g.m * g.n),
+        bias.is_some() as u32,
+        g.accumulate as u32,
+        f(g.alpha),
+    ];
+    let constants = [
+        ("TRANS_A", g.ta as u32 as f64),
+        ("TRANS_B", g.tb as u32 as f64),
+    ];
+    let (entry, tile_m, tile_n) = match g.variant.unwrap_or_else(|| Variant::for_class(gpu.class)) {
+        Variant::Regs => ("matmul_regs", 32, 32),
+        Variant::Tiled => ("matmul_tiled", 64, 64),
+    };
+    gpu.dispatch_with(
+        &SHADER,
+        entry,
+        &constants,
+        &params,
+        &[
+            Some(a.buffer()),
+            Some(b.buffer()),
+            bias.map(|t| t.buffer()),
+            Some(c.buffer()),
+        ],
+        [
+            u(g.n.div_ceil(tile_n)),
+            u(g.m.div_ceil(tile_m)),
+            u(g.batch),
+        ],
+    )
+}
+
+/// `g` into a new [batch, m, n] tensor.
+pub fn gemm(a: &Tensor, b: &Tensor, bias: Option<&Tensor>, g: Gemm) -> Result<Tensor> {
+    ensure!(!g.accumulate, "gemm: accumulate needs an existing output");
+    let c = Tensor::empty(a.gpu(), &[g.batch, g.m, g.n])?;
+    gemm_into(&c, a, b, bias, g)?;
+    Ok(c)
+}
+
+/// Gradients of C = alpha op(A) op(B) for the operands that need them.
+pub fn gemm_backward(
+    dc: &Tensor,
+    a: &Tensor,
+    b: &Tensor,
+    g: Gemm,
+    need_a: bool,
+    need_b: bool,
+) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    let Gemm { batch, m, n, k, ta, tb, alpha, variant, .. } = g;
+    let with = |x: Gemm| Gemm { variant, ..x };
+    // A shared across the batch (a weight) gets its gradient summed over it.
+    let a_shared = a.numel() == m * k && batch > 1;
+    let b_shared = b.numel() == k * n && batch > 1;
+    let da = if !need_a {
+        None
+    } else {
+        let t = if !ta {
+            // dA = alpha dC op(B)^T : [m, k]
+            grad_operand(dc, b, with(Gemm::new(batch, m, k, n).tb(!tb).alpha(alpha)), a_shared)?
+        } else {
+            // stored A^T: dA^T = alpha op(B) dC^T : [k, m]
+            grad_operand(b, dc, with(Gemm::new(batch, k, m, n).ta(tb).tb(true).alpha(alpha)), a_shared)?
+        };
+        Some(t.reshape(a.shape())?)
+    };
+    let db = if !need_b {
+        None
+    } else {
+        let t = if !tb {
+            // dB = alpha op(A)^T dC : [k, n]
+            grad_operand(a, dc, with(Gemm::new(batch, k, n, m).ta(!ta).alpha(alpha)), b_shared)?
+        } else {
+            // stored B^T: dB^T = alpha dC^T op(A) : [n, k]
+            grad_operand(dc, a, with(Gemm::new(batch, n, k, m).ta(true).tb(ta).alpha(alpha)), b_shared)?
+        };
+        Some(t.reshape(b.shape())?)
+    };
+    Ok((da, db))
+}
+
+/// One operand gradient; for a shared operand the batch entries are summed
+/// by accumulating each batch entry's product into one output.
+fn grad_operand(x: &Tensor, y: &Tensor, g: Gemm, shared: bool) -> Result<Tensor> {
+    if !shared {
+        return gemm(x, y, None, g);
+    }
+    // Operands that do vary over the batch are sliced by offset: run the
+    // batch as one taller product instead where the layout allows it.
+    let out = Tensor::zeros(x.gpu(), &[g.m, g.n])?;
+    for bi in 0..g.batch {
+        let xs = slice_batch(x, bi, g.batch)?;
+        let ys = slice_batch(y, bi, g.batch)?;
+        gemm_into(&out, &xs, &ys, None, Gemm { batch: 1, accumulate: true, ..g })?;
+    }
+    Ok(out)
+}
+
+/// Batch entry `i` of a tensor holding `batch` equal matrices (or the
+/// tensor itself when it is shared).
+fn slice_batch(t: &Tensor, i: usize, batch: usize) -> Result<Tensor> {
+    if t.numel() % batch != 0 || batch == 1 {
+        return Ok(t.clone());
+    }
+    let per = t.numel() / batch;
+    let out = Tensor::empty(t.gpu(), &[per])?;
+    t.gpu()
+        .copy_range(t.buffer(), (i * per * 4) as u64, out.buffer(), (per * 4) as u64);
+    Ok(out)
+}
+
+/// Tape op: y = x W^T (+ b) for x [..., in], W [out, in] (Hugging Face's
+/// nn.Linear layout), b [out].
+pub fn linear(tape: &mut Tape, x: &Var, w: &Var, b: Option<&Var>) -> Result<Var> {
+    let xs = x.shape().to_vec();
+    let ws = w.shape();
+    ensure!(
+        ws.len() == 2 && xs.last() == Some(&ws[1]),
+        "linear: input {:?} does not match weight {:?}",
+        xs,
+        ws
+    );
+    let (out_f, in_f) = (ws[0], ws[1]);
+    let rows = x.tensor().numel() / in_f;
+    let g = Gemm::new(1, rows, out_f, in_f).tb(true);
+    let y = gemm(x.tensor(), w.tensor(), b.map(|b| b.tensor()), g)?;
+    let mut ys = xs.clone();
+    *ys.last_mut().unwrap() = out_f;
+    let y = y.reshape(&ys)?;
+    let (xt, wt) = (x.tensor().clone(), w.tensor().clone());
+    let mut inputs = vec![x, w];
+    if let Some(b) = b {
+        inputs.push(b);
+    }
+    Ok(tape.record(
+        y,
+        &inputs,
+        Box::new(move |dy, needs| {
+            let (dx, dw) = gemm_backward(dy, &xt, &wt, g, needs[0], needs[1])?;
+            let mut out = vec![dx, dw];
+            if needs.len() > 2 {
+                out.push(needs[2].then(|| reduce::colsum(dy, rows, out_f)).transpose()?);
+            }
+            Ok(out)
+        }),
+    ))
+}
+
+/// Tape op: batched C = alpha op(A) op(B) (attention scores, P V, logits).
+pub fn matmul(tape: &mut Tape, a: &Var, b: &Var, g: Gemm) -> Result<Var> {
+    let c = gemm(a.tensor(), b.tensor(), None, g)?;
+    let (at, bt) = (a.tensor().clone(), b.tensor().clone());
+    Ok(tape.record(
+        c,
+        &[a, b],
+        Box::new(move |dc, needs| {
+            let (da, db) = gemm_backward(dc, &at, &bt, g, needs[0], needs[1])?;
+            Ok(vec![da, db])
+        }),
+    ))
+}
+
+/// CPU reference of `gemm` (f64, no accumulate).
+pub fn gemm_ref(a: &[f64], b: &[f64], bias: Option<&[f64]>, g: Gemm) -> Vec<f64> {
+    let Gemm { batch, m, n, k, ta, tb, alpha, .. } = g;
+    let a_bs = if a.len() == m * k { 0 } else { m * k };
+    let b_bs = if b.len() == k * n { 0 } else { k * n };
+    let mut c = vec![0.0; batch * m * n];
+    for bi in 0..batch {
+        for i in 0..m {
+            for j in 0..n {
+                let mut s = 0.0;
+                for kk in 0..k {
+                    let av = if ta { a[bi * a_bs + kk * m + i] } else { a[bi * a_bs + i * k + kk] };
+                    let bv = if tb { b[bi * b_bs + j * k + kk] } else { b[bi * b_bs + kk * n + j] };
+                    s += av * bv;
+                }
+                c[(bi * m + i) * n + j] = alpha as f64 * s + bias.map_or(0.0, |bb| bb[j]);
+            }
+        }
+    }
+    c
+}
+
+/// CPU reference of `gemm_backward`: (dA, dB) in the operands' stored layout.
+pub fn gemm_backward_ref(dc: &[f64], a: &[f64], b: &[f64], g: Gemm) -> (Vec<f64>, Vec<f64>) {
+    let Gemm { batch, m, n, k, ta, tb, alpha, .. } = g;
+    let a_bs = if a.len() == m * k { 0 } else { m * k };
+    let b_bs = if b.len() == k * n { 0 } else { k * n };
+    let mut da = vec![0.0; a.len()];
+    let mut db = vec![0.0; b.len()];
+    let alpha = alpha as f64;
+    for bi in 0..batch {
+        for i in 0..m {
+            for j in 0..n {
+                let d = alpha * dc[(bi * m + i) * n + j];
+                for kk in 0..k {
+                    let ai = if ta { bi * a_bs + kk * m + i } else { bi * a_bs + i * k + kk };
+                    let bj = if tb { bi * b_bs + j * k + kk } else { bi * b_bs + kk * n + j };
+                    da[ai] += d * b[bj];
+                    db[bj] += d * a[ai];
+                }
+            }
+        }
+    }
+    (da, db)
+}

@@ -1,0 +1,29 @@
+//! Kernels. Each module holds one op family: the GPU launch of its forward
+//! and backward (WGSL in shaders/), its tape wrapper, and a plain-Rust f64
+//! CPU reference (`*_ref`) that the tests check the GPU and finite
+//! differences against.
+
+pub mod elementwise;
+pub mod matmul;
+pub mod permute;
+pub mod reduce;
+
+/// f32 parameter as the u32 bits a WGSL `f32` field reads.
+pub(crate) fn f(x: f32) -> u32 {
+    x.to_bits()
+}
+
+/// `usize` as a u32 kernel parameter.
+pub(crate) fn u(x: usize) -> u32 {
+    u32::try_from(x).expect("size fits in u32")
+}
+
+macro_rules! shader {
+    ($name:literal) => {
+        $crate::gpu::Shader {
+            name: $name,
+            source: include_str!(concat!("../../shaders/", $name, ".wgsl")),
+        }
+    };
+}
+pub(crate) use shader;

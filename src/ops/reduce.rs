@@ -1,0 +1,73 @@
+//! Deterministic reductions: column sums (bias and LayerNorm parameter
+//! gradients, broadcast backward) and sums of squares (gradient norm).
+
+use super::{shader, u};
+use crate::gpu::Shader;
+use crate::tensor::Tensor;
+use anyhow::{ensure, Result};
+
+const SHADER: Shader = shader!("reduce");
+/// Rows one thread sums in the first pass over a tall input.
+const CHUNK: usize = 64;
+
+/// out[c] = sum_r x[r, c] for x viewed as [rows, cols]; adds into `out`
+/// when `accumulate`.
+pub fn colsum_into(x: &Tensor, rows: usize, cols: usize, out: &Tensor, accumulate: bool) -> Result<()> {
+    ensure!(rows * cols == x.numel(), "colsum: {rows}x{cols} does not match {:?}", x.shape());
+    ensure!(out.numel() == cols, "colsum: output has {} values, want {cols}", out.numel());
+    let gpu = x.gpu();
+    let cgroups = u(cols).div_ceil(64);
+    if rows <= 4 * CHUNK {
+        return gpu.dispatch(
+            &SHADER,
+            "colsum",
+            &[u(rows), u(cols), u(rows.max(1)), accumulate as u32],
+            &[Some(x.buffer()), Some(out.buffer())],
+            [cgroups, 1, 1],
+        );
+    }
+    let chunks = rows.div_ceil(CHUNK);
+    let partial = Tensor::empty(gpu, &[chunks, cols])?;
+    gpu.dispatch(
+        &SHADER,
+        "colsum",
+        &[u(rows), u(cols), u(CHUNK), 0],
+        &[Some(x.buffer()), Some(partial.buffer())],
+        [cgroups, u(chunks), 1],
+    )?;
+    colsum_into(&partial, chunks, cols, out, accumulate)
+}
+
+/// Column sums as a new [cols] tensor.
+pub fn colsum(x: &Tensor, rows: usize, cols: usize) -> Result<Tensor> {
+    let out = Tensor::empty(x.gpu(), &[cols])?;
+    colsum_into(x, rows, cols, &out, false)?;
+    Ok(out)
+}
+
+/// Sum of squares of all elements, written to `out[slot]`'s own [1] tensor.
+pub fn sumsq(x: &Tensor) -> Result<Tensor> {
+    let gpu = x.gpu();
+    let n = x.numel();
+    let chunks = n.div_ceil(CHUNK * 4).max(1);
+    let partial = Tensor::empty(gpu, &[chunks])?;
+    gpu.dispatch(
+        &SHADER,
+        "sumsq",
+        &[u(n), 0, u(CHUNK * 4), 0],
+        &[Some(x.buffer()), Some(partial.buffer())],
+        [u(chunks).div_ceil(64), 1, 1],
+    )?;
+    // The partials are summed by the column-sum kernel (one column).
+    colsum(&partial, chunks, 1)
+}
+
+pub fn colsum_ref(x: &[f64], rows: usize, cols: usize) -> Vec<f64> {
+    let mut out = vec![0.0; cols];
+    for r in 0..rows {
+        for c in 0..cols {
+            out[c] += x[r * cols + c];
+        }
+    }
+    out
+}

@@ -1,0 +1,76 @@
+mod common;
+use clip_wgpu::ops::matmul::{Variant, gemm, gemm_backward, gemm_backward_ref, gemm_ref, Gemm};
+use common::*;
+
+fn check(batch: usize, m: usize, n: usize, k: usize, ta: bool, tb: bool, bias: bool, seed: u64, v: Variant) {
+    let Some(gpu) = gpu() else { return };
+    let mut r = Rng::new(seed);
+    let g = Gemm::new(batch, m, n, k).ta(ta).tb(tb).alpha(0.7).variant(v);
+    let a = r.vec(batch * m * k, 1.0);
+    let b = r.vec(batch * k * n, 1.0);
+    let bi = r.vec(n, 1.0);
+    let (ash, bsh) = (
+        if ta { [batch, k, m] } else { [batch, m, k] },
+        if tb { [batch, n, k] } else { [batch, k, n] },
+    );
+    let (at, bt, biast) = (upload(&gpu, &a, &ash), upload(&gpu, &b, &bsh), upload(&gpu, &bi, &[n]));
+    let c = gemm(&at, &bt, bias.then_some(&biast), g).unwrap();
+    let want = gemm_ref(&a, &b, bias.then_some(&bi[..]), g);
+    let name = format!("matmul {v:?} b{batch} {m}x{n}x{k} ta={ta} tb={tb}");
+    assert_close(&format!("{name} forward"), &download(&c), &want, 1e-5 * (k as f64).sqrt());
+    let dc = r.vec(batch * m * n, 1.0);
+    let dct = upload(&gpu, &dc, &[batch, m, n]);
+    let (da, db) = gemm_backward(&dct, &at, &bt, g, true, true).unwrap();
+    let (da_ref, db_ref) = gemm_backward_ref(&dc, &a, &b, g);
+    let tol = 1e-5 * ((m.max(n) * batch) as f64).sqrt();
+    assert_close(&format!("{name} dA"), &download(&da.unwrap()), &da_ref, tol);
+    assert_close(&format!("{name} dB"), &download(&db.unwrap()), &db_ref, tol);
+}
+
+#[test]
+fn matmul_odd_sizes_all_transposes() {
+    let mut seed = 1;
+    for &(batch, m, n, k) in &[(1, 1, 1, 1), (1, 7, 50, 77), (3, 77, 7, 50), (2, 257, 65, 33), (1, 50, 257, 7)] {
+        for ta in [false, true] {
+            for tb in [false, true] {
+                for v in [Variant::Regs, Variant::Tiled] {
+                    check(batch, m, n, k, ta, tb, seed % 2 == 0, seed, v);
+                }
+                seed += 1;
+            }
+        }
+    }
+}
+
+#[test]
+fn matmul_shared_weight_gradient_sums_batch() {
+    let Some(gpu) = gpu() else { return };
+    let mut r = Rng::new(9);
+    let (batch, m, n, k) = (3, 5, 7, 9);
+    let g = Gemm::new(batch, m, n, k).tb(true);
+    let a = r.vec(batch * m * k, 1.0);
+    let w = r.vec(n * k, 1.0);
+    let (at, wt) = (upload(&gpu, &a, &[batch, m, k]), upload(&gpu, &w, &[n, k]));
+    let c = gemm(&at, &wt, None, g).unwrap();
+    assert_close("shared fwd", &download(&c), &gemm_ref(&a, &w, None, g), 1e-5);
+    let dc = r.vec(batch * m * n, 1.0);
+    let (_, dw) = gemm_backward(&upload(&gpu, &dc, &[batch, m, n]), &at, &wt, g, false, true).unwrap();
+    let (_, dw_ref) = gemm_backward_ref(&dc, &a, &w, g);
+    assert_close("shared dW", &download(&dw.unwrap()), &dw_ref, 1e-5);
+}
+
+#[test]
+fn matmul_reference_backward_matches_finite_differences() {
+    let mut r = Rng::new(5);
+    for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
+        let g = Gemm::new(2, 3, 4, 5).ta(ta).tb(tb).alpha(1.3);
+        let a = r.vec(2 * 3 * 5, 1.0);
+        let b = r.vec(2 * 5 * 4, 1.0);
+        let w = r.vec(2 * 3 * 4, 1.0);
+        let (da, db) = gemm_backward_ref(&w, &a, &b, g);
+        let na = numeric_grad(&a, |x| dot(&gemm_ref(x, &b, None, g), &w));
+        let nb = numeric_grad(&b, |x| dot(&gemm_ref(&a, x, None, g), &w));
+        assert!(max_err(&da, &na) < 1e-7, "dA vs fd");
+        assert!(max_err(&db, &nb) < 1e-7, "dB vs fd");
+    }
+}
