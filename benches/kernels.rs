@@ -37,7 +37,7 @@ fn main() {
         if filter.as_deref().is_some_and(|f| !name.contains(f)) {
             continue;
         }
-        for v in [Variant::Regs, Variant::Tiled] {
+        for v in [Variant::Vec4] {
             let a = Tensor::from_slice(&gpu, &vec![0.5; m * k], &[m, k]).unwrap();
             let b = Tensor::from_slice(&gpu, &vec![0.25; k * n], &[k, n]).unwrap();
             let c = Tensor::empty(&gpu, &[m, n]).unwrap();

@@ -30,10 +30,10 @@ fn check(batch: usize, m: usize, n: usize, k: usize, ta: bool, tb: bool, bias: b
 #[test]
 fn matmul_odd_sizes_all_transposes() {
     let mut seed = 1;
-    for &(batch, m, n, k) in &[(1, 1, 1, 1), (1, 7, 50, 77), (3, 77, 7, 50), (2, 257, 65, 33), (1, 50, 257, 7)] {
+    for &(batch, m, n, k) in &[(1, 1, 1, 1), (1, 7, 50, 77), (3, 77, 7, 50), (2, 257, 65, 33), (1, 50, 257, 7), (2, 67, 132, 19), (1, 130, 72, 5), (2, 37, 24, 12), (1, 36, 44, 9), (1, 68, 136, 20)] {
         for ta in [false, true] {
             for tb in [false, true] {
-                for v in [Variant::Regs, Variant::Tiled] {
+                for v in [Variant::Regs, Variant::Vec4, Variant::Tiled] {
                     check(batch, m, n, k, ta, tb, seed % 2 == 0, seed, v);
                 }
                 seed += 1;

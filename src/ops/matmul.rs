@@ -9,6 +9,7 @@ use crate::tensor::Tensor;
 use anyhow::{ensure, Result};
 
 const SHADER: Shader = shader!("matmul");
+const SHADER_VEC4: Shader = shader!("matmul_vec4");
 
 /// Which matmul kernel runs: chosen per adapter, forced with
 /// `CLIP_WGPU_MATMUL=regs|tiled`.
@@ -16,6 +17,9 @@ const SHADER: Shader = shader!("matmul");
 pub enum Variant {
     /// Register-blocked, no workgroup memory: best on CPU adapters.
     Regs,
+    /// `Regs` with vec4 loads of B (n % 4 == 0, B not transposed; the host
+    /// transposes B first): the CPU-adapter default.
+    Vec4,
     /// Workgroup-memory tiles: best on GPUs.
     Tiled,
 }
@@ -24,9 +28,10 @@ impl Variant {
     pub fn for_class(class: DeviceClass) -> Variant {
         match std::env::var("CLIP_WGPU_MATMUL").as_deref() {
             Ok("regs") => Variant::Regs,
+            Ok("vec4") => Variant::Vec4,
             Ok("tiled") => Variant::Tiled,
             _ => match class {
-                DeviceClass::Cpu => Variant::Regs,
+                DeviceClass::Cpu => Variant::Vec4,
                 DeviceClass::Gpu => Variant::Tiled,
             },
         }
@@ -147,14 +152,28 @@ pub fn gemm_into(c: &Tensor, a: &Tensor, b: &Tensor, bias: Option<&Tensor>, g: G
         ("TRANS_A", g.ta as u32 as f64),
         ("TRANS_B", g.tb as u32 as f64),
     ];
-    let (entry, tile_m, tile_n) = match g.variant.unwrap_or_else(|| Variant::for_class(gpu.class)) {
-        Variant::Regs => ("matmul_regs", 32, 32),
-        Variant::Tiled => ("matmul_tiled", 64, 64),
+    let mut variant = g.variant.unwrap_or_else(|| Variant::for_class(gpu.class));
+    if variant == Variant::Vec4 && !vec4_ok(&g, a_bs, b_bs) {
+        variant = Variant::Regs;
+    }
+    if variant == Variant::Vec4 && g.tb {
+        // Transposing B costs one pass over it; the kernel then reads B rows
+        // as vec4 instead of gathering a column per lane.
+        let bt = super::permute::transpose(b, if b_bs == 0 { 1 } else { g.batch }, g.n, g.k)?;
+        return gemm_into(c, a, &bt, bias, Gemm { tb: false, ..g });
+    }
+    let (shader, entry, tile_m, tile_n) = match variant {
+        Variant::Regs => (&SHADER, "matmul_regs", 32, 32),
+        // 8x8 threads of 8 rows x 8 columns (tools/gen_matmul_vec4.py 8 2).
+        Variant::Vec4 => (&SHADER_VEC4, "matmul_vec4", 64, 64),
+        Variant::Tiled => (&SHADER, "matmul_tiled", 64, 64),
     };
+    let constants_vec4 = [constants[0]];
+    let constants: &[(&str, f64)] = if variant == Variant::Vec4 { &constants_vec4 } else { &constants };
     gpu.dispatch_with(
-        &SHADER,
+        shader,
         entry,
-        &constants,
+        constants,
         &params,
         &[
             Some(a.buffer()),
@@ -168,6 +187,13 @@ pub fn gemm_into(c: &Tensor, a: &Tensor, b: &Tensor, bias: Option<&Tensor>, g: G
             u(g.batch),
         ],
     )
+}
+
+/// matmul_vec4 loads whole vec4s: B along n, A along k (or m when stored
+/// transposed), so those extents and the batch strides must be multiples of 4.
+fn vec4_ok(g: &Gemm, a_bs: usize, b_bs: usize) -> bool {
+    let a_axis = if g.ta { g.m } else { g.k };
+    g.n % 4 == 0 && a_axis % 4 == 0 && a_bs % 4 == 0 && b_bs % 4 == 0
 }
 
 /// `g` into a new [batch, m, n] tensor.
