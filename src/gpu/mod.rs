@@ -288,11 +288,20 @@ impl Gpu {
                 resource: b.unwrap_or(&self.dummy).as_entire_binding(),
             });
         }
+        let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
         let bind = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
             label: None,
             layout: &layout,
             entries: &entries,
         });
+        if let Some(e) = pollster::block_on(scope.pop()) {
+            bail!(
+                "binding {} buffer(s) to shaders/{}.wgsl entry point {entry}: {}",
+                buffers.len(),
+                shader.name,
+                describe_error(&e)
+            );
+        }
         let enc = self.encoder(&mut rec);
         {
             let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor::default());

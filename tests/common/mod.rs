@@ -23,6 +23,13 @@ pub fn gpu() -> Option<Arc<Gpu>> {
     .clone()
 }
 
+/// A GPU context of this test's own (pool statistics not shared with
+/// tests running in parallel).
+pub fn own_gpu() -> Option<Arc<Gpu>> {
+    gpu()?;
+    Some(Gpu::new(&AdapterRequest::default().with_env().unwrap()).unwrap())
+}
+
 /// splitmix64: small, seeded, reproducible.
 pub struct Rng(u64);
 
