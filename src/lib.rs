@@ -1,6 +1,7 @@
 //! clip-wgpu: train CLIP-style image-text models on any GPU wgpu reaches,
 //! with every kernel (forward and backward) hand-written in WGSL.
 
+pub mod bench;
 pub mod gpu;
 pub mod ops;
 pub mod tape;

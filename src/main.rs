@@ -19,6 +19,18 @@ struct Cli {
 enum Cmd {
     /// List every adapter found, with backend, type, driver, limits and features.
     Info,
+    /// Time each kernel at the shapes of a training step (median of runs).
+    Bench {
+        /// Batch size of the training-step shapes.
+        #[arg(long, default_value_t = 32)]
+        batch: usize,
+        /// Timed runs per kernel (the median is reported).
+        #[arg(long, default_value_t = 5)]
+        reps: usize,
+        /// One JSON object per line instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() {
@@ -37,7 +49,27 @@ fn run() -> Result<()> {
     .with_env()?;
     match cli.cmd {
         Cmd::Info => info(&req),
+        Cmd::Bench { batch, reps, json } => bench(&req, batch, reps, json),
     }
+}
+
+fn bench(req: &AdapterRequest, batch: usize, reps: usize, json: bool) -> Result<()> {
+    anyhow::ensure!(batch > 0, "--batch must be at least 1");
+    anyhow::ensure!(reps > 0, "--reps must be at least 1");
+    let gpu = clip_wgpu::Gpu::new(req)?;
+    let rows = clip_wgpu::bench::kernel_table(&gpu, batch, reps)?;
+    if json {
+        for m in &rows {
+            println!("{}", m.json());
+        }
+    } else {
+        println!(
+            "adapter: {} ({:?}, {:?})",
+            gpu.info.name, gpu.info.backend, gpu.info.device_type
+        );
+        clip_wgpu::bench::print_table(&rows);
+    }
+    Ok(())
 }
 
 fn info(req: &AdapterRequest) -> Result<()> {
