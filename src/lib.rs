@@ -3,6 +3,7 @@
 
 pub mod bench;
 pub mod gpu;
+pub mod model;
 pub mod ops;
 pub mod tape;
 pub mod tensor;

@@ -1,0 +1,3 @@
+//! CLIP and CLIP-vision + RoBERTa models: configs, weights, towers.
+
+pub mod config;
