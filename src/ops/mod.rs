@@ -3,8 +3,12 @@
 //! CPU reference (`*_ref`) that the tests check the GPU and finite
 //! differences against.
 
+pub mod adamw;
 pub mod elementwise;
+pub mod embedding;
+pub mod loss;
 pub mod matmul;
+pub mod patch;
 pub mod permute;
 pub mod reduce;
 

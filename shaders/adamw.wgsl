@@ -1,0 +1,57 @@
+// AdamW as torch.optim.AdamW (_single_tensor_adamw, decoupled weight decay),
+// in place on the parameter and its two moments, and the global gradient
+// norm of torch.nn.utils.clip_grad_norm_, whose clip coefficient the step
+// reads from the GPU (no readback). Entry points use binding prefixes of one
+// list: collect/norm {1,2}, step {1..5}.
+
+struct Params {
+    n: u32, has_clip: u32, decay: f32, w1: f32,
+    b2: f32, w2: f32, step_size: f32, bc2_sqrt: f32,
+    eps: f32, max_norm: f32, _a: u32, _b: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> g: array<f32>;           // gradient (or a source to collect)
+@group(0) @binding(2) var<storage, read_write> w: array<f32>;     // parameter (or slots / [norm, coef])
+@group(0) @binding(3) var<storage, read_write> m: array<f32>;     // exp_avg
+@group(0) @binding(4) var<storage, read_write> v: array<f32>;     // exp_avg_sq
+@group(0) @binding(5) var<storage, read> clip: array<f32>;        // [total_norm, coef] (optional)
+
+// w[n] = g[0]: one tensor's sum of squares into its slot (n = slot index).
+@compute @workgroup_size(1, 1, 1)
+fn collect() {
+    w[p.n] = g[0];
+}
+
+// w = [sqrt(sum of the n slots), min(1, max_norm / (total + 1e-6))], slots
+// summed in order by one thread.
+@compute @workgroup_size(1, 1, 1)
+fn norm() {
+    var s = 0.0;
+    for (var k = 0u; k < p.n; k++) { s += g[k]; }
+    let total = sqrt(s);
+    w[0] = total;
+    w[1] = min(1.0, p.max_norm / (total + 1e-6));
+}
+
+// One element: torch's order of operations, with the bias corrections done
+// on the host (step_size = lr / (1 - b1^t), bc2_sqrt = sqrt(1 - b2^t)).
+@compute @workgroup_size(256, 1, 1)
+fn step(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = gid.x + gid.y * nwg.x * 256u;
+    if i >= p.n { return; }
+    var gi = g[i];
+    if p.has_clip != 0u { gi = gi * clip[1]; }     // clip_grad_norm_: g *= coef
+    let wi = w[i] * p.decay;                        // param.mul_(1 - lr * wd)
+    var mi = m[i];                                  // exp_avg.lerp_(g, 1 - b1)
+    if p.w1 < 0.5 {
+        mi = mi + p.w1 * (gi - mi);
+    } else {
+        mi = gi - (gi - mi) * (1.0 - p.w1);
+    }
+    let vi = v[i] * p.b2 + p.w2 * gi * gi;          // exp_avg_sq.mul_(b2).addcmul_(g, g, 1 - b2)
+    let denom = sqrt(vi) / p.bc2_sqrt + p.eps;      // (v.sqrt() / bc2_sqrt).add_(eps)
+    m[i] = mi;
+    v[i] = vi;
+    w[i] = wi + (-p.step_size) * (mi / denom);      // param.addcdiv_(m, denom, -step_size)
+}

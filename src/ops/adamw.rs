@@ -1,0 +1,184 @@
+//! The optimizer: torch.optim.AdamW (decoupled weight decay) updating
+//! parameters in place, and the global gradient norm with the clip
+//! coefficient of torch.nn.utils.clip_grad_norm_, kept on the GPU so that a
+//! training step never waits for a readback.
+
+use super::{f, reduce, shader, u};
+use crate::gpu::Shader;
+use crate::tensor::Tensor;
+use anyhow::{ensure, Result};
+
+const SHADER: Shader = shader!("adamw");
+
+/// Hyperparameters (Default: torch's AdamW and the Hugging Face Trainer's
+/// defaults: lr 5e-5, betas (0.9, 0.999), eps 1e-8, weight decay 0).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdamW {
+    pub lr: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    pub weight_decay: f32,
+}
+
+impl Default for AdamW {
+    fn default() -> Self {
+        AdamW {
+            lr: 5e-5,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.0,
+        }
+    }
+}
+
+/// Global L2 norm of all gradients and the clip coefficient, as a [2]
+/// tensor [total_norm, coef] with total = sqrt(sum of every g^2) and
+/// coef = min(1, max_norm / (total + 1e-6)) (clip_grad_norm_). Each
+/// gradient's sum of squares lands in its own slot; the slots are summed in
+/// order, so the result is deterministic.
+pub fn grad_norm(grads: &[&Tensor], max_norm: f32) -> Result<Tensor> {
+    ensure!(!grads.is_empty(), "grad_norm: no gradients");
+    let gpu = grads[0].gpu();
+    let slots = Tensor::empty(gpu, &[grads.len()])?;
+    for (k, g) in grads.iter().enumerate() {
+        let ss = reduce::sumsq(g)?;
+        gpu.dispatch(
+            &SHADER,
+            "collect",
+            &[u(k)],
+            &[Some(ss.buffer()), Some(slots.buffer())],
+            [1, 1, 1],
+        )?;
+    }
+    let out = Tensor::empty(gpu, &[2])?;
+    let mut params = [0u32; 12];
+    params[0] = u(grads.len());
+    params[9] = f(max_norm);
+    gpu.dispatch(
+        &SHADER,
+        "norm",
+        &params,
+        &[Some(slots.buffer()), Some(out.buffer())],
+        [1, 1, 1],
+    )?;
+    Ok(out)
+}
+
+/// The kernel parameters of one step: decay factor, 1 - b1, b2, 1 - b2,
+/// step size and sqrt of the second bias correction, from f64 as torch
+/// computes them in Python floats.
+fn step_params(n: usize, step: u64, hp: &AdamW, decay: bool, has_clip: bool) -> [u32; 12] {
+    let (lr, b1, b2) = (hp.lr as f64, hp.beta1 as f64, hp.beta2 as f64);
+    let factor = if decay {
+        1.0 - lr * hp.weight_decay as f64
+    } else {
+        1.0
+    };
+    let bc1 = 1.0 - b1.powf(step as f64);
+    let bc2 = 1.0 - b2.powf(step as f64);
+    [
+        u(n),
+        has_clip as u32,
+        f(factor as f32),
+        f((1.0 - b1) as f32),
+        f(hp.beta2),
+        f((1.0 - b2) as f32),
+        f((lr / bc1) as f32),
+        f(bc2.sqrt() as f32),
+        f(hp.eps),
+        0,
+        0,
+        0,
+    ]
+}
+
+/// One AdamW step (1-based `step`) in place on `p`, `m` (exp_avg) and `v`
+/// (exp_avg_sq). `decay = false` skips weight decay (the Trainer's rule for
+/// biases and LayerNorm weights). With `clip` (from `grad_norm`) the
+/// gradient is first multiplied by its coefficient.
+#[allow(clippy::too_many_arguments)]
+pub fn adamw_step(
+    p: &Tensor,
+    g: &Tensor,
+    m: &Tensor,
+    v: &Tensor,
+    step: u64,
+    hp: &AdamW,
+    decay: bool,
+    clip: Option<&Tensor>,
+) -> Result<()> {
+    let n = p.numel();
+    ensure!(step >= 1, "adamw: steps count from 1");
+    for (what, t) in [("gradient", g), ("exp_avg", m), ("exp_avg_sq", v)] {
+        ensure!(
+            t.numel() == n,
+            "adamw: {what} {:?} does not match parameter {:?}",
+            t.shape(),
+            p.shape()
+        );
+    }
+    ensure!(
+        !p.same_storage(g) && !p.same_storage(m) && !p.same_storage(v) && !m.same_storage(v),
+        "adamw: parameter, gradient and moments must be distinct buffers"
+    );
+    if let Some(c) = clip {
+        ensure!(
+            c.numel() == 2,
+            "adamw: clip {:?} is not [total_norm, coef]",
+            c.shape()
+        );
+    }
+    let gpu = p.gpu();
+    gpu.dispatch(
+        &SHADER,
+        "step",
+        &step_params(n, step, hp, decay, clip.is_some()),
+        &[
+            Some(g.buffer()),
+            Some(p.buffer()),
+            Some(m.buffer()),
+            Some(v.buffer()),
+            clip.map(|c| c.buffer()),
+        ],
+        gpu.grid_1d(n, 256),
+    )
+}
+
+/// CPU reference of one step, in f64 (`coef` multiplies the gradient).
+#[allow(clippy::too_many_arguments)]
+pub fn adamw_ref(
+    p: &mut [f64],
+    g: &[f64],
+    m: &mut [f64],
+    v: &mut [f64],
+    step: u64,
+    hp: &AdamW,
+    decay: bool,
+    coef: f64,
+) {
+    let (lr, b1, b2) = (hp.lr as f64, hp.beta1 as f64, hp.beta2 as f64);
+    let wd = if decay { hp.weight_decay as f64 } else { 0.0 };
+    let bc1 = 1.0 - b1.powf(step as f64);
+    let bc2 = 1.0 - b2.powf(step as f64);
+    for i in 0..p.len() {
+        let gi = g[i] * coef;
+        p[i] *= 1.0 - lr * wd;
+        m[i] = b1 * m[i] + (1.0 - b1) * gi;
+        v[i] = b2 * v[i] + (1.0 - b2) * gi * gi;
+        let denom = v[i].sqrt() / bc2.sqrt() + hp.eps as f64;
+        p[i] -= lr / bc1 * m[i] / denom;
+    }
+}
+
+/// CPU reference of `grad_norm`: (total_norm, coef).
+pub fn grad_norm_ref(grads: &[&[f64]], max_norm: f64) -> (f64, f64) {
+    let total = grads
+        .iter()
+        .flat_map(|g| g.iter())
+        .map(|x| x * x)
+        .sum::<f64>()
+        .sqrt();
+    (total, (max_norm / (total + 1e-6)).min(1.0))
+}

@@ -1,0 +1,156 @@
+mod common;
+use clip_wgpu::ops::loss::{clip_logits_ref, clip_loss, clip_loss_backward_ref, clip_loss_ref};
+use clip_wgpu::{Tape, Tensor};
+use common::*;
+
+/// n random rows of length e, each scaled to unit L2 norm (as the caller does).
+fn unit_rows(r: &mut Rng, n: usize, e: usize) -> Vec<f64> {
+    let mut x = r.vec(n * e, 1.0);
+    for row in x.chunks_mut(e) {
+        let norm = row.iter().map(|v| v * v).sum::<f64>().sqrt();
+        row.iter_mut().for_each(|v| *v = (*v / norm) as f32 as f64);
+    }
+    x
+}
+
+/// GPU (loss, logits_per_text, logits_per_image, dI, dT, ds).
+fn run(i: &[f64], t: &[f64], s: f64, n: usize, e: usize, dy: f64) -> [Vec<f32>; 6] {
+    let gpu = gpu().unwrap();
+    let mut tape = Tape::new();
+    let iv = tape.param(upload(&gpu, i, &[n, e]));
+    let tv = tape.param(upload(&gpu, t, &[n, e]));
+    let sv = tape.param(upload(&gpu, &[s], &[1]));
+    let out = clip_loss(&mut tape, &iv, &tv, &sv).unwrap();
+    assert_eq!(out.loss.shape(), &[1]);
+    assert_eq!(out.logits_per_text.shape(), &[n, n]);
+    let lpi = out.logits_per_image().unwrap();
+    let g = tape
+        .backward_with(
+            &out.loss,
+            Tensor::from_slice(&gpu, &[dy as f32], &[1]).unwrap(),
+        )
+        .unwrap();
+    assert_eq!(g.get(&sv).unwrap().shape(), &[1]);
+    [
+        out.loss.tensor().to_vec().unwrap(),
+        out.logits_per_text.to_vec().unwrap(),
+        lpi.to_vec().unwrap(),
+        g.get(&iv).unwrap().to_vec().unwrap(),
+        g.get(&tv).unwrap().to_vec().unwrap(),
+        g.get(&sv).unwrap().to_vec().unwrap(),
+    ]
+}
+
+fn f(x: &[f32]) -> Vec<f64> {
+    x.iter().map(|&a| a as f64).collect()
+}
+
+#[test]
+fn clip_loss_matches_reference() {
+    if gpu().is_none() {
+        return;
+    }
+    let mut r = Rng::new(1);
+    // s = ln(1/0.07) is CLIP's initial scale; ln(100) is its clamp, where the
+    // softmaxes are sharp (a test of the stable log-sum-exp).
+    for &(n, e, s) in &[
+        (1, 7, 2.6592),
+        (7, 7, 2.6592),
+        (7, 33, 4.6052),
+        (50, 33, 2.6592),
+        (50, 7, 4.6052),
+        (300, 33, 2.6592), // several row chunks, two-pass ds sum, 2N > 256
+    ] {
+        let s = s as f32 as f64;
+        let i = unit_rows(&mut r, n, e);
+        let t = unit_rows(&mut r, n, e);
+        let dy = 0.7;
+        let got = run(&i, &t, s, n, e, dy);
+        let name = format!("clip_loss N{n} E{e} s{s:.2}");
+        let z = clip_logits_ref(&i, &t, s, n, e);
+        let zt: Vec<f64> = (0..n * n).map(|k| z[(k % n) * n + k / n]).collect();
+        assert_close(
+            &format!("{name} loss"),
+            &f(&got[0]),
+            &[clip_loss_ref(&i, &t, s, n, e)],
+            2e-6,
+        );
+        // The logits are exp(s) (up to 100) times an f32 dot product, so its
+        // rounding error grows that much on logits that may be near zero,
+        // and the sharp softmaxes pass it on to the gradients.
+        assert_close(&format!("{name} logits_per_text"), &f(&got[1]), &z, 1e-5);
+        assert_close(&format!("{name} logits_per_image"), &f(&got[2]), &zt, 1e-5);
+        let (di, dt, ds) = clip_loss_backward_ref(&i, &t, s, n, e, dy);
+        assert_close(&format!("{name} dimage"), &f(&got[3]), &di, 1e-5);
+        assert_close(&format!("{name} dtext"), &f(&got[4]), &dt, 1e-5);
+        assert_close(&format!("{name} dscale"), &f(&got[5]), &[ds], 1e-5);
+        let again = run(&i, &t, s, n, e, dy);
+        assert!(got == again, "{name}: runs differ");
+    }
+}
+
+#[test]
+fn clip_loss_frozen_scale_and_no_grad() {
+    let Some(gpu) = gpu() else { return };
+    let mut r = Rng::new(2);
+    let (n, e, s) = (5, 4, 1.5f32 as f64);
+    let (i, t) = (unit_rows(&mut r, n, e), unit_rows(&mut r, n, e));
+    let mut tape = Tape::new();
+    let iv = tape.param(upload(&gpu, &i, &[n, e]));
+    let tv = tape.frozen(upload(&gpu, &t, &[n, e]));
+    let sv = tape.frozen(upload(&gpu, &[s], &[1]));
+    let out = clip_loss(&mut tape, &iv, &tv, &sv).unwrap();
+    let g = tape.backward(&out.loss).unwrap();
+    assert_eq!(g.len(), 1);
+    let (di, _, _) = clip_loss_backward_ref(&i, &t, s, n, e, 1.0);
+    assert_close(
+        "clip_loss image-only dimage",
+        &download(g.get(&iv).unwrap()),
+        &di,
+        2e-6,
+    );
+
+    let mut eval = Tape::no_grad();
+    let iv = eval.param(upload(&gpu, &i, &[n, e]));
+    let tv = eval.param(upload(&gpu, &t, &[n, e]));
+    let sv = eval.param(upload(&gpu, &[s], &[1]));
+    let out = clip_loss(&mut eval, &iv, &tv, &sv).unwrap();
+    assert!(eval.is_empty());
+    assert_close(
+        "clip_loss eval",
+        &download(out.loss.tensor()),
+        &[clip_loss_ref(&i, &t, s, n, e)],
+        2e-6,
+    );
+}
+
+#[test]
+fn clip_loss_rejects_bad_shapes() {
+    let Some(gpu) = gpu() else { return };
+    let mut tape = Tape::new();
+    let a = tape.param(upload(&gpu, &[0.0; 12], &[3, 4]));
+    let b = tape.param(upload(&gpu, &[0.0; 12], &[4, 3]));
+    let s = tape.param(upload(&gpu, &[0.0], &[1]));
+    let s2 = tape.param(upload(&gpu, &[0.0; 2], &[2]));
+    assert!(clip_loss(&mut tape, &a, &b, &s).is_err());
+    assert!(clip_loss(&mut tape, &a, &a, &s2).is_err());
+}
+
+#[test]
+fn clip_loss_reference_backward_matches_finite_differences() {
+    let mut r = Rng::new(3);
+    for &(n, e) in &[(1, 3), (4, 3), (6, 5)] {
+        let i = r.vec(n * e, 1.0);
+        let t = r.vec(n * e, 1.0);
+        let s = 1.3;
+        let dy = 0.7;
+        let (di, dt, ds) = clip_loss_backward_ref(&i, &t, s, n, e, dy);
+        let ni = numeric_grad(&i, |x| dy * clip_loss_ref(x, &t, s, n, e));
+        let nt = numeric_grad(&t, |x| dy * clip_loss_ref(&i, x, s, n, e));
+        let ns = numeric_grad(&[s], |x| dy * clip_loss_ref(&i, &t, x[0], n, e));
+        for (what, a, b) in [("dI", &di, &ni), ("dT", &dt, &nt), ("ds", &vec![ds], &ns)] {
+            let err = max_err(a, b);
+            assert!(err < 1e-6, "clip_loss ref {what} N{n} vs fd: {err:.3e}");
+        }
+    }
+}
