@@ -3,14 +3,19 @@
 //! CPU reference (`*_ref`) that the tests check the GPU and finite
 //! differences against.
 
+pub mod activation;
 pub mod adamw;
+pub mod attention;
 pub mod elementwise;
 pub mod embedding;
+pub mod l2norm;
+pub mod layernorm;
 pub mod loss;
 pub mod matmul;
 pub mod patch;
 pub mod permute;
 pub mod reduce;
+pub mod softmax;
 
 /// f32 parameter as the u32 bits a WGSL `f32` field reads.
 pub(crate) fn f(x: f32) -> u32 {

@@ -1,0 +1,183 @@
+//! The whole model: a CLIP vision tower, a CLIP or RoBERTa text tower, the
+//! two projections and `logit_scale`, with Hugging Face tensor names, as
+//! CLIPModel and VisionTextDualEncoderModel lay them out.
+
+use super::clip_text::ClipTextTower;
+use super::config::{ModelConfig, TextConfig};
+use super::layers::Linear;
+use super::params::{Layout, ParamStore, ParamVars};
+use super::roberta::RobertaTower;
+use super::vision::VisionTower;
+use super::weights::{save_file, write_atomic, Weights};
+use crate::ops::l2norm::l2_normalize;
+use crate::ops::loss::clip_loss;
+use crate::tape::{Tape, Var};
+use crate::tensor::Tensor;
+use crate::Gpu;
+use anyhow::{ensure, Context, Result};
+use std::path::Path;
+use std::sync::Arc;
+
+pub enum TextTower {
+    Clip(ClipTextTower),
+    Roberta(RobertaTower),
+}
+
+pub struct ClipModel {
+    pub config: ModelConfig,
+    pub params: ParamStore,
+    pub vision: VisionTower,
+    pub text: TextTower,
+    visual_projection: Linear,
+    text_projection: Linear,
+    pub logit_scale: usize,
+}
+
+/// A batch as the model takes it: pixel values on the GPU, token ids and
+/// attention mask on the host ([batch, len], row-major).
+pub struct Batch {
+    pub pixels: Tensor,
+    pub ids: Vec<u32>,
+    pub mask: Vec<f32>,
+    pub batch: usize,
+}
+
+pub struct ClipOutput {
+    /// Projected, L2-normalized: [B, E].
+    pub image_embeds: Var,
+    pub text_embeds: Var,
+    /// exp(logit_scale) * T I^T: [B, B] (logits_per_image is its transpose).
+    pub logits_per_text: Tensor,
+    pub loss: Var,
+}
+
+/// The towers' parameter layout for a config (names, shapes, indices).
+fn layout(config: &ModelConfig) -> Result<(Layout, VisionTower, TextTower, Linear, Linear, usize)> {
+    let mut l = Layout::default();
+    // transformers 5 names both model kinds' towers `vision_model.*` and
+    // `text_model.*`; older dual-encoder checkpoints nest them once more
+    // (`vision_model.vision_model.*`), which `load` renames.
+    let vision = VisionTower::new(&mut l, "vision_model", &config.vision)?;
+    let text = match &config.text {
+        TextConfig::Clip(c) => TextTower::Clip(ClipTextTower::new(&mut l, "text_model", c)?),
+        TextConfig::Roberta(c) => TextTower::Roberta(RobertaTower::new(&mut l, "text_model", c)?),
+    };
+    let e = config.projection_dim;
+    let vp = Linear::new(&mut l, "visual_projection", config.vision.hidden_size, e, false);
+    let tp = Linear::new(&mut l, "text_projection", config.text.hidden_size(), e, false);
+    let ls = l.add("logit_scale", &[1]);
+    Ok((l, vision, text, vp, tp, ls))
+}
+
+/// Checkpoints saved by transformers 4 from a VisionTextDualEncoderModel
+/// hold `vision_model.vision_model.*` (and `text_model.text_model.*` for a
+/// CLIP text tower): strip the repeated prefix.
+fn legacy_names(w: &Weights) -> Option<Weights> {
+    let nested = |k: &str| k.starts_with("vision_model.vision_model.") || k.starts_with("text_model.text_model.");
+    if !w.tensors.keys().any(|k| nested(k)) {
+        return None;
+    }
+    let strip = |k: &String| {
+        if nested(k) {
+            k.split_once('.').map(|(_, rest)| rest.to_string()).unwrap_or_default()
+        } else {
+            k.clone()
+        }
+    };
+    Some(Weights {
+        tensors: w.tensors.iter().map(|(k, v)| (strip(k), v.clone())).collect(),
+        ints: w.ints.iter().map(|(k, v)| (strip(k), v.clone())).collect(),
+    })
+}
+
+impl ClipModel {
+    /// Load a Hugging Face model folder (config.json + safetensors).
+    pub fn load(gpu: &Arc<Gpu>, dir: &Path) -> Result<ClipModel> {
+        ensure!(dir.is_dir(), "model folder {} does not exist", dir.display());
+        let config = ModelConfig::from_file(&dir.join("config.json"))?;
+        let weights = Weights::load_dir(dir)?;
+        Self::from_weights(gpu, config, &weights, &dir.display().to_string())
+    }
+
+    pub fn from_weights(gpu: &Arc<Gpu>, config: ModelConfig, weights: &Weights, what: &str) -> Result<ClipModel> {
+        let (l, vision, text, visual_projection, text_projection, logit_scale) = layout(&config)?;
+        let renamed = legacy_names(weights);
+        let weights = renamed.as_ref().unwrap_or(weights);
+        let params = ParamStore::from_weights(gpu, &l, weights, &format!("weights in {what}"))?;
+        Ok(ClipModel {
+            config,
+            params,
+            vision,
+            text,
+            visual_projection,
+            text_projection,
+            logit_scale,
+        })
+    }
+
+    /// Names and shapes the config implies, in layout order.
+    pub fn expected_tensors(config: &ModelConfig) -> Result<Vec<(String, Vec<usize>)>> {
+        Ok(layout(config)?.0.specs)
+    }
+
+    /// Freeze a tower: its parameters get no gradient (the projections and
+    /// logit_scale still train, as in run_clip.py).
+    pub fn freeze(&mut self, vision: bool, text: bool) {
+        for p in &mut self.params.params {
+            let is_vision = p.name.starts_with("vision_model.");
+            let is_text = p.name.starts_with("text_model.");
+            p.trainable = !((vision && is_vision) || (text && is_text));
+        }
+    }
+
+    pub fn image_features(&self, tape: &mut Tape, p: &ParamVars, pixels: &Tensor) -> Result<Var> {
+        let px = Var::constant(pixels.clone());
+        let pooled = self.vision.forward(tape, p, &px)?;
+        self.visual_projection.forward(tape, p, &pooled)
+    }
+
+    pub fn text_features(&self, tape: &mut Tape, p: &ParamVars, ids: &[u32], mask: &[f32], batch: usize) -> Result<Var> {
+        let pooled = match &self.text {
+            TextTower::Clip(t) => t.forward(tape, p, ids, mask, batch)?,
+            TextTower::Roberta(t) => t.forward(tape, p, ids, mask, batch)?,
+        };
+        self.text_projection.forward(tape, p, &pooled)
+    }
+
+    /// Embeddings, logits and the symmetric contrastive loss.
+    pub fn forward(&self, tape: &mut Tape, p: &ParamVars, b: &Batch) -> Result<ClipOutput> {
+        ensure!(
+            b.ids.len() == b.mask.len() && b.batch > 0 && b.ids.len() % b.batch == 0,
+            "batch: {} ids and {} mask values for {} rows",
+            b.ids.len(),
+            b.mask.len(),
+            b.batch
+        );
+        let img = self.image_features(tape, p, &b.pixels)?;
+        let txt = self.text_features(tape, p, &b.ids, &b.mask, b.batch)?;
+        let image_embeds = l2_normalize(tape, &img)?;
+        let text_embeds = l2_normalize(tape, &txt)?;
+        let out = clip_loss(tape, &image_embeds, &text_embeds, &p[self.logit_scale])?;
+        Ok(ClipOutput {
+            image_embeds,
+            text_embeds,
+            logits_per_text: out.logits_per_text,
+            loss: out.loss,
+        })
+    }
+
+    /// Write `model.safetensors` and `config.json` into `dir` (created if
+    /// needed) with the names and layout transformers' from_pretrained loads.
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let mut tensors = self.params.to_host()?;
+        for (name, t) in &mut tensors {
+            if name == "logit_scale" {
+                t.shape.clear(); // a 0-d parameter in PyTorch
+            }
+        }
+        save_file(&dir.join("model.safetensors"), &tensors)?;
+        let json = serde_json::to_string_pretty(&self.config.raw)?;
+        write_atomic(&dir.join("config.json"), json.as_bytes())
+    }
+}

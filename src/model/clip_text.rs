@@ -1,0 +1,112 @@
+//! CLIP text tower (CLIPTextTransformer): token + position embeddings,
+//! pre-LN encoder with causal and padding masks, `final_layer_norm`, pooled
+//! at the end-of-text token.
+
+use super::config::ClipTextConfig;
+use super::layers::{ClipEncoderLayer, LayerNorm};
+use super::params::{Layout, ParamVars};
+use crate::ops::activation::Act;
+use crate::ops::elementwise::add_var;
+use crate::ops::embedding::embedding;
+use crate::ops::permute::reshape_var;
+use crate::ops::softmax::Mask;
+use crate::tape::{Tape, Var};
+use crate::tensor::Tensor;
+use anyhow::{ensure, Result};
+
+pub struct ClipTextTower {
+    pub cfg: ClipTextConfig,
+    tok: usize,
+    pos: usize,
+    layers: Vec<ClipEncoderLayer>,
+    final_ln: LayerNorm,
+}
+
+/// The token whose hidden state is pooled, per transformers: with the legacy
+/// `eos_token_id == 2` the position of the largest id, else the first
+/// position holding `eos_token_id` (0 when there is none).
+pub fn pooled_positions(ids: &[u32], batch: usize, len: usize, eos: u32) -> Vec<usize> {
+    (0..batch)
+        .map(|b| {
+            let row = &ids[b * len..(b + 1) * len];
+            if eos == 2 {
+                // argmax: first maximal position.
+                let mut best = 0;
+                for (i, &v) in row.iter().enumerate() {
+                    if v > row[best] {
+                        best = i;
+                    }
+                }
+                best
+            } else {
+                row.iter().position(|&v| v == eos).unwrap_or(0)
+            }
+        })
+        .collect()
+}
+
+impl ClipTextTower {
+    pub fn new(l: &mut Layout, prefix: &str, cfg: &ClipTextConfig) -> Result<ClipTextTower> {
+        let d = cfg.hidden_size;
+        let act = Act::from_hf(&cfg.hidden_act)?;
+        let e = format!("{prefix}.embeddings");
+        Ok(ClipTextTower {
+            tok: l.add(format!("{e}.token_embedding.weight"), &[cfg.vocab_size, d]),
+            pos: l.add(format!("{e}.position_embedding.weight"), &[cfg.max_position_embeddings, d]),
+            layers: (0..cfg.num_hidden_layers)
+                .map(|i| {
+                    ClipEncoderLayer::new(
+                        l,
+                        &format!("{prefix}.encoder.layers.{i}"),
+                        d,
+                        cfg.intermediate_size,
+                        cfg.num_attention_heads,
+                        cfg.layer_norm_eps,
+                        act,
+                    )
+                })
+                .collect(),
+            final_ln: LayerNorm::new(l, &format!("{prefix}.final_layer_norm"), d, cfg.layer_norm_eps),
+            cfg: cfg.clone(),
+        })
+    }
+
+    /// ids and mask [B, T] (host) -> pooled [B, D].
+    pub fn forward(
+        &self,
+        tape: &mut Tape,
+        p: &ParamVars,
+        ids: &[u32],
+        mask: &[f32],
+        batch: usize,
+    ) -> Result<Var> {
+        let c = &self.cfg;
+        let len = ids.len() / batch.max(1);
+        ensure!(
+            len <= c.max_position_embeddings,
+            "text length {len} exceeds max_position_embeddings {}",
+            c.max_position_embeddings
+        );
+        let tok = embedding(tape, &p[self.tok], ids, &[batch, len])?;
+        let positions: Vec<u32> = (0..len as u32).collect();
+        let pos = embedding(tape, &p[self.pos], &positions, &[len])?;
+        let mut x = add_var(tape, &tok, &pos)?;
+        let gpu = p[self.tok].tensor().gpu();
+        let m = Mask {
+            causal: true,
+            key_valid: Some(Tensor::from_slice(gpu, mask, &[batch, len])?),
+        };
+        for layer in &self.layers {
+            x = layer.forward(tape, p, &x, &m)?;
+        }
+        x = self.final_ln.forward(tape, p, &x)?;
+        let rows: Vec<u32> = pooled_positions(ids, batch, len, c.eos_token_id)
+            .into_iter()
+            .enumerate()
+            .map(|(b, t)| (b * len + t) as u32)
+            .collect();
+        let flat = x.tensor().reshape(&[batch * len, c.hidden_size])?;
+        let flat = reshape_var(tape, &x, flat);
+        embedding(tape, &flat, &rows, &[batch])
+    }
+}

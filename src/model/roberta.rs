@@ -1,0 +1,138 @@
+//! RoBERTa text tower (the text side of VisionTextDualEncoderModel in
+//! run_clip.py): post-LN encoder, erf GELU, position ids counted over
+//! non-padding tokens from padding_idx + 1, pooled = tanh(dense(h[<s>])).
+
+use super::config::RobertaConfig;
+use super::layers::{LayerNorm, Linear};
+use super::params::{Layout, ParamVars};
+use crate::ops::activation::{act, Act};
+use crate::ops::attention::attention;
+use crate::ops::elementwise::add_var;
+use crate::ops::embedding::embedding;
+use crate::ops::permute::reshape_var;
+use crate::ops::softmax::Mask;
+use crate::tape::{Tape, Var};
+use crate::tensor::Tensor;
+use anyhow::{ensure, Result};
+
+struct RobertaLayer {
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    attn_out: Linear,
+    attn_ln: LayerNorm,
+    inter: Linear,
+    out: Linear,
+    out_ln: LayerNorm,
+}
+
+pub struct RobertaTower {
+    pub cfg: RobertaConfig,
+    word: usize,
+    pos: usize,
+    token_type: usize,
+    emb_ln: LayerNorm,
+    layers: Vec<RobertaLayer>,
+    pooler: Linear,
+    act: Act,
+}
+
+/// transformers' create_position_ids_from_input_ids: padding tokens keep
+/// padding_idx, the others count up from padding_idx + 1.
+pub fn position_ids(ids: &[u32], batch: usize, len: usize, pad: u32) -> Vec<u32> {
+    let mut out = vec![pad; ids.len()];
+    for b in 0..batch {
+        let mut n = 0;
+        for t in 0..len {
+            if ids[b * len + t] != pad {
+                n += 1;
+                out[b * len + t] = pad + n;
+            }
+        }
+    }
+    out
+}
+
+impl RobertaTower {
+    pub fn new(l: &mut Layout, prefix: &str, cfg: &RobertaConfig) -> Result<RobertaTower> {
+        let d = cfg.hidden_size;
+        let eps = cfg.layer_norm_eps;
+        let e = format!("{prefix}.embeddings");
+        Ok(RobertaTower {
+            word: l.add(format!("{e}.word_embeddings.weight"), &[cfg.vocab_size, d]),
+            pos: l.add(format!("{e}.position_embeddings.weight"), &[cfg.max_position_embeddings, d]),
+            token_type: l.add(format!("{e}.token_type_embeddings.weight"), &[cfg.type_vocab_size, d]),
+            emb_ln: LayerNorm::new(l, &format!("{e}.LayerNorm"), d, eps),
+            layers: (0..cfg.num_hidden_layers)
+                .map(|i| {
+                    let p = format!("{prefix}.encoder.layer.{i}");
+                    RobertaLayer {
+                        q: Linear::new(l, &format!("{p}.attention.self.query"), d, d, true),
+                        k: Linear::new(l, &format!("{p}.attention.self.key"), d, d, true),
+                        v: Linear::new(l, &format!("{p}.attention.self.value"), d, d, true),
+                        attn_out: Linear::new(l, &format!("{p}.attention.output.dense"), d, d, true),
+                        attn_ln: LayerNorm::new(l, &format!("{p}.attention.output.LayerNorm"), d, eps),
+                        inter: Linear::new(l, &format!("{p}.intermediate.dense"), d, cfg.intermediate_size, true),
+                        out: Linear::new(l, &format!("{p}.output.dense"), cfg.intermediate_size, d, true),
+                        out_ln: LayerNorm::new(l, &format!("{p}.output.LayerNorm"), d, eps),
+                    }
+                })
+                .collect(),
+            pooler: Linear::new(l, &format!("{prefix}.pooler.dense"), d, d, true),
+            act: Act::from_hf(&cfg.hidden_act)?,
+            cfg: cfg.clone(),
+        })
+    }
+
+    /// ids and mask [B, T] (host) -> pooled [B, D].
+    pub fn forward(
+        &self,
+        tape: &mut Tape,
+        p: &ParamVars,
+        ids: &[u32],
+        mask: &[f32],
+        batch: usize,
+    ) -> Result<Var> {
+        let c = &self.cfg;
+        let len = ids.len() / batch.max(1);
+        let pos_ids = position_ids(ids, batch, len, c.pad_token_id);
+        if let Some(&m) = pos_ids.iter().max() {
+            ensure!(
+                (m as usize) < c.max_position_embeddings,
+                "text length {len} needs position {m}, beyond max_position_embeddings {}",
+                c.max_position_embeddings
+            );
+        }
+        let w = embedding(tape, &p[self.word], ids, &[batch, len])?;
+        let pe = embedding(tape, &p[self.pos], &pos_ids, &[batch, len])?;
+        let tt = embedding(tape, &p[self.token_type], &[0], &[1])?;
+        let x = add_var(tape, &w, &pe)?;
+        let x = add_var(tape, &x, &tt)?;
+        let mut x = self.emb_ln.forward(tape, p, &x)?;
+        let gpu = p[self.word].tensor().gpu();
+        let m = Mask {
+            causal: false,
+            key_valid: Some(Tensor::from_slice(gpu, mask, &[batch, len])?),
+        };
+        for layer in &self.layers {
+            let q = layer.q.forward(tape, p, &x)?;
+            let k = layer.k.forward(tape, p, &x)?;
+            let v = layer.v.forward(tape, p, &x)?;
+            let a = attention(tape, &q, &k, &v, c.num_attention_heads, &m)?;
+            let a = layer.attn_out.forward(tape, p, &a)?;
+            let h = add_var(tape, &a, &x)?;
+            let h = layer.attn_ln.forward(tape, p, &h)?;
+            let i = layer.inter.forward(tape, p, &h)?;
+            let i = act(tape, &i, self.act)?;
+            let o = layer.out.forward(tape, p, &i)?;
+            let o = add_var(tape, &o, &h)?;
+            x = layer.out_ln.forward(tape, p, &o)?;
+        }
+        let flat = x.tensor().reshape(&[batch * len, c.hidden_size])?;
+        let flat = reshape_var(tape, &x, flat);
+        let first: Vec<u32> = (0..batch).map(|b| (b * len) as u32).collect();
+        let h0 = embedding(tape, &flat, &first, &[batch])?;
+        let pooled = self.pooler.forward(tape, p, &h0)?;
+        act(tape, &pooled, Act::Tanh)
+    }
+}
