@@ -69,6 +69,19 @@ fn bench(req: &AdapterRequest, batch: usize, reps: usize, json: bool) -> Result<
         );
         clip_wgpu::bench::print_table(&rows);
     }
+    let st = clip_wgpu::bench::training_step(&gpu, clip_wgpu::bench::tiny_config(), batch, reps)?;
+    if json {
+        println!(
+            "{{\"step\":\"tiny\",\"batch\":{batch},\"forward_ms\":{:.3},\"backward_ms\":{:.3},\"optimizer_ms\":{:.3},\"images_per_s\":{:.2},\"peak_pool_mib\":{:.1},\"allocations_after_first_step\":{}}}",
+            st.forward_ms, st.backward_ms, st.optimizer_ms, st.images_per_s, st.peak_pool_mib, st.allocations_after_first_step
+        );
+    } else {
+        println!(
+            "\ntraining step, tiny config, batch {batch}: forward {:.1} ms, backward {:.1} ms, AdamW {:.1} ms, \
+             {:.1} images/s; buffer pool peak {:.1} MiB; {} buffer allocations after the first step",
+            st.forward_ms, st.backward_ms, st.optimizer_ms, st.images_per_s, st.peak_pool_mib, st.allocations_after_first_step
+        );
+    }
     Ok(())
 }
 

@@ -152,10 +152,7 @@ pub fn gemm_into(c: &Tensor, a: &Tensor, b: &Tensor, bias: Option<&Tensor>, g: G
         ("TRANS_A", g.ta as u32 as f64),
         ("TRANS_B", g.tb as u32 as f64),
     ];
-    let mut variant = g.variant.unwrap_or_else(|| Variant::for_class(gpu.class));
-    if variant == Variant::Vec4 && !vec4_ok(&g, a_bs, b_bs) {
-        variant = Variant::Regs;
-    }
+    let variant = chosen_variant(&g, gpu.class, a_bs, b_bs);
     if variant == Variant::Vec4 && g.tb {
         // Transposing B costs one pass over it; the kernel then reads B rows
         // as vec4 instead of gathering a column per lane.
@@ -187,6 +184,17 @@ pub fn gemm_into(c: &Tensor, a: &Tensor, b: &Tensor, bias: Option<&Tensor>, g: G
             u(g.batch),
         ],
     )
+}
+
+/// The kernel that runs `g`: the forced or per-adapter variant, with Vec4
+/// falling back to Regs when the shapes are not 4-aligned.
+pub fn chosen_variant(g: &Gemm, class: DeviceClass, a_bs: usize, b_bs: usize) -> Variant {
+    let v = g.variant.unwrap_or_else(|| Variant::for_class(class));
+    if v == Variant::Vec4 && !vec4_ok(g, a_bs, b_bs) {
+        Variant::Regs
+    } else {
+        v
+    }
 }
 
 /// matmul_vec4 loads whole vec4s: B along n, A along k (or m when stored
