@@ -2,6 +2,7 @@
 //! with every kernel (forward and backward) hand-written in WGSL.
 
 pub mod bench;
+pub mod data;
 pub mod gpu;
 pub mod model;
 pub mod ops;

@@ -10,16 +10,18 @@ use std::sync::{Arc, OnceLock};
 /// Under `CI=true` a missing adapter fails the test.
 pub fn gpu() -> Option<Arc<Gpu>> {
     static GPU: OnceLock<Option<Arc<Gpu>>> = OnceLock::new();
-    GPU.get_or_init(|| match Gpu::new(&AdapterRequest::default().with_env().unwrap()) {
-        Ok(g) => Some(g),
-        Err(e) => {
-            if std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") {
-                panic!("CI=true but no GPU adapter: {e:#}");
+    GPU.get_or_init(
+        || match Gpu::new(&AdapterRequest::default().with_env().unwrap()) {
+            Ok(g) => Some(g),
+            Err(e) => {
+                if std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") {
+                    panic!("CI=true but no GPU adapter: {e:#}");
+                }
+                eprintln!("skipping GPU test: {e:#}");
+                None
             }
-            eprintln!("skipping GPU test: {e:#}");
-            None
-        }
-    })
+        },
+    )
     .clone()
 }
 
@@ -50,7 +52,9 @@ impl Rng {
     }
     /// n values in [-scale, scale), already rounded to f32.
     pub fn vec(&mut self, n: usize, scale: f64) -> Vec<f64> {
-        (0..n).map(|_| (self.uniform() * scale) as f32 as f64).collect()
+        (0..n)
+            .map(|_| (self.uniform() * scale) as f32 as f64)
+            .collect()
     }
     pub fn below(&mut self, n: usize) -> usize {
         (self.next_u64() % n as u64) as usize

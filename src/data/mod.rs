@@ -1,0 +1,16 @@
+//! Data front end: images and captions turned into model inputs exactly as
+//! Hugging Face transformers does it, so that a checkpoint trained or
+//! evaluated here sees the same numbers it would see in transformers.
+//!
+//! - [`image`]: `CLIPImageProcessor` (RGB conversion, PIL's bicubic resize,
+//!   center crop, rescale, normalize) reimplemented bit for bit.
+//! - [`jpeg`]: a JPEG decoder matching libjpeg-turbo (PIL's decoder) exactly.
+//! - [`text`]: the `tokenizers` crate driven the way transformers' fast
+//!   tokenizers drive it (`padding="max_length"`, `truncation=True`).
+
+pub mod image;
+pub mod jpeg;
+pub mod text;
+
+pub use self::image::{load_image, preprocess, ImageProcessorConfig};
+pub use self::text::TextTokenizer;
