@@ -1,6 +1,7 @@
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 use clip_wgpu::gpu::{adapter, AdapterRequest};
+use std::path::PathBuf;
 
 #[derive(Parser)]
 #[command(name = "clip-wgpu", version, about = "Train CLIP-style image-text models on any GPU through wgpu")]
@@ -19,6 +20,21 @@ struct Cli {
 enum Cmd {
     /// List every adapter found, with backend, type, driver, limits and features.
     Info,
+    /// Image and text embeddings of a Hugging Face model folder, as JSON.
+    Embed {
+        /// Model folder (config.json, model.safetensors, tokenizer.json, processor config).
+        #[arg(long)]
+        model: PathBuf,
+        /// An image file to embed (repeatable).
+        #[arg(long)]
+        image: Vec<PathBuf>,
+        /// A text to embed (repeatable).
+        #[arg(long)]
+        text: Vec<String>,
+        /// Write the JSON here instead of stdout.
+        #[arg(long)]
+        output: Option<PathBuf>,
+    },
     /// Time each kernel at the shapes of a training step (median of runs).
     Bench {
         /// Batch size of the training-step shapes.
@@ -49,6 +65,24 @@ fn run() -> Result<()> {
     .with_env()?;
     match cli.cmd {
         Cmd::Info => info(&req),
+        Cmd::Embed {
+            model,
+            image,
+            text,
+            output,
+        } => {
+            anyhow::ensure!(
+                !image.is_empty() || !text.is_empty(),
+                "nothing to embed: give at least one --image or --text"
+            );
+            let gpu = clip_wgpu::Gpu::new(&req)?;
+            let json = clip_wgpu::embed::embed(&gpu, &model, &image, &text)?.to_json();
+            match output {
+                Some(p) => clip_wgpu::model::weights::write_atomic(&p, json.as_bytes())?,
+                None => println!("{json}"),
+            }
+            Ok(())
+        }
         Cmd::Bench { batch, reps, json } => bench(&req, batch, reps, json),
     }
 }

@@ -182,7 +182,13 @@ fn save_load_round_trip_is_exact() {
     for name in ["clip", "clip_roberta"] {
         let src = fixture(name).join("model");
         let model = ClipModel::load(&gpu, &src).unwrap();
-        let out = std::env::temp_dir().join(format!("clipwgpu-rt-{name}-{}", std::process::id()));
+        // CLIP_WGPU_KEEP_SAVED=DIR keeps the saved folders for
+        // tests/fixtures/embed_reference.py, which loads them in transformers.
+        let keep = std::env::var_os("CLIP_WGPU_KEEP_SAVED").map(PathBuf::from);
+        let out = match &keep {
+            Some(d) => d.join(name),
+            None => std::env::temp_dir().join(format!("clipwgpu-rt-{name}-{}", std::process::id())),
+        };
         model.save(&out).unwrap();
         let a = Weights::load_dir(&src).unwrap();
         let b = Weights::load_dir(&out).unwrap();
@@ -190,6 +196,8 @@ fn save_load_round_trip_is_exact() {
         for (k, t) in &a.tensors {
             assert_eq!(Some(t), b.tensors.get(k), "{name}: {k} changed in the round trip");
         }
-        std::fs::remove_dir_all(&out).unwrap();
+        if keep.is_none() {
+            std::fs::remove_dir_all(&out).unwrap();
+        }
     }
 }
