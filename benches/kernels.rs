@@ -8,7 +8,10 @@ use clip_wgpu::Gpu;
 fn main() {
     let filter = std::env::args().skip(1).find(|a| !a.starts_with('-'));
     let gpu = Gpu::new(&AdapterRequest::default().with_env().unwrap()).expect("adapter");
-    println!("adapter: {} ({:?}, {:?})", gpu.info.name, gpu.info.backend, gpu.info.device_type);
+    println!(
+        "adapter: {} ({:?}, {:?})",
+        gpu.info.name, gpu.info.backend, gpu.info.device_type
+    );
     let rows = bench::kernel_table(&gpu, 32, 5).expect("bench");
     let rows: Vec<_> = rows
         .into_iter()

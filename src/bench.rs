@@ -53,7 +53,9 @@ pub fn time(gpu: &Gpu, reps: usize, mut f: impl FnMut() -> Result<()>) -> Result
 
 /// Deterministic filler in [-1, 1).
 fn filler(n: usize) -> Vec<f32> {
-    (0..n).map(|i| ((i * 7919 % 2003) as f32 / 1001.5) - 1.0).collect()
+    (0..n)
+        .map(|i| ((i * 7919 % 2003) as f32 / 1001.5) - 1.0)
+        .collect()
 }
 
 pub fn matmul_case(gpu: &Arc<Gpu>, label: &str, g: Gemm, reps: usize) -> Result<Measure> {
@@ -85,16 +87,40 @@ pub fn matmul_case(gpu: &Arc<Gpu>, label: &str, g: Gemm, reps: usize) -> Result<
 /// then the shapes of the demo model's training step at `batch`.
 pub fn kernel_table(gpu: &Arc<Gpu>, batch: usize, reps: usize) -> Result<Vec<Measure>> {
     let mut out = Vec::new();
-    for (label, ta, tb) in [("NN", false, false), ("NT", false, true), ("TN", true, false)] {
+    for (label, ta, tb) in [
+        ("NN", false, false),
+        ("NT", false, true),
+        ("TN", true, false),
+    ] {
         let g = Gemm::new(1, 1024, 1024, 1024).ta(ta).tb(tb);
         out.push(matmul_case(gpu, &format!("1024^3 {label}"), g, reps)?);
     }
     // The demo model: width 128, MLP 512, 65 vision tokens, 77 text tokens.
     let rows = batch * 77;
-    out.push(matmul_case(gpu, "text qkv", Gemm::new(1, rows, 128, 128).tb(true), reps)?);
-    out.push(matmul_case(gpu, "text fc1", Gemm::new(1, rows, 512, 128).tb(true), reps)?);
-    out.push(matmul_case(gpu, "text fc2", Gemm::new(1, rows, 128, 512).tb(true), reps)?);
-    out.push(matmul_case(gpu, "text dW fc1", Gemm::new(1, 512, 128, rows).ta(true), reps)?);
+    out.push(matmul_case(
+        gpu,
+        "text qkv",
+        Gemm::new(1, rows, 128, 128).tb(true),
+        reps,
+    )?);
+    out.push(matmul_case(
+        gpu,
+        "text fc1",
+        Gemm::new(1, rows, 512, 128).tb(true),
+        reps,
+    )?);
+    out.push(matmul_case(
+        gpu,
+        "text fc2",
+        Gemm::new(1, rows, 128, 512).tb(true),
+        reps,
+    )?);
+    out.push(matmul_case(
+        gpu,
+        "text dW fc1",
+        Gemm::new(1, 512, 128, rows).ta(true),
+        reps,
+    )?);
     out.push(matmul_case(
         gpu,
         "text scores",
@@ -106,7 +132,14 @@ pub fn kernel_table(gpu: &Arc<Gpu>, batch: usize, reps: usize) -> Result<Vec<Mea
 }
 
 /// A memory-bound case: `bytes` moved per run.
-fn mem_case(gpu: &Gpu, kernel: &str, shape: String, bytes: f64, reps: usize, f: impl FnMut() -> Result<()>) -> Result<Measure> {
+fn mem_case(
+    gpu: &Gpu,
+    kernel: &str,
+    shape: String,
+    bytes: f64,
+    reps: usize,
+    f: impl FnMut() -> Result<()>,
+) -> Result<Measure> {
     let t = time(gpu, reps, f)?;
     Ok(Measure {
         kernel: kernel.to_string(),
@@ -130,22 +163,42 @@ fn elementwise_cases(gpu: &Arc<Gpu>, batch: usize, reps: usize) -> Result<Vec<Me
     let bta = tensor(gpu, &[d])?;
     let mut out = Vec::new();
     let b = (rows * d * 4) as f64;
-    out.push(mem_case(gpu, "layernorm fwd", format!("{rows}x{d}"), 2.0 * b, reps, || {
-        layernorm::forward(&x, &g, &bta, 1e-5).map(drop)
-    })?);
+    out.push(mem_case(
+        gpu,
+        "layernorm fwd",
+        format!("{rows}x{d}"),
+        2.0 * b,
+        reps,
+        || layernorm::forward(&x, &g, &bta, 1e-5).map(drop),
+    )?);
     let (_, mean, rstd) = layernorm::forward(&x, &g, &bta, 1e-5)?;
-    out.push(mem_case(gpu, "layernorm bwd", format!("{rows}x{d}"), 4.0 * b, reps, || {
-        layernorm::backward(&x, &x, &g, &mean, &rstd).map(drop)
-    })?);
+    out.push(mem_case(
+        gpu,
+        "layernorm bwd",
+        format!("{rows}x{d}"),
+        4.0 * b,
+        reps,
+        || layernorm::backward(&x, &x, &g, &mean, &rstd).map(drop),
+    )?);
     let h = tensor(gpu, &[rows, f])?;
     let hb = (rows * f * 4) as f64;
     for a in [Act::QuickGelu, Act::Gelu] {
-        out.push(mem_case(gpu, &format!("{a:?} fwd"), format!("{rows}x{f}"), 2.0 * hb, reps, || {
-            activation::forward(&h, a).map(drop)
-        })?);
-        out.push(mem_case(gpu, &format!("{a:?} bwd"), format!("{rows}x{f}"), 3.0 * hb, reps, || {
-            activation::backward(&h, &h, a).map(drop)
-        })?);
+        out.push(mem_case(
+            gpu,
+            &format!("{a:?} fwd"),
+            format!("{rows}x{f}"),
+            2.0 * hb,
+            reps,
+            || activation::forward(&h, a).map(drop),
+        )?);
+        out.push(mem_case(
+            gpu,
+            &format!("{a:?} bwd"),
+            format!("{rows}x{f}"),
+            3.0 * hb,
+            reps,
+            || activation::backward(&h, &h, a).map(drop),
+        )?);
     }
     let heads = 4;
     let s = tensor(gpu, &[batch, heads, 77, 77])?;
@@ -156,26 +209,48 @@ fn elementwise_cases(gpu: &Arc<Gpu>, batch: usize, reps: usize) -> Result<Vec<Me
     };
     let sb = (s.numel() * 4) as f64;
     let shape = format!("{batch}x{heads}x77x77");
-    out.push(mem_case(gpu, "softmax fwd (causal+pad)", shape.clone(), 2.0 * sb, reps, || {
-        softmax::forward(&s, &mask).map(drop)
-    })?);
+    out.push(mem_case(
+        gpu,
+        "softmax fwd (causal+pad)",
+        shape.clone(),
+        2.0 * sb,
+        reps,
+        || softmax::forward(&s, &mask).map(drop),
+    )?);
     let p = softmax::forward(&s, &mask)?;
     out.push(mem_case(gpu, "softmax bwd", shape, 3.0 * sb, reps, || {
         softmax::backward(&p, &s).map(drop)
     })?);
     let (ie, te) = (tensor(gpu, &[batch, 128])?, tensor(gpu, &[batch, 128])?);
     let scale = Tensor::scalar(gpu, 2.6592)?;
-    out.push(mem_case(gpu, "contrastive loss fwd", format!("{batch}x128"), 2.0 * (batch * 128 * 4) as f64, reps, || {
-        loss::clip_loss_forward(&ie, &te, &scale).map(drop)
-    })?);
+    out.push(mem_case(
+        gpu,
+        "contrastive loss fwd",
+        format!("{batch}x128"),
+        2.0 * (batch * 128 * 4) as f64,
+        reps,
+        || loss::clip_loss_forward(&ie, &te, &scale).map(drop),
+    )?);
     let n = 49408 * 128;
-    let (pw, gw, m, v) = (tensor(gpu, &[n])?, tensor(gpu, &[n])?, tensor(gpu, &[n])?, tensor(gpu, &[n])?);
+    let (pw, gw, m, v) = (
+        tensor(gpu, &[n])?,
+        tensor(gpu, &[n])?,
+        tensor(gpu, &[n])?,
+        tensor(gpu, &[n])?,
+    );
     let hp = AdamW::default();
     let mut step = 0;
-    out.push(mem_case(gpu, "adamw (token embedding)", format!("{n}"), 7.0 * (n * 4) as f64, reps, || {
-        step += 1;
-        adamw::adamw_step(&pw, &gw, &m, &v, step, &hp, true, None)
-    })?);
+    out.push(mem_case(
+        gpu,
+        "adamw (token embedding)",
+        format!("{n}"),
+        7.0 * (n * 4) as f64,
+        reps,
+        || {
+            step += 1;
+            adamw::adamw_step(&pw, &gw, &m, &v, step, &hp, true, None)
+        },
+    )?);
     Ok(out)
 }
 
@@ -207,7 +282,12 @@ pub struct StepTimes {
 
 /// Median forward / backward / AdamW times of one training step of `config`
 /// at `batch` (deterministic filler weights and inputs; text padded to 77).
-pub fn training_step(gpu: &Arc<Gpu>, config: ModelConfig, batch: usize, reps: usize) -> Result<StepTimes> {
+pub fn training_step(
+    gpu: &Arc<Gpu>,
+    config: ModelConfig,
+    batch: usize,
+    reps: usize,
+) -> Result<StepTimes> {
     let mut w = Weights::default();
     for (name, shape) in ClipModel::expected_tensors(&config)? {
         let n: usize = shape.iter().product();
@@ -225,15 +305,33 @@ pub fn training_step(gpu: &Arc<Gpu>, config: ModelConfig, batch: usize, reps: us
     let len = model.config.text.max_positions().min(77);
     let pixels = Tensor::from_slice(gpu, &filler(batch * 3 * s * s), &[batch, 3, s, s])?;
     let ids: Vec<u32> = (0..batch * len)
-        .map(|i| if i % len == len / 2 { 49407 } else { (i * 37 % 40000) as u32 })
+        .map(|i| {
+            if i % len == len / 2 {
+                49407
+            } else {
+                (i * 37 % 40000) as u32
+            }
+        })
         .collect();
-    let mask: Vec<f32> = (0..batch * len).map(|i| (i % len <= len / 2) as u8 as f32).collect();
-    let b = Batch { pixels, ids, mask, batch };
+    let mask: Vec<f32> = (0..batch * len)
+        .map(|i| (i % len <= len / 2) as u8 as f32)
+        .collect();
+    let b = Batch {
+        pixels,
+        ids,
+        mask,
+        batch,
+    };
     let state: Vec<(Tensor, Tensor)> = model
         .params
         .params
         .iter()
-        .map(|p| Ok((Tensor::zeros(gpu, p.tensor.shape())?, Tensor::zeros(gpu, p.tensor.shape())?)))
+        .map(|p| {
+            Ok((
+                Tensor::zeros(gpu, p.tensor.shape())?,
+                Tensor::zeros(gpu, p.tensor.shape())?,
+            ))
+        })
         .collect::<Result<_>>()?;
     let hp = AdamW::default();
     let (mut fw, mut bw, mut op) = (Vec::new(), Vec::new(), Vec::new());
@@ -253,7 +351,16 @@ pub fn training_step(gpu: &Arc<Gpu>, config: ModelConfig, batch: usize, reps: us
         let clip = adamw::grad_norm(&present, 1.0)?;
         for ((p, g), (m, v)) in model.params.params.iter().zip(&grads).zip(&state) {
             if let Some(g) = g {
-                adamw::adamw_step(&p.tensor, g, m, v, step as u64 + 1, &hp, decays(&p.name), Some(&clip))?;
+                adamw::adamw_step(
+                    &p.tensor,
+                    g,
+                    m,
+                    v,
+                    step as u64 + 1,
+                    &hp,
+                    decays(&p.name),
+                    Some(&clip),
+                )?;
             }
         }
         drop(out);
@@ -285,7 +392,10 @@ pub fn training_step(gpu: &Arc<Gpu>, config: ModelConfig, batch: usize, reps: us
 }
 
 pub fn print_table(rows: &[Measure]) {
-    println!("{:<34} {:>22} {:>12} {:>14}", "kernel", "shape", "median ms", "rate");
+    println!(
+        "{:<34} {:>22} {:>12} {:>14}",
+        "kernel", "shape", "median ms", "rate"
+    );
     for m in rows {
         println!(
             "{:<34} {:>22} {:>12.3} {:>8.2} {}",

@@ -26,7 +26,12 @@ fn rows(t: &Tensor) -> Result<Vec<Vec<f32>>> {
 
 /// Embed `images` (paths) and `texts` with the model in `dir`, its own
 /// processor settings, and text padded to the model's maximum length.
-pub fn embed(gpu: &Arc<Gpu>, dir: &Path, images: &[PathBuf], texts: &[String]) -> Result<Embeddings> {
+pub fn embed(
+    gpu: &Arc<Gpu>,
+    dir: &Path,
+    images: &[PathBuf],
+    texts: &[String],
+) -> Result<Embeddings> {
     let model = ClipModel::load(gpu, dir)?;
     let mut tape = Tape::no_grad();
     let vars = model.params.vars(&mut tape);
@@ -48,7 +53,9 @@ pub fn embed(gpu: &Arc<Gpu>, dir: &Path, images: &[PathBuf], texts: &[String]) -
         let mut px = Vec::with_capacity(images.len() * 3 * s * s);
         for p in images {
             let img = load_image(p)?;
-            px.extend(preprocess(&img, &cfg).with_context(|| format!("preprocessing {}", p.display()))?);
+            px.extend(
+                preprocess(&img, &cfg).with_context(|| format!("preprocessing {}", p.display()))?,
+            );
         }
         let px = Tensor::from_slice(gpu, &px, &[images.len(), 3, s, s])?;
         let f = model.image_features(&mut tape, &vars, &px)?;

@@ -4,7 +4,11 @@ use clip_wgpu::gpu::{adapter, AdapterRequest};
 use std::path::PathBuf;
 
 #[derive(Parser)]
-#[command(name = "clip-wgpu", version, about = "Train CLIP-style image-text models on any GPU through wgpu")]
+#[command(
+    name = "clip-wgpu",
+    version,
+    about = "Train CLIP-style image-text models on any GPU through wgpu"
+)]
 struct Cli {
     /// Backend: vulkan, metal, dx12, gl or all (env CLIP_WGPU_BACKEND).
     #[arg(long, global = true)]
@@ -130,6 +134,9 @@ fn info(req: &AdapterRequest) -> Result<()> {
         println!("{}", adapter::describe(i, a));
     }
     let chosen = adapter::choose(req)?.get_info();
-    println!("\ndefault choice: {} ({:?}, {:?})", chosen.name, chosen.backend, chosen.device_type);
+    println!(
+        "\ndefault choice: {} ({:?}, {:?})",
+        chosen.name, chosen.backend, chosen.device_type
+    );
     Ok(())
 }

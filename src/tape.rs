@@ -142,7 +142,10 @@ impl Tape {
             inputs: inputs.iter().map(|v| v.id).collect(),
             backward,
         });
-        Var { t: out, id: Some(id) }
+        Var {
+            t: out,
+            id: Some(id),
+        }
     }
 
     /// Backpropagate from a scalar loss (seed gradient 1).

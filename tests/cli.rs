@@ -13,7 +13,11 @@ fn fixtures() -> &'static Path {
 
 /// Skip (or, under CI=true, fail) when there is no adapter.
 fn have_gpu() -> bool {
-    let ok = bin().arg("info").output().map(|o| o.status.success()).unwrap_or(false);
+    let ok = bin()
+        .arg("info")
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
     if !ok && std::env::var("CI").is_ok_and(|v| v == "true") {
         panic!("CI=true but `clip-wgpu info` finds no adapter");
     }
@@ -24,7 +28,13 @@ fn matrix(v: &serde_json::Value) -> Vec<Vec<f64>> {
     v.as_array()
         .unwrap()
         .iter()
-        .map(|r| r.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect())
+        .map(|r| {
+            r.as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap())
+                .collect()
+        })
         .collect()
 }
 
@@ -34,19 +44,28 @@ fn embed_matches_transformers() {
         return;
     }
     let reference: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(fixtures().join("clip/embed.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join("clip/embed.json")).unwrap())
+            .unwrap();
     let mut cmd = bin();
-    cmd.arg("embed").arg("--model").arg(fixtures().join("clip/model"));
+    cmd.arg("embed")
+        .arg("--model")
+        .arg(fixtures().join("clip/model"));
     for img in reference["images"].as_array().unwrap() {
-        cmd.arg("--image").arg(fixtures().join(img.as_str().unwrap()));
+        cmd.arg("--image")
+            .arg(fixtures().join(img.as_str().unwrap()));
     }
     for t in reference["texts"].as_array().unwrap() {
         cmd.arg("--text").arg(t.as_str().unwrap());
     }
     let out_file = std::env::temp_dir().join(format!("clipwgpu-embed-{}.json", std::process::id()));
     let out = cmd.arg("--output").arg(&out_file).output().unwrap();
-    assert!(out.status.success(), "embed failed: {}", String::from_utf8_lossy(&out.stderr));
-    let got: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&out_file).unwrap()).unwrap();
+    assert!(
+        out.status.success(),
+        "embed failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&out_file).unwrap()).unwrap();
     std::fs::remove_file(&out_file).ok();
     for key in ["image_embeds", "text_embeds", "logits_per_image"] {
         let (g, r) = (matrix(&got[key]), matrix(&reference[key]));
@@ -68,7 +87,10 @@ fn fails_with(args: &[&str], needle: &str) {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{args:?} succeeded");
     assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
-    assert!(err.contains(needle), "{args:?}: error does not mention {needle:?}: {err}");
+    assert!(
+        err.contains(needle),
+        "{args:?}: error does not mention {needle:?}: {err}"
+    );
 }
 
 #[test]
@@ -78,13 +100,31 @@ fn embed_reports_bad_input_clearly() {
     }
     let model = fixtures().join("clip/model");
     let m = model.to_str().unwrap();
-    fails_with(&["embed", "--model", "/no/such/dir", "--text", "x"], "/no/such/dir");
-    fails_with(&["embed", "--model", m, "--image", "/no/such.png"], "/no/such.png");
+    fails_with(
+        &["embed", "--model", "/no/such/dir", "--text", "x"],
+        "/no/such/dir",
+    );
+    fails_with(
+        &["embed", "--model", m, "--image", "/no/such.png"],
+        "/no/such.png",
+    );
     let readme = fixtures().join("README.md");
-    fails_with(&["embed", "--model", m, "--image", readme.to_str().unwrap()], "README.md");
+    fails_with(
+        &["embed", "--model", m, "--image", readme.to_str().unwrap()],
+        "README.md",
+    );
     fails_with(&["embed", "--model", m], "nothing to embed");
     // A folder without a model.
-    fails_with(&["embed", "--model", fixtures().join("preprocess").to_str().unwrap(), "--text", "x"], "config.json");
+    fails_with(
+        &[
+            "embed",
+            "--model",
+            fixtures().join("preprocess").to_str().unwrap(),
+            "--text",
+            "x",
+        ],
+        "config.json",
+    );
 }
 
 #[test]

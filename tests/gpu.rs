@@ -31,7 +31,11 @@ fn pool_reuses_buffers_in_a_steady_loop() {
     for _ in 0..5 {
         assert_eq!(step()[999], 3.0);
     }
-    assert_eq!(gpu.pool_stats().allocations, before, "steady loop allocated");
+    assert_eq!(
+        gpu.pool_stats().allocations,
+        before,
+        "steady loop allocated"
+    );
 }
 
 #[test]
@@ -68,7 +72,13 @@ fn wrong_bindings_are_an_error() {
         source: include_str!("../shaders/elementwise.wgsl"),
     };
     let err = gpu
-        .dispatch(&shader, "add", &[4, 4, 0, 0], &[Some(a.buffer())], [1, 1, 1])
+        .dispatch(
+            &shader,
+            "add",
+            &[4, 4, 0, 0],
+            &[Some(a.buffer())],
+            [1, 1, 1],
+        )
         .unwrap_err();
     assert!(format!("{err:#}").contains("elementwise"), "{err:#}");
     gpu.sync().unwrap();

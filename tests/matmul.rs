@@ -1,11 +1,26 @@
 mod common;
-use clip_wgpu::ops::matmul::{Variant, gemm, gemm_backward, gemm_backward_ref, gemm_ref, Gemm};
+use clip_wgpu::ops::matmul::{gemm, gemm_backward, gemm_backward_ref, gemm_ref, Gemm, Variant};
 use common::*;
 
-fn check(batch: usize, m: usize, n: usize, k: usize, ta: bool, tb: bool, bias: bool, seed: u64, v: Variant) {
+#[allow(clippy::too_many_arguments)]
+fn check(
+    batch: usize,
+    m: usize,
+    n: usize,
+    k: usize,
+    ta: bool,
+    tb: bool,
+    bias: bool,
+    seed: u64,
+    v: Variant,
+) {
     let Some(gpu) = gpu() else { return };
     let mut r = Rng::new(seed);
-    let g = Gemm::new(batch, m, n, k).ta(ta).tb(tb).alpha(0.7).variant(v);
+    let g = Gemm::new(batch, m, n, k)
+        .ta(ta)
+        .tb(tb)
+        .alpha(0.7)
+        .variant(v);
     let a = r.vec(batch * m * k, 1.0);
     let b = r.vec(batch * k * n, 1.0);
     let bi = r.vec(n, 1.0);
@@ -13,11 +28,20 @@ fn check(batch: usize, m: usize, n: usize, k: usize, ta: bool, tb: bool, bias: b
         if ta { [batch, k, m] } else { [batch, m, k] },
         if tb { [batch, n, k] } else { [batch, k, n] },
     );
-    let (at, bt, biast) = (upload(&gpu, &a, &ash), upload(&gpu, &b, &bsh), upload(&gpu, &bi, &[n]));
+    let (at, bt, biast) = (
+        upload(&gpu, &a, &ash),
+        upload(&gpu, &b, &bsh),
+        upload(&gpu, &bi, &[n]),
+    );
     let c = gemm(&at, &bt, bias.then_some(&biast), g).unwrap();
     let want = gemm_ref(&a, &b, bias.then_some(&bi[..]), g);
     let name = format!("matmul {v:?} b{batch} {m}x{n}x{k} ta={ta} tb={tb}");
-    assert_close(&format!("{name} forward"), &download(&c), &want, 1e-5 * (k as f64).sqrt());
+    assert_close(
+        &format!("{name} forward"),
+        &download(&c),
+        &want,
+        1e-5 * (k as f64).sqrt(),
+    );
     let dc = r.vec(batch * m * n, 1.0);
     let dct = upload(&gpu, &dc, &[batch, m, n]);
     let (da, db) = gemm_backward(&dct, &at, &bt, g, true, true).unwrap();
@@ -30,7 +54,18 @@ fn check(batch: usize, m: usize, n: usize, k: usize, ta: bool, tb: bool, bias: b
 #[test]
 fn matmul_odd_sizes_all_transposes() {
     let mut seed = 1;
-    for &(batch, m, n, k) in &[(1, 1, 1, 1), (1, 7, 50, 77), (3, 77, 7, 50), (2, 257, 65, 33), (1, 50, 257, 7), (2, 67, 132, 19), (1, 130, 72, 5), (2, 37, 24, 12), (1, 36, 44, 9), (1, 68, 136, 20)] {
+    for &(batch, m, n, k) in &[
+        (1, 1, 1, 1),
+        (1, 7, 50, 77),
+        (3, 77, 7, 50),
+        (2, 257, 65, 33),
+        (1, 50, 257, 7),
+        (2, 67, 132, 19),
+        (1, 130, 72, 5),
+        (2, 37, 24, 12),
+        (1, 36, 44, 9),
+        (1, 68, 136, 20),
+    ] {
         for ta in [false, true] {
             for tb in [false, true] {
                 for v in [Variant::Regs, Variant::Vec4, Variant::Tiled] {
@@ -52,9 +87,15 @@ fn matmul_shared_weight_gradient_sums_batch() {
     let w = r.vec(n * k, 1.0);
     let (at, wt) = (upload(&gpu, &a, &[batch, m, k]), upload(&gpu, &w, &[n, k]));
     let c = gemm(&at, &wt, None, g).unwrap();
-    assert_close("shared fwd", &download(&c), &gemm_ref(&a, &w, None, g), 1e-5);
+    assert_close(
+        "shared fwd",
+        &download(&c),
+        &gemm_ref(&a, &w, None, g),
+        1e-5,
+    );
     let dc = r.vec(batch * m * n, 1.0);
-    let (_, dw) = gemm_backward(&upload(&gpu, &dc, &[batch, m, n]), &at, &wt, g, false, true).unwrap();
+    let (_, dw) =
+        gemm_backward(&upload(&gpu, &dc, &[batch, m, n]), &at, &wt, g, false, true).unwrap();
     let (_, dw_ref) = gemm_backward_ref(&dc, &a, &w, g);
     assert_close("shared dW", &download(&dw.unwrap()), &dw_ref, 1e-5);
 }

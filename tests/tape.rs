@@ -70,7 +70,9 @@ fn init() -> Vec<Vec<f64>> {
 }
 
 fn key_valid() -> Vec<f64> {
-    (0..B * T).map(|i| (i % T < LENS[i / T]) as u8 as f64).collect()
+    (0..B * T)
+        .map(|i| (i % T < LENS[i / T]) as u8 as f64)
+        .collect()
 }
 
 /// Pooled row of each sequence: its last real token (as CLIP's eos).
@@ -79,7 +81,12 @@ fn pooled_rows() -> Vec<u32> {
 }
 
 /// The block on the GPU through the tape; returns (loss, param vars).
-fn gpu_forward(gpu: &Arc<Gpu>, tape: &mut Tape, vals: &[Vec<f64>], frozen: &[&str]) -> (Var, Vec<Var>) {
+fn gpu_forward(
+    gpu: &Arc<Gpu>,
+    tape: &mut Tape,
+    vals: &[Vec<f64>],
+    frozen: &[&str],
+) -> (Var, Vec<Var>) {
     let vars: Vec<Var> = specs()
         .iter()
         .zip(vals)
@@ -124,7 +131,14 @@ fn lin(x: &[f64], w: &[f64], b: Option<&[f64]>, rows: usize, inp: usize, out: us
 }
 
 /// (dx, dW, db) of a linear layer.
-fn lin_back(dy: &[f64], x: &[f64], w: &[f64], rows: usize, inp: usize, out: usize) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+fn lin_back(
+    dy: &[f64],
+    x: &[f64],
+    w: &[f64],
+    rows: usize,
+    inp: usize,
+    out: usize,
+) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
     let (dx, dw) = gemm_backward_ref(dy, x, w, Gemm::new(1, rows, out, inp).tb(true));
     (dx, dw, colsum_ref(dy, rows, out))
 }
@@ -147,7 +161,11 @@ fn cpu_reference(vals: &[Vec<f64>]) -> (f64, Vec<Vec<f64>>) {
     let v = lin(&h1, p("wv"), Some(p("bv")), rows, D, D);
     let split = [B, T, H, DH];
     let merge = [B, H, T, DH];
-    let (qh, kh, vh) = (swap12_ref(&q, split), swap12_ref(&k, split), swap12_ref(&v, split));
+    let (qh, kh, vh) = (
+        swap12_ref(&q, split),
+        swap12_ref(&k, split),
+        swap12_ref(&v, split),
+    );
     let gs = Gemm::new(B * H, T, T, DH).tb(true).alpha(scale);
     let s = gemm_ref(&qh, &kh, None, gs);
     let kv = key_valid();
@@ -194,7 +212,11 @@ fn cpu_reference(vals: &[Vec<f64>]) -> (f64, Vec<Vec<f64>>) {
     let (dpr, dvh) = gemm_backward_ref(&doh, &pr, &vh, go);
     let ds = softmax_backward_ref(&pr, &dpr, B * H * T, T);
     let (dqh, dkh) = gemm_backward_ref(&ds, &qh, &kh, gs);
-    let (dq, dk, dv) = (swap12_ref(&dqh, merge), swap12_ref(&dkh, merge), swap12_ref(&dvh, merge));
+    let (dq, dk, dv) = (
+        swap12_ref(&dqh, merge),
+        swap12_ref(&dkh, merge),
+        swap12_ref(&dvh, merge),
+    );
     let (dh1q, dwq, dbq) = lin_back(&dq, &h1, p("wq"), rows, D, D);
     let (dh1k, dwk, dbk) = lin_back(&dk, &h1, p("wk"), rows, D, D);
     let (dh1v, dwv, dbv) = lin_back(&dv, &h1, p("wv"), rows, D, D);
@@ -202,7 +224,25 @@ fn cpu_reference(vals: &[Vec<f64>]) -> (f64, Vec<Vec<f64>>) {
     let (dx_ln, dg1, db1) = layernorm_backward_ref(&dh1, x, p("ln1.g"), D, eps);
     let dx = add(&dx1, &dx_ln);
     let grads = vec![
-        dx, dg1, db1, dwq, dbq, dwk, dbk, dwv, dbv, dwo, dbo, dg2, db2, dw1, dc1, dw2, dc2, dwp, dtxt_in,
+        dx,
+        dg1,
+        db1,
+        dwq,
+        dbq,
+        dwk,
+        dbk,
+        dwv,
+        dbv,
+        dwo,
+        dbo,
+        dg2,
+        db2,
+        dw1,
+        dc1,
+        dw2,
+        dc2,
+        dwp,
+        dtxt_in,
         vec![dscale],
     ];
     (loss, grads)
@@ -211,7 +251,12 @@ fn cpu_reference(vals: &[Vec<f64>]) -> (f64, Vec<Vec<f64>>) {
 /// ||g - r|| / ||r||; absolute for gradients that are zero in exact
 /// arithmetic (the key bias: softmax is shift-invariant per query).
 fn rel_norm_err(g: &[f64], r: &[f64]) -> f64 {
-    let num: f64 = g.iter().zip(r).map(|(a, b)| (a - b).powi(2)).sum::<f64>().sqrt();
+    let num: f64 = g
+        .iter()
+        .zip(r)
+        .map(|(a, b)| (a - b).powi(2))
+        .sum::<f64>()
+        .sqrt();
     let den: f64 = r.iter().map(|b| b * b).sum::<f64>().sqrt();
     if den < 1e-9 {
         num
@@ -229,11 +274,18 @@ fn block_gradients_match_cpu_reference() {
     let (loss, vars) = gpu_forward(&gpu, &mut tape, &vals, &[]);
     let l = download(loss.tensor())[0];
     eprintln!("loss gpu {l} cpu {loss_ref}");
-    assert!((l - loss_ref).abs() <= 1e-5 * loss_ref.abs().max(1.0), "loss {l} vs {loss_ref}");
+    assert!(
+        (l - loss_ref).abs() <= 1e-5 * loss_ref.abs().max(1.0),
+        "loss {l} vs {loss_ref}"
+    );
     let grads = tape.backward(&loss).unwrap();
     let mut worst: f64 = 0.0;
     for (((name, _), var), want) in specs().iter().zip(&vars).zip(&grads_ref) {
-        let got = download(grads.get(var).unwrap_or_else(|| panic!("no gradient for {name}")));
+        let got = download(
+            grads
+                .get(var)
+                .unwrap_or_else(|| panic!("no gradient for {name}")),
+        );
         let e = rel_norm_err(&got, want);
         eprintln!("grad {name}: relative error {e:.2e}");
         worst = worst.max(e);
@@ -296,14 +348,21 @@ fn frozen_parameters_get_no_gradient_and_no_grad_records_nothing() {
         match grads.get(var) {
             None => assert!(frozen.contains(name), "{name} lost its gradient"),
             Some(g) => {
-                assert!(!frozen.contains(name), "{name} is frozen but got a gradient");
+                assert!(
+                    !frozen.contains(name),
+                    "{name} is frozen but got a gradient"
+                );
                 assert!(rel_norm_err(&download(g), want) < 1e-4, "{name}");
             }
         }
     }
     let mut eval = Tape::no_grad();
     let (loss2, _) = gpu_forward(&gpu, &mut eval, &vals, &[]);
-    assert!(eval.is_empty(), "no-grad mode recorded {} nodes", eval.len());
+    assert!(
+        eval.is_empty(),
+        "no-grad mode recorded {} nodes",
+        eval.len()
+    );
     assert!(!loss2.requires_grad());
     let (a, b) = (download(loss.tensor())[0], download(loss2.tensor())[0]);
     assert_eq!(a, b, "no-grad forward differs");
@@ -331,6 +390,14 @@ fn intermediates_return_to_the_pool() {
     let allocs = gpu.pool_stats().allocations;
     step();
     gpu.sync().unwrap();
-    assert_eq!(held_before_step(&gpu), base, "buffers still held after the step");
-    assert_eq!(gpu.pool_stats().allocations, allocs, "second step allocated new buffers");
+    assert_eq!(
+        held_before_step(&gpu),
+        base,
+        "buffers still held after the step"
+    );
+    assert_eq!(
+        gpu.pool_stats().allocations,
+        allocs,
+        "second step allocated new buffers"
+    );
 }

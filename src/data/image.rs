@@ -38,7 +38,7 @@ use std::path::{Path, PathBuf};
 /// OpenAI CLIP's per-channel mean (transformers' `OPENAI_CLIP_MEAN`).
 pub const OPENAI_CLIP_MEAN: [f32; 3] = [0.48145466, 0.4578275, 0.40821073];
 /// OpenAI CLIP's per-channel std (transformers' `OPENAI_CLIP_STD`).
-pub const OPENAI_CLIP_STD: [f32; 3] = [0.26862954, 0.26130258, 0.27577711];
+pub const OPENAI_CLIP_STD: [f32; 3] = [0.26862954, 0.261_302_6, 0.275_777_1];
 
 /// PIL's resampling filter codes (`PIL.Image.Resampling`), as stored in
 /// `preprocessor_config.json` under `"resample"`.

@@ -291,7 +291,7 @@ pub fn decode(data: &[u8]) -> Result<DynamicImage> {
         let seg = &data[p + 2..p + len];
         let next = p + len;
         match marker {
-            0xC0 | 0xC1 | 0xC2 => {
+            0xC0..=0xC2 => {
                 ensure!(frame.is_none(), "JPEG with more than one frame");
                 ensure!(seg.len() >= 6, "bad SOF segment");
                 ensure!(seg[0] == 8, "{}-bit JPEG not supported", seg[0]);
@@ -397,10 +397,8 @@ pub fn decode(data: &[u8]) -> Result<DynamicImage> {
             }
             0xDD => restart_interval = be16(seg, 0)?,
             0xE0 => jfif |= seg.starts_with(b"JFIF\0"),
-            0xEE => {
-                if seg.len() >= 12 && seg.starts_with(b"Adobe") {
-                    adobe_transform = Some(seg[11]);
-                }
+            0xEE if seg.len() >= 12 && seg.starts_with(b"Adobe") => {
+                adobe_transform = Some(seg[11]);
             }
             0xDA => {
                 let f = frame
@@ -839,7 +837,7 @@ fn upsample(c: &Component, plane: &[u8], f: &Frame) -> Result<Vec<u8>> {
     let stride = c.bw * 8;
     let (hr, vr) = (f.hmax / c.h, f.vmax / c.v);
     ensure!(
-        f.hmax % c.h == 0 && f.vmax % c.v == 0,
+        f.hmax.is_multiple_of(c.h) && f.vmax.is_multiple_of(c.v),
         "JPEG sampling factors {}x{} of {}x{} not supported",
         c.h,
         c.v,

@@ -131,7 +131,7 @@ impl TextTokenizer {
                 })?;
                 Some((id, t))
             }
-            None => file_padding.map(|(id, t)| (id, t)),
+            None => file_padding,
         };
         Ok(TextTokenizer {
             inner: Mutex::new(tok),

@@ -226,10 +226,7 @@ impl Gpu {
                 describe_error(&e)
             );
         }
-        self.pipelines
-            .lock()
-            .unwrap()
-            .insert(key, pipeline.clone());
+        self.pipelines.lock().unwrap().insert(key, pipeline.clone());
         Ok(pipeline)
     }
 
@@ -257,7 +254,11 @@ impl Gpu {
         buffers: &[Option<&wgpu::Buffer>],
         groups: [u32; 3],
     ) -> Result<()> {
-        assert!(params.len() <= MAX_PARAMS, "{}: too many params", shader.name);
+        assert!(
+            params.len() <= MAX_PARAMS,
+            "{}: too many params",
+            shader.name
+        );
         if groups.contains(&0) {
             return Ok(());
         }

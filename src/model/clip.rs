@@ -63,8 +63,20 @@ fn layout(config: &ModelConfig) -> Result<(Layout, VisionTower, TextTower, Linea
         TextConfig::Roberta(c) => TextTower::Roberta(RobertaTower::new(&mut l, "text_model", c)?),
     };
     let e = config.projection_dim;
-    let vp = Linear::new(&mut l, "visual_projection", config.vision.hidden_size, e, false);
-    let tp = Linear::new(&mut l, "text_projection", config.text.hidden_size(), e, false);
+    let vp = Linear::new(
+        &mut l,
+        "visual_projection",
+        config.vision.hidden_size,
+        e,
+        false,
+    );
+    let tp = Linear::new(
+        &mut l,
+        "text_projection",
+        config.text.hidden_size(),
+        e,
+        false,
+    );
     let ls = l.add("logit_scale", &[1]);
     Ok((l, vision, text, vp, tp, ls))
 }
@@ -73,19 +85,27 @@ fn layout(config: &ModelConfig) -> Result<(Layout, VisionTower, TextTower, Linea
 /// hold `vision_model.vision_model.*` (and `text_model.text_model.*` for a
 /// CLIP text tower): strip the repeated prefix.
 fn legacy_names(w: &Weights) -> Option<Weights> {
-    let nested = |k: &str| k.starts_with("vision_model.vision_model.") || k.starts_with("text_model.text_model.");
+    let nested = |k: &str| {
+        k.starts_with("vision_model.vision_model.") || k.starts_with("text_model.text_model.")
+    };
     if !w.tensors.keys().any(|k| nested(k)) {
         return None;
     }
     let strip = |k: &String| {
         if nested(k) {
-            k.split_once('.').map(|(_, rest)| rest.to_string()).unwrap_or_default()
+            k.split_once('.')
+                .map(|(_, rest)| rest.to_string())
+                .unwrap_or_default()
         } else {
             k.clone()
         }
     };
     Some(Weights {
-        tensors: w.tensors.iter().map(|(k, v)| (strip(k), v.clone())).collect(),
+        tensors: w
+            .tensors
+            .iter()
+            .map(|(k, v)| (strip(k), v.clone()))
+            .collect(),
         ints: w.ints.iter().map(|(k, v)| (strip(k), v.clone())).collect(),
     })
 }
@@ -93,13 +113,22 @@ fn legacy_names(w: &Weights) -> Option<Weights> {
 impl ClipModel {
     /// Load a Hugging Face model folder (config.json + safetensors).
     pub fn load(gpu: &Arc<Gpu>, dir: &Path) -> Result<ClipModel> {
-        ensure!(dir.is_dir(), "model folder {} does not exist", dir.display());
+        ensure!(
+            dir.is_dir(),
+            "model folder {} does not exist",
+            dir.display()
+        );
         let config = ModelConfig::from_file(&dir.join("config.json"))?;
         let weights = Weights::load_dir(dir)?;
         Self::from_weights(gpu, config, &weights, &dir.display().to_string())
     }
 
-    pub fn from_weights(gpu: &Arc<Gpu>, config: ModelConfig, weights: &Weights, what: &str) -> Result<ClipModel> {
+    pub fn from_weights(
+        gpu: &Arc<Gpu>,
+        config: ModelConfig,
+        weights: &Weights,
+        what: &str,
+    ) -> Result<ClipModel> {
         let (l, vision, text, visual_projection, text_projection, logit_scale) = layout(&config)?;
         let renamed = legacy_names(weights);
         let weights = renamed.as_ref().unwrap_or(weights);
@@ -136,7 +165,14 @@ impl ClipModel {
         self.visual_projection.forward(tape, p, &pooled)
     }
 
-    pub fn text_features(&self, tape: &mut Tape, p: &ParamVars, ids: &[u32], mask: &[f32], batch: usize) -> Result<Var> {
+    pub fn text_features(
+        &self,
+        tape: &mut Tape,
+        p: &ParamVars,
+        ids: &[u32],
+        mask: &[f32],
+        batch: usize,
+    ) -> Result<Var> {
         let pooled = match &self.text {
             TextTower::Clip(t) => t.forward(tape, p, ids, mask, batch)?,
             TextTower::Roberta(t) => t.forward(tape, p, ids, mask, batch)?,
@@ -147,7 +183,7 @@ impl ClipModel {
     /// Embeddings, logits and the symmetric contrastive loss.
     pub fn forward(&self, tape: &mut Tape, p: &ParamVars, b: &Batch) -> Result<ClipOutput> {
         ensure!(
-            b.ids.len() == b.mask.len() && b.batch > 0 && b.ids.len() % b.batch == 0,
+            b.ids.len() == b.mask.len() && b.batch > 0 && b.ids.len().is_multiple_of(b.batch),
             "batch: {} ids and {} mask values for {} rows",
             b.ids.len(),
             b.mask.len(),

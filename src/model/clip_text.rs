@@ -52,7 +52,10 @@ impl ClipTextTower {
         let e = format!("{prefix}.embeddings");
         Ok(ClipTextTower {
             tok: l.add(format!("{e}.token_embedding.weight"), &[cfg.vocab_size, d]),
-            pos: l.add(format!("{e}.position_embedding.weight"), &[cfg.max_position_embeddings, d]),
+            pos: l.add(
+                format!("{e}.position_embedding.weight"),
+                &[cfg.max_position_embeddings, d],
+            ),
             layers: (0..cfg.num_hidden_layers)
                 .map(|i| {
                     ClipEncoderLayer::new(
@@ -66,7 +69,12 @@ impl ClipTextTower {
                     )
                 })
                 .collect(),
-            final_ln: LayerNorm::new(l, &format!("{prefix}.final_layer_norm"), d, cfg.layer_norm_eps),
+            final_ln: LayerNorm::new(
+                l,
+                &format!("{prefix}.final_layer_norm"),
+                d,
+                cfg.layer_norm_eps,
+            ),
             cfg: cfg.clone(),
         })
     }

@@ -168,7 +168,7 @@ fn merged(top: &Obj, name: &str) -> Result<Value> {
 }
 
 fn check_heads(at: &str, hidden: usize, heads: usize) -> Result<()> {
-    if hidden % heads != 0 {
+    if !hidden.is_multiple_of(heads) {
         bail!("{at}: hidden_size {hidden} is not a multiple of num_attention_heads {heads}");
     }
     Ok(())

@@ -49,15 +49,21 @@ impl ParamStore {
     /// Upload `weights` for the names in `layout`. Missing, wrongly shaped and
     /// unexpected tensors are reported together in one error (old
     /// `position_ids` buffers are ignored).
-    pub fn from_weights(gpu: &Arc<Gpu>, layout: &Layout, weights: &Weights, what: &str) -> Result<ParamStore> {
+    pub fn from_weights(
+        gpu: &Arc<Gpu>,
+        layout: &Layout,
+        weights: &Weights,
+        what: &str,
+    ) -> Result<ParamStore> {
         let mut missing = Vec::new();
         let mut wrong = Vec::new();
         for (name, shape) in &layout.specs {
             match weights.tensors.get(name) {
                 None => missing.push(name.clone()),
-                Some(t) if !same_shape(&t.shape, shape) => {
-                    wrong.push(format!("{name}: file has {:?}, model needs {:?}", t.shape, shape))
-                }
+                Some(t) if !same_shape(&t.shape, shape) => wrong.push(format!(
+                    "{name}: file has {:?}, model needs {:?}",
+                    t.shape, shape
+                )),
                 Some(_) => {}
             }
         }
@@ -72,13 +78,21 @@ impl ParamStore {
         if !missing.is_empty() || !wrong.is_empty() || !unexpected.is_empty() {
             let mut msg = format!("{what} does not match the model config:");
             if !missing.is_empty() {
-                msg += &format!("\n  missing {} tensor(s): {}", missing.len(), list(&missing));
+                msg += &format!(
+                    "\n  missing {} tensor(s): {}",
+                    missing.len(),
+                    list(&missing)
+                );
             }
             if !wrong.is_empty() {
                 msg += &format!("\n  wrong shape: {}", wrong.join("; "));
             }
             if !unexpected.is_empty() {
-                msg += &format!("\n  unexpected {} tensor(s): {}", unexpected.len(), list(&unexpected));
+                msg += &format!(
+                    "\n  unexpected {} tensor(s): {}",
+                    unexpected.len(),
+                    list(&unexpected)
+                );
             }
             bail!(msg);
         }
@@ -153,6 +167,8 @@ fn list<T: AsRef<str>>(names: &[T]) -> String {
 /// `post_layernorm`, `final_layer_norm`; RoBERTa's `LayerNorm`).
 pub fn decays(name: &str) -> bool {
     let lower = name.to_ascii_lowercase();
-    let is_norm = ["layer_norm", "layernorm", "layrnorm"].iter().any(|k| lower.contains(k));
+    let is_norm = ["layer_norm", "layernorm", "layrnorm"]
+        .iter()
+        .any(|k| lower.contains(k));
     !(lower.contains("bias") || is_norm)
 }

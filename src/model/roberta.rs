@@ -60,8 +60,14 @@ impl RobertaTower {
         let e = format!("{prefix}.embeddings");
         Ok(RobertaTower {
             word: l.add(format!("{e}.word_embeddings.weight"), &[cfg.vocab_size, d]),
-            pos: l.add(format!("{e}.position_embeddings.weight"), &[cfg.max_position_embeddings, d]),
-            token_type: l.add(format!("{e}.token_type_embeddings.weight"), &[cfg.type_vocab_size, d]),
+            pos: l.add(
+                format!("{e}.position_embeddings.weight"),
+                &[cfg.max_position_embeddings, d],
+            ),
+            token_type: l.add(
+                format!("{e}.token_type_embeddings.weight"),
+                &[cfg.type_vocab_size, d],
+            ),
             emb_ln: LayerNorm::new(l, &format!("{e}.LayerNorm"), d, eps),
             layers: (0..cfg.num_hidden_layers)
                 .map(|i| {
@@ -70,10 +76,33 @@ impl RobertaTower {
                         q: Linear::new(l, &format!("{p}.attention.self.query"), d, d, true),
                         k: Linear::new(l, &format!("{p}.attention.self.key"), d, d, true),
                         v: Linear::new(l, &format!("{p}.attention.self.value"), d, d, true),
-                        attn_out: Linear::new(l, &format!("{p}.attention.output.dense"), d, d, true),
-                        attn_ln: LayerNorm::new(l, &format!("{p}.attention.output.LayerNorm"), d, eps),
-                        inter: Linear::new(l, &format!("{p}.intermediate.dense"), d, cfg.intermediate_size, true),
-                        out: Linear::new(l, &format!("{p}.output.dense"), cfg.intermediate_size, d, true),
+                        attn_out: Linear::new(
+                            l,
+                            &format!("{p}.attention.output.dense"),
+                            d,
+                            d,
+                            true,
+                        ),
+                        attn_ln: LayerNorm::new(
+                            l,
+                            &format!("{p}.attention.output.LayerNorm"),
+                            d,
+                            eps,
+                        ),
+                        inter: Linear::new(
+                            l,
+                            &format!("{p}.intermediate.dense"),
+                            d,
+                            cfg.intermediate_size,
+                            true,
+                        ),
+                        out: Linear::new(
+                            l,
+                            &format!("{p}.output.dense"),
+                            cfg.intermediate_size,
+                            d,
+                            true,
+                        ),
                         out_ln: LayerNorm::new(l, &format!("{p}.output.LayerNorm"), d, eps),
                     }
                 })

@@ -34,7 +34,10 @@ impl VisionTower {
         let e = format!("{prefix}.embeddings");
         Ok(VisionTower {
             class: l.add(format!("{e}.class_embedding"), &[d]),
-            patch: l.add(format!("{e}.patch_embedding.weight"), &[d, cfg.num_channels, p, p]),
+            patch: l.add(
+                format!("{e}.patch_embedding.weight"),
+                &[d, cfg.num_channels, p, p],
+            ),
             pos: l.add(format!("{e}.position_embedding.weight"), &[n, d]),
             pre_ln: LayerNorm::new(l, &format!("{prefix}.pre_layrnorm"), d, cfg.layer_norm_eps),
             layers: (0..cfg.num_hidden_layers)
@@ -50,7 +53,12 @@ impl VisionTower {
                     )
                 })
                 .collect(),
-            post_ln: LayerNorm::new(l, &format!("{prefix}.post_layernorm"), d, cfg.layer_norm_eps),
+            post_ln: LayerNorm::new(
+                l,
+                &format!("{prefix}.post_layernorm"),
+                d,
+                cfg.layer_norm_eps,
+            ),
             cfg: cfg.clone(),
         })
     }

@@ -92,7 +92,10 @@ impl Weights {
         let mut files: Vec<PathBuf> = Vec::new();
         for (name, f) in map {
             let Some(f) = f.as_str() else {
-                bail!("{}: weight_map[{name:?}] is not a file name", index.display());
+                bail!(
+                    "{}: weight_map[{name:?}] is not a file name",
+                    index.display()
+                );
             };
             let p = dir.join(f);
             if !files.contains(&p) {
@@ -107,10 +110,7 @@ impl Weights {
         }
         for name in map.keys() {
             if !all.tensors.contains_key(name) && !all.ints.contains_key(name) {
-                bail!(
-                    "{} lists {name:?} but no shard holds it",
-                    index.display()
-                );
+                bail!("{} lists {name:?} but no shard holds it", index.display());
             }
         }
         Ok(all)
@@ -118,7 +118,8 @@ impl Weights {
 
     pub fn load_file(path: &Path) -> Result<Weights> {
         let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-        Self::from_bytes(&bytes).with_context(|| format!("reading safetensors file {}", path.display()))
+        Self::from_bytes(&bytes)
+            .with_context(|| format!("reading safetensors file {}", path.display()))
     }
 
     pub fn from_bytes(bytes: &[u8]) -> Result<Weights> {
@@ -199,8 +200,8 @@ pub fn save_file(path: &Path, tensors: &[(String, HostTensor)]) -> Result<()> {
         views.push((name.clone(), view));
     }
     let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
-    let bytes =
-        safetensors::serialize(views, Some(meta)).map_err(|e| anyhow::anyhow!("serializing: {e}"))?;
+    let bytes = safetensors::serialize(views, Some(meta))
+        .map_err(|e| anyhow::anyhow!("serializing: {e}"))?;
     write_atomic(path, &bytes)
 }
 
@@ -212,8 +213,8 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         path.extension().and_then(|e| e.to_str()).unwrap_or("")
     ));
     {
-        let mut f = std::fs::File::create(&tmp)
-            .with_context(|| format!("creating {}", tmp.display()))?;
+        let mut f =
+            std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
         f.write_all(bytes)
             .with_context(|| format!("writing {}", tmp.display()))?;
         f.sync_all()?;

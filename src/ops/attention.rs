@@ -9,7 +9,14 @@ use crate::tape::{Tape, Var};
 use anyhow::{ensure, Result};
 
 /// q, k, v: [B, T, H*Dh] (already projected). Returns [B, T, H*Dh].
-pub fn attention(tape: &mut Tape, q: &Var, k: &Var, v: &Var, heads: usize, mask: &Mask) -> Result<Var> {
+pub fn attention(
+    tape: &mut Tape,
+    q: &Var,
+    k: &Var,
+    v: &Var,
+    heads: usize,
+    mask: &Mask,
+) -> Result<Var> {
     let s = q.shape().to_vec();
     ensure!(
         s.len() == 3 && k.shape() == s.as_slice() && v.shape() == s.as_slice(),
@@ -19,7 +26,7 @@ pub fn attention(tape: &mut Tape, q: &Var, k: &Var, v: &Var, heads: usize, mask:
         v.shape()
     );
     ensure!(
-        heads > 0 && s[2] % heads == 0,
+        heads > 0 && s[2].is_multiple_of(heads),
         "attention: width {} is not divisible by {heads} heads",
         s[2]
     );
@@ -28,7 +35,12 @@ pub fn attention(tape: &mut Tape, q: &Var, k: &Var, v: &Var, heads: usize, mask:
     let kh = split_heads(tape, k, heads)?;
     let vh = split_heads(tape, v, heads)?;
     let scale = (dh as f32).powf(-0.5);
-    let scores = matmul(tape, &qh, &kh, Gemm::new(b * heads, t, t, dh).tb(true).alpha(scale))?;
+    let scores = matmul(
+        tape,
+        &qh,
+        &kh,
+        Gemm::new(b * heads, t, t, dh).tb(true).alpha(scale),
+    )?;
     let t4 = scores.tensor().reshape(&[b, heads, t, t])?;
     let scores = reshape_var(tape, &scores, t4);
     let probs = masked_softmax(tape, &scores, mask)?;

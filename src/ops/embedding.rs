@@ -26,7 +26,7 @@ pub fn check_ids(ids: &[u32], rows: usize) -> Result<()> {
 /// tensor (ids are not range-checked here: see `check_ids`).
 pub fn gather_rows(table: &Tensor, ids: &Tensor, d: usize) -> Result<Tensor> {
     ensure!(
-        d > 0 && table.numel() % d == 0,
+        d > 0 && table.numel().is_multiple_of(d),
         "gather: table {:?} is not [V, {d}]",
         table.shape()
     );

@@ -118,7 +118,12 @@ pub fn gemm_into(c: &Tensor, a: &Tensor, b: &Tensor, bias: Option<&Tensor>, g: G
         g.n
     );
     if let Some(bias) = bias {
-        ensure!(bias.numel() == g.n, "matmul: bias {:?} is not [{}]", bias.shape(), g.n);
+        ensure!(
+            bias.numel() == g.n,
+            "matmul: bias {:?} is not [{}]",
+            bias.shape(),
+            g.n
+        );
     }
     if g.m == 0 || g.n == 0 || g.batch == 0 {
         return Ok(());
@@ -166,7 +171,11 @@ pub fn gemm_into(c: &Tensor, a: &Tensor, b: &Tensor, bias: Option<&Tensor>, g: G
         Variant::Tiled => (&SHADER, "matmul_tiled", 64, 64),
     };
     let constants_vec4 = [constants[0]];
-    let constants: &[(&str, f64)] = if variant == Variant::Vec4 { &constants_vec4 } else { &constants };
+    let constants: &[(&str, f64)] = if variant == Variant::Vec4 {
+        &constants_vec4
+    } else {
+        &constants
+    };
     gpu.dispatch_with(
         shader,
         entry,
@@ -178,11 +187,7 @@ pub fn gemm_into(c: &Tensor, a: &Tensor, b: &Tensor, bias: Option<&Tensor>, g: G
             bias.map(|t| t.buffer()),
             Some(c.buffer()),
         ],
-        [
-            u(g.n.div_ceil(tile_n)),
-            u(g.m.div_ceil(tile_m)),
-            u(g.batch),
-        ],
+        [u(g.n.div_ceil(tile_n)), u(g.m.div_ceil(tile_m)), u(g.batch)],
     )
 }
 
@@ -201,7 +206,7 @@ pub fn chosen_variant(g: &Gemm, class: DeviceClass, a_bs: usize, b_bs: usize) ->
 /// transposed), so those extents and the batch strides must be multiples of 4.
 fn vec4_ok(g: &Gemm, a_bs: usize, b_bs: usize) -> bool {
     let a_axis = if g.ta { g.m } else { g.k };
-    g.n % 4 == 0 && a_axis % 4 == 0 && a_bs % 4 == 0 && b_bs % 4 == 0
+    g.n.is_multiple_of(4) && a_axis % 4 == 0 && a_bs.is_multiple_of(4) && b_bs.is_multiple_of(4)
 }
 
 /// `g` into a new [batch, m, n] tensor.
@@ -221,7 +226,17 @@ pub fn gemm_backward(
     need_a: bool,
     need_b: bool,
 ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-    let Gemm { batch, m, n, k, ta, tb, alpha, variant, .. } = g;
+    let Gemm {
+        batch,
+        m,
+        n,
+        k,
+        ta,
+        tb,
+        alpha,
+        variant,
+        ..
+    } = g;
     let with = |x: Gemm| Gemm { variant, ..x };
     // A shared across the batch (a weight) gets its gradient summed over it.
     let a_shared = a.numel() == m * k && batch > 1;
@@ -231,10 +246,20 @@ pub fn gemm_backward(
     } else {
         let t = if !ta {
             // dA = alpha dC op(B)^T : [m, k]
-            grad_operand(dc, b, with(Gemm::new(batch, m, k, n).tb(!tb).alpha(alpha)), a_shared)?
+            grad_operand(
+                dc,
+                b,
+                with(Gemm::new(batch, m, k, n).tb(!tb).alpha(alpha)),
+                a_shared,
+            )?
         } else {
             // stored A^T: dA^T = alpha op(B) dC^T : [k, m]
-            grad_operand(b, dc, with(Gemm::new(batch, k, m, n).ta(tb).tb(true).alpha(alpha)), a_shared)?
+            grad_operand(
+                b,
+                dc,
+                with(Gemm::new(batch, k, m, n).ta(tb).tb(true).alpha(alpha)),
+                a_shared,
+            )?
         };
         Some(t.reshape(a.shape())?)
     };
@@ -243,10 +268,20 @@ pub fn gemm_backward(
     } else {
         let t = if !tb {
             // dB = alpha op(A)^T dC : [k, n]
-            grad_operand(a, dc, with(Gemm::new(batch, k, n, m).ta(!ta).alpha(alpha)), b_shared)?
+            grad_operand(
+                a,
+                dc,
+                with(Gemm::new(batch, k, n, m).ta(!ta).alpha(alpha)),
+                b_shared,
+            )?
         } else {
             // stored B^T: dB^T = alpha dC^T op(A) : [n, k]
-            grad_operand(dc, a, with(Gemm::new(batch, n, k, m).ta(true).tb(ta).alpha(alpha)), b_shared)?
+            grad_operand(
+                dc,
+                a,
+                with(Gemm::new(batch, n, k, m).ta(true).tb(ta).alpha(alpha)),
+                b_shared,
+            )?
         };
         Some(t.reshape(b.shape())?)
     };
@@ -265,7 +300,17 @@ fn grad_operand(x: &Tensor, y: &Tensor, g: Gemm, shared: bool) -> Result<Tensor>
     for bi in 0..g.batch {
         let xs = slice_batch(x, bi, g.batch)?;
         let ys = slice_batch(y, bi, g.batch)?;
-        gemm_into(&out, &xs, &ys, None, Gemm { batch: 1, accumulate: true, ..g })?;
+        gemm_into(
+            &out,
+            &xs,
+            &ys,
+            None,
+            Gemm {
+                batch: 1,
+                accumulate: true,
+                ..g
+            },
+        )?;
     }
     Ok(out)
 }
@@ -273,13 +318,17 @@ fn grad_operand(x: &Tensor, y: &Tensor, g: Gemm, shared: bool) -> Result<Tensor>
 /// Batch entry `i` of a tensor holding `batch` equal matrices (or the
 /// tensor itself when it is shared).
 fn slice_batch(t: &Tensor, i: usize, batch: usize) -> Result<Tensor> {
-    if t.numel() % batch != 0 || batch == 1 {
+    if !t.numel().is_multiple_of(batch) || batch == 1 {
         return Ok(t.clone());
     }
     let per = t.numel() / batch;
     let out = Tensor::empty(t.gpu(), &[per])?;
-    t.gpu()
-        .copy_range(t.buffer(), (i * per * 4) as u64, out.buffer(), (per * 4) as u64);
+    t.gpu().copy_range(
+        t.buffer(),
+        (i * per * 4) as u64,
+        out.buffer(),
+        (per * 4) as u64,
+    );
     Ok(out)
 }
 
@@ -313,7 +362,11 @@ pub fn linear(tape: &mut Tape, x: &Var, w: &Var, b: Option<&Var>) -> Result<Var>
             let (dx, dw) = gemm_backward(dy, &xt, &wt, g, needs[0], needs[1])?;
             let mut out = vec![dx, dw];
             if needs.len() > 2 {
-                out.push(needs[2].then(|| reduce::colsum(dy, rows, out_f)).transpose()?);
+                out.push(
+                    needs[2]
+                        .then(|| reduce::colsum(dy, rows, out_f))
+                        .transpose()?,
+                );
             }
             Ok(out)
         }),
@@ -336,7 +389,16 @@ pub fn matmul(tape: &mut Tape, a: &Var, b: &Var, g: Gemm) -> Result<Var> {
 
 /// CPU reference of `gemm` (f64, no accumulate).
 pub fn gemm_ref(a: &[f64], b: &[f64], bias: Option<&[f64]>, g: Gemm) -> Vec<f64> {
-    let Gemm { batch, m, n, k, ta, tb, alpha, .. } = g;
+    let Gemm {
+        batch,
+        m,
+        n,
+        k,
+        ta,
+        tb,
+        alpha,
+        ..
+    } = g;
     let a_bs = if a.len() == m * k { 0 } else { m * k };
     let b_bs = if b.len() == k * n { 0 } else { k * n };
     let mut c = vec![0.0; batch * m * n];
@@ -345,8 +407,16 @@ pub fn gemm_ref(a: &[f64], b: &[f64], bias: Option<&[f64]>, g: Gemm) -> Vec<f64>
             for j in 0..n {
                 let mut s = 0.0;
                 for kk in 0..k {
-                    let av = if ta { a[bi * a_bs + kk * m + i] } else { a[bi * a_bs + i * k + kk] };
-                    let bv = if tb { b[bi * b_bs + j * k + kk] } else { b[bi * b_bs + kk * n + j] };
+                    let av = if ta {
+                        a[bi * a_bs + kk * m + i]
+                    } else {
+                        a[bi * a_bs + i * k + kk]
+                    };
+                    let bv = if tb {
+                        b[bi * b_bs + j * k + kk]
+                    } else {
+                        b[bi * b_bs + kk * n + j]
+                    };
                     s += av * bv;
                 }
                 c[(bi * m + i) * n + j] = alpha as f64 * s + bias.map_or(0.0, |bb| bb[j]);
@@ -358,7 +428,16 @@ pub fn gemm_ref(a: &[f64], b: &[f64], bias: Option<&[f64]>, g: Gemm) -> Vec<f64>
 
 /// CPU reference of `gemm_backward`: (dA, dB) in the operands' stored layout.
 pub fn gemm_backward_ref(dc: &[f64], a: &[f64], b: &[f64], g: Gemm) -> (Vec<f64>, Vec<f64>) {
-    let Gemm { batch, m, n, k, ta, tb, alpha, .. } = g;
+    let Gemm {
+        batch,
+        m,
+        n,
+        k,
+        ta,
+        tb,
+        alpha,
+        ..
+    } = g;
     let a_bs = if a.len() == m * k { 0 } else { m * k };
     let b_bs = if b.len() == k * n { 0 } else { k * n };
     let mut da = vec![0.0; a.len()];
@@ -369,8 +448,16 @@ pub fn gemm_backward_ref(dc: &[f64], a: &[f64], b: &[f64], g: Gemm) -> (Vec<f64>
             for j in 0..n {
                 let d = alpha * dc[(bi * m + i) * n + j];
                 for kk in 0..k {
-                    let ai = if ta { bi * a_bs + kk * m + i } else { bi * a_bs + i * k + kk };
-                    let bj = if tb { bi * b_bs + j * k + kk } else { bi * b_bs + kk * n + j };
+                    let ai = if ta {
+                        bi * a_bs + kk * m + i
+                    } else {
+                        bi * a_bs + i * k + kk
+                    };
+                    let bj = if tb {
+                        bi * b_bs + j * k + kk
+                    } else {
+                        bi * b_bs + kk * n + j
+                    };
                     da[ai] += d * b[bj];
                     db[bj] += d * a[ai];
                 }

@@ -48,7 +48,10 @@ pub fn swap12_var(tape: &mut Tape, v: &Var, dims: [usize; 4]) -> Result<Var> {
 /// [B, T, H*D] -> [B, H, T, D].
 pub fn split_heads(tape: &mut Tape, v: &Var, heads: usize) -> Result<Var> {
     let s = v.shape();
-    ensure!(s.len() == 3 && s[2] % heads == 0, "split_heads: bad shape {s:?} for {heads} heads");
+    ensure!(
+        s.len() == 3 && s[2].is_multiple_of(heads),
+        "split_heads: bad shape {s:?} for {heads} heads"
+    );
     let (b, t, d) = (s[0], s[1], s[2] / heads);
     swap12_var(tape, v, [b, t, heads, d])
 }
@@ -65,7 +68,11 @@ pub fn merge_heads(tape: &mut Tape, v: &Var) -> Result<Var> {
 /// View a Var under a new shape (gradient reshaped back).
 pub fn reshape_var(tape: &mut Tape, v: &Var, t: Tensor) -> Var {
     let shape = v.shape().to_vec();
-    tape.record(t, &[v], Box::new(move |dy, _| Ok(vec![Some(dy.reshape(&shape)?)])))
+    tape.record(
+        t,
+        &[v],
+        Box::new(move |dy, _| Ok(vec![Some(dy.reshape(&shape)?)])),
+    )
 }
 
 pub fn swap12_ref(x: &[f64], dims: [usize; 4]) -> Vec<f64> {

@@ -12,9 +12,23 @@ const CHUNK: usize = 64;
 
 /// out[c] = sum_r x[r, c] for x viewed as [rows, cols]; adds into `out`
 /// when `accumulate`.
-pub fn colsum_into(x: &Tensor, rows: usize, cols: usize, out: &Tensor, accumulate: bool) -> Result<()> {
-    ensure!(rows * cols == x.numel(), "colsum: {rows}x{cols} does not match {:?}", x.shape());
-    ensure!(out.numel() == cols, "colsum: output has {} values, want {cols}", out.numel());
+pub fn colsum_into(
+    x: &Tensor,
+    rows: usize,
+    cols: usize,
+    out: &Tensor,
+    accumulate: bool,
+) -> Result<()> {
+    ensure!(
+        rows * cols == x.numel(),
+        "colsum: {rows}x{cols} does not match {:?}",
+        x.shape()
+    );
+    ensure!(
+        out.numel() == cols,
+        "colsum: output has {} values, want {cols}",
+        out.numel()
+    );
     let gpu = x.gpu();
     let cgroups = u(cols).div_ceil(64);
     if rows <= 4 * CHUNK {
