@@ -8,8 +8,11 @@
 //! - [`text`]: the `tokenizers` crate driven the way transformers' fast
 //!   tokenizers drive it (`padding="max_length"`, `truncation=True`).
 
+pub mod demo;
 pub mod image;
 pub mod jpeg;
+pub mod loader;
+pub mod sources;
 pub mod text;
 
 pub use self::image::{load_image, preprocess, ImageProcessorConfig};
