@@ -223,10 +223,11 @@ fn roberta(o: &Obj) -> Result<RobertaConfig> {
         intermediate_size: o.usize("intermediate_size", 3072)?,
         num_hidden_layers: o.usize("num_hidden_layers", 12)?,
         num_attention_heads: o.usize("num_attention_heads", 12)?,
-        max_position_embeddings: o.usize("max_position_embeddings", 514)?,
-        type_vocab_size: o.usize("type_vocab_size", 1)?,
+        max_position_embeddings: o.usize("max_position_embeddings", 512)?,
+        type_vocab_size: o.usize("type_vocab_size", 2)?,
         hidden_act: o.string("hidden_act", "gelu")?,
-        layer_norm_eps: o.f32("layer_norm_eps", 1e-5)?,
+        // transformers 5 RobertaConfig defaults (roberta-base itself sets 1e-5 and 514).
+        layer_norm_eps: o.f32("layer_norm_eps", 1e-12)?,
         pad_token_id: o.token("pad_token_id", 1)?,
     };
     check_heads(&o.at, c.hidden_size, c.num_attention_heads)?;

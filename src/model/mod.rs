@@ -3,8 +3,10 @@
 pub mod clip;
 pub mod clip_text;
 pub mod config;
+pub mod init;
 pub mod layers;
 pub mod params;
+pub mod prepare;
 pub mod roberta;
 pub mod vision;
 pub mod weights;
