@@ -9,6 +9,7 @@ pub mod model;
 pub mod ops;
 pub mod tape;
 pub mod tensor;
+pub mod train;
 
 pub use gpu::Gpu;
 pub use tape::{Grads, Tape, Var};

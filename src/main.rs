@@ -24,6 +24,33 @@ struct Cli {
 enum Cmd {
     /// List every adapter found, with backend, type, driver, limits and features.
     Info,
+    /// Train (and evaluate) a CLIP model as transformers' run_clip.py does.
+    /// With no model or data flags: the built-in demo. `clip-wgpu train --help` lists the flags.
+    #[command(disable_help_flag = true)]
+    Train {
+        /// run_clip.py / Trainer flags, e.g. --model_name_or_path DIR --data_dir COCO --do_train.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Build a VisionTextDualEncoder folder from a CLIP folder and a RoBERTa folder
+    /// (VisionTextDualEncoderModel.from_vision_text_pretrained + save_pretrained).
+    PrepareDualEncoder {
+        /// CLIP (or CLIP vision) model folder.
+        #[arg(long)]
+        vision: PathBuf,
+        /// RoBERTa model folder (with tokenizer.json).
+        #[arg(long)]
+        text: PathBuf,
+        /// Output folder.
+        #[arg(long)]
+        output: PathBuf,
+        /// Projection width (default 512).
+        #[arg(long)]
+        projection_dim: Option<usize>,
+        /// Seed for the new projections.
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+    },
     /// Image and text embeddings of a Hugging Face model folder, as JSON.
     Embed {
         /// Model folder (config.json, model.safetensors, tokenizer.json, processor config).
@@ -69,6 +96,14 @@ fn run() -> Result<()> {
     .with_env()?;
     match cli.cmd {
         Cmd::Info => info(&req),
+        Cmd::Train { args } => train(req, &args),
+        Cmd::PrepareDualEncoder {
+            vision,
+            text,
+            output,
+            projection_dim,
+            seed,
+        } => clip_wgpu::model::prepare::prepare_dual_encoder(&vision, &text, &output, projection_dim, seed),
         Cmd::Embed {
             model,
             image,
@@ -89,6 +124,32 @@ fn run() -> Result<()> {
         }
         Cmd::Bench { batch, reps, json } => bench(&req, batch, reps, json),
     }
+}
+
+fn train(mut req: AdapterRequest, argv: &[String]) -> Result<()> {
+    use clip_wgpu::train::args;
+    if args::wants_help(argv) {
+        println!("{}", args::usage());
+        return Ok(());
+    }
+    let (targs, notes) = args::parse(argv)?;
+    for n in &notes {
+        eprintln!("[clip-wgpu] note: {n}");
+    }
+    if targs.backend.is_some() {
+        req.backend = targs.backend.clone();
+    }
+    if targs.adapter.is_some() {
+        req.index = targs.adapter;
+    }
+    let gpu = clip_wgpu::Gpu::new(&req)?;
+    eprintln!(
+        "[clip-wgpu] adapter: {} ({:?}, {:?})",
+        gpu.info.name, gpu.info.backend, gpu.info.device_type
+    );
+    let all = clip_wgpu::train::trainer::run(&targs, &gpu)?;
+    println!("{}", serde_json::to_string_pretty(&all)?);
+    Ok(())
 }
 
 fn bench(req: &AdapterRequest, batch: usize, reps: usize, json: bool) -> Result<()> {

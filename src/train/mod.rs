@@ -1,0 +1,18 @@
+//! `clip-wgpu train`: the training run of transformers'
+//! `examples/pytorch/contrastive-image-text/run_clip.py` with its `Trainer`.
+//!
+//! - [`args`]: the command line, as `HfArgumentParser` reads it for
+//!   run_clip.py (`ModelArguments`, `DataTrainingArguments`,
+//!   `TrainingArguments`), plus this tool's own flags.
+//! - [`schedule`]: learning rate per optimizer step, as
+//!   `transformers.get_scheduler` computes it.
+//! - [`metrics`]: retrieval recall@K, the JSON-lines metrics log and the loss
+//!   chart.
+
+pub mod args;
+pub mod checkpoint;
+pub mod metrics;
+pub mod optimizer;
+pub mod progress;
+pub mod schedule;
+pub mod trainer;

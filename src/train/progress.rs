@@ -1,0 +1,47 @@
+//! Progress: a bar with step, loss, learning rate, images/s and ETA when
+//! stderr is a terminal; plain log lines otherwise.
+
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use std::io::IsTerminal;
+
+pub struct Progress {
+    bar: Option<ProgressBar>,
+}
+
+impl Progress {
+    pub fn new(total: u64, start: u64, enabled: bool) -> Progress {
+        if !enabled || !std::io::stderr().is_terminal() {
+            return Progress { bar: None };
+        }
+        let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{bar:30} {pos}/{len} steps  {msg}  {per_sec} steps  ETA {eta}",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        bar.set_position(start);
+        Progress { bar: Some(bar) }
+    }
+
+    pub fn step(&self, step: u64, loss: f64, lr: f64) {
+        if let Some(b) = &self.bar {
+            b.set_position(step);
+            b.set_message(format!("loss {loss:.4}  lr {lr:.2e}"));
+        }
+    }
+
+    /// A line above the bar (or a plain line without one).
+    pub fn log(&self, msg: &str) {
+        match &self.bar {
+            Some(b) => b.println(format!("[clip-wgpu] {msg}")),
+            None => eprintln!("[clip-wgpu] {msg}"),
+        }
+    }
+
+    pub fn finish(&self) {
+        if let Some(b) = &self.bar {
+            b.finish_and_clear();
+        }
+    }
+}
