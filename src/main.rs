@@ -32,6 +32,14 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Evaluate a model: eval_loss and retrieval recall@1/5/10 (image-to-text
+    /// and text-to-image) on the validation data. Takes train's flags.
+    #[command(disable_help_flag = true)]
+    Eval {
+        /// run_clip.py flags, e.g. --model_name_or_path DIR --validation_file val.csv.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// Build a VisionTextDualEncoder folder from a CLIP folder and a RoBERTa folder
     /// (VisionTextDualEncoderModel.from_vision_text_pretrained + save_pretrained).
     PrepareDualEncoder {
@@ -96,14 +104,21 @@ fn run() -> Result<()> {
     .with_env()?;
     match cli.cmd {
         Cmd::Info => info(&req),
-        Cmd::Train { args } => train(req, &args),
+        Cmd::Train { args } => train(req, &args, false),
+        Cmd::Eval { args } => train(req, &args, true),
         Cmd::PrepareDualEncoder {
             vision,
             text,
             output,
             projection_dim,
             seed,
-        } => clip_wgpu::model::prepare::prepare_dual_encoder(&vision, &text, &output, projection_dim, seed),
+        } => clip_wgpu::model::prepare::prepare_dual_encoder(
+            &vision,
+            &text,
+            &output,
+            projection_dim,
+            seed,
+        ),
         Cmd::Embed {
             model,
             image,
@@ -126,13 +141,20 @@ fn run() -> Result<()> {
     }
 }
 
-fn train(mut req: AdapterRequest, argv: &[String]) -> Result<()> {
+fn train(mut req: AdapterRequest, argv: &[String], eval_only: bool) -> Result<()> {
     use clip_wgpu::train::args;
     if args::wants_help(argv) {
         println!("{}", args::usage());
         return Ok(());
     }
-    let (targs, notes) = args::parse(argv)?;
+    let mut argv = argv.to_vec();
+    if eval_only {
+        argv.push("--do_eval".into());
+    }
+    let (mut targs, notes) = args::parse(&argv)?;
+    if eval_only {
+        targs.do_train = false;
+    }
     for n in &notes {
         eprintln!("[clip-wgpu] note: {n}");
     }

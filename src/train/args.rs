@@ -1290,10 +1290,43 @@ pub fn parse(argv: &[String]) -> Result<(TrainArgs, Vec<String>)> {
     Ok((a, notes))
 }
 
+/// Defaults of the built-in demo, for flags the user did not give.
+#[allow(clippy::type_complexity)]
+pub const DEMO_DEFAULTS: &[(&str, fn(&mut TrainArgs))] = &[
+    ("learning_rate", |a| a.learning_rate = 1e-3),
+    ("warmup_steps", |a| a.warmup_steps = 20.0),
+    ("per_device_train_batch_size", |a| {
+        a.per_device_train_batch_size = 16
+    }),
+    ("per_device_eval_batch_size", |a| {
+        a.per_device_eval_batch_size = 32
+    }),
+    ("max_steps", |a| a.max_steps = 200),
+    ("demo_train_samples", |a| a.demo_train_samples = 3200),
+    ("demo_eval_samples", |a| a.demo_eval_samples = 120),
+    ("logging_steps", |a| a.logging_steps = 20.0),
+    ("save_steps", |a| a.save_steps = 100.0),
+    ("overwrite_output_dir", |a| a.overwrite_output_dir = true),
+    // Demo captions are a few words: a short text keeps the text tower cheap.
+    ("max_seq_length", |a| a.max_seq_length = 16),
+];
+
 /// Checks and derived values, after all flags are read (TrainingArguments'
 /// and run_clip.py's `__post_init__` rules, plus this crate's).
 fn finish(a: &mut TrainArgs, given: &[&str], notes: &mut Vec<String>) -> Result<()> {
     let has = |n: &str| given.contains(&n);
+    // The built-in demo trains a small model from scratch in a few minutes
+    // on a CPU: it needs its own defaults (run_clip.py's are for fine-tuning).
+    let demo = a.model_name_or_path.is_none()
+        && a.config_name.is_none()
+        && matches!(a.data_source(), Ok(DataSource::Demo));
+    if demo {
+        for (flag, set) in DEMO_DEFAULTS {
+            if !has(flag) {
+                set(a);
+            }
+        }
+    }
     // Sizes.
     for (flag, v) in [
         ("per_device_train_batch_size", a.per_device_train_batch_size),

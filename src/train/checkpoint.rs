@@ -38,7 +38,10 @@ impl ProcessingFiles {
         for name in PROCESSING_FILE_NAMES {
             let p = dir.join(name);
             if p.is_file() {
-                files.push((name.to_string(), std::fs::read(&p).with_context(|| format!("reading {}", p.display()))?));
+                files.push((
+                    name.to_string(),
+                    std::fs::read(&p).with_context(|| format!("reading {}", p.display()))?,
+                ));
             }
         }
         Ok(ProcessingFiles { files })
@@ -46,7 +49,8 @@ impl ProcessingFiles {
 
     pub fn write_to(&self, dir: &Path) -> Result<()> {
         for (name, bytes) in &self.files {
-            std::fs::write(dir.join(name), bytes).with_context(|| format!("writing {}/{name}", dir.display()))?;
+            std::fs::write(dir.join(name), bytes)
+                .with_context(|| format!("writing {}/{name}", dir.display()))?;
         }
         Ok(())
     }
@@ -85,8 +89,13 @@ impl RunState {
             for k in path {
                 cur = &cur[*k];
             }
-            cur.as_u64()
-                .with_context(|| format!("{}: {} is missing or not an integer", file.display(), path.join(".")))
+            cur.as_u64().with_context(|| {
+                format!(
+                    "{}: {} is missing or not an integer",
+                    file.display(),
+                    path.join(".")
+                )
+            })
         };
         Ok(RunState {
             global_step: get_u(&["global_step"])?,
@@ -122,8 +131,14 @@ pub fn save_checkpoint(
     }
     std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
     save_model(&tmp, model, processing)?;
-    save_file(&tmp.join("optimizer.safetensors"), &opt.state(&model.params)?)?;
-    write_atomic(&tmp.join("scheduler.json"), serde_json::to_string_pretty(scheduler)?.as_bytes())?;
+    save_file(
+        &tmp.join("optimizer.safetensors"),
+        &opt.state(&model.params)?,
+    )?;
+    write_atomic(
+        &tmp.join("scheduler.json"),
+        serde_json::to_string_pretty(scheduler)?.as_bytes(),
+    )?;
     write_atomic(
         &tmp.join("trainer_state.json"),
         serde_json::to_string_pretty(&state.to_json(run))?.as_bytes(),
@@ -151,7 +166,10 @@ pub fn checkpoints(output_dir: &Path) -> Vec<(u64, PathBuf)> {
     if let Ok(rd) = std::fs::read_dir(output_dir) {
         for e in rd.flatten() {
             let name = e.file_name().to_string_lossy().to_string();
-            if let Some(n) = name.strip_prefix("checkpoint-").and_then(|s| s.parse::<u64>().ok()) {
+            if let Some(n) = name
+                .strip_prefix("checkpoint-")
+                .and_then(|s| s.parse::<u64>().ok())
+            {
                 if e.path().join("trainer_state.json").is_file() {
                     out.push((n, e.path()));
                 }
@@ -174,7 +192,8 @@ pub fn rotate(output_dir: &Path, limit: usize) -> Result<()> {
         return Ok(());
     }
     for (_, p) in &all[..all.len() - limit] {
-        std::fs::remove_dir_all(p).with_context(|| format!("removing old checkpoint {}", p.display()))?;
+        std::fs::remove_dir_all(p)
+            .with_context(|| format!("removing old checkpoint {}", p.display()))?;
     }
     Ok(())
 }
@@ -188,11 +207,16 @@ pub struct Loaded {
 /// from the same folder with `ClipModel::load`).
 pub fn load_checkpoint(dir: &Path) -> Result<Loaded> {
     if !dir.join("trainer_state.json").is_file() {
-        bail!("{} is not a clip-wgpu checkpoint (no trainer_state.json)", dir.display());
+        bail!(
+            "{} is not a clip-wgpu checkpoint (no trainer_state.json)",
+            dir.display()
+        );
     }
     let f = dir.join("trainer_state.json");
-    let v: Value = serde_json::from_str(&std::fs::read_to_string(&f).with_context(|| format!("reading {}", f.display()))?)
-        .with_context(|| format!("{} is not valid JSON", f.display()))?;
+    let v: Value = serde_json::from_str(
+        &std::fs::read_to_string(&f).with_context(|| format!("reading {}", f.display()))?,
+    )
+    .with_context(|| format!("{} is not valid JSON", f.display()))?;
     Ok(Loaded {
         optimizer: Weights::load_file(&dir.join("optimizer.safetensors"))?,
         state: RunState::from_json(&v, &f)?,

@@ -39,10 +39,21 @@ impl Optimizer {
     /// One update at learning rate `lr`. Parameters without a gradient
     /// (frozen) are left alone, as torch does. Returns [grad norm, clip
     /// coefficient] on the GPU (read it back only when logging).
-    pub fn update(&mut self, params: &ParamStore, grads: &[Option<Tensor>], lr: f32) -> Result<Tensor> {
-        ensure!(grads.len() == params.params.len(), "one gradient slot per parameter");
+    pub fn update(
+        &mut self,
+        params: &ParamStore,
+        grads: &[Option<Tensor>],
+        lr: f32,
+    ) -> Result<Tensor> {
+        ensure!(
+            grads.len() == params.params.len(),
+            "one gradient slot per parameter"
+        );
         let present: Vec<&Tensor> = grads.iter().flatten().collect();
-        ensure!(!present.is_empty(), "no parameter has a gradient: is every tower frozen?");
+        ensure!(
+            !present.is_empty(),
+            "no parameter has a gradient: is every tower frozen?"
+        );
         let clip_at = if self.max_grad_norm > 0.0 {
             self.max_grad_norm
         } else {
@@ -53,7 +64,16 @@ impl Optimizer {
         let hp = AdamW { lr, ..self.hp };
         for (i, (p, g)) in params.params.iter().zip(grads).enumerate() {
             if let Some(g) = g {
-                adamw_step(&p.tensor, g, &self.m[i], &self.v[i], self.step, &hp, decays(&p.name), Some(&norm))?;
+                adamw_step(
+                    &p.tensor,
+                    g,
+                    &self.m[i],
+                    &self.v[i],
+                    self.step,
+                    &hp,
+                    decays(&p.name),
+                    Some(&norm),
+                )?;
             }
         }
         Ok(norm)
@@ -64,8 +84,14 @@ impl Optimizer {
         let mut out = Vec::new();
         for (i, p) in params.params.iter().enumerate() {
             let s = p.tensor.shape();
-            out.push((format!("exp_avg.{}", p.name), HostTensor::new(s, self.m[i].to_vec()?)));
-            out.push((format!("exp_avg_sq.{}", p.name), HostTensor::new(s, self.v[i].to_vec()?)));
+            out.push((
+                format!("exp_avg.{}", p.name),
+                HostTensor::new(s, self.m[i].to_vec()?),
+            ));
+            out.push((
+                format!("exp_avg_sq.{}", p.name),
+                HostTensor::new(s, self.v[i].to_vec()?),
+            ));
         }
         // The step count as an exact f32 integer (below 2^24 steps).
         out.push(("step".into(), HostTensor::new(&[1], vec![self.step as f32])));
@@ -76,7 +102,9 @@ impl Optimizer {
         for (i, p) in params.params.iter().enumerate() {
             for (kind, dst) in [("exp_avg", &self.m[i]), ("exp_avg_sq", &self.v[i])] {
                 let name = format!("{kind}.{}", p.name);
-                let t = w.get(&name).with_context(|| format!("optimizer state in {what}"))?;
+                let t = w
+                    .get(&name)
+                    .with_context(|| format!("optimizer state in {what}"))?;
                 ensure!(
                     t.data.len() == dst.numel(),
                     "{what}: {name} has {} values, the model needs {}",
@@ -86,7 +114,10 @@ impl Optimizer {
                 dst.write(&t.data)?;
             }
         }
-        self.step = w.get("step").with_context(|| format!("optimizer state in {what}"))?.data[0] as u64;
+        self.step = w
+            .get("step")
+            .with_context(|| format!("optimizer state in {what}"))?
+            .data[0] as u64;
         Ok(())
     }
 }

@@ -45,10 +45,22 @@ pub struct Setup {
 
 /// Files of the built-in demo model, embedded in the binary.
 const DEMO_FILES: &[(&str, &[u8])] = &[
-    ("config.json", include_bytes!("../../assets/demo/config.json")),
-    ("processor_config.json", include_bytes!("../../assets/demo/processor_config.json")),
-    ("tokenizer.json", include_bytes!("../../assets/clip-tokenizer/tokenizer.json")),
-    ("tokenizer_config.json", include_bytes!("../../assets/clip-tokenizer/tokenizer_config.json")),
+    (
+        "config.json",
+        include_bytes!("../../assets/demo/config.json"),
+    ),
+    (
+        "processor_config.json",
+        include_bytes!("../../assets/demo/processor_config.json"),
+    ),
+    (
+        "tokenizer.json",
+        include_bytes!("../../assets/clip-tokenizer/tokenizer.json"),
+    ),
+    (
+        "tokenizer_config.json",
+        include_bytes!("../../assets/clip-tokenizer/tokenizer_config.json"),
+    ),
 ];
 
 fn log(msg: &str) {
@@ -72,13 +84,19 @@ fn truncate(mut v: Vec<Example>, max: Option<usize>) -> Vec<Example> {
 pub fn setup(args: &TrainArgs, gpu: &Arc<Gpu>) -> Result<Setup> {
     args.check_paths()?;
     let source = args.data_source()?;
-    let demo = matches!(source, DataSource::Demo) && args.model_name_or_path.is_none() && args.config_name.is_none();
+    let demo = matches!(source, DataSource::Demo)
+        && args.model_name_or_path.is_none()
+        && args.config_name.is_none();
     // Model, and the folder its tokenizer/processor files come from.
     let (model, files_dir) = if let Some(m) = &args.model_name_or_path {
         (ClipModel::load(gpu, m)?, m.clone())
     } else {
         let (config, dir) = if let Some(c) = &args.config_name {
-            let file = if c.is_dir() { c.join("config.json") } else { c.clone() };
+            let file = if c.is_dir() {
+                c.join("config.json")
+            } else {
+                c.clone()
+            };
             let dir = file.parent().map(Path::to_path_buf).unwrap_or_default();
             (ModelConfig::from_file(&file)?, dir)
         } else {
@@ -92,11 +110,20 @@ pub fn setup(args: &TrainArgs, gpu: &Arc<Gpu>) -> Result<Setup> {
             (ModelConfig::from_file(&dir.join("config.json"))?, dir)
         };
         let w = init_weights(&config, args.seed)?;
-        (ClipModel::from_weights(gpu, config, &w, "random initialisation")?, dir)
+        (
+            ClipModel::from_weights(gpu, config, &w, "random initialisation")?,
+            dir,
+        )
     };
-    let tok_dir = args.tokenizer_name.clone().unwrap_or_else(|| files_dir.clone());
+    let tok_dir = args
+        .tokenizer_name
+        .clone()
+        .unwrap_or_else(|| files_dir.clone());
     let tokenizer = Arc::new(TextTokenizer::from_model_dir(&tok_dir)?);
-    let proc_dir = args.image_processor_name.clone().unwrap_or_else(|| files_dir.clone());
+    let proc_dir = args
+        .image_processor_name
+        .clone()
+        .unwrap_or_else(|| files_dir.clone());
     let processor = ImageProcessorConfig::from_model_dir(&proc_dir)?;
     let s = model.config.vision.image_size;
     ensure!(
@@ -108,13 +135,12 @@ pub fn setup(args: &TrainArgs, gpu: &Arc<Gpu>) -> Result<Setup> {
     );
     let mut processing = ProcessingFiles::from_dir(&files_dir)?;
     if tok_dir != files_dir {
-        processing.files.extend(ProcessingFiles::from_dir(&tok_dir)?.files);
+        processing
+            .files
+            .extend(ProcessingFiles::from_dir(&tok_dir)?.files);
     }
     let positions = model.config.text.max_positions();
     let mut max_len = args.max_seq_length;
-    if demo && max_len == 128 {
-        max_len = 16; // demo captions are short; keeps the text tower cheap
-    }
     if max_len > positions {
         log(&format!(
             "--max_seq_length {max_len} is longer than the model's {positions} positions: using {positions}"
@@ -138,15 +164,24 @@ pub fn setup(args: &TrainArgs, gpu: &Arc<Gpu>) -> Result<Setup> {
     };
     let (train, eval) = match source {
         DataSource::Coco { data_dir, .. } => {
-            let tr = if args.do_train { sources::coco(&data_dir, Split::Train)? } else { Dataset::default() };
-            let ev = if args.do_eval { sources::coco(&data_dir, Split::Validation)? } else { Dataset::default() };
+            let tr = if args.do_train {
+                sources::coco(&data_dir, Split::Train)?
+            } else {
+                Dataset::default()
+            };
+            let ev = if args.do_eval {
+                sources::coco(&data_dir, Split::Validation)?
+            } else {
+                Dataset::default()
+            };
             note_skips(&tr, "COCO train");
             note_skips(&ev, "COCO validation");
             (tr.examples, ev.examples)
         }
-        DataSource::Files { train, validation } => {
-            (read_table(&train, "train file")?, read_table(&validation, "validation file")?)
-        }
+        DataSource::Files { train, validation } => (
+            read_table(&train, "train file")?,
+            read_table(&validation, "validation file")?,
+        ),
         DataSource::Folder { dir } => {
             // A folder of pictures with captions: hold out 10% of the images.
             let d = sources::sidecar_folder(&dir)?;
@@ -186,7 +221,15 @@ fn to_batch(gpu: &Arc<Gpu>, b: &LoadedBatch, s: usize) -> Result<Batch> {
     })
 }
 
-fn loader(setup: &Setup, examples: &Arc<Vec<Example>>, order: Vec<usize>, start: usize, batch: usize, args: &TrainArgs, drop_last: bool) -> Result<Loader> {
+fn loader(
+    setup: &Setup,
+    examples: &Arc<Vec<Example>>,
+    order: Vec<usize>,
+    start: usize,
+    batch: usize,
+    args: &TrainArgs,
+    drop_last: bool,
+) -> Result<Loader> {
     Loader::new(
         examples.clone(),
         order,
@@ -218,7 +261,15 @@ pub fn evaluate(setup: &Setup, examples: &[Example], args: &TrainArgs) -> Result
     let t0 = Instant::now();
     let gpu = setup.model.params.params[0].tensor.gpu().clone();
     let ex = Arc::new(examples.to_vec());
-    let mut ld = loader(setup, &ex, (0..ex.len()).collect(), 0, args.per_device_eval_batch_size, args, false)?;
+    let mut ld = loader(
+        setup,
+        &ex,
+        (0..ex.len()).collect(),
+        0,
+        args.per_device_eval_batch_size,
+        args,
+        false,
+    )?;
     let s = setup.model.config.vision.image_size;
     let (mut loss_sum, mut n) = (0.0f64, 0usize);
     let mut images: Vec<Vec<f32>> = Vec::new();
@@ -232,7 +283,9 @@ pub fn evaluate(setup: &Setup, examples: &[Example], args: &TrainArgs) -> Result
         }
         let mut tape = Tape::no_grad();
         let vars = setup.model.params.vars(&mut tape);
-        let out = setup.model.forward(&mut tape, &vars, &to_batch(&gpu, &b, s)?)?;
+        let out = setup
+            .model
+            .forward(&mut tape, &vars, &to_batch(&gpu, &b, s)?)?;
         loss_sum += out.loss.tensor().to_vec()?[0] as f64 * b.batch as f64;
         n += b.batch;
         let e = out.image_embeds.tensor().cols();
@@ -271,14 +324,26 @@ fn eval_json(r: &EvalResult, epoch: f64, prefix: &str) -> Value {
         m.insert(format!("{prefix}{k}"), json!(v));
     }
     m.insert(format!("{prefix}runtime"), json!(r.runtime_s));
-    m.insert(format!("{prefix}samples_per_second"), json!(r.samples as f64 / r.runtime_s.max(1e-9)));
+    m.insert(
+        format!("{prefix}samples_per_second"),
+        json!(r.samples as f64 / r.runtime_s.max(1e-9)),
+    );
     m.insert("epoch".into(), json!(epoch));
     Value::Object(m)
 }
 
 fn print_eval(label: &str, r: &EvalResult) {
-    let rec: Vec<String> = r.recall.iter().map(|(k, v)| format!("{k} {:.3}", v)).collect();
-    log(&format!("{label}: eval_loss {:.4}, {} ({} examples)", r.loss, rec.join(", "), r.samples));
+    let rec: Vec<String> = r
+        .recall
+        .iter()
+        .map(|(k, v)| format!("{k} {:.3}", v))
+        .collect();
+    log(&format!(
+        "{label}: eval_loss {:.4}, {} ({} examples)",
+        r.loss,
+        rec.join(", "),
+        r.samples
+    ));
 }
 
 /// run_clip.py's output_dir rule: refuse a non-empty folder without a
@@ -288,12 +353,18 @@ fn resolve_resume(args: &TrainArgs) -> Result<Option<PathBuf>> {
     let out = &args.output_dir;
     let explicit = match args.resume() {
         None => None,
-        Some(Resume::Latest) => Some(
-            checkpoint::latest_checkpoint(out)
-                .with_context(|| format!("--resume_from_checkpoint: no checkpoint found in {}", out.display()))?,
-        ),
+        Some(Resume::Latest) => Some(checkpoint::latest_checkpoint(out).with_context(|| {
+            format!(
+                "--resume_from_checkpoint: no checkpoint found in {}",
+                out.display()
+            )
+        })?),
         Some(Resume::Path(p)) => {
-            ensure!(p.is_dir(), "--resume_from_checkpoint {}: no such checkpoint folder", p.display());
+            ensure!(
+                p.is_dir(),
+                "--resume_from_checkpoint {}: no such checkpoint folder",
+                p.display()
+            );
             Some(p)
         }
     };
@@ -302,7 +373,9 @@ fn resolve_resume(args: &TrainArgs) -> Result<Option<PathBuf>> {
     }
     if out.is_dir() && args.do_train && !args.overwrite_output_dir {
         let last = checkpoint::latest_checkpoint(out);
-        let nonempty = std::fs::read_dir(out).map(|mut d| d.next().is_some()).unwrap_or(false);
+        let nonempty = std::fs::read_dir(out)
+            .map(|mut d| d.next().is_some())
+            .unwrap_or(false);
         if last.is_none() && nonempty {
             bail!(
                 "Output directory ({}) already exists and is not empty. Use --overwrite_output_dir to overcome.",
@@ -310,7 +383,10 @@ fn resolve_resume(args: &TrainArgs) -> Result<Option<PathBuf>> {
             );
         }
         if let Some(l) = &last {
-            log(&format!("Checkpoint detected, resuming training at {}", l.display()));
+            log(&format!(
+                "Checkpoint detected, resuming training at {}",
+                l.display()
+            ));
         }
         return Ok(last);
     }
@@ -325,15 +401,25 @@ pub fn run(args: &TrainArgs, gpu: &Arc<Gpu>) -> Result<Value> {
         args.do_train = true;
         args.do_eval = true;
     }
-    ensure!(args.do_train || args.do_eval, "nothing to do: pass --do_train and/or --do_eval");
-    let resume = if args.do_train { resolve_resume(&args)? } else { None };
+    ensure!(
+        args.do_train || args.do_eval,
+        "nothing to do: pass --do_train and/or --do_eval"
+    );
+    let resume = if args.do_train {
+        resolve_resume(&args)?
+    } else {
+        None
+    };
     if args.overwrite_output_dir && resume.is_none() && args.do_train && args.output_dir.is_dir() {
         std::fs::remove_dir_all(&args.output_dir)
             .with_context(|| format!("clearing {}", args.output_dir.display()))?;
     }
-    std::fs::create_dir_all(&args.output_dir).with_context(|| format!("creating {}", args.output_dir.display()))?;
+    std::fs::create_dir_all(&args.output_dir)
+        .with_context(|| format!("creating {}", args.output_dir.display()))?;
     if args.freeze_vision_model || args.freeze_text_model {
-        setup.model.freeze(args.freeze_vision_model, args.freeze_text_model);
+        setup
+            .model
+            .freeze(args.freeze_vision_model, args.freeze_text_model);
     }
     let mut results = serde_json::Map::new();
     let mut before = None;
@@ -351,14 +437,27 @@ pub fn run(args: &TrainArgs, gpu: &Arc<Gpu>) -> Result<Value> {
     }
     if args.do_eval && !setup.eval.is_empty() {
         let r = evaluate(&setup, &setup.eval, &args)?;
-        print_eval(if setup.demo { "after training" } else { "evaluation" }, &r);
+        print_eval(
+            if setup.demo {
+                "after training"
+            } else {
+                "evaluation"
+            },
+            &r,
+        );
         let ej = eval_json(&r, state.epoch, "eval_");
         write_json(&args.output_dir.join("eval_results.json"), &ej)?;
         if let Value::Object(m) = ej {
             results.extend(m);
         }
         if let Some(b) = before {
-            let r1 = |r: &EvalResult| r.recall.iter().find(|(k, _)| k == "i2t_recall@1").map(|x| x.1).unwrap_or(0.0);
+            let r1 = |r: &EvalResult| {
+                r.recall
+                    .iter()
+                    .find(|(k, _)| k == "i2t_recall@1")
+                    .map(|x| x.1)
+                    .unwrap_or(0.0)
+            };
             log(&format!(
                 "demo: image-to-text recall@1 {:.3} before, {:.3} after training (chance {:.3})",
                 r1(&b),
@@ -376,20 +475,33 @@ fn write_json(p: &Path, v: &Value) -> Result<()> {
     write_atomic(p, serde_json::to_string_pretty(v)?.as_bytes())
 }
 
-fn train_loop(args: &TrainArgs, setup: &mut Setup, resume: Option<&Path>, results: &mut serde_json::Map<String, Value>) -> Result<RunState> {
+fn train_loop(
+    args: &TrainArgs,
+    setup: &mut Setup,
+    resume: Option<&Path>,
+    results: &mut serde_json::Map<String, Value>,
+) -> Result<RunState> {
     let gpu = setup.model.params.params[0].tensor.gpu().clone();
     let t0 = Instant::now();
     let examples = Arc::new(setup.train.clone());
     let bs = args.per_device_train_batch_size;
     let batches_per_epoch = args.batches_per_epoch(examples.len());
     let total = args.total_steps(batches_per_epoch);
-    ensure!(total > 0, "no training steps: check --max_steps / --num_train_epochs and the data size");
+    ensure!(
+        total > 0,
+        "no training steps: check --max_steps / --num_train_epochs and the data size"
+    );
     let log_every = args.logging_steps_for(total);
     let eval_every = args.eval_steps_for(total);
     let save_every = args.save_steps_for(total);
     let accum = args.gradient_accumulation_steps.max(1);
     let warmup = args.warmup_steps_for(total);
-    let schedule = Schedule::new(&args.lr_scheduler_type, args.learning_rate, warmup as u64, total as u64)?;
+    let schedule = Schedule::new(
+        &args.lr_scheduler_type,
+        args.learning_rate,
+        warmup as u64,
+        total as u64,
+    )?;
     let hp = AdamW {
         lr: args.learning_rate as f32,
         beta1: args.adam_beta1 as f32,
@@ -403,12 +515,24 @@ fn train_loop(args: &TrainArgs, setup: &mut Setup, resume: Option<&Path>, result
         let loaded = checkpoint::load_checkpoint(dir)?;
         let m = ClipModel::load(&gpu, dir)?;
         for (dst, src) in setup.model.params.params.iter().zip(&m.params.params) {
-            ensure!(dst.name == src.name, "checkpoint {} holds a different model", dir.display());
+            ensure!(
+                dst.name == src.name,
+                "checkpoint {} holds a different model",
+                dir.display()
+            );
             dst.tensor.write(&src.tensor.to_vec()?)?;
         }
-        opt.load_state(&setup.model.params, &loaded.optimizer, &dir.display().to_string())?;
+        opt.load_state(
+            &setup.model.params,
+            &loaded.optimizer,
+            &dir.display().to_string(),
+        )?;
         state = loaded.state;
-        log(&format!("resumed from {} at step {}", dir.display(), state.global_step));
+        log(&format!(
+            "resumed from {} at step {}",
+            dir.display(),
+            state.global_step
+        ));
     }
     let run_info = json!({
         "seed": args.seed,
@@ -441,13 +565,22 @@ fn train_loop(args: &TrainArgs, setup: &mut Setup, resume: Option<&Path>, result
         .filter_map(|e| Some((e.get("step")?.as_f64()?, e.get("eval_loss")?.as_f64()?)))
         .collect();
     let mut skipped_total = 0usize;
-    let progress = crate::train::progress::Progress::new(total as u64, state.global_step, !args.no_progress);
+    let progress =
+        crate::train::progress::Progress::new(total as u64, state.global_step, !args.no_progress);
     let mut total_loss = 0.0f64;
     let mut loss_steps = 0usize;
     'epochs: while (state.global_step as usize) < total {
         let epoch = state.data_epoch;
         let order = epoch_order(examples.len(), args.data_seed(), epoch);
-        let mut ld = loader(setup, &examples, order, state.data_position, bs, args, args.dataloader_drop_last)?;
+        let mut ld = loader(
+            setup,
+            &examples,
+            order,
+            state.data_position,
+            bs,
+            args,
+            args.dataloader_drop_last,
+        )?;
         let mut acc: Option<Vec<Option<Tensor>>> = None;
         let mut micro = 0usize;
         let mut step_loss = 0.0f64;
@@ -463,14 +596,19 @@ fn train_loop(args: &TrainArgs, setup: &mut Setup, resume: Option<&Path>, result
                 }
                 let mut tape = Tape::new();
                 let vars = setup.model.params.vars(&mut tape);
-                let out = setup.model.forward(&mut tape, &vars, &to_batch(&gpu, b, s)?)?;
+                let out = setup
+                    .model
+                    .forward(&mut tape, &vars, &to_batch(&gpu, b, s)?)?;
                 // The Trainer divides the loss by the accumulation steps.
                 let seed = Tensor::scalar(&gpu, 1.0 / accum as f32)?;
                 let mut g = tape.backward_with(&out.loss, seed)?;
                 let grads = setup.model.params.grads(&vars, &mut g);
                 let l = out.loss.tensor().to_vec()?[0] as f64;
                 if !l.is_finite() {
-                    bail!("the loss became {l} at step {}: lower --learning_rate", state.global_step + 1);
+                    bail!(
+                        "the loss became {l} at step {}: lower --learning_rate",
+                        state.global_step + 1
+                    );
                 }
                 step_loss += l / accum as f64;
                 images_since += b.batch;
@@ -496,7 +634,11 @@ fn train_loop(args: &TrainArgs, setup: &mut Setup, resume: Option<&Path>, result
                 let grads = acc.take().unwrap();
                 let norm = opt.update(&setup.model.params, &grads, lr)?;
                 drop(grads);
-                clamp_inplace(&setup.model.params.params[ls_index].tensor, f32::MIN, MAX_LOGIT_SCALE)?;
+                clamp_inplace(
+                    &setup.model.params.params[ls_index].tensor,
+                    f32::MIN,
+                    MAX_LOGIT_SCALE,
+                )?;
                 state.global_step += 1;
                 state.data_position = ld.position();
                 state.epoch = epoch as f64 + state.data_position as f64 / examples.len() as f64;
@@ -533,7 +675,12 @@ fn train_loop(args: &TrainArgs, setup: &mut Setup, resume: Option<&Path>, result
                     images_since = 0;
                     last_log = Instant::now();
                 }
-                if args.do_eval && args.evaluates_during_training() && eval_every > 0 && step % eval_every == 0 && !setup.eval.is_empty() {
+                if args.do_eval
+                    && args.evaluates_during_training()
+                    && eval_every > 0
+                    && step % eval_every == 0
+                    && !setup.eval.is_empty()
+                {
                     let r = evaluate(setup, &setup.eval, args)?;
                     let mut entry = eval_json(&r, state.epoch, "eval_");
                     entry["step"] = json!(step);
@@ -544,7 +691,15 @@ fn train_loop(args: &TrainArgs, setup: &mut Setup, resume: Option<&Path>, result
                 }
                 if save_every > 0 && step % save_every == 0 && step < total {
                     let scheduler = schedule.to_json(state.global_step);
-                    let p = checkpoint::save_checkpoint(&args.output_dir, &setup.model, &opt, &state, &scheduler, &run_info, &setup.processing)?;
+                    let p = checkpoint::save_checkpoint(
+                        &args.output_dir,
+                        &setup.model,
+                        &opt,
+                        &state,
+                        &scheduler,
+                        &run_info,
+                        &setup.processing,
+                    )?;
                     progress.log(&format!("saved {}", p.display()));
                     if let Some(limit) = args.save_total_limit {
                         checkpoint::rotate(&args.output_dir, limit)?;
@@ -565,7 +720,15 @@ fn train_loop(args: &TrainArgs, setup: &mut Setup, resume: Option<&Path>, result
     gpu.sync()?;
     // The final state as a checkpoint too, so a finished run can be extended.
     let scheduler = schedule.to_json(state.global_step);
-    checkpoint::save_checkpoint(&args.output_dir, &setup.model, &opt, &state, &scheduler, &run_info, &setup.processing)?;
+    checkpoint::save_checkpoint(
+        &args.output_dir,
+        &setup.model,
+        &opt,
+        &state,
+        &scheduler,
+        &run_info,
+        &setup.processing,
+    )?;
     if let Some(limit) = args.save_total_limit {
         checkpoint::rotate(&args.output_dir, limit)?;
     }
@@ -579,13 +742,22 @@ fn train_loop(args: &TrainArgs, setup: &mut Setup, resume: Option<&Path>, result
         "train_skipped_images": skipped_total,
     });
     write_json(&args.output_dir.join("train_results.json"), &train)?;
-    write_json(&args.output_dir.join("trainer_state.json"), &state.to_json(&run_info))?;
+    write_json(
+        &args.output_dir.join("trainer_state.json"),
+        &state.to_json(&run_info),
+    )?;
     if let Value::Object(m) = train {
         results.extend(m);
     }
-    loss_curve_png(&args.output_dir.join("loss_curve.png"), &train_losses, &eval_losses)?;
+    loss_curve_png(
+        &args.output_dir.join("loss_curve.png"),
+        &train_losses,
+        &eval_losses,
+    )?;
     if skipped_total > 0 {
-        log(&format!("skipped {skipped_total} unreadable image(s) in total"));
+        log(&format!(
+            "skipped {skipped_total} unreadable image(s) in total"
+        ));
     }
     Ok(state)
 }
