@@ -8,7 +8,6 @@ use super::params::{Layout, ParamVars};
 use crate::ops::activation::Act;
 use crate::ops::elementwise::add_var;
 use crate::ops::embedding::embedding;
-use crate::ops::permute::reshape_var;
 use crate::ops::softmax::Mask;
 use crate::tape::{Tape, Var};
 use crate::tensor::Tensor;
@@ -113,8 +112,6 @@ impl ClipTextTower {
             .enumerate()
             .map(|(b, t)| (b * len + t) as u32)
             .collect();
-        let flat = x.tensor().reshape(&[batch * len, c.hidden_size])?;
-        let flat = reshape_var(tape, &x, flat);
-        embedding(tape, &flat, &rows, &[batch])
+        embedding(tape, &x, &rows, &[batch])
     }
 }

@@ -9,7 +9,6 @@ use crate::ops::activation::{act, Act};
 use crate::ops::attention::attention;
 use crate::ops::elementwise::add_var;
 use crate::ops::embedding::embedding;
-use crate::ops::permute::reshape_var;
 use crate::ops::softmax::Mask;
 use crate::tape::{Tape, Var};
 use crate::tensor::Tensor;
@@ -157,10 +156,8 @@ impl RobertaTower {
             let o = add_var(tape, &o, &h)?;
             x = layer.out_ln.forward(tape, p, &o)?;
         }
-        let flat = x.tensor().reshape(&[batch * len, c.hidden_size])?;
-        let flat = reshape_var(tape, &x, flat);
         let first: Vec<u32> = (0..batch).map(|b| (b * len) as u32).collect();
-        let h0 = embedding(tape, &flat, &first, &[batch])?;
+        let h0 = embedding(tape, &x, &first, &[batch])?;
         let pooled = self.pooler.forward(tape, p, &h0)?;
         act(tape, &pooled, Act::Tanh)
     }

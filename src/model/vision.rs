@@ -8,7 +8,6 @@ use super::params::{Layout, ParamVars};
 use crate::ops::activation::Act;
 use crate::ops::embedding::{class_pos, embedding};
 use crate::ops::patch::patch_embed;
-use crate::ops::permute::reshape_var;
 use crate::ops::softmax::Mask;
 use crate::tape::{Tape, Var};
 use anyhow::{ensure, Result};
@@ -85,11 +84,10 @@ impl VisionTower {
         for layer in &self.layers {
             x = layer.forward(tape, p, &x, &none)?;
         }
+        // Token 0 of each image: rows b*T of the hidden states viewed [B*T, D].
         let t = x.shape()[1];
-        let flat = x.tensor().reshape(&[b * t, c.hidden_size])?;
-        let flat = reshape_var(tape, &x, flat);
         let first: Vec<u32> = (0..b).map(|i| (i * t) as u32).collect();
-        let pooled = embedding(tape, &flat, &first, &[b])?;
+        let pooled = embedding(tape, &x, &first, &[b])?;
         self.post_ln.forward(tape, p, &pooled)
     }
 }
