@@ -90,6 +90,13 @@ enum Cmd {
 
 fn main() {
     if let Err(e) = run() {
+        // SIGINT / SIGTERM during training: a checkpoint was saved; exit as a
+        // signal-ended process would (130, 143) so that scripts and job
+        // schedulers see the run as not finished.
+        if let Some(i) = e.downcast_ref::<clip_wgpu::train::trainer::Interrupted>() {
+            eprintln!("[clip-wgpu] {i}");
+            std::process::exit(i.exit_code());
+        }
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }
@@ -163,6 +170,9 @@ fn train(mut req: AdapterRequest, argv: &[String], eval_only: bool) -> Result<()
     }
     if targs.adapter.is_some() {
         req.index = targs.adapter;
+    }
+    if !eval_only {
+        clip_wgpu::train::trainer::catch_interrupts();
     }
     let gpu = clip_wgpu::Gpu::new(&req)?;
     eprintln!(

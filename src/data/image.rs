@@ -260,6 +260,16 @@ fn read_json(path: &Path) -> Result<Value> {
     serde_json::from_str(&text).with_context(|| format!("parsing {} as JSON", path.display()))
 }
 
+/// Largest accepted side in a processor config (`size`, `crop_size`): far
+/// above any real processor, small enough that no size arithmetic overflows.
+pub const MAX_SIDE: usize = 1 << 16;
+
+/// Largest image the resize step makes, in pixels. A very elongated picture
+/// resized to a shortest edge would otherwise ask for gigabytes (a 1x100000
+/// strip at shortest_edge 224 becomes 224x22400000); it is refused (and so
+/// skipped by the loader) instead.
+pub const MAX_RESIZED_PIXELS: usize = 1 << 27;
+
 enum Size {
     Shortest(usize),
     Exact(usize, usize),
@@ -293,8 +303,8 @@ impl Parser<'_> {
 
     fn dim(&self, key: &str, v: &Value) -> Result<usize> {
         match v.as_u64() {
-            Some(n) if n > 0 => Ok(n as usize),
-            _ => Err(self.err(key, "a positive integer", v)),
+            Some(n) if n > 0 && n <= MAX_SIDE as u64 => Ok(n as usize),
+            _ => Err(self.err(key, &format!("a positive integer at most {MAX_SIDE}"), v)),
         }
     }
 
@@ -303,10 +313,22 @@ impl Parser<'_> {
         let Some(v) = self.get(key) else {
             return Ok(default);
         };
+        // Finite f32s; a std of 0 would divide every pixel by zero.
+        let nonzero = key == "image_std";
+        let want = if nonzero {
+            "a list of 3 non-zero finite numbers (or one number)"
+        } else {
+            "a list of 3 finite numbers (or one number)"
+        };
+        let ok = |x: f32| x.is_finite() && !(nonzero && x == 0.0);
         if let Some(x) = v.as_f64() {
-            return Ok([x as f32; 3]);
+            let x = x as f32;
+            return if ok(x) {
+                Ok([x; 3])
+            } else {
+                Err(self.err(key, want, v))
+            };
         }
-        let want = "a list of 3 numbers (or one number)";
         let arr = v.as_array().ok_or_else(|| self.err(key, want, v))?;
         if arr.len() != 3 {
             return Err(self.err(key, want, v));
@@ -315,6 +337,9 @@ impl Parser<'_> {
         for (o, x) in out.iter_mut().zip(arr) {
             // Python floats become float32 as numpy's np.array(..., float32) does.
             *o = x.as_f64().ok_or_else(|| self.err(key, want, v))? as f32;
+            if !ok(*o) {
+                return Err(self.err(key, want, v));
+            }
         }
         Ok(out)
     }
@@ -835,7 +860,15 @@ pub fn resize_and_crop(img: &DynamicImage, cfg: &ImageProcessorConfig) -> Result
         }
     };
     let rgb = if cfg.do_resize {
-        let (h, w) = cfg.resized_hw(rgb.width() as usize, rgb.height() as usize);
+        let (iw, ih) = (rgb.width() as usize, rgb.height() as usize);
+        let (h, w) = cfg.resized_hw(iw, ih);
+        ensure!(
+            h.checked_mul(w).is_some_and(|n| n <= MAX_RESIZED_PIXELS)
+                && h <= u32::MAX as usize
+                && w <= u32::MAX as usize,
+            "a {iw}x{ih} picture would be resized to {w}x{h}, more than {MAX_RESIZED_PIXELS} \
+             pixels (too elongated)"
+        );
         resize(&rgb, w, h, cfg.resample)?
     } else {
         rgb

@@ -13,7 +13,10 @@
 //! with the following examples (batches stay full), and the path and reason
 //! are reported in [`LoadedBatch::skipped`] (and [`Loader::skipped`]). If
 //! none of the first [`GIVE_UP_AFTER`] pictures loads, the loader stops with
-//! an error rather than skip the whole dataset.
+//! an error rather than skip the whole dataset; so does a pass from the start
+//! of the order that yields no batch at all (too few readable pictures for
+//! one full batch with `drop_last`), which a training loop would otherwise
+//! wait on forever.
 //!
 //! [`Loader::position`] counts the entries of the order used by the batches
 //! returned so far; a loader created with `start` = that position yields the
@@ -344,9 +347,7 @@ fn decode_worker(
         };
         let image = &examples[order[pos]].image;
         // A decoder panic on a hostile file is one bad picture, not a crash.
-        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            load_pixels(image, processor)
-        }));
+        let r = catch_quietly(|| load_pixels(image, processor));
         let item = match r {
             Ok(Ok(px)) if px.len() == pixel_len => Item::Ok(px),
             Ok(Ok(px)) => Item::Bad(format!(
@@ -354,7 +355,7 @@ fn decode_worker(
                 px.len()
             )),
             Ok(Err(e)) => Item::Bad(e),
-            Err(_) => Item::Bad("the image decoder panicked on this file".into()),
+            Err(why) => Item::Bad(format!("the image decoder panicked on this file: {why}")),
         };
         shared.lock().results.insert(pos, item);
         shared.ready.notify_all();
@@ -374,6 +375,7 @@ fn assemble(
 ) {
     let mut pos = start;
     let mut loaded_any = false;
+    let mut sent_any = false;
     let mut failures: Vec<(PathBuf, String)> = Vec::new();
     loop {
         let mut pixels = Vec::with_capacity(cfg.batch_size * pixel_len);
@@ -421,6 +423,15 @@ fn assemble(
         if positions.is_empty() || (cfg.drop_last && positions.len() < cfg.batch_size) {
             let msg = if !loaded_any && !failures.is_empty() {
                 Msg::Err(none_loaded(&failures, start))
+            } else if !sent_any && start == 0 && !positions.is_empty() {
+                // A whole pass with no batch: whoever loops over epochs
+                // would wait forever for one.
+                Msg::Err(no_full_batch(
+                    positions.len(),
+                    order.len(),
+                    cfg.batch_size,
+                    &skipped,
+                ))
             } else {
                 Msg::End { position: pos }
             };
@@ -431,7 +442,10 @@ fn assemble(
             .iter()
             .map(|&i| examples[i].caption.as_str())
             .collect();
-        let (ids, mask) = match tokenizer.encode_batch(&captions, cfg.max_len) {
+        // A panic inside the tokenizer library is an error, not a dead thread.
+        let encoded = catch_quietly(|| tokenizer.encode_batch(&captions, cfg.max_len))
+            .unwrap_or_else(|why| Err(anyhow::anyhow!("the tokenizer panicked: {why}")));
+        let (ids, mask) = match encoded {
             Ok(x) => x,
             Err(e) => {
                 let _ = tx.send(Msg::Err(e.context("tokenizing a batch of captions")));
@@ -450,7 +464,58 @@ fn assemble(
         if tx.send(Msg::Batch(batch, pos)).is_err() {
             return;
         }
+        sent_any = true;
     }
+}
+
+fn no_full_batch(
+    loaded: usize,
+    total: usize,
+    batch_size: usize,
+    skipped: &[(PathBuf, String)],
+) -> anyhow::Error {
+    let mut s = format!(
+        "no batch of {batch_size} can be made: {loaded} of the {total} pictures could be loaded, \
+         and drop_last (--dataloader_drop_last) drops the smaller last batch; lower the batch \
+         size or leave out --dataloader_drop_last"
+    );
+    if !skipped.is_empty() {
+        s.push_str(&format!("\n  {} picture(s) skipped:", skipped.len()));
+        for (p, r) in skipped.iter().take(3) {
+            s.push_str(&format!("\n  {}: {r}", p.display()));
+        }
+    }
+    anyhow::anyhow!(s)
+}
+
+thread_local! {
+    /// Set while [`catch_quietly`] runs on this thread.
+    static QUIET: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Run `f`, turning a panic into `Err(message)` without the panic hook's
+/// report on stderr: for third-party code (image decoders, `tokenizers`)
+/// that panics on hostile input, whose failure the caller reports itself.
+/// Panics on other threads are reported as usual.
+pub fn catch_quietly<T>(f: impl FnOnce() -> T) -> std::result::Result<T, String> {
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    HOOK.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !QUIET.with(|q| q.get()) {
+                previous(info);
+            }
+        }));
+    });
+    let was = QUIET.with(|q| q.replace(true));
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    QUIET.with(|q| q.set(was));
+    r.map_err(|p| {
+        p.downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| p.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "(no message)".into())
+    })
 }
 
 fn none_loaded(failures: &[(PathBuf, String)], start: usize) -> anyhow::Error {

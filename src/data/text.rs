@@ -13,13 +13,14 @@
 //! `special_tokens_map.json`, else the padding section of `tokenizer.json`,
 //! which is where transformers finds it too.
 
+use crate::data::loader::catch_quietly;
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use tokenizers::{
-    PaddingDirection, PaddingParams, PaddingStrategy, Tokenizer, TruncationDirection,
-    TruncationParams, TruncationStrategy,
+    PaddingDirection, PaddingParams, PaddingStrategy, PostProcessor, Tokenizer,
+    TruncationDirection, TruncationParams, TruncationStrategy,
 };
 
 /// A `tokenizer.json` tokenizer with transformers' padding/truncation rules.
@@ -79,7 +80,15 @@ impl TextTokenizer {
         if !tokenizer_json.is_file() {
             bail!("tokenizer file {} does not exist", tokenizer_json.display());
         }
-        let mut tok = Tokenizer::from_file(tokenizer_json)
+        // `tokenizers` panics on some malformed files (e.g. an odd decoder).
+        let mut tok = catch_quietly(|| Tokenizer::from_file(tokenizer_json))
+            .map_err(|why| {
+                anyhow!(
+                    "loading tokenizer {}: the file is malformed (the tokenizers library \
+                     failed: {why})",
+                    tokenizer_json.display()
+                )
+            })?
             .map_err(|e| anyhow!("loading tokenizer {}: {e}", tokenizer_json.display()))?;
         let file_padding = tok.get_padding().map(|p| (p.pad_id, p.pad_token.clone()));
         tok.with_padding(None);
@@ -165,9 +174,10 @@ impl TextTokenizer {
     /// Token ids without truncation or padding, special tokens included.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
         let tok = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        let enc = tok
-            .encode(text, true)
-            .map_err(|e| anyhow!("tokenizing {text:?} with {}: {e}", self.path.display()))?;
+        let enc = catch_quietly(|| tok.encode(text, true))
+            .map_err(|why| anyhow!("the tokenizers library failed: {why}"))
+            .and_then(|r| r.map_err(|e| anyhow!("{e}")))
+            .with_context(|| format!("tokenizing {text:?} with {}", self.path.display()))?;
         Ok(enc.get_ids().to_vec())
     }
 
@@ -183,6 +193,19 @@ impl TextTokenizer {
             )
         })?;
         let mut tok = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        // `tokenizers` subtracts the special tokens from max_length without
+        // checking (a panic in debug builds, a wrap-around in release).
+        let special = tok
+            .get_post_processor()
+            .map_or(0, |p| p.added_tokens(false));
+        if max_len < special {
+            bail!(
+                "a maximum length of {max_len} tokens leaves no room for the {special} special \
+                 tokens that the tokenizer {} adds to every text; use a --max_seq_length of at \
+                 least {special}",
+                self.path.display()
+            );
+        }
         tok.with_truncation(Some(TruncationParams {
             direction: if self.truncate_left {
                 TruncationDirection::Left
@@ -207,11 +230,14 @@ impl TextTokenizer {
             pad_token,
         }));
         let inputs: Vec<&str> = texts.to_vec();
-        let encs = tok.encode_batch(inputs, true);
+        let encs = catch_quietly(|| tok.encode_batch(inputs, true));
         // Leave the shared tokenizer unconfigured for `encode`.
         tok.with_padding(None);
         let _ = tok.with_truncation(None);
-        let encs = encs.map_err(|e| anyhow!("tokenizing with {}: {e}", self.path.display()))?;
+        let encs = encs
+            .map_err(|why| anyhow!("the tokenizers library failed: {why}"))
+            .and_then(|r| r.map_err(|e| anyhow!("{e}")))
+            .with_context(|| format!("tokenizing with {}", self.path.display()))?;
         let mut ids = Vec::with_capacity(texts.len() * max_len);
         let mut mask = Vec::with_capacity(texts.len() * max_len);
         for (e, text) in encs.iter().zip(texts) {

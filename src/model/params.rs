@@ -57,8 +57,12 @@ impl ParamStore {
     ) -> Result<ParamStore> {
         let mut missing = Vec::new();
         let mut wrong = Vec::new();
+        let mut integer = Vec::new();
         for (name, shape) in &layout.specs {
             match weights.tensors.get(name) {
+                // A weight stored with an integer dtype: say so, rather than
+                // call it both missing and unexpected.
+                None if weights.ints.contains_key(name) => integer.push(name.clone()),
                 None => missing.push(name.clone()),
                 Some(t) if !same_shape(&t.shape, shape) => wrong.push(format!(
                     "{name}: file has {:?}, model needs {:?}",
@@ -73,10 +77,22 @@ impl ParamStore {
             .tensors
             .keys()
             .chain(weights.ints.keys())
-            .filter(|n| !expected.contains(n.as_str()) && !n.ends_with("position_ids"))
+            .filter(|n| {
+                !expected.contains(n.as_str())
+                    && !n.ends_with("position_ids")
+                    && !integer.contains(*n)
+            })
             .collect();
-        if !missing.is_empty() || !wrong.is_empty() || !unexpected.is_empty() {
+        if !missing.is_empty() || !wrong.is_empty() || !unexpected.is_empty() || !integer.is_empty()
+        {
             let mut msg = format!("{what} does not match the model config:");
+            if !integer.is_empty() {
+                msg += &format!(
+                    "\n  stored as integers, but the model needs floating-point weights \
+                     (F32, F64, F16 or BF16): {}",
+                    list(&integer)
+                );
+            }
             if !missing.is_empty() {
                 msg += &format!(
                     "\n  missing {} tensor(s): {}",

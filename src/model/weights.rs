@@ -165,7 +165,10 @@ impl Weights {
                     .map(|c| i32::from_le_bytes(c.try_into().unwrap()) as i64)
                     .collect(),
                 Dtype::U8 | Dtype::BOOL => data.iter().map(|&b| b as i64).collect(),
-                other => bail!("tensor {name:?} has unsupported dtype {other:?}"),
+                other => bail!(
+                    "tensor {name:?} has dtype {other:?}, which clip-wgpu does not read (weights \
+                     must be F32, F64, F16 or BF16)"
+                ),
             };
             w.ints.insert(name, (shape, ints));
         }

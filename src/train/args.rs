@@ -199,6 +199,9 @@ pub struct TrainArgs {
     pub demo_train_samples: usize,
     pub demo_eval_samples: usize,
     pub no_progress: bool,
+    /// Skip (count and report) optimizer steps whose loss or gradient is
+    /// not finite instead of stopping the run.
+    pub skip_nonfinite_steps: bool,
 }
 
 impl Default for TrainArgs {
@@ -265,6 +268,7 @@ impl Default for TrainArgs {
             demo_train_samples: 512,
             demo_eval_samples: 128,
             no_progress: false,
+            skip_nonfinite_steps: false,
         }
     }
 }
@@ -508,6 +512,11 @@ impl TrainArgs {
                 p.display()
             );
         }
+        ensure!(
+            !self.output_dir.exists() || self.output_dir.is_dir(),
+            "--output_dir {}: exists and is not a folder",
+            self.output_dir.display()
+        );
         Ok(())
     }
 
@@ -587,6 +596,7 @@ impl TrainArgs {
         put("demo_train_samples", json!(self.demo_train_samples));
         put("demo_eval_samples", json!(self.demo_eval_samples));
         put("no_progress", json!(self.no_progress));
+        put("skip_nonfinite_steps", json!(self.skip_nonfinite_steps));
         Value::Object(m)
     }
 }
@@ -1017,6 +1027,9 @@ static SPECS: &[Spec] = &[
         "Evaluation examples of the built-in demo data. Default 128."),
     set("no_progress", Bool, |a, v| { a.no_progress = parse_bool(v)?; Ok(()) },
         "No progress bar (log lines only). Default false."),
+    set("skip_nonfinite_steps", Bool, |a, v| { a.skip_nonfinite_steps = parse_bool(v)?; Ok(()) },
+        "Skip an optimizer step whose loss or gradient is NaN or infinite (no update; counted and reported) \
+         instead of stopping the run. Default false."),
 ];
 
 fn spec(name: &str) -> Option<&'static Spec> {

@@ -67,6 +67,9 @@ pub struct RunState {
     pub data_epoch: u64,
     pub data_position: usize,
     pub log_history: Vec<Value>,
+    /// Optimizer steps skipped for a non-finite loss or gradient
+    /// (`--skip_nonfinite_steps`).
+    pub skipped_nonfinite_steps: u64,
 }
 
 impl RunState {
@@ -78,6 +81,7 @@ impl RunState {
             "clip_wgpu": {
                 "data_epoch": self.data_epoch,
                 "data_position": self.data_position,
+                "skipped_nonfinite_steps": self.skipped_nonfinite_steps,
             },
             "run": extra,
         })
@@ -103,6 +107,9 @@ impl RunState {
             data_epoch: get_u(&["clip_wgpu", "data_epoch"])?,
             data_position: get_u(&["clip_wgpu", "data_position"])? as usize,
             log_history: v["log_history"].as_array().cloned().unwrap_or_default(),
+            skipped_nonfinite_steps: v["clip_wgpu"]["skipped_nonfinite_steps"]
+                .as_u64()
+                .unwrap_or(0),
         })
     }
 }
@@ -143,6 +150,12 @@ pub fn save_checkpoint(
         &tmp.join("trainer_state.json"),
         serde_json::to_string_pretty(&state.to_json(run))?.as_bytes(),
     )?;
+    // Whatever the GPU reported meanwhile (a lost device, an error behind a
+    // readback) stops the save here, before the rename: the previous
+    // checkpoints stay the latest.
+    if let Some(p) = model.params.params.first() {
+        p.tensor.gpu().sync()?;
+    }
     sync_dir(&tmp);
     if final_dir.exists() {
         // Same step saved again (e.g. the final step after a periodic save).
@@ -158,6 +171,47 @@ fn sync_dir(dir: &Path) {
     if let Ok(f) = std::fs::File::open(dir) {
         let _ = f.sync_all();
     }
+}
+
+/// Remove `.checkpoint-N.tmp-PID` folders that a killed run left behind (a
+/// save cut short; never a complete checkpoint). Folders of a live process
+/// other than this one are kept. Returns the folders removed.
+pub fn remove_stale_temp(output_dir: &Path) -> Vec<PathBuf> {
+    let mut removed = Vec::new();
+    let Ok(rd) = std::fs::read_dir(output_dir) else {
+        return removed;
+    };
+    for e in rd.flatten() {
+        let name = e.file_name().to_string_lossy().to_string();
+        let Some(rest) = name.strip_prefix(".checkpoint-") else {
+            continue;
+        };
+        let Some((_, pid)) = rest.split_once(".tmp-") else {
+            continue;
+        };
+        let Ok(pid) = pid.parse::<u32>() else {
+            continue;
+        };
+        if pid != std::process::id() && process_alive(pid) {
+            continue;
+        }
+        if std::fs::remove_dir_all(e.path()).is_ok() {
+            removed.push(e.path());
+        }
+    }
+    removed
+}
+
+#[cfg(unix)]
+fn process_alive(pid: u32) -> bool {
+    // Signal 0 checks that the process exists (EPERM: it does, not ours).
+    let r = unsafe { libc::kill(pid as libc::pid_t, 0) };
+    r == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+}
+
+#[cfg(not(unix))]
+fn process_alive(_pid: u32) -> bool {
+    false
 }
 
 /// Complete checkpoints in `output_dir`, oldest first (by step).

@@ -36,15 +36,24 @@ impl Optimizer {
         })
     }
 
-    /// One update at learning rate `lr`. Parameters without a gradient
-    /// (frozen) are left alone, as torch does. Returns [grad norm, clip
-    /// coefficient] on the GPU (read it back only when logging).
+    /// One update at learning rate `lr`: [`Optimizer::grad_norm`] then
+    /// [`Optimizer::apply`]. Returns [grad norm, clip coefficient] on the GPU.
     pub fn update(
         &mut self,
         params: &ParamStore,
         grads: &[Option<Tensor>],
         lr: f32,
     ) -> Result<Tensor> {
+        let norm = self.grad_norm(params, grads)?;
+        self.apply(params, grads, &norm, lr)?;
+        Ok(norm)
+    }
+
+    /// [global gradient norm, clip coefficient] on the GPU, from the
+    /// gradients present. The trainer reads these two numbers back to check
+    /// them before [`Optimizer::apply`] (a non-finite norm means a NaN or
+    /// infinite gradient somewhere).
+    pub fn grad_norm(&self, params: &ParamStore, grads: &[Option<Tensor>]) -> Result<Tensor> {
         ensure!(
             grads.len() == params.params.len(),
             "one gradient slot per parameter"
@@ -59,7 +68,23 @@ impl Optimizer {
         } else {
             f32::INFINITY
         };
-        let norm = grad_norm(&present, clip_at)?;
+        grad_norm(&present, clip_at)
+    }
+
+    /// The AdamW update at learning rate `lr`, clipping with `norm` (from
+    /// [`Optimizer::grad_norm`]). Parameters without a gradient (frozen) are
+    /// left alone, as torch does.
+    pub fn apply(
+        &mut self,
+        params: &ParamStore,
+        grads: &[Option<Tensor>],
+        norm: &Tensor,
+        lr: f32,
+    ) -> Result<()> {
+        ensure!(
+            grads.len() == params.params.len(),
+            "one gradient slot per parameter"
+        );
         self.step += 1;
         let hp = AdamW { lr, ..self.hp };
         for (i, (p, g)) in params.params.iter().zip(grads).enumerate() {
@@ -72,11 +97,11 @@ impl Optimizer {
                     self.step,
                     &hp,
                     decays(&p.name),
-                    Some(&norm),
+                    Some(norm),
                 )?;
             }
         }
-        Ok(norm)
+        Ok(())
     }
 
     /// exp_avg.<name> and exp_avg_sq.<name> for every parameter, plus `step`.

@@ -2,6 +2,36 @@
 //! a model, read the data, train with AdamW and the chosen schedule, evaluate
 //! (loss and retrieval recall@K), checkpoint, resume, and save a model that
 //! transformers loads.
+//!
+//! Faults, and what a run does about them:
+//! - A NaN or infinite loss or gradient: the global gradient norm is read
+//!   back every step (two floats) before the update; when it or the loss is
+//!   not finite the run stops, naming the step and the parameters whose
+//!   gradients are not finite, without updating the weights or saving
+//!   anything (the latest checkpoint stays the last good state), or, with
+//!   `--skip_nonfinite_steps`, skips that update and counts it. A checkpoint
+//!   is never written from non-finite weights.
+//! - GPU out of memory: the error names the batch size and suggests a
+//!   smaller one with gradient accumulation.
+//! - A lost GPU device: every GPU call after it fails (wgpu's device-lost
+//!   callback, readbacks that cannot map), so the run stops with the error
+//!   where it stands; a save in progress fails before its rename, so the
+//!   latest complete checkpoint is the one to resume from, and the message
+//!   names it.
+//! - SIGINT / SIGTERM (when the binary asked for it with
+//!   [`catch_interrupts`]): a checkpoint at the end of the step in progress,
+//!   then [`Interrupted`] (the binary exits with 128 + the signal number); a
+//!   second signal exits at once.
+//! - A kill at any moment: checkpoints are renamed into place complete; the
+//!   `.checkpoint-N.tmp-PID` folder of a save cut short is removed by the next
+//!   run, which resumes from the latest complete checkpoint.
+//!
+//! Tests inject faults through the `CLIP_WGPU_FAULTS` environment variable:
+//! comma-separated `KIND@STEP` with KIND one of `nan_grad` (optionally
+//! `nan_grad:NAME`, the first parameter whose name contains NAME), `oom` (an
+//! allocation past the adapter's buffer limit), `device_lost` (the device is
+//! destroyed at the start of that step) or `device_lost_at_save` (destroyed
+//! just before that step's checkpoint is written).
 
 use crate::data::loader::{epoch_order, LoadedBatch, Loader, LoaderConfig};
 use crate::data::sources::{self, Dataset, Example, Split};
@@ -10,8 +40,10 @@ use crate::model::clip::{Batch, ClipModel};
 use crate::model::config::ModelConfig;
 use crate::model::init::init_weights;
 use crate::model::weights::write_atomic;
-use crate::ops::adamw::AdamW;
+use crate::model::params::ParamStore;
+use crate::ops::adamw::{grad_norm, AdamW};
 use crate::ops::clamp::clamp_inplace;
+use crate::ops::reduce::sumsq;
 use crate::tape::Tape;
 use crate::tensor::Tensor;
 use crate::train::args::{DataSource, Resume, TrainArgs};
@@ -24,6 +56,7 @@ use anyhow::{bail, ensure, Context, Result};
 use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -66,6 +99,353 @@ const DEMO_FILES: &[(&str, &[u8])] = &[
 fn log(msg: &str) {
     eprintln!("[clip-wgpu] {msg}");
 }
+
+// ---------------------------------------------------------------------------
+// Interruption: SIGINT and SIGTERM ask for a checkpoint at the next step
+// boundary; a second one exits at once.
+
+/// The first signal received (0: none).
+static SIGNAL: AtomicI32 = AtomicI32::new(0);
+/// Set by [`catch_interrupts`]: training installs the handlers.
+static CATCH: AtomicBool = AtomicBool::new(false);
+static ARMED: AtomicBool = AtomicBool::new(false);
+
+/// Ask `train` to catch SIGINT (Ctrl-C) and SIGTERM once training starts:
+/// the first one saves a checkpoint at the end of the step in progress and
+/// stops the run with [`Interrupted`]; a second one exits at once with
+/// 128 + its number. Before training starts (loading the model and the
+/// data) the signals keep their default effect, as there is nothing to
+/// save. The binary calls this; a program using the library keeps its own
+/// handlers unless it does. No effect outside Unix.
+pub fn catch_interrupts() {
+    CATCH.store(true, Ordering::SeqCst);
+}
+
+/// The signal that asked the run to stop, if one did.
+pub fn interrupted() -> Option<i32> {
+    match SIGNAL.load(Ordering::SeqCst) {
+        0 => None,
+        s => Some(s),
+    }
+}
+
+fn arm_interrupts() {
+    if CATCH.load(Ordering::SeqCst) && !ARMED.swap(true, Ordering::SeqCst) {
+        install_handlers();
+    }
+}
+
+#[cfg(unix)]
+extern "C" fn on_signal(sig: libc::c_int) {
+    // Async-signal-safe only: atomics, write(2) and _exit(2).
+    let first = SIGNAL
+        .compare_exchange(0, sig, Ordering::SeqCst, Ordering::SeqCst)
+        .is_ok();
+    let msg: &[u8] = if first {
+        b"\n[clip-wgpu] interrupted: saving a checkpoint at the end of this step \
+          (interrupt again to stop at once)\n"
+    } else {
+        b"\n[clip-wgpu] second interrupt: stopping now, without a checkpoint of this step\n"
+    };
+    unsafe {
+        libc::write(2, msg.as_ptr().cast(), msg.len());
+        if !first {
+            libc::_exit(128 + sig);
+        }
+    }
+}
+
+#[cfg(unix)]
+fn install_handlers() {
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        // SA_RESTART: system calls in progress (file writes, waits for the
+        // GPU) carry on instead of failing with EINTR.
+        unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
+            libc::sigemptyset(&mut sa.sa_mask);
+            sa.sa_flags = libc::SA_RESTART;
+            if libc::sigaction(sig, &sa, std::ptr::null_mut()) != 0 {
+                log(&format!(
+                    "could not install a handler for signal {sig}: {}",
+                    std::io::Error::last_os_error()
+                ));
+            }
+        }
+    }
+}
+
+#[cfg(not(unix))]
+fn install_handlers() {}
+
+fn signal_name(sig: i32) -> String {
+    match sig {
+        2 => "SIGINT".into(),
+        15 => "SIGTERM".into(),
+        s => format!("signal {s}"),
+    }
+}
+
+/// A run stopped by SIGINT or SIGTERM (after saving what there was to save;
+/// the message says where and how to resume).
+#[derive(Debug)]
+pub struct Interrupted {
+    pub signal: i32,
+    pub message: String,
+}
+
+impl Interrupted {
+    /// The shell's convention for a process ended by a signal.
+    pub fn exit_code(&self) -> i32 {
+        128 + self.signal
+    }
+}
+
+impl std::fmt::Display for Interrupted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "interrupted by {}: {}",
+            signal_name(self.signal),
+            self.message
+        )
+    }
+}
+
+impl std::error::Error for Interrupted {}
+
+// ---------------------------------------------------------------------------
+// Fault injection for tests (CLIP_WGPU_FAULTS; see the module doc).
+
+#[derive(Default)]
+struct Faults(Vec<(String, String, u64)>);
+
+impl Faults {
+    fn from_env() -> Result<Faults> {
+        let Ok(spec) = std::env::var("CLIP_WGPU_FAULTS") else {
+            return Ok(Faults::default());
+        };
+        let mut out = Vec::new();
+        for item in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+            let (what, step) = item
+                .split_once('@')
+                .with_context(|| format!("CLIP_WGPU_FAULTS: {item:?} is not KIND@STEP"))?;
+            let step: u64 = step
+                .parse()
+                .with_context(|| format!("CLIP_WGPU_FAULTS: bad step in {item:?}"))?;
+            let (kind, arg) = what.split_once(':').unwrap_or((what, ""));
+            ensure!(
+                ["nan_grad", "oom", "device_lost", "device_lost_at_save"].contains(&kind),
+                "CLIP_WGPU_FAULTS: unknown fault {kind:?}"
+            );
+            out.push((kind.to_string(), arg.to_string(), step));
+        }
+        if !out.is_empty() {
+            log(&format!("injecting faults for a test: {spec}"));
+        }
+        Ok(Faults(out))
+    }
+
+    /// The argument of fault `kind` at optimizer step `step`, if it strikes.
+    fn at(&self, kind: &str, step: u64) -> Option<&str> {
+        self.0
+            .iter()
+            .find(|(k, _, s)| k == kind && *s == step)
+            .map(|(_, a, _)| a.as_str())
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Numerical checks.
+
+/// Sums of squares of the given tensors, one small readback each (only on
+/// the failure path): the names of those that are not finite.
+fn nonfinite_tensors<'a>(
+    named: impl Iterator<Item = (&'a str, &'a Tensor)>,
+) -> Result<Vec<String>> {
+    let mut bad = Vec::new();
+    for (name, t) in named {
+        let ss = sumsq(t)?.to_vec()?[0];
+        if !ss.is_finite() {
+            let what = if ss.is_nan() { "NaN" } else { "inf or overflow" };
+            bad.push(format!("{name} ({what})"));
+        }
+    }
+    Ok(bad)
+}
+
+fn list_names(names: &[String]) -> String {
+    const SHOWN: usize = 6;
+    let mut s = names[..names.len().min(SHOWN)].join(", ");
+    if names.len() > SHOWN {
+        s += &format!(" and {} more", names.len() - SHOWN);
+    }
+    s
+}
+
+/// What is not finite in a step: the loss and/or the gradients, by name.
+fn nonfinite_report(
+    params: &ParamStore,
+    grads: &[Option<Tensor>],
+    loss: f64,
+    norm: f32,
+) -> Result<String> {
+    let bad = nonfinite_tensors(
+        params
+            .params
+            .iter()
+            .zip(grads)
+            .filter_map(|(p, g)| Some((p.name.as_str(), g.as_ref()?))),
+    )?;
+    let mut parts = Vec::new();
+    if !loss.is_finite() {
+        parts.push(format!("the loss is {loss}"));
+    }
+    if !norm.is_finite() {
+        if bad.is_empty() {
+            parts.push(format!("the global gradient norm is {norm}"));
+        } else {
+            parts.push(format!(
+                "the global gradient norm is {norm}, from non-finite gradients of {}",
+                list_names(&bad)
+            ));
+        }
+    } else if !loss.is_finite() {
+        parts.push("the gradients are finite".into());
+    }
+    Ok(parts.join("; "))
+}
+
+/// Refuse to save weights that are not all finite (one small readback: the
+/// norm of all weights; the names only when it is not finite).
+fn check_finite_weights(params: &ParamStore) -> Result<()> {
+    let all: Vec<&Tensor> = params.params.iter().map(|p| &p.tensor).collect();
+    let norm = grad_norm(&all, f32::INFINITY)?.to_vec()?[0];
+    if norm.is_finite() {
+        return Ok(());
+    }
+    let bad = nonfinite_tensors(params.params.iter().map(|p| (p.name.as_str(), &p.tensor)))?;
+    bail!(
+        "refusing to save non-finite weights ({}): the latest checkpoint is left as it was",
+        if bad.is_empty() {
+            format!("weight norm {norm}")
+        } else {
+            list_names(&bad)
+        }
+    )
+}
+
+// ---------------------------------------------------------------------------
+// Errors that stop training, explained.
+
+/// Where training stood when an error stopped it.
+#[derive(Default)]
+struct Whereabouts {
+    /// The step loop has begun (errors before it are set-up errors).
+    started: bool,
+    /// Optimizer steps completed.
+    step: u64,
+    /// Inside an evaluation during training.
+    evaluating: bool,
+    /// Writing the checkpoint of step `step`.
+    saving: bool,
+}
+
+fn chain_text(e: &anyhow::Error) -> String {
+    format!("{e:#}").to_lowercase()
+}
+
+fn is_oom(e: &anyhow::Error) -> bool {
+    let t = chain_text(e);
+    t.contains("out of memory") || t.contains("max_buffer_size")
+}
+
+fn is_device_lost(e: &anyhow::Error, gpu: &Gpu) -> bool {
+    let lost = |t: &str| t.contains("device lost") || t.contains("device is lost");
+    lost(&chain_text(e)) || gpu.check().is_err_and(|g| lost(&chain_text(&g)))
+}
+
+fn resume_note(args: &TrainArgs) -> String {
+    match checkpoint::latest_checkpoint(&args.output_dir) {
+        Some(p) => format!(
+            "the latest checkpoint, {}, is intact: run the same command again to resume from it",
+            p.display()
+        ),
+        None => format!(
+            "no checkpoint has been saved in {} yet",
+            args.output_dir.display()
+        ),
+    }
+}
+
+fn oom_advice(flag: &str, bs: usize, accum: usize, max_len: usize) -> String {
+    let smaller = (bs / 2).max(1);
+    let keep = if flag == "per_device_train_batch_size" && bs > 1 {
+        format!(
+            " with --gradient_accumulation_steps {} to keep the effective batch of {}",
+            accum * bs.div_ceil(smaller),
+            bs * accum
+        )
+    } else {
+        String::new()
+    };
+    format!(
+        "the GPU ran out of memory at --{flag} {bs} (text length {max_len}): \
+         try --{flag} {smaller}{keep}, or a shorter --max_seq_length"
+    )
+}
+
+/// An error that stopped training, with what it means and where to go on
+/// from.
+fn explain_stop(e: anyhow::Error, args: &TrainArgs, gpu: &Gpu, at: &Whereabouts, max_len: usize) -> anyhow::Error {
+    if !at.started || e.is::<Interrupted>() || e.is::<NonFinite>() {
+        return e;
+    }
+    let step = at.step + 1;
+    let note = resume_note(args);
+    let when = if at.saving {
+        format!("while saving the checkpoint of step {}", at.step)
+    } else if at.evaluating {
+        format!("in the evaluation after step {}", at.step)
+    } else {
+        format!("during training step {step}")
+    };
+    let msg = if is_device_lost(&e, gpu) {
+        format!(
+            "the GPU device was lost {when} (a driver reset or crash, a GPU removed, \
+             or the system stopping a kernel that ran too long): the weights on it are gone and nothing \
+             after the latest checkpoint was saved; {note}"
+        )
+    } else if is_oom(&e) {
+        let advice = if at.evaluating {
+            oom_advice("per_device_eval_batch_size", args.per_device_eval_batch_size, 1, max_len)
+        } else {
+            oom_advice(
+                "per_device_train_batch_size",
+                args.per_device_train_batch_size,
+                args.gradient_accumulation_steps.max(1),
+                max_len,
+            )
+        };
+        format!("{advice} ({when}); {note}")
+    } else {
+        format!("training stopped {when}; {note}")
+    };
+    e.context(msg)
+}
+
+/// A non-finite loss or gradient that stopped the run (the message says
+/// which step and which tensors).
+#[derive(Debug)]
+pub struct NonFinite(pub String);
+
+impl std::fmt::Display for NonFinite {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for NonFinite {}
 
 fn note_skips(d: &Dataset, what: &str) {
     if let Some(s) = d.skip_summary(what) {
@@ -278,6 +658,13 @@ pub fn evaluate(setup: &Setup, examples: &[Example], args: &TrainArgs) -> Result
     let mut texts: Vec<Vec<f32>> = Vec::new();
     let mut text_ids: Vec<u64> = Vec::new();
     while let Some(b) = ld.next_batch()? {
+        if let Some(signal) = interrupted() {
+            return Err(Interrupted {
+                signal,
+                message: "the evaluation was cut short".into(),
+            }
+            .into());
+        }
         for (p, why) in &b.skipped {
             log(&format!("skipped {}: {why}", p.display()));
         }
@@ -373,9 +760,25 @@ fn resolve_resume(args: &TrainArgs) -> Result<Option<PathBuf>> {
     }
     if out.is_dir() && args.do_train && !args.overwrite_output_dir {
         let last = checkpoint::latest_checkpoint(out);
-        let nonempty = std::fs::read_dir(out)
-            .map(|mut d| d.next().is_some())
-            .unwrap_or(false);
+        let names: Vec<String> = std::fs::read_dir(out)
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().to_string())
+                    .collect()
+            })
+            .unwrap_or_default();
+        // What a run of ours leaves before its first checkpoint: the metrics
+        // log and a save cut short. Such a run starts over.
+        let ours = |n: &String| n == "metrics.jsonl" || n.starts_with(".checkpoint-");
+        if last.is_none() && !names.is_empty() && names.iter().all(ours) {
+            log(&format!(
+                "{} holds only what an earlier run left before its first checkpoint: starting over",
+                out.display()
+            ));
+            let _ = std::fs::remove_file(out.join("metrics.jsonl"));
+            return Ok(None);
+        }
+        let nonempty = !names.is_empty();
         if last.is_none() && nonempty {
             bail!(
                 "Output directory ({}) already exists and is not empty. Use --overwrite_output_dir to overcome.",
@@ -416,6 +819,14 @@ pub fn run(args: &TrainArgs, gpu: &Arc<Gpu>) -> Result<Value> {
     }
     std::fs::create_dir_all(&args.output_dir)
         .with_context(|| format!("creating {}", args.output_dir.display()))?;
+    if args.do_train {
+        for p in checkpoint::remove_stale_temp(&args.output_dir) {
+            log(&format!(
+                "removed {}: a checkpoint save that an earlier run did not finish",
+                p.display()
+            ));
+        }
+    }
     if args.freeze_vision_model || args.freeze_text_model {
         setup
             .model
@@ -423,20 +834,56 @@ pub fn run(args: &TrainArgs, gpu: &Arc<Gpu>) -> Result<Value> {
     }
     let mut results = serde_json::Map::new();
     let mut before = None;
+    let max_len = setup.max_len;
+    let eval_oom = |e: anyhow::Error| {
+        if is_oom(&e) {
+            let advice = oom_advice(
+                "per_device_eval_batch_size",
+                args.per_device_eval_batch_size,
+                1,
+                max_len,
+            );
+            e.context(format!("evaluation: {advice}"))
+        } else {
+            e
+        }
+    };
     if setup.demo && args.do_eval && !setup.eval.is_empty() {
-        let r = evaluate(&setup, &setup.eval, &args)?;
+        let r = evaluate(&setup, &setup.eval, &args).map_err(eval_oom)?;
         print_eval("before training", &r);
         before = Some(r);
     }
     let mut state = RunState::default();
     if args.do_train {
         ensure!(!setup.train.is_empty(), "the training set has no examples");
-        state = train_loop(&args, &mut setup, resume.as_deref(), &mut results)?;
+        let mut at = Whereabouts::default();
+        state = train_loop(&args, &mut setup, resume.as_deref(), &mut results, &mut at)
+            .map_err(|e| explain_stop(e, &args, gpu, &at, max_len))?;
+        check_finite_weights(&setup.model.params)?;
         checkpoint::save_model(&args.output_dir, &setup.model, &setup.processing)?;
         log(&format!("saved the model to {}", args.output_dir.display()));
     }
     if args.do_eval && !setup.eval.is_empty() {
-        let r = evaluate(&setup, &setup.eval, &args)?;
+        let r = match evaluate(&setup, &setup.eval, &args) {
+            Ok(r) => r,
+            Err(e) => match e.downcast::<Interrupted>() {
+                Ok(i) => {
+                    return Err(Interrupted {
+                        message: if args.do_train {
+                            format!(
+                                "during the final evaluation; training had finished and the model is saved in {}",
+                                args.output_dir.display()
+                            )
+                        } else {
+                            "during the evaluation".into()
+                        },
+                        ..i
+                    }
+                    .into())
+                }
+                Err(e) => return Err(eval_oom(e)),
+            },
+        };
         print_eval(
             if setup.demo {
                 "after training"
@@ -475,11 +922,45 @@ fn write_json(p: &Path, v: &Value) -> Result<()> {
     write_atomic(p, serde_json::to_string_pretty(v)?.as_bytes())
 }
 
+/// Write a checkpoint of the current state (never from non-finite weights).
+#[allow(clippy::too_many_arguments)]
+fn save(
+    args: &TrainArgs,
+    setup: &Setup,
+    opt: &Optimizer,
+    state: &RunState,
+    schedule: &Schedule,
+    run_info: &Value,
+    faults: &Faults,
+) -> Result<PathBuf> {
+    check_finite_weights(&setup.model.params)?;
+    if faults
+        .at("device_lost_at_save", state.global_step)
+        .is_some()
+    {
+        setup.model.params.params[0].tensor.gpu().device.destroy();
+    }
+    let p = checkpoint::save_checkpoint(
+        &args.output_dir,
+        &setup.model,
+        opt,
+        state,
+        &schedule.to_json(state.global_step),
+        run_info,
+        &setup.processing,
+    )?;
+    if let Some(limit) = args.save_total_limit {
+        checkpoint::rotate(&args.output_dir, limit)?;
+    }
+    Ok(p)
+}
+
 fn train_loop(
     args: &TrainArgs,
     setup: &mut Setup,
     resume: Option<&Path>,
     results: &mut serde_json::Map<String, Value>,
+    at: &mut Whereabouts,
 ) -> Result<RunState> {
     let gpu = setup.model.params.params[0].tensor.gpu().clone();
     let t0 = Instant::now();
@@ -496,6 +977,7 @@ fn train_loop(
     let save_every = args.save_steps_for(total);
     let accum = args.gradient_accumulation_steps.max(1);
     let warmup = args.warmup_steps_for(total);
+    let faults = Faults::from_env()?;
     let schedule = Schedule::new(
         &args.lr_scheduler_type,
         args.learning_rate,
@@ -534,6 +1016,7 @@ fn train_loop(
             state.global_step
         ));
     }
+    at.step = state.global_step;
     let run_info = json!({
         "seed": args.seed,
         "train_examples": examples.len(),
@@ -551,6 +1034,7 @@ fn train_loop(
     let mut metrics = MetricsLog::open(&args.output_dir.join("metrics.jsonl"))?;
     let s = setup.model.config.vision.image_size;
     let ls_index = setup.model.logit_scale;
+    // Finite losses summed and counted since the last log line.
     let mut window = (0.0f64, 0usize);
     let mut last_log = Instant::now();
     let mut images_since = 0usize;
@@ -569,6 +1053,10 @@ fn train_loop(
         crate::train::progress::Progress::new(total as u64, state.global_step, !args.no_progress);
     let mut total_loss = 0.0f64;
     let mut loss_steps = 0usize;
+    let mut steps_run = 0usize;
+    // From here on SIGINT / SIGTERM mean: checkpoint at the step's end, stop.
+    arm_interrupts();
+    at.started = true;
     'epochs: while (state.global_step as usize) < total {
         let epoch = state.data_epoch;
         let order = epoch_order(examples.len(), args.data_seed(), epoch);
@@ -587,11 +1075,22 @@ fn train_loop(
         loop {
             let b = ld.next_batch()?;
             let end_of_epoch = b.is_none();
+            let step_no = state.global_step + 1;
             if let Some(b) = &b {
                 for (p, why) in &b.skipped {
                     skipped_total += 1;
                     if skipped_total <= 5 {
                         log(&format!("skipped {}: {why}", p.display()));
+                    }
+                }
+                if micro == 0 {
+                    if faults.at("device_lost", step_no).is_some() {
+                        gpu.device.destroy();
+                    }
+                    if faults.at("oom", step_no).is_some() {
+                        // A real allocation failure: past the adapter's limit.
+                        let n = (gpu.limits.max_buffer_size / 4 + 1) as usize;
+                        Tensor::empty(&gpu, &[n])?;
                     }
                 }
                 let mut tape = Tape::new();
@@ -603,13 +1102,8 @@ fn train_loop(
                 let seed = Tensor::scalar(&gpu, 1.0 / accum as f32)?;
                 let mut g = tape.backward_with(&out.loss, seed)?;
                 let grads = setup.model.params.grads(&vars, &mut g);
+                // A non-finite loss is judged with the gradients at the step.
                 let l = out.loss.tensor().to_vec()?[0] as f64;
-                if !l.is_finite() {
-                    bail!(
-                        "the loss became {l} at step {}: lower --learning_rate",
-                        state.global_step + 1
-                    );
-                }
                 step_loss += l / accum as f64;
                 images_since += b.batch;
                 acc = Some(match acc.take() {
@@ -632,39 +1126,88 @@ fn train_loop(
             if micro > 0 && (micro == accum || end_of_epoch) {
                 let lr = schedule.lr_at(state.global_step) as f32;
                 let grads = acc.take().unwrap();
-                let norm = opt.update(&setup.model.params, &grads, lr)?;
+                if let Some(name) = faults.at("nan_grad", step_no) {
+                    let (p, g) = setup
+                        .model
+                        .params
+                        .params
+                        .iter()
+                        .zip(&grads)
+                        .find(|(p, g)| g.is_some() && p.name.contains(name))
+                        .with_context(|| format!("CLIP_WGPU_FAULTS: no gradient named like {name:?}"))?;
+                    let g = g.as_ref().unwrap();
+                    log(&format!("injecting NaN into the gradient of {}", p.name));
+                    g.write(&vec![f32::NAN; g.numel()])?;
+                }
+                // The one readback of a step besides the loss: [norm, coef].
+                let norm = opt.grad_norm(&setup.model.params, &grads)?;
+                let nv = norm.to_vec()?;
+                let finite = step_loss.is_finite() && nv[0].is_finite();
+                if finite {
+                    opt.apply(&setup.model.params, &grads, &norm, lr)?;
+                    clamp_inplace(
+                        &setup.model.params.params[ls_index].tensor,
+                        f32::MIN,
+                        MAX_LOGIT_SCALE,
+                    )?;
+                } else {
+                    let what =
+                        nonfinite_report(&setup.model.params, &grads, step_loss, nv[0])?;
+                    if !args.skip_nonfinite_steps {
+                        progress.finish();
+                        return Err(NonFinite(format!(
+                            "training step {step_no}: {what}. The weights were not updated and nothing was saved \
+                             from this step; {}. Lower --learning_rate or --max_grad_norm, check the data, \
+                             or pass --skip_nonfinite_steps to skip such steps",
+                            resume_note(args)
+                        ))
+                        .into());
+                    }
+                    state.skipped_nonfinite_steps += 1;
+                    progress.log(&format!(
+                        "step {step_no}: {what}: skipped, the weights were not updated \
+                         ({} step(s) skipped so far)",
+                        state.skipped_nonfinite_steps
+                    ));
+                }
                 drop(grads);
-                clamp_inplace(
-                    &setup.model.params.params[ls_index].tensor,
-                    f32::MIN,
-                    MAX_LOGIT_SCALE,
-                )?;
+                steps_run += 1;
                 state.global_step += 1;
+                at.step = state.global_step;
                 state.data_position = ld.position();
                 state.epoch = epoch as f64 + state.data_position as f64 / examples.len() as f64;
-                total_loss += step_loss;
-                loss_steps += 1;
-                window.0 += step_loss;
-                window.1 += 1;
+                if finite {
+                    total_loss += step_loss;
+                    loss_steps += 1;
+                    window.0 += step_loss;
+                    window.1 += 1;
+                }
                 progress.step(state.global_step, step_loss, lr as f64);
                 micro = 0;
                 step_loss = 0.0;
                 let step = state.global_step as usize;
                 if log_every > 0 && (step % log_every == 0 || step == total) {
-                    let nv = norm.to_vec()?;
                     let dt = last_log.elapsed().as_secs_f64();
-                    let entry = json!({
-                        "loss": window.0 / window.1 as f64,
+                    let pool_mib = gpu.pool_stats().held_bytes as f64 / 1048576.0;
+                    let mut entry = json!({
                         "grad_norm": nv[0],
                         "learning_rate": lr,
                         "epoch": state.epoch,
                         "step": step,
                         "images_per_second": images_since as f64 / dt.max(1e-9),
+                        "pool_mib": pool_mib,
                     });
-                    train_losses.push((step as f64, window.0 / window.1 as f64));
+                    let loss = (window.1 > 0).then(|| window.0 / window.1 as f64);
+                    if let Some(l) = loss {
+                        entry["loss"] = json!(l);
+                        train_losses.push((step as f64, l));
+                    }
+                    if state.skipped_nonfinite_steps > 0 {
+                        entry["skipped_nonfinite_steps"] = json!(state.skipped_nonfinite_steps);
+                    }
                     progress.log(&format!(
-                        "step {step}/{total}: loss {:.4}, lr {:.3e}, grad_norm {:.3}, {:.1} images/s",
-                        window.0 / window.1 as f64,
+                        "step {step}/{total}: loss {}, lr {:.3e}, grad_norm {:.3}, {:.1} images/s",
+                        loss.map_or("- (skipped)".into(), |l| format!("{l:.4}")),
                         lr,
                         nv[0],
                         images_since as f64 / dt.max(1e-9)
@@ -681,32 +1224,55 @@ fn train_loop(
                     && step % eval_every == 0
                     && !setup.eval.is_empty()
                 {
-                    let r = evaluate(setup, &setup.eval, args)?;
-                    let mut entry = eval_json(&r, state.epoch, "eval_");
-                    entry["step"] = json!(step);
-                    eval_losses.push((step as f64, r.loss));
-                    metrics.write(&entry)?;
-                    progress.log(&format!("step {step}: eval_loss {:.4}", r.loss));
-                    state.log_history.push(entry);
-                }
-                if save_every > 0 && step % save_every == 0 && step < total {
-                    let scheduler = schedule.to_json(state.global_step);
-                    let p = checkpoint::save_checkpoint(
-                        &args.output_dir,
-                        &setup.model,
-                        &opt,
-                        &state,
-                        &scheduler,
-                        &run_info,
-                        &setup.processing,
-                    )?;
-                    progress.log(&format!("saved {}", p.display()));
-                    if let Some(limit) = args.save_total_limit {
-                        checkpoint::rotate(&args.output_dir, limit)?;
+                    at.evaluating = true;
+                    let r = evaluate(setup, &setup.eval, args);
+                    at.evaluating = false;
+                    match r {
+                        Ok(r) => {
+                            let mut entry = eval_json(&r, state.epoch, "eval_");
+                            entry["step"] = json!(step);
+                            eval_losses.push((step as f64, r.loss));
+                            metrics.write(&entry)?;
+                            progress.log(&format!("step {step}: eval_loss {:.4}", r.loss));
+                            state.log_history.push(entry);
+                        }
+                        // Saved below; the evaluation is not in the log.
+                        Err(e) if e.is::<Interrupted>() => {
+                            progress.log(&format!("step {step}: evaluation cut short"))
+                        }
+                        Err(e) => return Err(e),
                     }
+                }
+                let mut saved = None;
+                if save_every > 0 && step % save_every == 0 && step < total {
+                    at.saving = true;
+                    let p = save(args, setup, &opt, &state, &schedule, &run_info, &faults)?;
+                    at.saving = false;
+                    progress.log(&format!("saved {}", p.display()));
+                    saved = Some(p);
                 }
                 if step >= total {
                     break 'epochs;
+                }
+                if let Some(signal) = interrupted() {
+                    let p = match saved {
+                        Some(p) => p,
+                        None => {
+                            at.saving = true;
+                            save(args, setup, &opt, &state, &schedule, &run_info, &faults)?
+                        }
+                    };
+                    progress.finish();
+                    return Err(Interrupted {
+                        signal,
+                        message: format!(
+                            "stopped after step {step} of {total} and saved {}. Run the same command again to \
+                             resume from it (or pass --resume_from_checkpoint {})",
+                            p.display(),
+                            p.display()
+                        ),
+                    }
+                    .into());
                 }
             }
             if end_of_epoch {
@@ -719,27 +1285,18 @@ fn train_loop(
     progress.finish();
     gpu.sync()?;
     // The final state as a checkpoint too, so a finished run can be extended.
-    let scheduler = schedule.to_json(state.global_step);
-    checkpoint::save_checkpoint(
-        &args.output_dir,
-        &setup.model,
-        &opt,
-        &state,
-        &scheduler,
-        &run_info,
-        &setup.processing,
-    )?;
-    if let Some(limit) = args.save_total_limit {
-        checkpoint::rotate(&args.output_dir, limit)?;
-    }
+    at.saving = true;
+    save(args, setup, &opt, &state, &schedule, &run_info, &faults)?;
+    at.saving = false;
     let runtime = t0.elapsed().as_secs_f64();
     let train = json!({
         "epoch": state.epoch,
         "train_loss": total_loss / loss_steps.max(1) as f64,
         "train_runtime": runtime,
-        "train_samples_per_second": (loss_steps * bs * accum) as f64 / runtime.max(1e-9),
-        "train_steps_per_second": loss_steps as f64 / runtime.max(1e-9),
+        "train_samples_per_second": (steps_run * bs * accum) as f64 / runtime.max(1e-9),
+        "train_steps_per_second": steps_run as f64 / runtime.max(1e-9),
         "train_skipped_images": skipped_total,
+        "train_skipped_nonfinite_steps": state.skipped_nonfinite_steps,
     });
     write_json(&args.output_dir.join("train_results.json"), &train)?;
     write_json(
@@ -757,6 +1314,12 @@ fn train_loop(
     if skipped_total > 0 {
         log(&format!(
             "skipped {skipped_total} unreadable image(s) in total"
+        ));
+    }
+    if state.skipped_nonfinite_steps > 0 {
+        log(&format!(
+            "skipped {} optimizer step(s) with a non-finite loss or gradient (--skip_nonfinite_steps)",
+            state.skipped_nonfinite_steps
         ));
     }
     Ok(state)

@@ -1,0 +1,473 @@
+//! Faults during `clip-wgpu train`, end to end with the tiny transformers-made
+//! CLIP of tests/fixtures/clip/model on a generated CSV data set: SIGTERM and
+//! Ctrl-C (checkpoint at the step boundary, exact resume), kill -9 at several
+//! moments (before the first checkpoint, in the middle of a save, after the
+//! last one), a NaN gradient or loss (stop with names, or skip), GPU out of
+//! memory and a lost device (both injected through CLIP_WGPU_FAULTS; the
+//! device is really destroyed).
+use clip_wgpu::model::weights::Weights;
+use clip_wgpu::train::checkpoint;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_clip-wgpu"))
+}
+
+fn have_gpu() -> bool {
+    let ok = bin()
+        .arg("info")
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if !ok && std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("CI=true but `clip-wgpu info` finds no adapter");
+    }
+    ok
+}
+
+fn temp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("clipwgpu-faults-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+const COLOURS: [&str; 6] = ["red", "green", "blue", "yellow", "purple", "orange"];
+
+/// 12 small pictures with captions in `root/train.csv`.
+fn mini_csv(root: &Path) -> PathBuf {
+    std::fs::create_dir_all(root.join("imgs")).unwrap();
+    let mut csv = String::from("image_path,caption\n");
+    for i in 0..12usize {
+        let img = image::RgbImage::from_fn(40, 34, |x, y| {
+            image::Rgb([
+                (i * 60 % 256) as u8,
+                ((x as usize * 5 + i * 30) % 256) as u8,
+                ((y * 7) % 256) as u8,
+            ])
+        });
+        img.save(root.join(format!("imgs/{i}.png"))).unwrap();
+        csv += &format!("imgs/{i}.png,a {} picture number {i}\n", COLOURS[i % 6]);
+    }
+    let f = root.join("train.csv");
+    std::fs::write(&f, csv).unwrap();
+    f
+}
+
+/// The training command: 12 examples, batch 2, `steps` steps, a checkpoint
+/// every `save` steps.
+fn args(csv: &Path, out: &Path, steps: usize, save: usize) -> Vec<String> {
+    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/clip/model");
+    [
+        "train",
+        "--model_name_or_path",
+        model.to_str().unwrap(),
+        "--train_file",
+        csv.to_str().unwrap(),
+        "--output_dir",
+        out.to_str().unwrap(),
+        "--do_train",
+        "--per_device_train_batch_size",
+        "2",
+        "--learning_rate",
+        "1e-3",
+        "--weight_decay",
+        "0.1",
+        "--warmup_steps",
+        "2",
+        "--max_seq_length",
+        "16",
+        "--logging_steps",
+        "1",
+        "--no_progress",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .chain([
+        "--max_steps".into(),
+        steps.to_string(),
+        "--save_steps".into(),
+        save.to_string(),
+    ])
+    .collect()
+}
+
+fn run(argv: &[String], faults: Option<&str>) -> Output {
+    let mut c = bin();
+    c.args(argv);
+    if let Some(f) = faults {
+        c.env("CLIP_WGPU_FAULTS", f);
+    }
+    c.output().unwrap()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).to_string()
+}
+
+fn spawn(argv: &[String], err: &Path) -> Child {
+    bin()
+        .args(argv)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(err).unwrap())
+        .spawn()
+        .unwrap()
+}
+
+fn signal(child: &Child, sig: i32) {
+    assert_eq!(unsafe { libc::kill(child.id() as libc::pid_t, sig) }, 0);
+}
+
+/// Wait (polling fast) until `cond` holds; false if the child exited first.
+fn wait_for(child: &mut Child, what: &str, mut cond: impl FnMut() -> bool) -> bool {
+    let t0 = Instant::now();
+    loop {
+        if cond() {
+            return true;
+        }
+        if child.try_wait().unwrap().is_some() {
+            return cond();
+        }
+        assert!(t0.elapsed() < Duration::from_secs(300), "waited too long for {what}");
+        std::thread::sleep(Duration::from_micros(200));
+    }
+}
+
+fn same_weights(a: &Path, b: &Path) {
+    let a = Weights::load_dir(a).unwrap();
+    let b = Weights::load_dir(b).unwrap();
+    assert_eq!(a.tensors.len(), b.tensors.len());
+    let mut worst = 0.0f32;
+    for (k, t) in &a.tensors {
+        for (x, y) in t.data.iter().zip(&b.tensors[k].data) {
+            worst = worst.max((x - y).abs());
+        }
+    }
+    eprintln!("max abs difference vs the uninterrupted run: {worst:e}");
+    assert_eq!(worst, 0.0, "the resumed run differs by {worst}");
+}
+
+/// A complete checkpoint: its state, optimizer and weights read back, and the
+/// model loads for embedding.
+fn assert_loadable(dir: &Path, step: u64) {
+    let l = checkpoint::load_checkpoint(dir).unwrap();
+    assert_eq!(l.state.global_step, step, "{}", dir.display());
+    assert!(l.optimizer.get("step").is_ok());
+    let w = Weights::load_dir(dir).unwrap();
+    assert!(w.tensors.values().all(|t| t.data.iter().all(|x| x.is_finite())));
+    let e = bin()
+        .args(["embed", "--model", dir.to_str().unwrap(), "--text", "a red picture"])
+        .output()
+        .unwrap();
+    assert!(e.status.success(), "{}", stderr(&e));
+}
+
+fn step_of(dir: &Path) -> u64 {
+    dir.file_name()
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .strip_prefix("checkpoint-")
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+fn temp_dirs(out: &Path) -> Vec<String> {
+    std::fs::read_dir(out)
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().to_string())
+                .filter(|n| n.starts_with(".checkpoint-"))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn sigterm_saves_at_the_step_boundary_and_the_rerun_resumes_exactly() {
+    if !have_gpu() {
+        return;
+    }
+    let root = temp("sigterm");
+    let csv = mini_csv(&root);
+    let full = root.join("full");
+    let o = run(&args(&csv, &full, 24, 4), None);
+    assert!(o.status.success(), "{}", stderr(&o));
+
+    let out = root.join("term");
+    let argv = args(&csv, &out, 24, 4);
+    let err = root.join("term.log");
+    let mut child = spawn(&argv, &err);
+    let appeared = wait_for(&mut child, "checkpoint-4", || {
+        out.join("checkpoint-4/trainer_state.json").exists()
+    });
+    assert!(appeared, "{}", std::fs::read_to_string(&err).unwrap());
+    signal(&child, libc::SIGTERM);
+    let status = child.wait().unwrap();
+    let log = std::fs::read_to_string(&err).unwrap();
+    assert_eq!(status.code(), Some(128 + libc::SIGTERM), "{log}");
+    assert!(log.contains("interrupted by SIGTERM"), "{log}");
+    assert!(log.contains("Run the same command again"), "{log}");
+    // The checkpoint of the step it stopped at, named in the message.
+    let last = checkpoint::latest_checkpoint(&out).unwrap();
+    let step = step_of(&last);
+    assert!((4..24).contains(&step), "stopped at {step}");
+    assert!(log.contains(&last.display().to_string()), "{log}");
+    assert!(temp_dirs(&out).is_empty());
+    assert!(!out.join("model.safetensors").exists());
+    assert_loadable(&last, step);
+    // The same command again resumes there and ends where the full run did.
+    let o = run(&argv, None);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let e = stderr(&o);
+    assert!(e.contains(&format!("resumed from {}", last.display())), "{e}");
+    same_weights(&full, &out);
+    std::fs::remove_dir_all(&root).unwrap();
+}
+
+#[test]
+fn a_second_ctrl_c_stops_at_once() {
+    if !have_gpu() {
+        return;
+    }
+    let root = temp("twice");
+    let csv = mini_csv(&root);
+    let out = root.join("out");
+    let argv = args(&csv, &out, 200, 4);
+    let err = root.join("log");
+    let mut child = spawn(&argv, &err);
+    assert!(wait_for(&mut child, "checkpoint-4", || {
+        out.join("checkpoint-4/trainer_state.json").exists()
+    }));
+    signal(&child, libc::SIGINT);
+    std::thread::sleep(Duration::from_millis(2));
+    signal(&child, libc::SIGINT);
+    let status = child.wait().unwrap();
+    let log = std::fs::read_to_string(&err).unwrap();
+    assert_eq!(status.code(), Some(128 + libc::SIGINT), "{log}");
+    assert!(log.contains("second interrupt"), "{log}");
+    // Whatever it was doing, the latest complete checkpoint loads.
+    let last = checkpoint::latest_checkpoint(&out).unwrap();
+    assert_loadable(&last, step_of(&last));
+    std::fs::remove_dir_all(&root).unwrap();
+}
+
+/// kill -9 before the first checkpoint, in the middle of a save (the process
+/// is frozen with SIGSTOP while its `.checkpoint-N.tmp-PID` folder exists,
+/// then killed), and right after the final checkpoint: each time the latest
+/// complete checkpoint loads, and the same command resumes (or starts over)
+/// and ends with the uninterrupted run's weights.
+#[test]
+fn kill_9_at_several_moments_leaves_a_resumable_run() {
+    if !have_gpu() {
+        return;
+    }
+    let root = temp("kill");
+    let csv = mini_csv(&root);
+    let full = root.join("full");
+    let o = run(&args(&csv, &full, 16, 2), None);
+    assert!(o.status.success(), "{}", stderr(&o));
+
+    // 1. Before the first checkpoint: after the first logged step.
+    let out = root.join("early");
+    let argv = args(&csv, &out, 16, 8);
+    let mut child = spawn(&argv, &root.join("early.log"));
+    let metrics = out.join("metrics.jsonl");
+    assert!(wait_for(&mut child, "a logged step", || {
+        std::fs::read_to_string(&metrics).is_ok_and(|s| s.contains("\"step\""))
+    }));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    if checkpoint::latest_checkpoint(&out).is_none() {
+        let o = run(&argv, None);
+        assert!(o.status.success(), "{}", stderr(&o));
+        assert!(stderr(&o).contains("starting over"), "{}", stderr(&o));
+        same_weights(&full, &out);
+    }
+
+    // 2. In the middle of a save, after an earlier complete checkpoint.
+    let out = root.join("mid-save");
+    let argv = args(&csv, &out, 16, 2);
+    let mut caught = None;
+    for attempt in 0..3 {
+        let _ = std::fs::remove_dir_all(&out);
+        let mut child = spawn(&argv, &root.join("mid-save.log"));
+        let pid = child.id() as libc::pid_t;
+        loop {
+            let seen = wait_for(&mut child, "a save", || {
+                !temp_dirs(&out).is_empty() && checkpoint::latest_checkpoint(&out).is_some()
+            });
+            if !seen {
+                break;
+            }
+            unsafe { libc::kill(pid, libc::SIGSTOP) };
+            let tmp = temp_dirs(&out);
+            if let Some(t) = tmp.first() {
+                // Frozen mid-save: kill it there.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+                child.wait().unwrap();
+                caught = Some(t.clone());
+                break;
+            }
+            // The rename won the race: let it go on to the next save.
+            unsafe { libc::kill(pid, libc::SIGCONT) };
+            std::thread::sleep(Duration::from_micros(100));
+        }
+        if caught.is_some() {
+            break;
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        eprintln!("attempt {attempt}: no save caught in progress, again");
+    }
+    let tmp = caught.expect("never caught a save in progress");
+    eprintln!("killed during the save into {tmp}");
+    assert!(out.join(&tmp).is_dir());
+    let last = checkpoint::latest_checkpoint(&out).unwrap();
+    assert_loadable(&last, step_of(&last));
+    let o = run(&argv, None);
+    let e = stderr(&o);
+    assert!(o.status.success(), "{e}");
+    assert!(e.contains("removed") && e.contains(&tmp), "{e}");
+    assert!(
+        e.contains(&format!("resumed from {}", last.display())),
+        "{e}"
+    );
+    assert!(temp_dirs(&out).is_empty());
+    same_weights(&full, &out);
+
+    // 3. Right after the final checkpoint, before the model is saved.
+    let out = root.join("late");
+    let argv = args(&csv, &out, 16, 4);
+    let mut child = spawn(&argv, &root.join("late.log"));
+    assert!(wait_for(&mut child, "checkpoint-16", || {
+        out.join("checkpoint-16/trainer_state.json").exists()
+    }));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_loadable(&out.join("checkpoint-16"), 16);
+    let o = run(&argv, None);
+    assert!(o.status.success(), "{}", stderr(&o));
+    same_weights(&full, &out);
+    std::fs::remove_dir_all(&root).unwrap();
+}
+
+#[test]
+fn a_nan_gradient_stops_with_its_name_or_is_skipped() {
+    if !have_gpu() {
+        return;
+    }
+    let root = temp("nan");
+    let csv = mini_csv(&root);
+    let out = root.join("stop");
+    let argv = args(&csv, &out, 12, 3);
+    let o = run(&argv, Some("nan_grad:text_projection@5"));
+    let e = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{e}");
+    assert!(e.contains("training step 5"), "{e}");
+    assert!(e.contains("text_projection.weight (NaN)"), "{e}");
+    assert!(e.contains("--skip_nonfinite_steps"), "{e}");
+    // Nothing was saved from the bad step; the last good checkpoint stays.
+    let last = checkpoint::latest_checkpoint(&out).unwrap();
+    assert_eq!(step_of(&last), 3);
+    assert!(e.contains(&last.display().to_string()), "{e}");
+    assert_loadable(&last, 3);
+
+    // Skipping: the step is counted and reported, the run finishes.
+    let out = root.join("skip");
+    let mut argv = args(&csv, &out, 12, 3);
+    argv.push("--skip_nonfinite_steps".into());
+    let o = run(&argv, Some("nan_grad@5,nan_grad:text_model@9"));
+    let e = stderr(&o);
+    assert!(o.status.success(), "{e}");
+    assert!(e.contains("step 5: ") && e.contains("skipped"), "{e}");
+    assert!(e.contains("skipped 2 optimizer step(s)"), "{e}");
+    let tr: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("train_results.json")).unwrap())
+            .unwrap();
+    assert_eq!(tr["train_skipped_nonfinite_steps"].as_u64(), Some(2), "{tr}");
+    assert!(tr["train_loss"].as_f64().unwrap().is_finite());
+    let state = checkpoint::load_checkpoint(&out.join("checkpoint-12")).unwrap();
+    assert_eq!(state.state.skipped_nonfinite_steps, 2);
+    // torch's step count: only the updates that happened.
+    let opt = Weights::load_file(&out.join("checkpoint-12/optimizer.safetensors")).unwrap();
+    assert_eq!(opt.get("step").unwrap().data[0], 10.0);
+    assert_loadable(&out.join("checkpoint-12"), 12);
+    std::fs::remove_dir_all(&root).unwrap();
+}
+
+/// A learning rate far too large makes the loss NaN for real.
+#[test]
+fn a_nan_loss_from_a_huge_learning_rate_stops_the_run() {
+    if !have_gpu() {
+        return;
+    }
+    let root = temp("lr");
+    let csv = mini_csv(&root);
+    let out = root.join("out");
+    let mut argv = args(&csv, &out, 12, 3);
+    argv.extend(["--learning_rate", "1e30", "--warmup_steps", "0", "--max_grad_norm", "0"].map(String::from));
+    let o = run(&argv, None);
+    let e = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{e}");
+    assert!(e.contains("the loss is NaN"), "{e}");
+    assert!(e.contains("training step 2"), "{e}");
+    assert!(e.contains("no checkpoint has been saved"), "{e}");
+    assert!(checkpoint::latest_checkpoint(&out).is_none());
+    std::fs::remove_dir_all(&root).unwrap();
+}
+
+#[test]
+fn out_of_memory_names_the_batch_size() {
+    if !have_gpu() {
+        return;
+    }
+    let root = temp("oom");
+    let csv = mini_csv(&root);
+    let out = root.join("out");
+    let o = run(&args(&csv, &out, 12, 3), Some("oom@5"));
+    let e = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{e}");
+    assert!(e.contains("--per_device_train_batch_size 2"), "{e}");
+    assert!(e.contains("--per_device_train_batch_size 1 with --gradient_accumulation_steps 2"), "{e}");
+    assert!(e.contains("during training step 5"), "{e}");
+    assert_loadable(&checkpoint::latest_checkpoint(&out).unwrap(), 3);
+    std::fs::remove_dir_all(&root).unwrap();
+}
+
+/// The device is destroyed (wgpu reports it lost) in a step, and in the
+/// middle of a save: the run stops with the latest checkpoint intact, and the
+/// same command resumes from it to the uninterrupted run's weights.
+#[test]
+fn a_lost_device_stops_cleanly_and_the_run_resumes() {
+    if !have_gpu() {
+        return;
+    }
+    let root = temp("lost");
+    let csv = mini_csv(&root);
+    let full = root.join("full");
+    let o = run(&args(&csv, &full, 12, 3), None);
+    assert!(o.status.success(), "{}", stderr(&o));
+    for (fault, when) in [
+        ("device_lost@5", "during training step 5"),
+        ("device_lost_at_save@6", "while saving the checkpoint of step 6"),
+    ] {
+        let out = root.join(fault.replace('@', "-"));
+        let argv = args(&csv, &out, 12, 3);
+        let o = run(&argv, Some(fault));
+        let e = stderr(&o);
+        assert_eq!(o.status.code(), Some(1), "{e}");
+        assert!(e.contains("GPU device was lost") && e.contains(when), "{e}");
+        let last = checkpoint::latest_checkpoint(&out).unwrap();
+        assert_eq!(step_of(&last), 3, "{e}");
+        assert!(e.contains(&last.display().to_string()), "{e}");
+        assert_loadable(&last, 3);
+        let o = run(&argv, None);
+        assert!(o.status.success(), "{}", stderr(&o));
+        same_weights(&full, &out);
+    }
+    std::fs::remove_dir_all(&root).unwrap();
+}
