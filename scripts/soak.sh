@@ -16,6 +16,7 @@
 #
 # Usage: scripts/soak.sh            (uses target/release/clip-wgpu, building it if absent)
 #        CLIP_WGPU_BIN=path scripts/soak.sh
+#        SOAK_KEEP=dir scripts/soak.sh   (keeps the RSS samples, metrics and log there)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -34,6 +35,11 @@ work=$(mktemp -d)
 pid=
 cleanup() {
     if [ -n "$pid" ]; then kill "$pid" 2>/dev/null || true; fi
+    if [ -n "${SOAK_KEEP:-}" ]; then
+        mkdir -p "$SOAK_KEEP"
+        cp "$work/samples" "$work/stderr" "$SOAK_KEEP/" 2>/dev/null || true
+        cp "$work/run/metrics.jsonl" "$SOAK_KEEP/" 2>/dev/null || true
+    fi
     rm -rf "$work"
 }
 trap cleanup EXIT
@@ -122,4 +128,4 @@ fi
 if [ "$fail" -ne 0 ]; then
     exit 1
 fi
-echo "soak: passed"
+echo "soak: 1 passed, 0 failed"

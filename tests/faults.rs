@@ -5,6 +5,8 @@
 //! last one), a NaN gradient or loss (stop with names, or skip), GPU out of
 //! memory and a lost device (both injected through CLIP_WGPU_FAULTS; the
 //! device is really destroyed).
+// Signals (SIGTERM, SIGINT, SIGSTOP, SIGKILL) are Unix's.
+#![cfg(unix)]
 use clip_wgpu::model::weights::Weights;
 use clip_wgpu::train::checkpoint;
 use std::path::{Path, PathBuf};
@@ -130,7 +132,10 @@ fn wait_for(child: &mut Child, what: &str, mut cond: impl FnMut() -> bool) -> bo
         if child.try_wait().unwrap().is_some() {
             return cond();
         }
-        assert!(t0.elapsed() < Duration::from_secs(300), "waited too long for {what}");
+        assert!(
+            t0.elapsed() < Duration::from_secs(300),
+            "waited too long for {what}"
+        );
         std::thread::sleep(Duration::from_micros(200));
     }
 }
@@ -156,9 +161,18 @@ fn assert_loadable(dir: &Path, step: u64) {
     assert_eq!(l.state.global_step, step, "{}", dir.display());
     assert!(l.optimizer.get("step").is_ok());
     let w = Weights::load_dir(dir).unwrap();
-    assert!(w.tensors.values().all(|t| t.data.iter().all(|x| x.is_finite())));
+    assert!(w
+        .tensors
+        .values()
+        .all(|t| t.data.iter().all(|x| x.is_finite())));
     let e = bin()
-        .args(["embed", "--model", dir.to_str().unwrap(), "--text", "a red picture"])
+        .args([
+            "embed",
+            "--model",
+            dir.to_str().unwrap(),
+            "--text",
+            "a red picture",
+        ])
         .output()
         .unwrap();
     assert!(e.status.success(), "{}", stderr(&e));
@@ -223,7 +237,10 @@ fn sigterm_saves_at_the_step_boundary_and_the_rerun_resumes_exactly() {
     let o = run(&argv, None);
     assert!(o.status.success(), "{}", stderr(&o));
     let e = stderr(&o);
-    assert!(e.contains(&format!("resumed from {}", last.display())), "{e}");
+    assert!(
+        e.contains(&format!("resumed from {}", last.display())),
+        "{e}"
+    );
     same_weights(&full, &out);
     std::fs::remove_dir_all(&root).unwrap();
 }
@@ -388,7 +405,11 @@ fn a_nan_gradient_stops_with_its_name_or_is_skipped() {
     let tr: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("train_results.json")).unwrap())
             .unwrap();
-    assert_eq!(tr["train_skipped_nonfinite_steps"].as_u64(), Some(2), "{tr}");
+    assert_eq!(
+        tr["train_skipped_nonfinite_steps"].as_u64(),
+        Some(2),
+        "{tr}"
+    );
     assert!(tr["train_loss"].as_f64().unwrap().is_finite());
     let state = checkpoint::load_checkpoint(&out.join("checkpoint-12")).unwrap();
     assert_eq!(state.state.skipped_nonfinite_steps, 2);
@@ -409,7 +430,17 @@ fn a_nan_loss_from_a_huge_learning_rate_stops_the_run() {
     let csv = mini_csv(&root);
     let out = root.join("out");
     let mut argv = args(&csv, &out, 12, 3);
-    argv.extend(["--learning_rate", "1e30", "--warmup_steps", "0", "--max_grad_norm", "0"].map(String::from));
+    argv.extend(
+        [
+            "--learning_rate",
+            "1e30",
+            "--warmup_steps",
+            "0",
+            "--max_grad_norm",
+            "0",
+        ]
+        .map(String::from),
+    );
     let o = run(&argv, None);
     let e = stderr(&o);
     assert_eq!(o.status.code(), Some(1), "{e}");
@@ -432,7 +463,10 @@ fn out_of_memory_names_the_batch_size() {
     let e = stderr(&o);
     assert_eq!(o.status.code(), Some(1), "{e}");
     assert!(e.contains("--per_device_train_batch_size 2"), "{e}");
-    assert!(e.contains("--per_device_train_batch_size 1 with --gradient_accumulation_steps 2"), "{e}");
+    assert!(
+        e.contains("--per_device_train_batch_size 1 with --gradient_accumulation_steps 2"),
+        "{e}"
+    );
     assert!(e.contains("during training step 5"), "{e}");
     assert_loadable(&checkpoint::latest_checkpoint(&out).unwrap(), 3);
     std::fs::remove_dir_all(&root).unwrap();
@@ -453,7 +487,10 @@ fn a_lost_device_stops_cleanly_and_the_run_resumes() {
     assert!(o.status.success(), "{}", stderr(&o));
     for (fault, when) in [
         ("device_lost@5", "during training step 5"),
-        ("device_lost_at_save@6", "while saving the checkpoint of step 6"),
+        (
+            "device_lost_at_save@6",
+            "while saving the checkpoint of step 6",
+        ),
     ] {
         let out = root.join(fault.replace('@', "-"));
         let argv = args(&csv, &out, 12, 3);

@@ -39,8 +39,8 @@ use crate::data::{demo, ImageProcessorConfig, TextTokenizer};
 use crate::model::clip::{Batch, ClipModel};
 use crate::model::config::ModelConfig;
 use crate::model::init::init_weights;
-use crate::model::weights::write_atomic;
 use crate::model::params::ParamStore;
+use crate::model::weights::write_atomic;
 use crate::ops::adamw::{grad_norm, AdamW};
 use crate::ops::clamp::clamp_inplace;
 use crate::ops::reduce::sumsq;
@@ -267,7 +267,11 @@ fn nonfinite_tensors<'a>(
     for (name, t) in named {
         let ss = sumsq(t)?.to_vec()?[0];
         if !ss.is_finite() {
-            let what = if ss.is_nan() { "NaN" } else { "inf or overflow" };
+            let what = if ss.is_nan() {
+                "NaN"
+            } else {
+                "inf or overflow"
+            };
             bad.push(format!("{name} ({what})"));
         }
     }
@@ -397,7 +401,13 @@ fn oom_advice(flag: &str, bs: usize, accum: usize, max_len: usize) -> String {
 
 /// An error that stopped training, with what it means and where to go on
 /// from.
-fn explain_stop(e: anyhow::Error, args: &TrainArgs, gpu: &Gpu, at: &Whereabouts, max_len: usize) -> anyhow::Error {
+fn explain_stop(
+    e: anyhow::Error,
+    args: &TrainArgs,
+    gpu: &Gpu,
+    at: &Whereabouts,
+    max_len: usize,
+) -> anyhow::Error {
     if !at.started || e.is::<Interrupted>() || e.is::<NonFinite>() {
         return e;
     }
@@ -418,7 +428,12 @@ fn explain_stop(e: anyhow::Error, args: &TrainArgs, gpu: &Gpu, at: &Whereabouts,
         )
     } else if is_oom(&e) {
         let advice = if at.evaluating {
-            oom_advice("per_device_eval_batch_size", args.per_device_eval_batch_size, 1, max_len)
+            oom_advice(
+                "per_device_eval_batch_size",
+                args.per_device_eval_batch_size,
+                1,
+                max_len,
+            )
         } else {
             oom_advice(
                 "per_device_train_batch_size",
@@ -1134,7 +1149,9 @@ fn train_loop(
                         .iter()
                         .zip(&grads)
                         .find(|(p, g)| g.is_some() && p.name.contains(name))
-                        .with_context(|| format!("CLIP_WGPU_FAULTS: no gradient named like {name:?}"))?;
+                        .with_context(|| {
+                            format!("CLIP_WGPU_FAULTS: no gradient named like {name:?}")
+                        })?;
                     let g = g.as_ref().unwrap();
                     log(&format!("injecting NaN into the gradient of {}", p.name));
                     g.write(&vec![f32::NAN; g.numel()])?;
@@ -1151,8 +1168,7 @@ fn train_loop(
                         MAX_LOGIT_SCALE,
                     )?;
                 } else {
-                    let what =
-                        nonfinite_report(&setup.model.params, &grads, step_loss, nv[0])?;
+                    let what = nonfinite_report(&setup.model.params, &grads, step_loss, nv[0])?;
                     if !args.skip_nonfinite_steps {
                         progress.finish();
                         return Err(NonFinite(format!(
