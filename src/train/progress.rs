@@ -6,28 +6,42 @@ use std::io::IsTerminal;
 
 pub struct Progress {
     bar: Option<ProgressBar>,
+    last: std::cell::Cell<Option<std::time::Instant>>,
 }
 
 impl Progress {
     pub fn new(total: u64, start: u64, enabled: bool) -> Progress {
         if !enabled || !std::io::stderr().is_terminal() {
-            return Progress { bar: None };
+            return Progress {
+                bar: None,
+                last: Default::default(),
+            };
         }
         let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
         bar.set_style(
-            ProgressStyle::with_template(
-                "{bar:30} {pos}/{len} steps  {msg}  {per_sec} steps  ETA {eta}",
-            )
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+            ProgressStyle::with_template("{bar:30} {pos}/{len} steps  {msg}  ETA {eta}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
         );
         bar.set_position(start);
-        Progress { bar: Some(bar) }
+        Progress {
+            bar: Some(bar),
+            last: Default::default(),
+        }
     }
 
-    pub fn step(&self, step: u64, loss: f64, lr: f64) {
+    /// After optimizer step `step`, which trained on `images` pictures.
+    pub fn step(&self, step: u64, loss: f64, lr: f64, images: usize) {
+        let now = std::time::Instant::now();
+        let rate = self
+            .last
+            .replace(Some(now))
+            .map(|t| images as f64 / (now - t).as_secs_f64().max(1e-9));
         if let Some(b) = &self.bar {
             b.set_position(step);
-            b.set_message(format!("loss {loss:.4}  lr {lr:.2e}"));
+            let ips = rate
+                .map(|r| format!("  {r:.1} images/s"))
+                .unwrap_or_default();
+            b.set_message(format!("loss {loss:.4}  lr {lr:.2e}{ips}"));
         }
     }
 

@@ -1198,7 +1198,7 @@ fn train_loop(
                     window.0 += step_loss;
                     window.1 += 1;
                 }
-                progress.step(state.global_step, step_loss, lr as f64);
+                progress.step(state.global_step, step_loss, lr as f64, bs * accum);
                 micro = 0;
                 step_loss = 0.0;
                 let step = state.global_step as usize;
