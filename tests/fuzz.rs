@@ -562,7 +562,7 @@ fn config_bases() -> Vec<Value> {
 fn check_config(c: &Case, cfg: &ModelConfig, input: &[u8]) {
     let v = &cfg.vision;
     c.ensure(
-        v.hidden_size % v.num_attention_heads == 0 && v.patch_size <= v.image_size,
+        v.hidden_size.is_multiple_of(v.num_attention_heads) && v.patch_size <= v.image_size,
         input,
         || format!("inconsistent vision config {v:?}"),
     );

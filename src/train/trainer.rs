@@ -1202,7 +1202,7 @@ fn train_loop(
                 micro = 0;
                 step_loss = 0.0;
                 let step = state.global_step as usize;
-                if log_every > 0 && (step % log_every == 0 || step == total) {
+                if log_every > 0 && (step.is_multiple_of(log_every) || step == total) {
                     let dt = last_log.elapsed().as_secs_f64();
                     let pool_mib = gpu.pool_stats().held_bytes as f64 / 1048576.0;
                     let mut entry = json!({
@@ -1237,7 +1237,7 @@ fn train_loop(
                 if args.do_eval
                     && args.evaluates_during_training()
                     && eval_every > 0
-                    && step % eval_every == 0
+                    && step.is_multiple_of(eval_every)
                     && !setup.eval.is_empty()
                 {
                     at.evaluating = true;
@@ -1260,7 +1260,7 @@ fn train_loop(
                     }
                 }
                 let mut saved = None;
-                if save_every > 0 && step % save_every == 0 && step < total {
+                if save_every > 0 && step.is_multiple_of(save_every) && step < total {
                     at.saving = true;
                     let p = save(args, setup, &opt, &state, &schedule, &run_info, &faults)?;
                     at.saving = false;
