@@ -2,18 +2,15 @@
 //! error that names the culprit (the file, flag or value), never panic, and
 //! never hang. The broken inputs are made in temporary folders from the
 //! committed fixtures (tests/fixtures/clip/model, tests/fixtures/clip_roberta/model).
+mod common;
 use clip_wgpu::model::weights::{save_file, HostTensor, Weights};
+use common::cli::{bin, have_gpu, temp};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::sync::OnceLock;
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 /// A case that takes longer than this is taken for an endless loop.
 const TIMEOUT: Duration = Duration::from_secs(180);
-
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_clip-wgpu"))
-}
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
@@ -21,30 +18,6 @@ fn fixtures() -> PathBuf {
 
 fn clip_model() -> PathBuf {
     fixtures().join("clip/model")
-}
-
-/// Skip (or, under CI=true, fail) when there is no adapter.
-fn have_gpu() -> bool {
-    static OK: OnceLock<bool> = OnceLock::new();
-    let ok = *OK.get_or_init(|| {
-        bin()
-            .arg("info")
-            .output()
-            .map(|o| o.status.success())
-            .unwrap_or(false)
-    });
-    if !ok && std::env::var("CI").is_ok_and(|v| v == "true") {
-        panic!("CI=true but `clip-wgpu info` finds no adapter");
-    }
-    ok
-}
-
-/// A fresh, empty temporary folder for one test.
-fn temp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("clipwgpu-bad-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
 }
 
 fn s(p: &Path) -> &str {

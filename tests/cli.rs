@@ -1,27 +1,11 @@
 //! The `clip-wgpu` binary: `embed` against transformers' own outputs, and
 //! clear errors for bad input.
+mod common;
+use common::cli::{bin, have_gpu};
 use std::path::Path;
-use std::process::Command;
-
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_clip-wgpu"))
-}
 
 fn fixtures() -> &'static Path {
     Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures"))
-}
-
-/// Skip (or, under CI=true, fail) when there is no adapter.
-fn have_gpu() -> bool {
-    let ok = bin()
-        .arg("info")
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
-    if !ok && std::env::var("CI").is_ok_and(|v| v == "true") {
-        panic!("CI=true but `clip-wgpu info` finds no adapter");
-    }
-    ok
 }
 
 fn matrix(v: &serde_json::Value) -> Vec<Vec<f64>> {

@@ -7,34 +7,13 @@
 //! device is really destroyed).
 // Signals (SIGTERM, SIGINT, SIGSTOP, SIGKILL) are Unix's.
 #![cfg(unix)]
+mod common;
 use clip_wgpu::model::weights::Weights;
 use clip_wgpu::train::checkpoint;
+use common::cli::{bin, have_gpu, temp};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Output, Stdio};
 use std::time::{Duration, Instant};
-
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_clip-wgpu"))
-}
-
-fn have_gpu() -> bool {
-    let ok = bin()
-        .arg("info")
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
-    if !ok && std::env::var("CI").is_ok_and(|v| v == "true") {
-        panic!("CI=true but `clip-wgpu info` finds no adapter");
-    }
-    ok
-}
-
-fn temp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("clipwgpu-faults-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
 
 const COLOURS: [&str; 6] = ["red", "green", "blue", "yellow", "purple", "orange"];
 

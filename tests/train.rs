@@ -2,36 +2,15 @@
 //! transformers-made CLIP of tests/fixtures/clip/model: COCO layout, CSV and
 //! JSON lines, skipped bad images, the saved model, and exact resume after a
 //! kill.
+mod common;
 use clip_wgpu::model::weights::Weights;
+use common::cli::{bin, have_gpu, temp};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Output, Stdio};
 use std::time::{Duration, Instant};
-
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_clip-wgpu"))
-}
 
 fn fixture_model() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/clip/model")
-}
-
-fn have_gpu() -> bool {
-    let ok = bin()
-        .arg("info")
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
-    if !ok && std::env::var("CI").is_ok_and(|v| v == "true") {
-        panic!("CI=true but `clip-wgpu info` finds no adapter");
-    }
-    ok
-}
-
-fn temp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("clipwgpu-train-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
 }
 
 /// A small picture whose colour depends on `i`.

@@ -2,6 +2,8 @@
 //! and central finite differences in f64.
 #![allow(dead_code)]
 
+pub mod cli;
+
 use clip_wgpu::gpu::AdapterRequest;
 use clip_wgpu::{Gpu, Tensor};
 use std::sync::{Arc, OnceLock};
