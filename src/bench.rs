@@ -2,7 +2,7 @@
 //! case runs a kernel a few times and reports the median wall time around
 //! submit + wait, with its arithmetic rate.
 
-use crate::gpu::Gpu;
+use crate::gpu::{Gpu, KernelTime};
 use crate::model::clip::{Batch, ClipModel};
 use crate::model::config::ModelConfig;
 use crate::model::params::decays;
@@ -278,6 +278,8 @@ pub struct StepTimes {
     pub images_per_s: f64,
     pub peak_pool_mib: f64,
     pub allocations_after_first_step: u64,
+    /// GPU time per kernel over one more (profiled) step.
+    pub kernels: Vec<KernelTime>,
 }
 
 /// Median forward / backward / AdamW times of one training step of `config`
@@ -336,7 +338,11 @@ pub fn training_step(
     let hp = AdamW::default();
     let (mut fw, mut bw, mut op) = (Vec::new(), Vec::new(), Vec::new());
     let mut allocs = 0;
-    for step in 0..reps + 1 {
+    let mut kernels = Vec::new();
+    for step in 0..reps + 2 {
+        if step == reps + 1 {
+            gpu.profile_start(true)?;
+        }
         let t0 = Instant::now();
         let mut tape = Tape::new();
         let vars = model.params.vars(&mut tape);
@@ -367,6 +373,10 @@ pub fn training_step(
         drop(vars);
         gpu.sync()?;
         let t3 = Instant::now();
+        if step == reps + 1 {
+            kernels = gpu.profile_stop()?;
+            continue;
+        }
         if step == 0 {
             allocs = gpu.pool_stats().allocations;
             continue; // warm-up: pipelines compile, the pool fills
@@ -388,6 +398,7 @@ pub fn training_step(
         images_per_s: batch as f64 / (f + bk + o),
         peak_pool_mib: stats.peak_bytes as f64 / 1048576.0,
         allocations_after_first_step: stats.allocations - allocs,
+        kernels,
     })
 }
 
@@ -400,6 +411,32 @@ pub fn print_table(rows: &[Measure]) {
         println!(
             "{:<34} {:>22} {:>12.3} {:>8.2} {}",
             m.kernel, m.shape, m.median_ms, m.rate, m.unit
+        );
+    }
+}
+
+/// Per-kernel share of one profiled step, largest first.
+pub fn print_kernel_times(k: &[KernelTime], timestamps: bool) {
+    let total: f64 = k.iter().map(|t| t.seconds).sum();
+    println!(
+        "\nkernel time in one step ({}; total {:.1} ms)",
+        if timestamps {
+            "GPU timestamps"
+        } else {
+            "wall time per dispatch"
+        },
+        total * 1e3
+    );
+    let mut k = k.to_vec();
+    k.sort_by(|a, b| b.seconds.total_cmp(&a.seconds));
+    println!("{:<48} {:>6} {:>10} {:>7}", "kernel", "calls", "ms", "share");
+    for t in &k {
+        println!(
+            "{:<48} {:>6} {:>10.2} {:>6.1}%",
+            t.kernel,
+            t.calls,
+            t.seconds * 1e3,
+            100.0 * t.seconds / total.max(1e-12)
         );
     }
 }

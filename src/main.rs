@@ -212,6 +212,7 @@ fn bench(req: &AdapterRequest, batch: usize, reps: usize, json: bool) -> Result<
              {:.1} images/s; buffer pool peak {:.1} MiB; {} buffer allocations after the first step",
             st.forward_ms, st.backward_ms, st.optimizer_ms, st.images_per_s, st.peak_pool_mib, st.allocations_after_first_step
         );
+        clip_wgpu::bench::print_kernel_times(&st.kernels, gpu.has_timestamps());
     }
     Ok(())
 }

@@ -4,6 +4,7 @@
 
 pub mod adapter;
 pub mod pool;
+pub mod profile;
 
 use anyhow::{anyhow, bail, Context, Result};
 use std::collections::HashMap;
@@ -11,6 +12,8 @@ use std::sync::{Arc, Mutex};
 
 pub use adapter::AdapterRequest;
 pub use pool::PoolStats;
+pub use profile::KernelTime;
+use profile::Profiler;
 use pool::{bucket, Pool, STORAGE_USAGE};
 
 /// One WGSL file: its name (for errors and the cache) and its source.
@@ -47,6 +50,7 @@ struct Recorder {
     dispatches: u64,
     /// MAP_READ staging buffers for readback, by size.
     staging: HashMap<u64, Vec<wgpu::Buffer>>,
+    profile: Option<Profiler>,
 }
 
 pub struct Gpu {
@@ -303,15 +307,90 @@ impl Gpu {
                 describe_error(&e)
             );
         }
-        let enc = self.encoder(&mut rec);
+        let label = rec
+            .profile
+            .as_ref()
+            .map(|_| profile_label(shader, entry, constants));
+        let wall = rec.profile.as_ref().is_some_and(|p| p.timestamps.is_none());
+        if rec
+            .profile
+            .as_ref()
+            .is_some_and(|p| p.pending.len() == profile::CAPACITY)
         {
-            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor::default());
+            self.flush_locked(&mut rec)?;
+        }
+        if wall {
+            // Time this dispatch alone: finish what came before it first.
+            self.flush_locked(&mut rec)?;
+            self.wait()?;
+        }
+        let t0 = std::time::Instant::now();
+        {
+            let Recorder {
+                encoder, profile, ..
+            } = &mut *rec;
+            let enc = encoder.get_or_insert_with(|| {
+                self.device
+                    .create_command_encoder(&wgpu::CommandEncoderDescriptor::default())
+            });
+            let timestamp_writes = profile.as_ref().and_then(|p| {
+                let ts = p.timestamps.as_ref()?;
+                let i = (p.pending.len() * 2) as u32;
+                Some(wgpu::ComputePassTimestampWrites {
+                    query_set: &ts.set,
+                    beginning_of_pass_write_index: Some(i),
+                    end_of_pass_write_index: Some(i + 1),
+                })
+            });
+            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: None,
+                timestamp_writes,
+            });
             pass.set_pipeline(&pipeline);
             pass.set_bind_group(0, &bind, &[]);
             pass.dispatch_workgroups(groups[0], groups[1], groups[2]);
         }
         rec.dispatches += 1;
+        if let Some(label) = label {
+            if wall {
+                self.flush_locked(&mut rec)?;
+                self.wait()?;
+                let dt = t0.elapsed().as_secs_f64();
+                rec.profile.as_mut().unwrap().add(&label, dt);
+            } else {
+                rec.profile.as_mut().unwrap().pending.push(label);
+            }
+        }
         Ok(())
+    }
+
+    /// Start timing each dispatch by kernel (timestamp queries where the
+    /// adapter has them and `timestamps` is set, else wall time per dispatch).
+    /// Slows the work it measures: every flush waits.
+    pub fn profile_start(&self, timestamps: bool) -> Result<()> {
+        self.sync()?;
+        let ts = timestamps && self.has_timestamps();
+        self.rec.lock().unwrap().profile = Some(Profiler::new(&self.device, &self.queue, ts));
+        Ok(())
+    }
+
+    /// Stop profiling; total time per kernel since `profile_start`.
+    pub fn profile_stop(&self) -> Result<Vec<KernelTime>> {
+        self.sync()?;
+        let p = self.rec.lock().unwrap().profile.take();
+        Ok(p.map(|p| p.report()).unwrap_or_default())
+    }
+
+    /// Whether kernel times come from GPU timestamps (else wall time).
+    pub fn has_timestamps(&self) -> bool {
+        self.features.contains(wgpu::Features::TIMESTAMP_QUERY)
+    }
+
+    fn wait(&self) -> Result<()> {
+        self.device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map_err(|e| anyhow!("waiting for the GPU: {e}"))?;
+        self.check()
     }
 
     fn encoder<'a>(&self, rec: &'a mut Recorder) -> &'a mut wgpu::CommandEncoder {
@@ -379,7 +458,14 @@ impl Gpu {
             for c in &rec.chunks[..used] {
                 self.queue.write_buffer(&c.buf, 0, &c.data);
             }
+            let mut enc = enc;
+            if let Some(p) = &rec.profile {
+                p.resolve(&mut enc);
+            }
             self.queue.submit([enc.finish()]);
+            if let Some(p) = &mut rec.profile {
+                p.collect(&self.device)?;
+            }
         }
         rec.chunk = 0;
         rec.offset = 0;
@@ -389,10 +475,7 @@ impl Gpu {
     /// Submit and wait until the GPU is idle.
     pub fn sync(&self) -> Result<()> {
         self.flush()?;
-        self.device
-            .poll(wgpu::PollType::wait_indefinitely())
-            .map_err(|e| anyhow!("waiting for the GPU: {e}"))?;
-        self.check()
+        self.wait()
     }
 
     /// Copy host bytes into a buffer. Pending work is submitted first so that
@@ -462,6 +545,15 @@ impl Gpu {
             [groups.div_ceil(y) as u32, y as u32, 1]
         }
     }
+}
+
+/// Kernel name in profiles: shader, entry point and override constants.
+fn profile_label(shader: &Shader, entry: &str, constants: &[(&str, f64)]) -> String {
+    let mut s = format!("{}::{entry}", shader.name);
+    for (k, v) in constants {
+        s.push_str(&format!(" {k}={v}"));
+    }
+    s
 }
 
 fn describe_error(e: &wgpu::Error) -> String {

@@ -53,6 +53,8 @@ pub struct Gemm {
     pub accumulate: bool,
     /// Force a kernel variant (tests, bench); `None` picks per adapter.
     pub variant: Option<Variant>,
+    /// Force a matmul_vec4 tile (tests, tuner); `None` picks per adapter.
+    pub tile: Option<Tile>,
 }
 
 impl Gemm {
@@ -67,6 +69,7 @@ impl Gemm {
             alpha: 1.0,
             accumulate: false,
             variant: None,
+            tile: None,
         }
     }
     pub fn ta(mut self, t: bool) -> Gemm {
@@ -83,6 +86,10 @@ impl Gemm {
     }
     pub fn variant(mut self, v: Variant) -> Gemm {
         self.variant = Some(v);
+        self
+    }
+    pub fn tile(mut self, t: Tile) -> Gemm {
+        self.tile = Some(t);
         self
     }
     pub fn flops(&self) -> f64 {
@@ -164,10 +171,15 @@ pub fn gemm_into(c: &Tensor, a: &Tensor, b: &Tensor, bias: Option<&Tensor>, g: G
         let bt = super::permute::transpose(b, if b_bs == 0 { 1 } else { g.batch }, g.n, g.k)?;
         return gemm_into(c, a, &bt, bias, Gemm { tb: false, ..g });
     }
+    let vec4_entry;
     let (shader, entry, tile_m, tile_n) = match variant {
         Variant::Regs => (&SHADER, "matmul_regs", 32, 32),
-        // 8x8 threads of 8 rows x 8 columns (tools/gen_matmul_vec4.py 8 2).
-        Variant::Vec4 => (&SHADER_VEC4, "matmul_vec4", 64, 64),
+        Variant::Vec4 => {
+            // 8x8 threads of rm rows x 4*rv columns (tools/gen_matmul_vec4.py).
+            let t = vec4_tile(&g);
+            vec4_entry = format!("matmul_vec4_{}x{}", t.rm, t.rv);
+            (&SHADER_VEC4, vec4_entry.as_str(), 8 * t.rm, 32 * t.rv)
+        }
         Variant::Tiled => (&SHADER, "matmul_tiled", 64, 64),
     };
     let constants_vec4 = [constants[0]];
@@ -189,6 +201,39 @@ pub fn gemm_into(c: &Tensor, a: &Tensor, b: &Tensor, bias: Option<&Tensor>, g: G
         ],
         [u(g.n.div_ceil(tile_n)), u(g.m.div_ceil(tile_m)), u(g.batch)],
     )
+}
+
+/// A register tile of matmul_vec4: rows x vec4 column groups per thread.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Tile {
+    pub rm: usize,
+    pub rv: usize,
+}
+
+/// The tiles tools/gen_matmul_vec4.py generates (its default list).
+pub const VEC4_TILES: [Tile; 6] = [
+    Tile { rm: 16, rv: 2 },
+    Tile { rm: 8, rv: 2 },
+    Tile { rm: 12, rv: 2 },
+    Tile { rm: 8, rv: 4 },
+    Tile { rm: 24, rv: 2 },
+    Tile { rm: 4, rv: 2 },
+];
+
+/// The vec4 tile for `g`: `g.tile`, else CLIP_WGPU_VEC4_TILE=RMxRV, else 16x2.
+fn vec4_tile(g: &Gemm) -> Tile {
+    if let Some(t) = g.tile {
+        return t;
+    }
+    if let Ok(s) = std::env::var("CLIP_WGPU_VEC4_TILE") {
+        if let Some(t) = VEC4_TILES
+            .iter()
+            .find(|t| format!("{}x{}", t.rm, t.rv) == s)
+        {
+            return *t;
+        }
+    }
+    VEC4_TILES[0]
 }
 
 /// The kernel that runs `g`: the forced or per-adapter variant, with Vec4
