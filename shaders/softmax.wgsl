@@ -11,7 +11,8 @@
 //   forward_*:  scores, P (out),  key_valid (dummy unless has_kv)
 //   backward_*: dP,     dS (out), P
 
-struct Params { rows: u32, tk: u32, tq: u32, heads: u32, causal: u32, has_kv: u32, _a: u32, _b: u32 }
+// keys: keys j >= keys are masked (sequence padding), 0 = none.
+struct Params { rows: u32, tk: u32, tq: u32, heads: u32, causal: u32, has_kv: u32, keys: u32, _b: u32 }
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> src: array<f32>;
@@ -48,7 +49,7 @@ fn wg_max(lid: u32, v: f32) -> f32 {
 
 // Whether query row `row` may attend to key j.
 fn keep(row: u32, j: u32) -> bool {
-    var ok = p.causal == 0u || j <= row % p.tq;
+    var ok = (p.causal == 0u || j <= row % p.tq) && (p.keys == 0u || j < p.keys);
     if p.has_kv != 0u {
         let b = row / (p.tq * p.heads);
         ok = ok && aux[b * p.tk + j] != 0.0;

@@ -206,6 +206,7 @@ fn elementwise_cases(gpu: &Arc<Gpu>, batch: usize, reps: usize) -> Result<Vec<Me
     let mask = Mask {
         causal: true,
         key_valid: Some(valid),
+        keys: None,
     };
     let sb = (s.numel() * 4) as f64;
     let shape = format!("{batch}x{heads}x77x77");

@@ -594,3 +594,29 @@ fn warmup_matches_transformers() {
         );
     }
 }
+
+#[test]
+fn nonfinite_step_limit() {
+    let (a, _) = ok(&with_data(&[]));
+    assert!(!a.skip_nonfinite_steps);
+    assert_eq!(a.max_consecutive_nonfinite_steps, 10);
+    let (a, _) = ok(&with_data(&[
+        "--skip_nonfinite_steps",
+        "--max-consecutive-nonfinite-steps",
+        "3",
+    ]));
+    assert!(a.skip_nonfinite_steps);
+    assert_eq!(a.max_consecutive_nonfinite_steps, 3);
+    // 0: no limit.
+    let (a, _) = ok(&with_data(&["--max_consecutive_nonfinite_steps=0"]));
+    assert_eq!(a.max_consecutive_nonfinite_steps, 0);
+    for bad in ["-1", "2.5", "many"] {
+        let flag = format!("--max_consecutive_nonfinite_steps={bad}");
+        let e = err(&with_data(&[flag.as_str()]));
+        assert!(
+            e.contains("--max_consecutive_nonfinite_steps") && e.contains(bad),
+            "{bad}: {e}"
+        );
+    }
+    assert!(usage().contains("--max_consecutive_nonfinite_steps <value>"));
+}

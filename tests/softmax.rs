@@ -43,6 +43,7 @@ fn check(
     let mask = Mask {
         causal,
         key_valid: kv.as_ref().map(|k| upload(&gpu, k, &[b, tk])),
+        keys: None,
     };
     let want = softmax_ref(&x, b, h, tq, tk, causal, kv.as_deref());
     let dpt = upload(&gpu, &dp, &[b, h, tq, tk]);
@@ -106,6 +107,7 @@ fn softmax_fully_masked_rows_are_zero() {
     let mask = Mask {
         causal: false,
         key_valid: Some(upload(&gpu, &vec![0.0; b * t], &[b, t])),
+        keys: None,
     };
     for layout in LAYOUTS {
         let p = forward_with(&upload(&gpu, &x, &[b, h, t, t]), &mask, Some(layout)).unwrap();
@@ -153,6 +155,7 @@ fn softmax_backward_is_deterministic() {
     let mask = Mask {
         causal: true,
         key_valid: Some(upload(&gpu, &kv, &[b, t])),
+        keys: None,
     };
     for layout in LAYOUTS {
         let run = || {
@@ -177,6 +180,7 @@ fn softmax_tape_op() {
     let mask = Mask {
         causal: true,
         key_valid: Some(Tensor::from_slice(&gpu, &to_f32(&kv), &[b, t]).unwrap()),
+        keys: None,
     };
     let p = masked_softmax(&mut tape, &xv, &mask).unwrap();
     let want = softmax_ref(&x, b, h, t, t, true, Some(&kv));
@@ -202,6 +206,7 @@ fn softmax_rejects_bad_shapes() {
     let mask = Mask {
         causal: false,
         key_valid: Some(upload(&gpu, &[1.0; 6], &[2, 3])),
+        keys: None,
     };
     let e = forward_with(&x, &mask, None).unwrap_err();
     assert!(format!("{e:#}").contains("key_valid"), "{e:#}");

@@ -104,6 +104,7 @@ fn gpu_forward(
     let mask = Mask {
         causal: true,
         key_valid: Some(Tensor::from_slice(gpu, &kv, &[B, T]).unwrap()),
+        keys: None,
     };
     let x = p("x").clone();
     let h = layernorm(tape, &x, p("ln1.g"), p("ln1.b"), EPS).unwrap();

@@ -102,6 +102,7 @@ impl ClipTextTower {
         let m = Mask {
             causal: true,
             key_valid: Some(Tensor::from_slice(gpu, mask, &[batch, len])?),
+            keys: None,
         };
         for layer in &self.layers {
             x = layer.forward(tape, p, &x, &m)?;

@@ -141,6 +141,7 @@ impl RobertaTower {
         let m = Mask {
             causal: false,
             key_valid: Some(Tensor::from_slice(gpu, mask, &[batch, len])?),
+            keys: None,
         };
         for layer in &self.layers {
             let q = layer.q.forward(tape, p, &x)?;

@@ -80,6 +80,7 @@ impl VisionTower {
         let none = Mask {
             causal: false,
             key_valid: None,
+            keys: None,
         };
         for layer in &self.layers {
             x = layer.forward(tape, p, &x, &none)?;

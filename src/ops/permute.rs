@@ -10,6 +10,12 @@ const SHADER: Shader = shader!("permute");
 
 /// [a, x, y, z] -> [a, y, x, z].
 pub fn swap12(t: &Tensor, dims: [usize; 4]) -> Result<Tensor> {
+    swap12_pad(t, dims, dims[1], dims[2])
+}
+
+/// [a, x, y, z] -> [a, y_out, x_out, z]: `swap12`, then the swapped axes
+/// zero-padded (or cropped) to `x_out` and `y_out`.
+pub fn swap12_pad(t: &Tensor, dims: [usize; 4], x_out: usize, y_out: usize) -> Result<Tensor> {
     let [na, nx, ny, nz] = dims;
     ensure!(
         na * nx * ny * nz == t.numel(),
@@ -17,13 +23,13 @@ pub fn swap12(t: &Tensor, dims: [usize; 4]) -> Result<Tensor> {
         t.shape()
     );
     let gpu = t.gpu();
-    let out = Tensor::empty(gpu, &[na, ny, nx, nz])?;
+    let out = Tensor::empty(gpu, &[na, y_out, x_out, nz])?;
     gpu.dispatch(
         &SHADER,
         "swap12",
-        &[u(na), u(nx), u(ny), u(nz)],
+        &[u(na), u(nx), u(ny), u(nz), u(x_out), u(y_out)],
         &[Some(t.buffer()), Some(out.buffer())],
-        gpu.grid_1d(t.numel(), 256),
+        gpu.grid_1d(out.numel(), 256),
     )?;
     Ok(out)
 }
@@ -47,22 +53,55 @@ pub fn swap12_var(tape: &mut Tape, v: &Var, dims: [usize; 4]) -> Result<Var> {
 
 /// [B, T, H*D] -> [B, H, T, D].
 pub fn split_heads(tape: &mut Tape, v: &Var, heads: usize) -> Result<Var> {
+    let t = v.shape().get(1).copied().unwrap_or(0);
+    split_heads_pad(tape, v, heads, t)
+}
+
+/// [B, T, H*D] -> [B, H, Tp, D] with zero rows past T (Tp >= T).
+pub fn split_heads_pad(tape: &mut Tape, v: &Var, heads: usize, tp: usize) -> Result<Var> {
     let s = v.shape();
     ensure!(
-        s.len() == 3 && s[2].is_multiple_of(heads),
-        "split_heads: bad shape {s:?} for {heads} heads"
+        s.len() == 3 && heads > 0 && s[2].is_multiple_of(heads) && tp >= s[1],
+        "split_heads: bad shape {s:?} for {heads} heads padded to {tp}"
     );
     let (b, t, d) = (s[0], s[1], s[2] / heads);
-    swap12_var(tape, v, [b, t, heads, d])
+    let out = swap12_pad(v.tensor(), [b, t, heads, d], tp, heads)?;
+    let shape = s.to_vec();
+    Ok(tape.record(
+        out,
+        &[v],
+        Box::new(move |dy, _| {
+            Ok(vec![Some(
+                swap12_pad(dy, [b, heads, tp, d], heads, t)?.reshape(&shape)?,
+            )])
+        }),
+    ))
 }
 
 /// [B, H, T, D] -> [B, T, H*D].
 pub fn merge_heads(tape: &mut Tape, v: &Var) -> Result<Var> {
+    let t = v.shape().get(2).copied().unwrap_or(0);
+    merge_heads_crop(tape, v, t)
+}
+
+/// [B, H, Tp, D] -> [B, T, H*D], dropping rows past T (T <= Tp).
+pub fn merge_heads_crop(tape: &mut Tape, v: &Var, t: usize) -> Result<Var> {
     let s = v.shape().to_vec();
-    ensure!(s.len() == 4, "merge_heads: bad shape {s:?}");
-    let out = swap12_var(tape, v, [s[0], s[1], s[2], s[3]])?;
-    let t = out.tensor().reshape(&[s[0], s[2], s[1] * s[3]])?;
-    Ok(reshape_var(tape, &out, t))
+    ensure!(
+        s.len() == 4 && t <= s[2],
+        "merge_heads: bad shape {s:?} cropped to {t} rows"
+    );
+    let (b, h, tp, d) = (s[0], s[1], s[2], s[3]);
+    let out = swap12_pad(v.tensor(), [b, h, tp, d], h, t)?.reshape(&[b, t, h * d])?;
+    Ok(tape.record(
+        out,
+        &[v],
+        Box::new(move |dy, _| {
+            Ok(vec![Some(
+                swap12_pad(dy, [b, t, h, d], tp, h)?.reshape(&[b, h, tp, d])?,
+            )])
+        }),
+    ))
 }
 
 /// View a Var under a new shape (gradient reshaped back).

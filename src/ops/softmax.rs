@@ -18,6 +18,8 @@ pub struct Mask {
     pub causal: bool,
     /// [B, Tk]: 1.0 keeps a key, 0.0 masks it (padding).
     pub key_valid: Option<Tensor>,
+    /// Mask keys j >= this (zero padding of the sequence).
+    pub keys: Option<usize>,
 }
 
 impl Mask {
@@ -66,7 +68,7 @@ pub fn forward_with(scores: &Tensor, mask: &Mask, layout: Option<Rows>) -> Resul
             u(h),
             mask.causal as u32,
             mask.key_valid.is_some() as u32,
-            0,
+            mask.keys.map_or(0, u),
             0,
         ],
         &[

@@ -202,6 +202,10 @@ pub struct TrainArgs {
     /// Skip (count and report) optimizer steps whose loss or gradient is
     /// not finite instead of stopping the run.
     pub skip_nonfinite_steps: bool,
+    /// With `skip_nonfinite_steps`: stop after this many skipped steps in a
+    /// row (a run that only skips would otherwise go on doing nothing);
+    /// 0: no limit.
+    pub max_consecutive_nonfinite_steps: usize,
 }
 
 impl Default for TrainArgs {
@@ -269,6 +273,7 @@ impl Default for TrainArgs {
             demo_eval_samples: 128,
             no_progress: false,
             skip_nonfinite_steps: false,
+            max_consecutive_nonfinite_steps: 10,
         }
     }
 }
@@ -597,6 +602,10 @@ impl TrainArgs {
         put("demo_eval_samples", json!(self.demo_eval_samples));
         put("no_progress", json!(self.no_progress));
         put("skip_nonfinite_steps", json!(self.skip_nonfinite_steps));
+        put(
+            "max_consecutive_nonfinite_steps",
+            json!(self.max_consecutive_nonfinite_steps),
+        );
         Value::Object(m)
     }
 }
@@ -1030,6 +1039,9 @@ static SPECS: &[Spec] = &[
     set("skip_nonfinite_steps", Bool, |a, v| { a.skip_nonfinite_steps = parse_bool(v)?; Ok(()) },
         "Skip an optimizer step whose loss or gradient is NaN or infinite (no update; counted and reported) \
          instead of stopping the run. Default false."),
+    set("max_consecutive_nonfinite_steps", One, |a, v| { a.max_consecutive_nonfinite_steps = parse_usize(v)?; Ok(()) },
+        "With --skip_nonfinite_steps: stop the run after this many skipped steps in a row (the latest \
+         checkpoint is kept); 0 for no limit. Default 10."),
 ];
 
 fn spec(name: &str) -> Option<&'static Spec> {

@@ -9,8 +9,9 @@
 //!   not finite the run stops, naming the step and the parameters whose
 //!   gradients are not finite, without updating the weights or saving
 //!   anything (the latest checkpoint stays the last good state), or, with
-//!   `--skip_nonfinite_steps`, skips that update and counts it. A checkpoint
-//!   is never written from non-finite weights.
+//!   `--skip_nonfinite_steps`, skips that update and counts it (and stops
+//!   after `--max_consecutive_nonfinite_steps`, default 10, skipped in a
+//!   row). A checkpoint is never written from non-finite weights.
 //! - GPU out of memory: the error names the batch size and suggests a
 //!   smaller one with gradient accumulation.
 //! - A lost GPU device: every GPU call after it fails (wgpu's device-lost
@@ -1031,6 +1032,19 @@ fn train_loop(
             state.global_step
         ));
     }
+    let metrics_path = args.output_dir.join("metrics.jsonl");
+    if resume.is_some() {
+        // The steps after the checkpoint are trained and logged again: drop
+        // what the interrupted run logged for them, so no step appears twice.
+        let dropped = MetricsLog::truncate_after(&metrics_path, state.global_step)?;
+        if dropped > 0 {
+            log(&format!(
+                "dropped {dropped} record(s) after step {} from {}: those steps run again",
+                state.global_step,
+                metrics_path.display()
+            ));
+        }
+    }
     at.step = state.global_step;
     let run_info = json!({
         "seed": args.seed,
@@ -1046,7 +1060,7 @@ fn train_loop(
         args.lr_scheduler_type,
         args.learning_rate
     ));
-    let mut metrics = MetricsLog::open(&args.output_dir.join("metrics.jsonl"))?;
+    let mut metrics = MetricsLog::open(&metrics_path)?;
     let s = setup.model.config.vision.image_size;
     let ls_index = setup.model.logit_scale;
     // Finite losses summed and counted since the last log line.
@@ -1064,6 +1078,8 @@ fn train_loop(
         .filter_map(|e| Some((e.get("step")?.as_f64()?, e.get("eval_loss")?.as_f64()?)))
         .collect();
     let mut skipped_total = 0usize;
+    // Non-finite steps skipped in a row (--max_consecutive_nonfinite_steps).
+    let mut skipped_in_a_row = 0usize;
     let progress =
         crate::train::progress::Progress::new(total as u64, state.global_step, !args.no_progress);
     let mut total_loss = 0.0f64;
@@ -1161,6 +1177,7 @@ fn train_loop(
                 let nv = norm.to_vec()?;
                 let finite = step_loss.is_finite() && nv[0].is_finite();
                 if finite {
+                    skipped_in_a_row = 0;
                     opt.apply(&setup.model.params, &grads, &norm, lr)?;
                     clamp_inplace(
                         &setup.model.params.params[ls_index].tensor,
@@ -1185,6 +1202,20 @@ fn train_loop(
                          ({} step(s) skipped so far)",
                         state.skipped_nonfinite_steps
                     ));
+                    skipped_in_a_row += 1;
+                    let limit = args.max_consecutive_nonfinite_steps;
+                    if limit > 0 && skipped_in_a_row >= limit {
+                        progress.finish();
+                        return Err(NonFinite(format!(
+                            "training step {step_no}: {what}. That makes {skipped_in_a_row} non-finite steps in a row \
+                             (steps {}-{step_no}, all skipped; --max_consecutive_nonfinite_steps {limit}): stopping, \
+                             as training no longer progresses. The weights were not updated by these steps and \
+                             stay finite; {}. Lower --learning_rate or --max_grad_norm, or check the data",
+                            step_no + 1 - skipped_in_a_row as u64,
+                            resume_note(args)
+                        ))
+                        .into());
+                    }
                 }
                 drop(grads);
                 steps_run += 1;

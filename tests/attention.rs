@@ -1,0 +1,110 @@
+//! Multi-head attention (ops::attention) forward and backward against an f64
+//! CPU reference, at sequence lengths that the CPU adapter pads to a multiple
+//! of 4 (7, 13: padded keys masked, padded query rows dropped) and that it
+//! does not (8), with causal and key-padding masks; the reference's own
+//! gradient is central finite differences.
+mod common;
+use clip_wgpu::ops::attention::attention;
+use clip_wgpu::ops::softmax::Mask;
+use clip_wgpu::Tape;
+use common::*;
+
+/// out[b, i, h*dh + e] = sum_j softmax_j(scale q_i . k_j | mask) v[j, e].
+#[allow(clippy::too_many_arguments)]
+fn attention_ref(
+    q: &[f64],
+    k: &[f64],
+    v: &[f64],
+    b: usize,
+    t: usize,
+    h: usize,
+    dh: usize,
+    causal: bool,
+    lens: &[usize],
+) -> Vec<f64> {
+    let d = h * dh;
+    let scale = (dh as f64).powf(-0.5);
+    let mut out = vec![0.0; b * t * d];
+    for bi in 0..b {
+        for hi in 0..h {
+            for i in 0..t {
+                let at = |x: &[f64], j: usize, e: usize| x[(bi * t + j) * d + hi * dh + e];
+                let keep = |j: usize| (!causal || j <= i) && j < lens[bi];
+                let s: Vec<f64> = (0..t)
+                    .map(|j| {
+                        if keep(j) {
+                            scale * (0..dh).map(|e| at(q, i, e) * at(k, j, e)).sum::<f64>()
+                        } else {
+                            f64::NEG_INFINITY
+                        }
+                    })
+                    .collect();
+                let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let p: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
+                let z: f64 = p.iter().sum();
+                for e in 0..dh {
+                    out[(bi * t + i) * d + hi * dh + e] =
+                        (0..t).map(|j| p[j] / z * at(v, j, e)).sum::<f64>();
+                }
+            }
+        }
+    }
+    out
+}
+
+fn check(t: usize, h: usize, dh: usize, causal: bool, padded_keys: bool) {
+    let Some(gpu) = gpu() else { return };
+    let b = 2;
+    let d = h * dh;
+    let lens: Vec<usize> = if padded_keys {
+        vec![t, t - 3]
+    } else {
+        vec![t, t]
+    };
+    let mut rng = Rng::new(t as u64 * 31 + dh as u64);
+    let (q, k, v) = (rng.vec(b * t * d, 1.0), rng.vec(b * t * d, 1.0), rng.vec(b * t * d, 1.0));
+    let w = rng.vec(b * t * d, 1.0);
+    let shape = [b, t, d];
+    let mut tape = Tape::new();
+    let qv = tape.param(upload(&gpu, &q, &shape));
+    let kv = tape.param(upload(&gpu, &k, &shape));
+    let vv = tape.param(upload(&gpu, &v, &shape));
+    let valid: Vec<f64> = (0..b * t).map(|i| (i % t < lens[i / t]) as u8 as f64).collect();
+    let mask = Mask {
+        causal,
+        key_valid: padded_keys.then(|| upload(&gpu, &valid, &[b, t])),
+        keys: None,
+    };
+    let out = attention(&mut tape, &qv, &kv, &vv, h, &mask).unwrap();
+    assert_eq!(out.shape(), &shape);
+    let what = format!("attention t={t} h={h} dh={dh} causal={causal} padding={padded_keys}");
+    let want = attention_ref(&q, &k, &v, b, t, h, dh, causal, &lens);
+    assert_close(&format!("{what} forward"), &download(out.tensor()), &want, 2e-6);
+    // Gradients of L = sum(out * w).
+    let mut grads = tape
+        .backward_with(&out, upload(&gpu, &w, &shape))
+        .unwrap();
+    let loss = |q: &[f64], k: &[f64], v: &[f64]| {
+        dot(&attention_ref(q, k, v, b, t, h, dh, causal, &lens), &w)
+    };
+    let dq = numeric_grad(&q, |x| loss(x, &k, &v));
+    let dk = numeric_grad(&k, |x| loss(&q, x, &v));
+    let dv = numeric_grad(&v, |x| loss(&q, &k, x));
+    for (name, var, want) in [("dq", &qv, dq), ("dk", &kv, dk), ("dv", &vv, dv)] {
+        let got = download(&grads.take(var).unwrap());
+        assert_close(&format!("{what} {name}"), &got, &want, 2e-5);
+    }
+}
+
+#[test]
+fn attention_padded_to_multiple_of_four_matches_reference() {
+    check(7, 2, 4, true, true);
+    check(13, 2, 8, false, true);
+    check(7, 2, 4, false, false);
+}
+
+#[test]
+fn attention_unpadded_matches_reference() {
+    check(8, 2, 4, true, true);
+    check(7, 2, 5, true, true);
+}
