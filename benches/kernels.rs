@@ -12,7 +12,7 @@ fn main() {
         "adapter: {} ({:?}, {:?})",
         gpu.info.name, gpu.info.backend, gpu.info.device_type
     );
-    let rows = bench::kernel_table(&gpu, 32, 5).expect("bench");
+    let rows = bench::kernel_table(&gpu, &bench::tiny_config(), 32, 5).expect("bench");
     let rows: Vec<_> = rows
         .into_iter()
         .filter(|m| filter.as_deref().is_none_or(|f| m.kernel.contains(f)))

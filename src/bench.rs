@@ -4,14 +4,14 @@
 
 use crate::gpu::{Gpu, KernelTime};
 use crate::model::clip::{Batch, ClipModel};
-use crate::model::config::ModelConfig;
+use crate::model::config::{ModelConfig, TextConfig};
 use crate::model::params::decays;
 use crate::model::weights::{HostTensor, Weights};
 use crate::ops::activation::{self, Act};
 use crate::ops::adamw::{self, AdamW};
-use crate::ops::matmul::{chosen_variant, gemm_into, Gemm};
+use crate::ops::matmul::{gemm_into, kernel_name, Gemm};
 use crate::ops::softmax::{self, Mask};
-use crate::ops::{layernorm, loss};
+use crate::ops::{attention, calibrate, elementwise, layernorm, loss};
 use crate::tape::Tape;
 use crate::tensor::Tensor;
 use anyhow::Result;
@@ -25,27 +25,43 @@ pub struct Measure {
     /// GFLOP/s for compute-bound kernels, else GB/s of memory traffic.
     pub rate: f64,
     pub unit: &'static str,
+    /// `rate` as a share of this adapter's calibrated peak (FMA or copy).
+    pub peak_share: Option<f64>,
 }
 
 impl Measure {
     pub fn json(&self) -> String {
-        format!(
-            "{{\"kernel\":\"{}\",\"shape\":\"{}\",\"median_ms\":{:.4},\"rate\":{:.3},\"unit\":\"{}\"}}",
-            self.kernel, self.shape, self.median_ms, self.rate, self.unit
-        )
+        serde_json::json!({
+            "kernel": self.kernel,
+            "shape": self.shape,
+            "median_ms": self.median_ms,
+            "rate": self.rate,
+            "unit": self.unit,
+            "peak_share": self.peak_share,
+        })
+        .to_string()
     }
 }
 
-/// Median seconds of `reps` timed runs after one warm-up run.
+/// Median seconds of `reps` timed runs after one warm-up run: GPU time
+/// from timestamp queries where the adapter has them, else wall time
+/// around submit + wait.
 pub fn time(gpu: &Gpu, reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
     f()?;
     gpu.sync()?;
     let mut ts = Vec::with_capacity(reps);
     for _ in 0..reps {
         let t = Instant::now();
-        f()?;
-        gpu.sync()?;
-        ts.push(t.elapsed().as_secs_f64());
+        if gpu.has_timestamps() && !gpu.profiling() {
+            gpu.profile_start(true)?;
+            f()?;
+            let k = gpu.profile_stop()?;
+            ts.push(k.iter().map(|k| k.seconds).sum());
+        } else {
+            f()?;
+            gpu.sync()?;
+            ts.push(t.elapsed().as_secs_f64());
+        }
     }
     ts.sort_by(|a, b| a.total_cmp(b));
     Ok(ts[ts.len() / 2])
@@ -58,6 +74,53 @@ fn filler(n: usize) -> Vec<f32> {
         .collect()
 }
 
+/// This adapter's measured best: FMA throughput and copy bandwidth.
+#[derive(Clone, Copy, Debug)]
+pub struct Peak {
+    pub gflops: f64,
+    pub gbps: f64,
+}
+
+/// Run the calibration kernels (ops::calibrate) and keep the best of `reps`.
+pub fn calibrate(gpu: &Arc<Gpu>, reps: usize) -> Result<(Peak, Vec<Measure>)> {
+    let n = 1 << 16;
+    let iters = 1024;
+    let out = Tensor::zeros(gpu, &[4 * n])?;
+    let mut flops = 0.0;
+    let t = time(gpu, reps, || {
+        flops = calibrate::fma_peak(&out, n, iters)?;
+        Ok(())
+    })?;
+    let gflops = flops / t / 1e9;
+    let len = 16 << 20; // 64 MiB each way
+    let (src, dst) = (Tensor::zeros(gpu, &[len])?, Tensor::zeros(gpu, &[len])?);
+    let mut bytes = 0.0;
+    let tc = time(gpu, reps, || {
+        bytes = calibrate::copy_peak(&dst, &src)?;
+        Ok(())
+    })?;
+    let gbps = bytes / tc / 1e9;
+    let rows = vec![
+        Measure {
+            kernel: "peak: fma (calibration)".into(),
+            shape: format!("{n}x{iters}x8 vec4"),
+            median_ms: t * 1e3,
+            rate: gflops,
+            unit: "GFLOP/s",
+            peak_share: Some(1.0),
+        },
+        Measure {
+            kernel: "peak: copy (calibration)".into(),
+            shape: format!("{} MiB", len * 4 >> 20),
+            median_ms: tc * 1e3,
+            rate: gbps,
+            unit: "GB/s",
+            peak_share: Some(1.0),
+        },
+    ];
+    Ok((Peak { gflops, gbps }, rows))
+}
+
 pub fn matmul_case(gpu: &Arc<Gpu>, label: &str, g: Gemm, reps: usize) -> Result<Measure> {
     let a_len = g.batch * g.m * g.k;
     let b_len = g.batch * g.k * g.n;
@@ -65,9 +128,9 @@ pub fn matmul_case(gpu: &Arc<Gpu>, label: &str, g: Gemm, reps: usize) -> Result<
     let b = Tensor::from_slice(gpu, &filler(b_len), &[b_len])?;
     let c = Tensor::empty(gpu, &[g.batch, g.m, g.n])?;
     let t = time(gpu, reps, || gemm_into(&c, &a, &b, None, g))?;
-    let variant = chosen_variant(&g, gpu.class, g.m * g.k, g.k * g.n);
+    let variant = kernel_name(&g, &a, &b, &c)?;
     Ok(Measure {
-        kernel: format!("matmul {label} ({variant:?})"),
+        kernel: format!("matmul {label} ({variant})"),
         shape: format!(
             "{}x{}x{}x{}{}{}",
             g.batch,
@@ -80,13 +143,62 @@ pub fn matmul_case(gpu: &Arc<Gpu>, label: &str, g: Gemm, reps: usize) -> Result<
         median_ms: t * 1e3,
         rate: g.flops() / t / 1e9,
         unit: "GFLOP/s",
+        peak_share: None,
     })
 }
 
-/// The kernel table: the 1024^3 reference matmul in each transpose mode,
-/// then the shapes of the demo model's training step at `batch`.
-pub fn kernel_table(gpu: &Arc<Gpu>, batch: usize, reps: usize) -> Result<Vec<Measure>> {
-    let mut out = Vec::new();
+/// The sizes of one tower's encoder layers in a training step.
+struct Tower {
+    name: &'static str,
+    /// Tokens per example (text: 77, or the model's positions if fewer).
+    tokens: usize,
+    width: usize,
+    mlp: usize,
+    heads: usize,
+    act: Act,
+    causal: bool,
+}
+
+fn towers(config: &ModelConfig) -> Vec<Tower> {
+    let v = &config.vision;
+    let act = |s: &str| Act::from_hf(s).unwrap_or(Act::Gelu);
+    let (t_heads, t_mlp, t_act) = match &config.text {
+        TextConfig::Clip(c) => (c.num_attention_heads, c.intermediate_size, act(&c.hidden_act)),
+        TextConfig::Roberta(c) => (c.num_attention_heads, c.intermediate_size, act(&c.hidden_act)),
+    };
+    vec![
+        Tower {
+            name: "vision",
+            tokens: (v.image_size / v.patch_size).pow(2) + 1,
+            width: v.hidden_size,
+            mlp: v.intermediate_size,
+            heads: v.num_attention_heads,
+            act: act(&v.hidden_act),
+            causal: false,
+        },
+        Tower {
+            name: "text",
+            tokens: config.text.max_positions().min(77),
+            width: config.text.hidden_size(),
+            mlp: t_mlp,
+            heads: t_heads,
+            act: t_act,
+            causal: matches!(config.text, TextConfig::Clip(_)),
+        },
+    ]
+}
+
+/// The kernel table: calibration, the 1024^3 reference matmul in each
+/// transpose mode, then every kernel at the shapes of `config`'s training
+/// step at `batch` (each tower's linear layers forward and backward,
+/// attention, row kernels, loss, AdamW on the largest parameter).
+pub fn kernel_table(
+    gpu: &Arc<Gpu>,
+    config: &ModelConfig,
+    batch: usize,
+    reps: usize,
+) -> Result<Vec<Measure>> {
+    let (peak, mut out) = calibrate(gpu, reps)?;
     for (label, ta, tb) in [
         ("NN", false, false),
         ("NT", false, true),
@@ -95,39 +207,34 @@ pub fn kernel_table(gpu: &Arc<Gpu>, batch: usize, reps: usize) -> Result<Vec<Mea
         let g = Gemm::new(1, 1024, 1024, 1024).ta(ta).tb(tb);
         out.push(matmul_case(gpu, &format!("1024^3 {label}"), g, reps)?);
     }
-    // The demo model: width 128, MLP 512, 65 vision tokens, 77 text tokens.
-    let rows = batch * 77;
-    out.push(matmul_case(
-        gpu,
-        "text qkv",
-        Gemm::new(1, rows, 128, 128).tb(true),
-        reps,
-    )?);
-    out.push(matmul_case(
-        gpu,
-        "text fc1",
-        Gemm::new(1, rows, 512, 128).tb(true),
-        reps,
-    )?);
-    out.push(matmul_case(
-        gpu,
-        "text fc2",
-        Gemm::new(1, rows, 128, 512).tb(true),
-        reps,
-    )?);
-    out.push(matmul_case(
-        gpu,
-        "text dW fc1",
-        Gemm::new(1, 512, 128, rows).ta(true),
-        reps,
-    )?);
-    out.push(matmul_case(
-        gpu,
-        "text scores",
-        Gemm::new(batch * 4, 77, 77, 32).tb(true),
-        reps,
-    )?);
-    out.extend(elementwise_cases(gpu, batch, reps)?);
+    for t in towers(config) {
+        let rows = batch * t.tokens;
+        let (d, f) = (t.width, t.mlp);
+        let n = t.name;
+        let cases = [
+            ("qkv/out proj", Gemm::new(1, rows, d, d).tb(true)),
+            ("fc1", Gemm::new(1, rows, f, d).tb(true)),
+            ("fc2", Gemm::new(1, rows, d, f).tb(true)),
+            ("fc1 dX", Gemm::new(1, rows, d, f)),
+            ("fc1 dW", Gemm::new(1, f, d, rows).ta(true)),
+        ];
+        for (label, g) in cases {
+            out.push(matmul_case(gpu, &format!("{n} {label}"), g, reps)?);
+        }
+        out.extend(attention_cases(gpu, &t, batch, reps)?);
+        out.extend(row_cases(gpu, &t, batch, reps)?);
+    }
+    out.extend(loss_and_optimizer_cases(gpu, config, batch, reps)?);
+    for m in out.iter_mut() {
+        if m.peak_share.is_none() {
+            let p = if m.unit == "GFLOP/s" {
+                peak.gflops
+            } else {
+                peak.gbps
+            };
+            m.peak_share = Some(m.rate / p);
+        }
+    }
     Ok(out)
 }
 
@@ -147,6 +254,7 @@ fn mem_case(
         median_ms: t * 1e3,
         rate: bytes / t / 1e9,
         unit: "GB/s",
+        peak_share: None,
     })
 }
 
@@ -155,9 +263,58 @@ fn tensor(gpu: &Arc<Gpu>, shape: &[usize]) -> Result<Tensor> {
     Tensor::from_slice(gpu, &filler(n), shape)
 }
 
-/// Row-wise and elementwise kernels at the demo model's text shapes.
-fn elementwise_cases(gpu: &Arc<Gpu>, batch: usize, reps: usize) -> Result<Vec<Measure>> {
-    let (rows, d, f) = (batch * 77, 128, 512);
+/// Attention of one tower as the step runs it: scores and P V matmuls at
+/// the (padded) length the adapter uses, masked softmax forward/backward.
+fn attention_cases(gpu: &Arc<Gpu>, t: &Tower, batch: usize, reps: usize) -> Result<Vec<Measure>> {
+    let (h, dh) = (t.heads, t.width / t.heads);
+    let tp = attention::padded_len(gpu, batch * h, t.tokens, dh);
+    let n = t.name;
+    let mut out = vec![
+        matmul_case(
+            gpu,
+            &format!("{n} attn scores"),
+            Gemm::new(batch * h, tp, tp, dh).tb(true),
+            reps,
+        )?,
+        matmul_case(
+            gpu,
+            &format!("{n} attn P V"),
+            Gemm::new(batch * h, tp, dh, tp),
+            reps,
+        )?,
+    ];
+    let s = tensor(gpu, &[batch, h, tp, tp])?;
+    let mask = Mask {
+        causal: t.causal,
+        key_valid: None,
+        keys: (tp != t.tokens).then_some(t.tokens),
+    };
+    let sb = (s.numel() * 4) as f64;
+    let shape = format!("{batch}x{h}x{tp}x{tp}");
+    out.push(mem_case(
+        gpu,
+        &format!("{n} softmax fwd{}", if t.causal { " (causal)" } else { "" }),
+        shape.clone(),
+        2.0 * sb,
+        reps,
+        || softmax::forward(&s, &mask).map(drop),
+    )?);
+    let p = softmax::forward(&s, &mask)?;
+    out.push(mem_case(
+        gpu,
+        &format!("{n} softmax bwd"),
+        shape,
+        3.0 * sb,
+        reps,
+        || softmax::backward(&p, &s).map(drop),
+    )?);
+    Ok(out)
+}
+
+/// Layer norm, activation and residual add of one tower.
+fn row_cases(gpu: &Arc<Gpu>, t: &Tower, batch: usize, reps: usize) -> Result<Vec<Measure>> {
+    let (rows, d, f) = (batch * t.tokens, t.width, t.mlp);
+    let n = t.name;
     let x = tensor(gpu, &[rows, d])?;
     let g = tensor(gpu, &[d])?;
     let bta = tensor(gpu, &[d])?;
@@ -165,7 +322,7 @@ fn elementwise_cases(gpu: &Arc<Gpu>, batch: usize, reps: usize) -> Result<Vec<Me
     let b = (rows * d * 4) as f64;
     out.push(mem_case(
         gpu,
-        "layernorm fwd",
+        &format!("{n} layernorm fwd"),
         format!("{rows}x{d}"),
         2.0 * b,
         reps,
@@ -174,65 +331,64 @@ fn elementwise_cases(gpu: &Arc<Gpu>, batch: usize, reps: usize) -> Result<Vec<Me
     let (_, mean, rstd) = layernorm::forward(&x, &g, &bta, 1e-5)?;
     out.push(mem_case(
         gpu,
-        "layernorm bwd",
+        &format!("{n} layernorm bwd"),
         format!("{rows}x{d}"),
         4.0 * b,
         reps,
         || layernorm::backward(&x, &x, &g, &mean, &rstd).map(drop),
     )?);
-    let h = tensor(gpu, &[rows, f])?;
-    let hb = (rows * f * 4) as f64;
-    for a in [Act::QuickGelu, Act::Gelu] {
-        out.push(mem_case(
-            gpu,
-            &format!("{a:?} fwd"),
-            format!("{rows}x{f}"),
-            2.0 * hb,
-            reps,
-            || activation::forward(&h, a).map(drop),
-        )?);
-        out.push(mem_case(
-            gpu,
-            &format!("{a:?} bwd"),
-            format!("{rows}x{f}"),
-            3.0 * hb,
-            reps,
-            || activation::backward(&h, &h, a).map(drop),
-        )?);
-    }
-    let heads = 4;
-    let s = tensor(gpu, &[batch, heads, 77, 77])?;
-    let valid = Tensor::from_slice(gpu, &vec![1.0; batch * 77], &[batch, 77])?;
-    let mask = Mask {
-        causal: true,
-        key_valid: Some(valid),
-        keys: None,
-    };
-    let sb = (s.numel() * 4) as f64;
-    let shape = format!("{batch}x{heads}x77x77");
     out.push(mem_case(
         gpu,
-        "softmax fwd (causal+pad)",
-        shape.clone(),
-        2.0 * sb,
+        &format!("{n} residual add"),
+        format!("{rows}x{d}"),
+        3.0 * b,
         reps,
-        || softmax::forward(&s, &mask).map(drop),
+        || elementwise::add(&x, &x).map(drop),
     )?);
-    let p = softmax::forward(&s, &mask)?;
-    out.push(mem_case(gpu, "softmax bwd", shape, 3.0 * sb, reps, || {
-        softmax::backward(&p, &s).map(drop)
-    })?);
-    let (ie, te) = (tensor(gpu, &[batch, 128])?, tensor(gpu, &[batch, 128])?);
-    let scale = Tensor::scalar(gpu, 2.6592)?;
+    let hid = tensor(gpu, &[rows, f])?;
+    let hb = (rows * f * 4) as f64;
     out.push(mem_case(
+        gpu,
+        &format!("{n} {:?} fwd", t.act),
+        format!("{rows}x{f}"),
+        2.0 * hb,
+        reps,
+        || activation::forward(&hid, t.act).map(drop),
+    )?);
+    out.push(mem_case(
+        gpu,
+        &format!("{n} {:?} bwd", t.act),
+        format!("{rows}x{f}"),
+        3.0 * hb,
+        reps,
+        || activation::backward(&hid, &hid, t.act).map(drop),
+    )?);
+    Ok(out)
+}
+
+fn loss_and_optimizer_cases(
+    gpu: &Arc<Gpu>,
+    config: &ModelConfig,
+    batch: usize,
+    reps: usize,
+) -> Result<Vec<Measure>> {
+    let e = config.projection_dim;
+    let (ie, te) = (tensor(gpu, &[batch, e])?, tensor(gpu, &[batch, e])?);
+    let scale = Tensor::scalar(gpu, 2.6592)?;
+    let mut out = vec![mem_case(
         gpu,
         "contrastive loss fwd",
-        format!("{batch}x128"),
-        2.0 * (batch * 128 * 4) as f64,
+        format!("{batch}x{e}"),
+        2.0 * (batch * e * 4) as f64,
         reps,
         || loss::clip_loss_forward(&ie, &te, &scale).map(drop),
-    )?);
-    let n = 49408 * 128;
+    )?];
+    // The largest parameter: the token embedding (or an MLP weight).
+    let n = ClipModel::expected_tensors(config)?
+        .iter()
+        .map(|(_, s)| s.iter().product::<usize>())
+        .max()
+        .unwrap_or(1);
     let (pw, gw, m, v) = (
         tensor(gpu, &[n])?,
         tensor(gpu, &[n])?,
@@ -243,7 +399,7 @@ fn elementwise_cases(gpu: &Arc<Gpu>, batch: usize, reps: usize) -> Result<Vec<Me
     let mut step = 0;
     out.push(mem_case(
         gpu,
-        "adamw (token embedding)",
+        "adamw (largest parameter)",
         format!("{n}"),
         7.0 * (n * 4) as f64,
         reps,
@@ -253,6 +409,44 @@ fn elementwise_cases(gpu: &Arc<Gpu>, batch: usize, reps: usize) -> Result<Vec<Me
         },
     )?);
     Ok(out)
+}
+
+/// `tiny`, `b32`, or a model folder / config.json path.
+pub fn bench_config(name: &str) -> Result<ModelConfig> {
+    match name {
+        "tiny" => Ok(tiny_config()),
+        "b32" => Ok(b32_config()),
+        path => {
+            let p = std::path::Path::new(path);
+            let file = if p.is_dir() {
+                p.join("config.json")
+            } else {
+                p.to_path_buf()
+            };
+            anyhow::ensure!(
+                file.is_file(),
+                "--config {path}: expected tiny, b32, a model folder with config.json, or a config.json file"
+            );
+            ModelConfig::from_file(&file)
+        }
+    }
+}
+
+/// openai/clip-vit-base-patch32's architecture (ViT-B/32): vision 768 wide,
+/// 12 layers, 12 heads, 224 px, patch 32; text 512 wide, 12 layers, 8 heads,
+/// 77 tokens, vocab 49,408; projection 512; quick_gelu.
+pub fn b32_config() -> ModelConfig {
+    let v = serde_json::json!({
+        "model_type": "clip",
+        "projection_dim": 512,
+        "logit_scale_init_value": 2.6592,
+        "vision_config": {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+            "num_attention_heads": 12, "image_size": 224, "patch_size": 32, "hidden_act": "quick_gelu"},
+        "text_config": {"hidden_size": 512, "intermediate_size": 2048, "num_hidden_layers": 12,
+            "num_attention_heads": 8, "max_position_embeddings": 77, "vocab_size": 49408,
+            "hidden_act": "quick_gelu", "eos_token_id": 49407}
+    });
+    ModelConfig::from_value(v, "b32 config").expect("valid built-in config")
 }
 
 /// The demo model of `clip-wgpu train` (issue: vision 64 px, patch 8, width
@@ -405,13 +599,16 @@ pub fn training_step(
 
 pub fn print_table(rows: &[Measure]) {
     println!(
-        "{:<34} {:>22} {:>12} {:>14}",
-        "kernel", "shape", "median ms", "rate"
+        "{:<40} {:>22} {:>11} {:>18} {:>6}",
+        "kernel", "shape", "median ms", "rate", "peak"
     );
     for m in rows {
+        let share = m
+            .peak_share
+            .map_or(String::new(), |s| format!("{:.0}%", 100.0 * s));
         println!(
-            "{:<34} {:>22} {:>12.3} {:>8.2} {}",
-            m.kernel, m.shape, m.median_ms, m.rate, m.unit
+            "{:<40} {:>22} {:>11.3} {:>10.2} {:<7} {:>6}",
+            m.kernel, m.shape, m.median_ms, m.rate, m.unit, share
         );
     }
 }

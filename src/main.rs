@@ -74,8 +74,13 @@ enum Cmd {
         #[arg(long)]
         output: Option<PathBuf>,
     },
-    /// Time each kernel at the shapes of a training step (median of runs).
+    /// Time each kernel at the shapes of a training step (median of runs),
+    /// then whole training steps.
     Bench {
+        /// Model: tiny (the demo model), b32 (ViT-B/32's architecture), or a
+        /// model folder / config.json.
+        #[arg(long, default_value = "tiny")]
+        config: String,
         /// Batch size of the training-step shapes.
         #[arg(long, default_value_t = 32)]
         batch: usize,
@@ -85,6 +90,16 @@ enum Cmd {
         /// One JSON object per line instead of a table.
         #[arg(long)]
         json: bool,
+        /// Skip the kernel table (whole steps only).
+        #[arg(long)]
+        step_only: bool,
+        /// Force the matmul kernel: regs, vec4 or tiled (env CLIP_WGPU_MATMUL);
+        /// default: measured per adapter and shape (autotuned, cached).
+        #[arg(long)]
+        matmul: Option<String>,
+        /// Force the vec4 matmul's register tile, e.g. 16x2 (env CLIP_WGPU_VEC4_TILE).
+        #[arg(long)]
+        tile: Option<String>,
     },
 }
 
@@ -144,7 +159,18 @@ fn run() -> Result<()> {
             }
             Ok(())
         }
-        Cmd::Bench { batch, reps, json } => bench(&req, batch, reps, json),
+        Cmd::Bench {
+            config,
+            batch,
+            reps,
+            json,
+            step_only,
+            matmul,
+            tile,
+        } => {
+            force_kernels(matmul, tile)?;
+            bench(&req, &config, batch, reps, json, step_only)
+        }
     }
 }
 
@@ -184,35 +210,101 @@ fn train(mut req: AdapterRequest, argv: &[String], eval_only: bool) -> Result<()
     Ok(())
 }
 
-fn bench(req: &AdapterRequest, batch: usize, reps: usize, json: bool) -> Result<()> {
+/// `--matmul` / `--tile`: checked, then passed on as the environment
+/// variables the kernels read (before any GPU work starts).
+fn force_kernels(matmul: Option<String>, tile: Option<String>) -> Result<()> {
+    if let Some(m) = matmul {
+        anyhow::ensure!(
+            matches!(m.as_str(), "regs" | "vec4" | "tiled"),
+            "--matmul {m:?}: expected regs, vec4 or tiled"
+        );
+        std::env::set_var("CLIP_WGPU_MATMUL", m);
+    }
+    if let Some(t) = tile {
+        let names: Vec<String> = clip_wgpu::ops::matmul::VEC4_TILES
+            .iter()
+            .map(|t| format!("{}x{}", t.rm, t.rv))
+            .collect();
+        anyhow::ensure!(
+            names.contains(&t),
+            "--tile {t:?}: expected one of {}",
+            names.join(", ")
+        );
+        std::env::set_var("CLIP_WGPU_VEC4_TILE", t);
+    }
+    Ok(())
+}
+
+fn bench(
+    req: &AdapterRequest,
+    config: &str,
+    batch: usize,
+    reps: usize,
+    json: bool,
+    step_only: bool,
+) -> Result<()> {
+    use clip_wgpu::bench;
     anyhow::ensure!(batch > 0, "--batch must be at least 1");
     anyhow::ensure!(reps > 0, "--reps must be at least 1");
+    let cfg = bench::bench_config(config)?;
     let gpu = clip_wgpu::Gpu::new(req)?;
-    let rows = clip_wgpu::bench::kernel_table(&gpu, batch, reps)?;
-    if json {
-        for m in &rows {
-            println!("{}", m.json());
+    if !json {
+        println!(
+            "adapter: {} ({:?}, {:?}); kernel times from {}; config {config}, batch {batch}",
+            gpu.info.name,
+            gpu.info.backend,
+            gpu.info.device_type,
+            if gpu.has_timestamps() {
+                "GPU timestamp queries"
+            } else {
+                "wall time around submit + wait"
+            }
+        );
+        if let Some(p) = gpu.tune_cache_path() {
+            println!("matmul choices cached in {}", p.display());
         }
-    } else {
-        println!(
-            "adapter: {} ({:?}, {:?})",
-            gpu.info.name, gpu.info.backend, gpu.info.device_type
-        );
-        clip_wgpu::bench::print_table(&rows);
     }
-    let st = clip_wgpu::bench::training_step(&gpu, clip_wgpu::bench::tiny_config(), batch, reps)?;
+    if !step_only {
+        let rows = bench::kernel_table(&gpu, &cfg, batch, reps)?;
+        if json {
+            for m in &rows {
+                println!("{}", m.json());
+            }
+        } else {
+            bench::print_table(&rows);
+        }
+    }
+    let st = bench::training_step(&gpu, cfg, batch, reps)?;
     if json {
+        let kernels: Vec<_> = st
+            .kernels
+            .iter()
+            .map(|k| serde_json::json!({"kernel": k.kernel, "calls": k.calls, "ms": k.seconds * 1e3}))
+            .collect();
         println!(
-            "{{\"step\":\"tiny\",\"batch\":{batch},\"forward_ms\":{:.3},\"backward_ms\":{:.3},\"optimizer_ms\":{:.3},\"images_per_s\":{:.2},\"peak_pool_mib\":{:.1},\"allocations_after_first_step\":{}}}",
-            st.forward_ms, st.backward_ms, st.optimizer_ms, st.images_per_s, st.peak_pool_mib, st.allocations_after_first_step
+            "{}",
+            serde_json::json!({
+                "step": config, "batch": batch, "forward_ms": st.forward_ms,
+                "backward_ms": st.backward_ms, "optimizer_ms": st.optimizer_ms,
+                "step_ms": st.forward_ms + st.backward_ms + st.optimizer_ms,
+                "images_per_s": st.images_per_s, "peak_pool_mib": st.peak_pool_mib,
+                "allocations_after_first_step": st.allocations_after_first_step,
+                "kernels": kernels,
+            })
         );
     } else {
         println!(
-            "\ntraining step, tiny config, batch {batch}: forward {:.1} ms, backward {:.1} ms, AdamW {:.1} ms, \
-             {:.1} images/s; buffer pool peak {:.1} MiB; {} buffer allocations after the first step",
-            st.forward_ms, st.backward_ms, st.optimizer_ms, st.images_per_s, st.peak_pool_mib, st.allocations_after_first_step
+            "\ntraining step, {config} config, batch {batch}: forward {:.1} ms, backward {:.1} ms, AdamW {:.1} ms \
+             (step {:.1} ms), {:.1} images/s; buffer pool peak {:.1} MiB; {} buffer allocations after the first step",
+            st.forward_ms,
+            st.backward_ms,
+            st.optimizer_ms,
+            st.forward_ms + st.backward_ms + st.optimizer_ms,
+            st.images_per_s,
+            st.peak_pool_mib,
+            st.allocations_after_first_step
         );
-        clip_wgpu::bench::print_kernel_times(&st.kernels, gpu.has_timestamps());
+        bench::print_kernel_times(&st.kernels, gpu.has_timestamps());
     }
     Ok(())
 }

@@ -4,12 +4,14 @@
 //! moments (before the first checkpoint, in the middle of a save, after the
 //! last one), a NaN gradient or loss (stop with names, or skip), GPU out of
 //! memory and a lost device (both injected through CLIP_WGPU_FAULTS; the
-//! device is really destroyed).
+//! device is really destroyed). After every resume, metrics.jsonl holds each
+//! step once.
 // Signals (SIGTERM, SIGINT, SIGSTOP, SIGKILL) are Unix's.
 #![cfg(unix)]
 mod common;
 use clip_wgpu::model::weights::Weights;
 use clip_wgpu::train::checkpoint;
+use clip_wgpu::train::metrics::MetricsLog;
 use common::cli::{bin, have_gpu, temp};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Output, Stdio};
@@ -157,6 +159,24 @@ fn assert_loadable(dir: &Path, step: u64) {
     assert!(e.status.success(), "{}", stderr(&e));
 }
 
+/// metrics.jsonl of a run logging every step (no evaluation) holds steps
+/// 1..=`last`, each once, in order: a resumed run dropped what the killed
+/// one logged after its checkpoint.
+fn assert_metrics_steps(out: &Path, last: u64) {
+    let path = out.join("metrics.jsonl");
+    let steps: Vec<u64> = MetricsLog::read(&path)
+        .unwrap()
+        .iter()
+        .filter_map(|r| r.get("step")?.as_u64())
+        .collect();
+    assert_eq!(
+        steps,
+        (1..=last).collect::<Vec<_>>(),
+        "steps in {}",
+        path.display()
+    );
+}
+
 fn step_of(dir: &Path) -> u64 {
     dir.file_name()
         .unwrap()
@@ -221,6 +241,7 @@ fn sigterm_saves_at_the_step_boundary_and_the_rerun_resumes_exactly() {
         "{e}"
     );
     same_weights(&full, &out);
+    assert_metrics_steps(&out, 24);
     std::fs::remove_dir_all(&root).unwrap();
 }
 
@@ -282,6 +303,7 @@ fn kill_9_at_several_moments_leaves_a_resumable_run() {
         assert!(o.status.success(), "{}", stderr(&o));
         assert!(stderr(&o).contains("starting over"), "{}", stderr(&o));
         same_weights(&full, &out);
+        assert_metrics_steps(&out, 16);
     }
 
     // 2. In the middle of a save, after an earlier complete checkpoint.
@@ -334,6 +356,10 @@ fn kill_9_at_several_moments_leaves_a_resumable_run() {
     );
     assert!(temp_dirs(&out).is_empty());
     same_weights(&full, &out);
+    // The killed run had logged the steps after `last` (at least the one
+    // being saved); the rerun dropped them before logging them again.
+    assert!(e.contains("dropped") && e.contains("metrics.jsonl"), "{e}");
+    assert_metrics_steps(&out, 16);
 
     // 3. Right after the final checkpoint, before the model is saved.
     let out = root.join("late");
@@ -348,6 +374,7 @@ fn kill_9_at_several_moments_leaves_a_resumable_run() {
     let o = run(&argv, None);
     assert!(o.status.success(), "{}", stderr(&o));
     same_weights(&full, &out);
+    assert_metrics_steps(&out, 16);
     std::fs::remove_dir_all(&root).unwrap();
 }
 
@@ -396,6 +423,71 @@ fn a_nan_gradient_stops_with_its_name_or_is_skipped() {
     let opt = Weights::load_file(&out.join("checkpoint-12/optimizer.safetensors")).unwrap();
     assert_eq!(opt.get("step").unwrap().data[0], 10.0);
     assert_loadable(&out.join("checkpoint-12"), 12);
+    std::fs::remove_dir_all(&root).unwrap();
+}
+
+/// With --skip_nonfinite_steps, a run where every step is non-finite stops
+/// after --max_consecutive_nonfinite_steps (default 10) skips in a row instead
+/// of going on doing nothing, naming the step and keeping the checkpoints
+/// (whose weights are the last good ones); a finite step resets the count.
+#[test]
+fn skipping_stops_after_too_many_nonfinite_steps_in_a_row() {
+    if !have_gpu() {
+        return;
+    }
+    let root = temp("nan-streak");
+    let csv = mini_csv(&root);
+    let out = root.join("default");
+    let mut argv = args(&csv, &out, 24, 3);
+    argv.push("--skip_nonfinite_steps".into());
+    // Every step from 4 on.
+    let every: Vec<String> = (4..=24).map(|s| format!("nan_grad@{s}")).collect();
+    let o = run(&argv, Some(&every.join(",")));
+    let e = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{e}");
+    assert!(e.contains("training step 13: "), "{e}");
+    assert!(e.contains("10 non-finite steps in a row"), "{e}");
+    assert!(e.contains("steps 4-13"), "{e}");
+    assert!(e.contains("--max_consecutive_nonfinite_steps 10"), "{e}");
+    assert!(!e.contains("step 14: "), "{e}");
+    // The checkpoints saved during the streak hold the weights of step 3,
+    // finite and loadable; no final model, no save left half-done.
+    let last = checkpoint::latest_checkpoint(&out).unwrap();
+    assert_eq!(step_of(&last), 12, "{e}");
+    assert!(
+        e.contains(&format!(
+            "the latest checkpoint, {}, is intact",
+            last.display()
+        )),
+        "{e}"
+    );
+    assert_loadable(&last, 12);
+    assert_loadable(&out.join("checkpoint-3"), 3);
+    same_weights(&out.join("checkpoint-3"), &last);
+    assert!(!out.join("model.safetensors").exists());
+    assert!(temp_dirs(&out).is_empty());
+
+    // A smaller limit, and a finite step in between starts the count again:
+    // 2 is skipped, 3 trains, 4 and 5 are skipped and make 2 in a row.
+    let out = root.join("two");
+    let mut argv = args(&csv, &out, 12, 3);
+    argv.extend(
+        [
+            "--skip_nonfinite_steps",
+            "--max_consecutive_nonfinite_steps",
+            "2",
+        ]
+        .map(String::from),
+    );
+    let o = run(&argv, Some("nan_grad@2,nan_grad@4,nan_grad@5"));
+    let e = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{e}");
+    assert!(e.contains("step 2: ") && e.contains("skipped"), "{e}");
+    assert!(e.contains("training step 5: "), "{e}");
+    assert!(e.contains("2 non-finite steps in a row (steps 4-5"), "{e}");
+    let last = checkpoint::latest_checkpoint(&out).unwrap();
+    assert_eq!(step_of(&last), 3, "{e}");
+    assert_loadable(&last, 3);
     std::fs::remove_dir_all(&root).unwrap();
 }
 

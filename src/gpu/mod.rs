@@ -5,6 +5,7 @@
 pub mod adapter;
 pub mod pool;
 pub mod profile;
+pub mod tune;
 
 use anyhow::{anyhow, bail, Context, Result};
 use std::collections::HashMap;
@@ -68,6 +69,7 @@ pub struct Gpu {
     error: Arc<Mutex<Option<String>>>,
     /// Bound in place of an absent optional input (e.g. no bias).
     dummy: wgpu::Buffer,
+    tune: tune::TuneCache,
 }
 
 impl Gpu {
@@ -123,7 +125,6 @@ impl Gpu {
         Ok(Arc::new(Gpu {
             device,
             queue,
-            info,
             limits,
             features,
             class,
@@ -131,6 +132,14 @@ impl Gpu {
             modules: Mutex::default(),
             pipelines: Mutex::default(),
             rec: Mutex::default(),
+            tune: tune::TuneCache::open(
+                &info,
+                tune::fnv(&[
+                    include_str!("../../shaders/matmul.wgsl"),
+                    include_str!("../../shaders/matmul_vec4.wgsl"),
+                ]),
+            ),
+            info,
             error,
             dummy,
         }))
@@ -142,6 +151,20 @@ impl Gpu {
             bail!("{e}");
         }
         Ok(())
+    }
+
+    /// A kernel choice measured earlier on this adapter (see `tune`).
+    pub fn tuned(&self, key: &str) -> Option<String> {
+        self.tune.get(key)
+    }
+
+    pub fn set_tuned(&self, key: &str, value: &str) {
+        self.tune.set(key, value)
+    }
+
+    /// Where measured kernel choices are kept, if anywhere.
+    pub fn tune_cache_path(&self) -> Option<&std::path::PathBuf> {
+        self.tune.path()
     }
 
     pub fn pool_stats(&self) -> PoolStats {
@@ -379,6 +402,11 @@ impl Gpu {
         self.sync()?;
         let p = self.rec.lock().unwrap().profile.take();
         Ok(p.map(|p| p.report()).unwrap_or_default())
+    }
+
+    /// Whether a profile is being recorded.
+    pub fn profiling(&self) -> bool {
+        self.rec.lock().unwrap().profile.is_some()
     }
 
     /// Whether kernel times come from GPU timestamps (else wall time).

@@ -10,6 +10,7 @@ use super::matmul::{matmul, Gemm};
 use super::matmul::{chosen_variant, Variant};
 use super::permute::{merge_heads_crop, reshape_var, split_heads_pad, swap12_pad};
 use super::softmax::{masked_softmax, Mask};
+use crate::gpu::Gpu;
 use crate::tape::{Tape, Var};
 use anyhow::{ensure, Result};
 
@@ -36,7 +37,7 @@ pub fn attention(
         s[2]
     );
     let (b, t, dh) = (s[0], s[1], s[2] / heads);
-    let tp = padded_len(q, b * heads, t, dh);
+    let tp = padded_len(q.tensor().gpu(), b * heads, t, dh);
     let padded;
     let mask = if tp == t {
         mask
@@ -65,9 +66,8 @@ pub fn attention(
 
 /// The sequence length attention runs at: T, or T rounded up to a multiple
 /// of 4 where that turns the adapter's matmul from scalar to vec4 loads.
-fn padded_len(q: &Var, bh: usize, t: usize, dh: usize) -> usize {
+pub fn padded_len(gpu: &Gpu, bh: usize, t: usize, dh: usize) -> usize {
     let tp = t.next_multiple_of(4);
-    let gpu = q.tensor().gpu();
     let g = Gemm::new(bh, tp, tp, dh);
     let vec4 = |g: Gemm| chosen_variant(&g, gpu.class, g.m * g.k, g.k * g.n) == Variant::Vec4;
     if tp != t && vec4(g) && vec4(Gemm::new(bh, tp, dh, tp)) {

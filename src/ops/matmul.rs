@@ -164,19 +164,25 @@ pub fn gemm_into(c: &Tensor, a: &Tensor, b: &Tensor, bias: Option<&Tensor>, g: G
         ("TRANS_A", g.ta as u32 as f64),
         ("TRANS_B", g.tb as u32 as f64),
     ];
-    let variant = chosen_variant(&g, gpu.class, a_bs, b_bs);
+    let (variant, tile) = choose(&g, a, b, c, a_bs, b_bs)?;
     if variant == Variant::Vec4 && g.tb {
         // Transposing B costs one pass over it; the kernel then reads B rows
         // as vec4 instead of gathering a column per lane.
         let bt = super::permute::transpose(b, if b_bs == 0 { 1 } else { g.batch }, g.n, g.k)?;
-        return gemm_into(c, a, &bt, bias, Gemm { tb: false, ..g });
+        let g = Gemm {
+            tb: false,
+            variant: Some(variant),
+            tile: Some(tile),
+            ..g
+        };
+        return gemm_into(c, a, &bt, bias, g);
     }
     let vec4_entry;
     let (shader, entry, tile_m, tile_n) = match variant {
         Variant::Regs => (&SHADER, "matmul_regs", 32, 32),
         Variant::Vec4 => {
             // 8x8 threads of rm rows x 4*rv columns (tools/gen_matmul_vec4.py).
-            let t = vec4_tile(&g);
+            let t = tile;
             vec4_entry = format!("matmul_vec4_{}x{}", t.rm, t.rv);
             (&SHADER_VEC4, vec4_entry.as_str(), 8 * t.rm, 32 * t.rv)
         }
@@ -220,20 +226,128 @@ pub const VEC4_TILES: [Tile; 6] = [
     Tile { rm: 4, rv: 2 },
 ];
 
-/// The vec4 tile for `g`: `g.tile`, else CLIP_WGPU_VEC4_TILE=RMxRV, else 16x2.
-fn vec4_tile(g: &Gemm) -> Tile {
-    if let Some(t) = g.tile {
-        return t;
+fn tile_name(t: Tile) -> String {
+    format!("{}x{}", t.rm, t.rv)
+}
+
+fn parse_tile(s: &str) -> Option<Tile> {
+    VEC4_TILES.iter().find(|t| tile_name(**t) == s).copied()
+}
+
+/// The tile forced by `CLIP_WGPU_VEC4_TILE=RMxRV`, if any.
+fn forced_tile() -> Option<Tile> {
+    parse_tile(std::env::var("CLIP_WGPU_VEC4_TILE").ok()?.as_str())
+}
+
+/// Without measurements: the largest tile that wastes little of the output
+/// (bigger tiles reuse each load more; tiles past the matrix edge are waste).
+pub fn heuristic_tile(g: &Gemm) -> Tile {
+    let waste = |t: &Tile| {
+        let (tm, tn) = (8 * t.rm, 32 * t.rv);
+        let covered = g.m.div_ceil(tm) * tm * g.n.div_ceil(tn) * tn;
+        covered as f64 / (g.m * g.n).max(1) as f64
+    };
+    VEC4_TILES
+        .iter()
+        .copied()
+        .find(|t| waste(t) <= 1.25)
+        .unwrap_or(Tile { rm: 4, rv: 2 })
+}
+
+/// The kernel for `g`: forced (Gemm fields, CLIP_WGPU_MATMUL,
+/// CLIP_WGPU_VEC4_TILE), measured earlier on this adapter, measured now
+/// (autotuning on first use of a shape: each candidate timed on these
+/// operands into a scratch output), or the heuristic when tuning is off.
+fn choose(
+    g: &Gemm,
+    a: &Tensor,
+    b: &Tensor,
+    c: &Tensor,
+    a_bs: usize,
+    b_bs: usize,
+) -> Result<(Variant, Tile)> {
+    let gpu = a.gpu();
+    let forced_variant = g.variant.is_some() || std::env::var_os("CLIP_WGPU_MATMUL").is_some();
+    let default = chosen_variant(g, gpu.class, a_bs, b_bs);
+    let tile = g.tile.or_else(forced_tile);
+    if forced_variant || tile.is_some() || !crate::gpu::tune::enabled() {
+        return Ok((default, tile.unwrap_or_else(|| heuristic_tile(g))));
     }
-    if let Ok(s) = std::env::var("CLIP_WGPU_VEC4_TILE") {
-        if let Some(t) = VEC4_TILES
+    let candidates = candidates(g, gpu.class, a_bs, b_bs);
+    if candidates.len() == 1 {
+        return Ok(candidates[0]);
+    }
+    let key = format!(
+        "matmul {}x{}x{}x{}{}{}{}{}",
+        g.batch,
+        g.m,
+        g.n,
+        g.k,
+        if g.ta { " ta" } else { "" },
+        if g.tb { " tb" } else { "" },
+        if a_bs == 0 { " a-shared" } else { "" },
+        if b_bs == 0 { " b-shared" } else { "" },
+    );
+    if let Some(found) = gpu.tuned(&key).and_then(|v| {
+        candidates
             .iter()
-            .find(|t| format!("{}x{}", t.rm, t.rv) == s)
-        {
-            return *t;
+            .copied()
+            .find(|c| choice_name(*c) == v)
+    }) {
+        return Ok(found);
+    }
+    let scratch = Tensor::empty(gpu, c.shape())?;
+    let mut best = (f64::INFINITY, candidates[0]);
+    for cand in candidates {
+        let trial = Gemm {
+            variant: Some(cand.0),
+            tile: Some(cand.1),
+            accumulate: false,
+            ..*g
+        };
+        let secs = crate::bench::time(gpu, 3, || gemm_into(&scratch, a, b, None, trial))?;
+        if secs < best.0 {
+            best = (secs, cand);
         }
     }
-    VEC4_TILES[0]
+    gpu.set_tuned(&key, &choice_name(best.1));
+    Ok(best.1)
+}
+
+/// The kernel `gemm_into(c, a, b, .., g)` runs, by name (e.g. "vec4 16x2").
+pub fn kernel_name(g: &Gemm, a: &Tensor, b: &Tensor, c: &Tensor) -> Result<String> {
+    let a_bs = batch_stride(a, g.m * g.k, g.batch, "A")?;
+    let b_bs = batch_stride(b, g.k * g.n, g.batch, "B")?;
+    Ok(choice_name(choose(g, a, b, c, a_bs, b_bs)?))
+}
+
+fn choice_name((v, t): (Variant, Tile)) -> String {
+    match v {
+        Variant::Vec4 => format!("vec4 {}", tile_name(t)),
+        Variant::Regs => "regs".into(),
+        Variant::Tiled => "tiled".into(),
+    }
+}
+
+/// What the tuner tries: on CPU adapters every vec4 tile (the other kernels
+/// are several times slower there), on GPUs the tiled and register kernels
+/// and, where the shapes allow, the vec4 tiles.
+fn candidates(g: &Gemm, class: DeviceClass, a_bs: usize, b_bs: usize) -> Vec<(Variant, Tile)> {
+    let t0 = heuristic_tile(g);
+    let vec4: Vec<(Variant, Tile)> = if vec4_ok(g, a_bs, b_bs) {
+        VEC4_TILES.iter().map(|t| (Variant::Vec4, *t)).collect()
+    } else {
+        Vec::new()
+    };
+    match class {
+        DeviceClass::Cpu if !vec4.is_empty() => vec4,
+        DeviceClass::Cpu => vec![(Variant::Regs, t0)],
+        DeviceClass::Gpu => {
+            let mut v = vec![(Variant::Tiled, t0), (Variant::Regs, t0)];
+            v.extend(vec4);
+            v
+        }
+    }
 }
 
 /// The kernel that runs `g`: the forced or per-adapter variant, with Vec4

@@ -1,0 +1,93 @@
+//! Kernel choices measured on this adapter (autotuning), kept in memory and
+//! in a JSON file in the user's cache folder so the next run skips the
+//! measuring: `$CLIP_WGPU_CACHE_DIR`, else `$XDG_CACHE_HOME/clip-wgpu`, else
+//! `~/.cache/clip-wgpu`. One file per adapter, driver and kernel source
+//! version; a file that cannot be read or written only costs a re-tune.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Mutex;
+
+pub(crate) struct TuneCache {
+    path: Option<PathBuf>,
+    map: Mutex<BTreeMap<String, String>>,
+}
+
+/// Whether kernel choices are measured on first use (`CLIP_WGPU_TUNE=0`
+/// turns it off: built-in heuristics instead).
+pub fn enabled() -> bool {
+    !matches!(std::env::var("CLIP_WGPU_TUNE").as_deref(), Ok("0" | "off" | "false"))
+}
+
+fn cache_dir() -> Option<PathBuf> {
+    let env = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty());
+    if let Some(d) = env("CLIP_WGPU_CACHE_DIR") {
+        return Some(PathBuf::from(d));
+    }
+    if let Some(d) = env("XDG_CACHE_HOME") {
+        return Some(PathBuf::from(d).join("clip-wgpu"));
+    }
+    env("HOME").map(|h| PathBuf::from(h).join(".cache").join("clip-wgpu"))
+}
+
+/// FNV-1a: a stable short hash for file names.
+pub(crate) fn fnv(parts: &[&str]) -> u64 {
+    let mut h = 0xcbf29ce484222325u64;
+    for p in parts {
+        for b in p.bytes().chain([0]) {
+            h = (h ^ b as u64).wrapping_mul(0x100000001b3);
+        }
+    }
+    h
+}
+
+impl TuneCache {
+    /// The cache of `adapter` (name, driver, backend) for kernels whose
+    /// sources hash to `version`.
+    pub(crate) fn open(info: &wgpu::AdapterInfo, version: u64) -> TuneCache {
+        let id = fnv(&[
+            &info.name,
+            &info.driver,
+            &info.driver_info,
+            &format!("{:?}", info.backend),
+            &format!("{version:x}"),
+            env!("CARGO_PKG_VERSION"),
+        ]);
+        let path = cache_dir().map(|d| d.join(format!("tune-{id:016x}.json")));
+        let map = path
+            .as_ref()
+            .and_then(|p| std::fs::read_to_string(p).ok())
+            .and_then(|t| serde_json::from_str::<BTreeMap<String, String>>(&t).ok())
+            .unwrap_or_default();
+        TuneCache {
+            path,
+            map: Mutex::new(map),
+        }
+    }
+
+    pub(crate) fn get(&self, key: &str) -> Option<String> {
+        self.map.lock().unwrap().get(key).cloned()
+    }
+
+    /// Remember a choice and rewrite the file (atomically: temp + rename).
+    pub(crate) fn set(&self, key: &str, value: &str) {
+        let text = {
+            let mut m = self.map.lock().unwrap();
+            m.insert(key.to_string(), value.to_string());
+            serde_json::to_string_pretty(&*m).unwrap_or_default()
+        };
+        if let Some(p) = &self.path {
+            let tmp = p.with_extension(format!("tmp{}", std::process::id()));
+            let ok = p.parent().is_some_and(|d| std::fs::create_dir_all(d).is_ok())
+                && std::fs::write(&tmp, text).is_ok()
+                && std::fs::rename(&tmp, p).is_ok();
+            if !ok {
+                let _ = std::fs::remove_file(&tmp);
+            }
+        }
+    }
+
+    pub(crate) fn path(&self) -> Option<&PathBuf> {
+        self.path.as_ref()
+    }
+}
