@@ -27,9 +27,12 @@ fn soak_memory_stays_flat() {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/soak.sh");
     // The binary cargo built for this test run, so the script does not
     // build its own; the script changes to the repository root itself.
+    // ~6 minutes on this 2-core machine; a slower CI machine gets room.
+    let timeout = std::env::var("SOAK_TIMEOUT").unwrap_or_else(|_| "1500".into());
     let out = Command::new("bash")
         .arg(&script)
         .env("CLIP_WGPU_BIN", env!("CARGO_BIN_EXE_clip-wgpu"))
+        .env("SOAK_TIMEOUT", timeout)
         .output()
         .unwrap_or_else(|e| panic!("could not run bash {}: {e}", script.display()));
     let text = format!(
