@@ -1,21 +1,157 @@
-//! `cargo bench --bench kernels [FILTER]`: the kernel table of
-//! `clip-wgpu bench` on the default adapter (median wall times).
+//! `cargo bench --bench kernels [FILTER]`: criterion benchmarks of the main
+//! kernels at the demo (`tiny`) model's training-step shapes, and of a whole
+//! tiny training step, on the default adapter. Each iteration waits for the
+//! GPU, so the times are submit-to-finish. `clip-wgpu bench` gives the full
+//! table with GPU timestamps and shares of the adapter's peak.
 
-use clip_wgpu::bench;
+use clip_wgpu::bench::{tiny_config, StepBench};
 use clip_wgpu::gpu::AdapterRequest;
-use clip_wgpu::Gpu;
+use clip_wgpu::ops::activation::{self, Act};
+use clip_wgpu::ops::adamw::{self, AdamW};
+use clip_wgpu::ops::matmul::{gemm_into, Gemm};
+use clip_wgpu::ops::softmax::{self, Mask};
+use clip_wgpu::ops::{layernorm, loss};
+use clip_wgpu::{Gpu, Tensor};
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-fn main() {
-    let filter = std::env::args().skip(1).find(|a| !a.starts_with('-'));
-    let gpu = Gpu::new(&AdapterRequest::default().with_env().unwrap()).expect("adapter");
-    println!(
-        "adapter: {} ({:?}, {:?})",
-        gpu.info.name, gpu.info.backend, gpu.info.device_type
-    );
-    let rows = bench::kernel_table(&gpu, &bench::tiny_config(), 32, 5).expect("bench");
-    let rows: Vec<_> = rows
-        .into_iter()
-        .filter(|m| filter.as_deref().is_none_or(|f| m.kernel.contains(f)))
-        .collect();
-    bench::print_table(&rows);
+fn gpu() -> Arc<Gpu> {
+    Gpu::new(&AdapterRequest::default().with_env().unwrap()).expect("a wgpu adapter")
 }
+
+fn filled(gpu: &Arc<Gpu>, shape: &[usize]) -> Tensor {
+    let n: usize = shape.iter().product();
+    let v: Vec<f32> = (0..n).map(|i| ((i * 7919 % 2003) as f32 / 1001.5) - 1.0).collect();
+    Tensor::from_slice(gpu, &v, shape).unwrap()
+}
+
+/// Time `iters` runs of `f` and one wait for the GPU at the end.
+fn gpu_iters(gpu: &Gpu, iters: u64, mut f: impl FnMut()) -> Duration {
+    gpu.sync().unwrap();
+    let t = Instant::now();
+    for _ in 0..iters {
+        f();
+    }
+    gpu.sync().unwrap();
+    t.elapsed()
+}
+
+fn matmuls(c: &mut Criterion) {
+    let gpu = gpu();
+    let mut g = c.benchmark_group("matmul");
+    g.sample_size(10);
+    let rows = 32 * 77;
+    for (name, gm) in [
+        ("1024^3 NN", Gemm::new(1, 1024, 1024, 1024)),
+        ("text fc1 (2464x512x128 NT)", Gemm::new(1, rows, 512, 128).tb(true)),
+        ("text fc1 dW (512x128x2464 TN)", Gemm::new(1, 512, 128, rows).ta(true)),
+        ("attn scores (128x80x80x32 NT)", Gemm::new(128, 80, 80, 32).tb(true)),
+    ] {
+        let a = filled(&gpu, &[gm.batch * gm.m * gm.k]);
+        let b = filled(&gpu, &[gm.batch * gm.k * gm.n]);
+        let out = Tensor::empty(&gpu, &[gm.batch, gm.m, gm.n]).unwrap();
+        gemm_into(&out, &a, &b, None, gm).unwrap(); // tunes on first use
+        g.throughput(Throughput::Elements(gm.flops() as u64));
+        g.bench_function(name, |bch| {
+            bch.iter_custom(|n| gpu_iters(&gpu, n, || gemm_into(&out, &a, &b, None, gm).unwrap()))
+        });
+    }
+    g.finish();
+}
+
+fn row_kernels(c: &mut Criterion) {
+    let gpu = gpu();
+    let mut g = c.benchmark_group("rows");
+    g.sample_size(10);
+    let (rows, d, f) = (32 * 77, 128, 512);
+    let x = filled(&gpu, &[rows, d]);
+    let (gam, bet) = (filled(&gpu, &[d]), filled(&gpu, &[d]));
+    g.bench_function("layernorm fwd 2464x128", |b| {
+        b.iter_custom(|n| {
+            gpu_iters(&gpu, n, || {
+                layernorm::forward(&x, &gam, &bet, 1e-5).unwrap();
+            })
+        })
+    });
+    let (_, mean, rstd) = layernorm::forward(&x, &gam, &bet, 1e-5).unwrap();
+    g.bench_function("layernorm bwd 2464x128", |b| {
+        b.iter_custom(|n| {
+            gpu_iters(&gpu, n, || {
+                layernorm::backward(&x, &x, &gam, &mean, &rstd).unwrap();
+            })
+        })
+    });
+    let h = filled(&gpu, &[rows, f]);
+    g.bench_function("quick_gelu fwd 2464x512", |b| {
+        b.iter_custom(|n| {
+            gpu_iters(&gpu, n, || {
+                activation::forward(&h, Act::QuickGelu).unwrap();
+            })
+        })
+    });
+    let s = filled(&gpu, &[32, 4, 80, 80]);
+    let mask = Mask {
+        causal: true,
+        key_valid: None,
+        keys: Some(77),
+    };
+    g.bench_function("softmax fwd causal 32x4x80x80", |b| {
+        b.iter_custom(|n| {
+            gpu_iters(&gpu, n, || {
+                softmax::forward(&s, &mask).unwrap();
+            })
+        })
+    });
+    let (ie, te) = (filled(&gpu, &[32, 128]), filled(&gpu, &[32, 128]));
+    let scale = Tensor::scalar(&gpu, 2.6592).unwrap();
+    g.bench_function("contrastive loss fwd 32x128", |b| {
+        b.iter_custom(|n| {
+            gpu_iters(&gpu, n, || {
+                loss::clip_loss_forward(&ie, &te, &scale).unwrap();
+            })
+        })
+    });
+    let len = 49408 * 128;
+    let (p, gr, m, v) = (
+        filled(&gpu, &[len]),
+        filled(&gpu, &[len]),
+        filled(&gpu, &[len]),
+        filled(&gpu, &[len]),
+    );
+    let hp = AdamW::default();
+    let mut step = 0;
+    g.bench_function("adamw token embedding 49408x128", |b| {
+        b.iter_custom(|n| {
+            gpu_iters(&gpu, n, || {
+                step += 1;
+                adamw::adamw_step(&p, &gr, &m, &v, step, &hp, true, None).unwrap();
+            })
+        })
+    });
+    g.finish();
+}
+
+fn training_step(c: &mut Criterion) {
+    let gpu = gpu();
+    let mut g = c.benchmark_group("step");
+    g.sample_size(10);
+    g.measurement_time(Duration::from_secs(20));
+    let batch = 32;
+    let mut sb = StepBench::new(&gpu, tiny_config(), batch).unwrap();
+    sb.run().unwrap(); // warm-up
+    g.throughput(Throughput::Elements(batch as u64));
+    g.bench_function("tiny training step, batch 32", |b| {
+        b.iter_custom(|n| {
+            let t = Instant::now();
+            for _ in 0..n {
+                sb.run().unwrap();
+            }
+            t.elapsed()
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, matmuls, row_kernels, training_step);
+criterion_main!(benches);

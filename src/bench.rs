@@ -473,75 +473,89 @@ pub struct StepTimes {
     pub images_per_s: f64,
     pub peak_pool_mib: f64,
     pub allocations_after_first_step: u64,
+    /// Command-buffer submits per step (the phases are waited for here, so
+    /// at least 3).
+    pub submits_per_step: f64,
     /// GPU time per kernel over one more (profiled) step.
     pub kernels: Vec<KernelTime>,
 }
 
-/// Median forward / backward / AdamW times of one training step of `config`
-/// at `batch` (deterministic filler weights and inputs; text padded to 77).
-pub fn training_step(
-    gpu: &Arc<Gpu>,
-    config: ModelConfig,
-    batch: usize,
-    reps: usize,
-) -> Result<StepTimes> {
-    let mut w = Weights::default();
-    for (name, shape) in ClipModel::expected_tensors(&config)? {
-        let n: usize = shape.iter().product();
-        let data = if name.ends_with("weight") && shape.len() == 1 {
-            vec![1.0; n] // LayerNorm gains
-        } else if name == "logit_scale" {
-            vec![2.6592]
-        } else {
-            filler(n).into_iter().map(|x| 0.02 * x).collect()
-        };
-        w.tensors.insert(name, HostTensor::new(&shape, data));
-    }
-    let model = ClipModel::from_weights(gpu, config, &w, "benchmark weights")?;
-    let s = model.config.vision.image_size;
-    let len = model.config.text.max_positions().min(77);
-    let pixels = Tensor::from_slice(gpu, &filler(batch * 3 * s * s), &[batch, 3, s, s])?;
-    let ids: Vec<u32> = (0..batch * len)
-        .map(|i| {
-            if i % len == len / 2 {
-                49407
+/// One training step of a model on fixed inputs (deterministic filler
+/// weights; text padded to 77): forward, backward, global-norm clipping and
+/// AdamW, as the trainer runs them.
+pub struct StepBench {
+    gpu: Arc<Gpu>,
+    model: ClipModel,
+    b: Batch,
+    state: Vec<(Tensor, Tensor)>,
+    step: u64,
+}
+
+impl StepBench {
+    pub fn new(gpu: &Arc<Gpu>, config: ModelConfig, batch: usize) -> Result<StepBench> {
+        let mut w = Weights::default();
+        for (name, shape) in ClipModel::expected_tensors(&config)? {
+            let n: usize = shape.iter().product();
+            let data = if name.ends_with("weight") && shape.len() == 1 {
+                vec![1.0; n] // LayerNorm gains
+            } else if name == "logit_scale" {
+                vec![2.6592]
             } else {
-                (i * 37 % 40000) as u32
-            }
-        })
-        .collect();
-    let mask: Vec<f32> = (0..batch * len)
-        .map(|i| (i % len <= len / 2) as u8 as f32)
-        .collect();
-    let b = Batch {
-        pixels,
-        ids,
-        mask,
-        batch,
-    };
-    let state: Vec<(Tensor, Tensor)> = model
-        .params
-        .params
-        .iter()
-        .map(|p| {
-            Ok((
-                Tensor::zeros(gpu, p.tensor.shape())?,
-                Tensor::zeros(gpu, p.tensor.shape())?,
-            ))
-        })
-        .collect::<Result<_>>()?;
-    let hp = AdamW::default();
-    let (mut fw, mut bw, mut op) = (Vec::new(), Vec::new(), Vec::new());
-    let mut allocs = 0;
-    let mut kernels = Vec::new();
-    for step in 0..reps + 2 {
-        if step == reps + 1 {
-            gpu.profile_start(true)?;
+                filler(n).into_iter().map(|x| 0.02 * x).collect()
+            };
+            w.tensors.insert(name, HostTensor::new(&shape, data));
         }
+        let model = ClipModel::from_weights(gpu, config, &w, "benchmark weights")?;
+        let s = model.config.vision.image_size;
+        let len = model.config.text.max_positions().min(77);
+        let pixels = Tensor::from_slice(gpu, &filler(batch * 3 * s * s), &[batch, 3, s, s])?;
+        let ids: Vec<u32> = (0..batch * len)
+            .map(|i| {
+                if i % len == len / 2 {
+                    49407
+                } else {
+                    (i * 37 % 40000) as u32
+                }
+            })
+            .collect();
+        let mask: Vec<f32> = (0..batch * len)
+            .map(|i| (i % len <= len / 2) as u8 as f32)
+            .collect();
+        let b = Batch {
+            pixels,
+            ids,
+            mask,
+            batch,
+        };
+        let state: Vec<(Tensor, Tensor)> = model
+            .params
+            .params
+            .iter()
+            .map(|p| {
+                Ok((
+                    Tensor::zeros(gpu, p.tensor.shape())?,
+                    Tensor::zeros(gpu, p.tensor.shape())?,
+                ))
+            })
+            .collect::<Result<_>>()?;
+        Ok(StepBench {
+            gpu: gpu.clone(),
+            model,
+            b,
+            state,
+            step: 0,
+        })
+    }
+
+    /// Run one step; seconds spent in forward, backward and the optimizer
+    /// (each phase waited for).
+    pub fn run(&mut self) -> Result<[f64; 3]> {
+        let (gpu, model) = (&self.gpu, &self.model);
+        self.step += 1;
         let t0 = Instant::now();
         let mut tape = Tape::new();
         let vars = model.params.vars(&mut tape);
-        let out = model.forward(&mut tape, &vars, &b)?;
+        let out = model.forward(&mut tape, &vars, &self.b)?;
         gpu.sync()?;
         let t1 = Instant::now();
         let mut grads = tape.backward(&out.loss)?;
@@ -550,36 +564,49 @@ pub fn training_step(
         let t2 = Instant::now();
         let present: Vec<&Tensor> = grads.iter().flatten().collect();
         let clip = adamw::grad_norm(&present, 1.0)?;
-        for ((p, g), (m, v)) in model.params.params.iter().zip(&grads).zip(&state) {
+        let hp = AdamW::default();
+        for ((p, g), (m, v)) in model.params.params.iter().zip(&grads).zip(&self.state) {
             if let Some(g) = g {
-                adamw::adamw_step(
-                    &p.tensor,
-                    g,
-                    m,
-                    v,
-                    step as u64 + 1,
-                    &hp,
-                    decays(&p.name),
-                    Some(&clip),
-                )?;
+                adamw::adamw_step(&p.tensor, g, m, v, self.step, &hp, decays(&p.name), Some(&clip))?;
             }
         }
         drop(out);
         drop(vars);
         gpu.sync()?;
         let t3 = Instant::now();
-        if step == reps + 1 {
-            kernels = gpu.profile_stop()?;
-            continue;
-        }
-        if step == 0 {
-            allocs = gpu.pool_stats().allocations;
-            continue; // warm-up: pipelines compile, the pool fills
-        }
-        fw.push((t1 - t0).as_secs_f64());
-        bw.push((t2 - t1).as_secs_f64());
-        op.push((t3 - t2).as_secs_f64());
+        Ok([
+            (t1 - t0).as_secs_f64(),
+            (t2 - t1).as_secs_f64(),
+            (t3 - t2).as_secs_f64(),
+        ])
     }
+}
+
+/// Median forward / backward / AdamW times of one training step of `config`
+/// at `batch` over `reps` steps after a warm-up step, then one more step
+/// profiled per kernel.
+pub fn training_step(
+    gpu: &Arc<Gpu>,
+    config: ModelConfig,
+    batch: usize,
+    reps: usize,
+) -> Result<StepTimes> {
+    let mut sb = StepBench::new(gpu, config, batch)?;
+    sb.run()?; // warm-up: pipelines compile, matmuls tune, the pool fills
+    let allocs = gpu.pool_stats().allocations;
+    let submits = gpu.submit_count();
+    let (mut fw, mut bw, mut op) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..reps {
+        let [f, b, o] = sb.run()?;
+        fw.push(f);
+        bw.push(b);
+        op.push(o);
+    }
+    let submits_per_step = (gpu.submit_count() - submits) as f64 / reps as f64;
+    let allocations_after_first_step = gpu.pool_stats().allocations - allocs;
+    gpu.profile_start(true)?;
+    sb.run()?;
+    let kernels = gpu.profile_stop()?;
     let med = |mut v: Vec<f64>| {
         v.sort_by(|a, b| a.total_cmp(b));
         v[v.len() / 2]
@@ -592,7 +619,8 @@ pub fn training_step(
         optimizer_ms: o * 1e3,
         images_per_s: batch as f64 / (f + bk + o),
         peak_pool_mib: stats.peak_bytes as f64 / 1048576.0,
-        allocations_after_first_step: stats.allocations - allocs,
+        allocations_after_first_step,
+        submits_per_step,
         kernels,
     })
 }

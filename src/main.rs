@@ -289,20 +289,23 @@ fn bench(
                 "step_ms": st.forward_ms + st.backward_ms + st.optimizer_ms,
                 "images_per_s": st.images_per_s, "peak_pool_mib": st.peak_pool_mib,
                 "allocations_after_first_step": st.allocations_after_first_step,
+                "submits_per_step": st.submits_per_step,
                 "kernels": kernels,
             })
         );
     } else {
         println!(
             "\ntraining step, {config} config, batch {batch}: forward {:.1} ms, backward {:.1} ms, AdamW {:.1} ms \
-             (step {:.1} ms), {:.1} images/s; buffer pool peak {:.1} MiB; {} buffer allocations after the first step",
+             (step {:.1} ms), {:.1} images/s; buffer pool peak {:.1} MiB; {} buffer allocations after the first step; \
+             {:.1} submits per step",
             st.forward_ms,
             st.backward_ms,
             st.optimizer_ms,
             st.forward_ms + st.backward_ms + st.optimizer_ms,
             st.images_per_s,
             st.peak_pool_mib,
-            st.allocations_after_first_step
+            st.allocations_after_first_step,
+            st.submits_per_step
         );
         bench::print_kernel_times(&st.kernels, gpu.has_timestamps());
     }

@@ -49,6 +49,7 @@ struct Recorder {
     chunk: usize,
     offset: u64,
     dispatches: u64,
+    submits: u64,
     /// MAP_READ staging buffers for readback, by size.
     staging: HashMap<u64, Vec<wgpu::Buffer>>,
     profile: Option<Profiler>,
@@ -491,6 +492,7 @@ impl Gpu {
                 p.resolve(&mut enc);
             }
             self.queue.submit([enc.finish()]);
+            rec.submits += 1;
             if let Some(p) = &mut rec.profile {
                 p.collect(&self.device)?;
             }
@@ -553,6 +555,11 @@ impl Gpu {
         staging.unmap();
         rec.staging.entry(size).or_default().push(staging);
         Ok(out)
+    }
+
+    /// Command buffers submitted since this context was made (for bench).
+    pub fn submit_count(&self) -> u64 {
+        self.rec.lock().unwrap().submits
     }
 
     /// Dispatches recorded since this context was made (for tests/bench).
