@@ -5,6 +5,7 @@
 //! gradient is central finite differences.
 mod common;
 use clip_wgpu::ops::attention::attention;
+use clip_wgpu::ops::permute::swap12_pad;
 use clip_wgpu::ops::softmax::Mask;
 use clip_wgpu::Tape;
 use common::*;
@@ -107,4 +108,33 @@ fn attention_padded_to_multiple_of_four_matches_reference() {
 fn attention_unpadded_matches_reference() {
     check(8, 2, 4, true, true);
     check(7, 2, 5, true, true);
+}
+
+/// The padded axis swap under attention, on both kernels (inner axis a
+/// multiple of 4: vec4 moves; else scalar), padding and cropping.
+#[test]
+fn swap12_pad_matches_reference() {
+    let Some(gpu) = gpu() else { return };
+    for (dims, x_out, y_out) in [
+        ([2, 7, 3, 4], 8, 3),
+        ([2, 7, 3, 3], 9, 3),
+        ([2, 3, 8, 8], 3, 7),
+        ([1, 5, 6, 1], 5, 6),
+    ] {
+        let [na, nx, ny, nz] = dims;
+        let x: Vec<f64> = (0..na * nx * ny * nz).map(|i| i as f64 + 1.0).collect();
+        let got = download(&swap12_pad(&upload(&gpu, &x, &[x.len()]), dims, x_out, y_out).unwrap());
+        let mut want = vec![0.0; na * y_out * x_out * nz];
+        for a in 0..na {
+            for y in 0..y_out.min(ny) {
+                for xi in 0..x_out.min(nx) {
+                    for z in 0..nz {
+                        want[((a * y_out + y) * x_out + xi) * nz + z] =
+                            x[((a * nx + xi) * ny + y) * nz + z];
+                    }
+                }
+            }
+        }
+        assert_eq!(got, want, "swap12_pad {dims:?} -> x {x_out}, y {y_out}");
+    }
 }
