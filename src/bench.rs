@@ -436,34 +436,30 @@ pub fn bench_config(name: &str) -> Result<ModelConfig> {
 /// 12 layers, 12 heads, 224 px, patch 32; text 512 wide, 12 layers, 8 heads,
 /// 77 tokens, vocab 49,408; projection 512; quick_gelu.
 pub fn b32_config() -> ModelConfig {
-    let v = serde_json::json!({
-        "model_type": "clip",
-        "projection_dim": 512,
-        "logit_scale_init_value": 2.6592,
-        "vision_config": {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
-            "num_attention_heads": 12, "image_size": 224, "patch_size": 32, "hidden_act": "quick_gelu"},
-        "text_config": {"hidden_size": 512, "intermediate_size": 2048, "num_hidden_layers": 12,
-            "num_attention_heads": 8, "max_position_embeddings": 77, "vocab_size": 49408,
-            "hidden_act": "quick_gelu", "eos_token_id": 49407}
-    });
-    ModelConfig::from_value(v, "b32 config").expect("valid built-in config")
+    clip_arch("b32 config", [768, 3072, 12, 12, 224, 32], [512, 2048, 12, 8], 512)
 }
 
 /// The demo model of `clip-wgpu train` (issue: vision 64 px, patch 8, width
 /// 128, 4 layers, 4 heads, MLP 512; text the same with 77 positions and
 /// CLIP's 49,408-token vocabulary; projection 128; quick_gelu).
 pub fn tiny_config() -> ModelConfig {
-    let v = serde_json::json!({
+    clip_arch("tiny config", [128, 512, 4, 4, 64, 8], [128, 512, 4, 4], 128)
+}
+
+/// A CLIP config: vision [width, mlp, layers, heads, image, patch], text
+/// [width, mlp, layers, heads] with 77 positions and CLIP's vocabulary.
+fn clip_arch(name: &str, v: [usize; 6], t: [usize; 4], proj: usize) -> ModelConfig {
+    let cfg = serde_json::json!({
         "model_type": "clip",
-        "projection_dim": 128,
+        "projection_dim": proj,
         "logit_scale_init_value": 2.6592,
-        "vision_config": {"hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 4,
-            "num_attention_heads": 4, "image_size": 64, "patch_size": 8, "hidden_act": "quick_gelu"},
-        "text_config": {"hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 4,
-            "num_attention_heads": 4, "max_position_embeddings": 77, "vocab_size": 49408,
+        "vision_config": {"hidden_size": v[0], "intermediate_size": v[1], "num_hidden_layers": v[2],
+            "num_attention_heads": v[3], "image_size": v[4], "patch_size": v[5], "hidden_act": "quick_gelu"},
+        "text_config": {"hidden_size": t[0], "intermediate_size": t[1], "num_hidden_layers": t[2],
+            "num_attention_heads": t[3], "max_position_embeddings": 77, "vocab_size": 49408,
             "hidden_act": "quick_gelu", "eos_token_id": 49407}
     });
-    ModelConfig::from_value(v, "tiny config").expect("valid built-in config")
+    ModelConfig::from_value(cfg, name).expect("valid built-in config")
 }
 
 pub struct StepTimes {

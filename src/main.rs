@@ -91,7 +91,7 @@ enum Cmd {
         #[arg(long)]
         json: bool,
         /// Skip the kernel table (whole steps only).
-        #[arg(long)]
+        #[arg(long, alias = "step_only")]
         step_only: bool,
         /// Force the matmul kernel: regs, vec4 or tiled (env CLIP_WGPU_MATMUL);
         /// default: measured per adapter and shape (autotuned, cached).
