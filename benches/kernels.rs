@@ -22,7 +22,9 @@ fn gpu() -> Arc<Gpu> {
 
 fn filled(gpu: &Arc<Gpu>, shape: &[usize]) -> Tensor {
     let n: usize = shape.iter().product();
-    let v: Vec<f32> = (0..n).map(|i| ((i * 7919 % 2003) as f32 / 1001.5) - 1.0).collect();
+    let v: Vec<f32> = (0..n)
+        .map(|i| ((i * 7919 % 2003) as f32 / 1001.5) - 1.0)
+        .collect();
     Tensor::from_slice(gpu, &v, shape).unwrap()
 }
 
@@ -44,9 +46,18 @@ fn matmuls(c: &mut Criterion) {
     let rows = 32 * 77;
     for (name, gm) in [
         ("1024^3 NN", Gemm::new(1, 1024, 1024, 1024)),
-        ("text fc1 (2464x512x128 NT)", Gemm::new(1, rows, 512, 128).tb(true)),
-        ("text fc1 dW (512x128x2464 TN)", Gemm::new(1, 512, 128, rows).ta(true)),
-        ("attn scores (128x80x80x32 NT)", Gemm::new(128, 80, 80, 32).tb(true)),
+        (
+            "text fc1 (2464x512x128 NT)",
+            Gemm::new(1, rows, 512, 128).tb(true),
+        ),
+        (
+            "text fc1 dW (512x128x2464 TN)",
+            Gemm::new(1, 512, 128, rows).ta(true),
+        ),
+        (
+            "attn scores (128x80x80x32 NT)",
+            Gemm::new(128, 80, 80, 32).tb(true),
+        ),
     ] {
         let a = filled(&gpu, &[gm.batch * gm.m * gm.k]);
         let b = filled(&gpu, &[gm.batch * gm.k * gm.n]);

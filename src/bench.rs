@@ -111,7 +111,7 @@ pub fn calibrate(gpu: &Arc<Gpu>, reps: usize) -> Result<(Peak, Vec<Measure>)> {
         },
         Measure {
             kernel: "peak: copy (calibration)".into(),
-            shape: format!("{} MiB", len * 4 >> 20),
+            shape: format!("{} MiB", (len * 4) >> 20),
             median_ms: tc * 1e3,
             rate: gbps,
             unit: "GB/s",
@@ -163,8 +163,16 @@ fn towers(config: &ModelConfig) -> Vec<Tower> {
     let v = &config.vision;
     let act = |s: &str| Act::from_hf(s).unwrap_or(Act::Gelu);
     let (t_heads, t_mlp, t_act) = match &config.text {
-        TextConfig::Clip(c) => (c.num_attention_heads, c.intermediate_size, act(&c.hidden_act)),
-        TextConfig::Roberta(c) => (c.num_attention_heads, c.intermediate_size, act(&c.hidden_act)),
+        TextConfig::Clip(c) => (
+            c.num_attention_heads,
+            c.intermediate_size,
+            act(&c.hidden_act),
+        ),
+        TextConfig::Roberta(c) => (
+            c.num_attention_heads,
+            c.intermediate_size,
+            act(&c.hidden_act),
+        ),
     };
     vec![
         Tower {
@@ -436,14 +444,24 @@ pub fn bench_config(name: &str) -> Result<ModelConfig> {
 /// 12 layers, 12 heads, 224 px, patch 32; text 512 wide, 12 layers, 8 heads,
 /// 77 tokens, vocab 49,408; projection 512; quick_gelu.
 pub fn b32_config() -> ModelConfig {
-    clip_arch("b32 config", [768, 3072, 12, 12, 224, 32], [512, 2048, 12, 8], 512)
+    clip_arch(
+        "b32 config",
+        [768, 3072, 12, 12, 224, 32],
+        [512, 2048, 12, 8],
+        512,
+    )
 }
 
 /// The demo model of `clip-wgpu train` (issue: vision 64 px, patch 8, width
 /// 128, 4 layers, 4 heads, MLP 512; text the same with 77 positions and
 /// CLIP's 49,408-token vocabulary; projection 128; quick_gelu).
 pub fn tiny_config() -> ModelConfig {
-    clip_arch("tiny config", [128, 512, 4, 4, 64, 8], [128, 512, 4, 4], 128)
+    clip_arch(
+        "tiny config",
+        [128, 512, 4, 4, 64, 8],
+        [128, 512, 4, 4],
+        128,
+    )
 }
 
 /// A CLIP config: vision [width, mlp, layers, heads, image, patch], text
@@ -563,7 +581,16 @@ impl StepBench {
         let hp = AdamW::default();
         for ((p, g), (m, v)) in model.params.params.iter().zip(&grads).zip(&self.state) {
             if let Some(g) = g {
-                adamw::adamw_step(&p.tensor, g, m, v, self.step, &hp, decays(&p.name), Some(&clip))?;
+                adamw::adamw_step(
+                    &p.tensor,
+                    g,
+                    m,
+                    v,
+                    self.step,
+                    &hp,
+                    decays(&p.name),
+                    Some(&clip),
+                )?;
             }
         }
         drop(out);
@@ -651,7 +678,10 @@ pub fn print_kernel_times(k: &[KernelTime], timestamps: bool) {
     );
     let mut k = k.to_vec();
     k.sort_by(|a, b| b.seconds.total_cmp(&a.seconds));
-    println!("{:<48} {:>6} {:>10} {:>7}", "kernel", "calls", "ms", "share");
+    println!(
+        "{:<48} {:>6} {:>10} {:>7}",
+        "kernel", "calls", "ms", "share"
+    );
     for t in &k {
         println!(
             "{:<48} {:>6} {:>10.2} {:>6.1}%",

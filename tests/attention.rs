@@ -63,14 +63,20 @@ fn check(t: usize, h: usize, dh: usize, causal: bool, padded_keys: bool) {
         vec![t, t]
     };
     let mut rng = Rng::new(t as u64 * 31 + dh as u64);
-    let (q, k, v) = (rng.vec(b * t * d, 1.0), rng.vec(b * t * d, 1.0), rng.vec(b * t * d, 1.0));
+    let (q, k, v) = (
+        rng.vec(b * t * d, 1.0),
+        rng.vec(b * t * d, 1.0),
+        rng.vec(b * t * d, 1.0),
+    );
     let w = rng.vec(b * t * d, 1.0);
     let shape = [b, t, d];
     let mut tape = Tape::new();
     let qv = tape.param(upload(&gpu, &q, &shape));
     let kv = tape.param(upload(&gpu, &k, &shape));
     let vv = tape.param(upload(&gpu, &v, &shape));
-    let valid: Vec<f64> = (0..b * t).map(|i| (i % t < lens[i / t]) as u8 as f64).collect();
+    let valid: Vec<f64> = (0..b * t)
+        .map(|i| (i % t < lens[i / t]) as u8 as f64)
+        .collect();
     let mask = Mask {
         causal,
         key_valid: padded_keys.then(|| upload(&gpu, &valid, &[b, t])),
@@ -80,11 +86,14 @@ fn check(t: usize, h: usize, dh: usize, causal: bool, padded_keys: bool) {
     assert_eq!(out.shape(), &shape);
     let what = format!("attention t={t} h={h} dh={dh} causal={causal} padding={padded_keys}");
     let want = attention_ref(&q, &k, &v, b, t, h, dh, causal, &lens);
-    assert_close(&format!("{what} forward"), &download(out.tensor()), &want, 2e-6);
+    assert_close(
+        &format!("{what} forward"),
+        &download(out.tensor()),
+        &want,
+        2e-6,
+    );
     // Gradients of L = sum(out * w).
-    let mut grads = tape
-        .backward_with(&out, upload(&gpu, &w, &shape))
-        .unwrap();
+    let mut grads = tape.backward_with(&out, upload(&gpu, &w, &shape)).unwrap();
     let loss = |q: &[f64], k: &[f64], v: &[f64]| {
         dot(&attention_ref(q, k, v, b, t, h, dh, causal, &lens), &w)
     };

@@ -22,7 +22,10 @@ fn fma_peak_matches_reference() {
         }
     }
     eprintln!("fma_peak: max error {worst:.3e}");
-    assert!(worst < 1e-5, "fma_peak differs from its reference by {worst:e}");
+    assert!(
+        worst < 1e-5,
+        "fma_peak differs from its reference by {worst:e}"
+    );
 }
 
 #[test]

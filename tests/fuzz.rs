@@ -649,7 +649,8 @@ fn fuzz_config() {
 fn config_errors_name_file_and_key() {
     // A few fixed cases the fuzzer reaches only by luck.
     let base: Value = serde_json::from_slice(&read("clip/model/config.json")).unwrap();
-    let cases: Vec<(Box<dyn Fn(&mut Value)>, &str)> = vec![
+    type Mutation = Box<dyn Fn(&mut Value)>;
+    let cases: Vec<(Mutation, &str)> = vec![
         (
             Box::new(|v| v["vision_config"]["hidden_size"] = json!("abc")),
             "vision_config.hidden_size",

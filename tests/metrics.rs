@@ -31,6 +31,7 @@ fn v(x: &[f32]) -> Vec<f32> {
 /// 0); B's t2 ties with t4 and wins (rank 0); C's best t3 is behind t1
 /// (rank 1). Text to image: t0 rank 0, t1 rank 2, t2 rank 0, t3 rank 1,
 /// t4 rank 1.
+#[allow(clippy::type_complexity)]
 fn three_images() -> (Vec<Vec<f32>>, Vec<Vec<f32>>, Vec<u64>, Vec<u64>) {
     let images = vec![
         v(&[1.0, 0.0, 0.0]),

@@ -214,8 +214,8 @@ fn csv_and_jsonl_with_bad_images_skipped_and_reported() {
     csv += "imgs/corrupt.png,broken\nimgs/missing.png,gone\n";
     std::fs::write(root.join("train.csv"), csv).unwrap();
     let mut jsonl = String::new();
-    for i in 0..4 {
-        jsonl += &serde_json::json!({"file": format!("imgs/{i}.png"), "text": format!("a {} picture", COLOURS[i])}).to_string();
+    for (i, colour) in COLOURS.iter().enumerate().take(4) {
+        jsonl += &serde_json::json!({"file": format!("imgs/{i}.png"), "text": format!("a {colour} picture")}).to_string();
         jsonl += "\n";
     }
     std::fs::write(root.join("val.jsonl"), jsonl).unwrap();
@@ -246,8 +246,8 @@ fn csv_and_jsonl_with_bad_images_skipped_and_reported() {
     assert!(msg.contains("train.csv") && msg.contains("file"), "{msg}");
     // Same columns in both files.
     let mut jsonl = String::new();
-    for i in 0..4 {
-        jsonl += &serde_json::json!({"image_path": format!("imgs/{i}.png"), "caption": format!("a {} picture", COLOURS[i])}).to_string();
+    for (i, colour) in COLOURS.iter().enumerate().take(4) {
+        jsonl += &serde_json::json!({"image_path": format!("imgs/{i}.png"), "caption": format!("a {colour} picture")}).to_string();
         jsonl += "\n";
     }
     std::fs::write(&val, jsonl).unwrap();

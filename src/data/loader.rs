@@ -193,7 +193,7 @@ impl Loader {
                 examples.len()
             );
         }
-        if !processor.do_center_crop && !(processor.do_resize && processor.resize_to.is_some()) {
+        if !processor.do_center_crop && (!processor.do_resize || processor.resize_to.is_none()) {
             bail!(
                 "batches need one picture size, but this image processor neither center-crops \
                  (do_center_crop) nor resizes to a fixed height and width"

@@ -2,7 +2,7 @@
 //! layouts `run_clip.py` users have on disk.
 //!
 //! - [`coco`]: COCO 2017 captions (`annotations/captions_{train,val}2017.json`
-//!   + `{train,val}2017/`), one example per caption in annotation order, as
+//!   and `{train,val}2017/`), one example per caption in annotation order, as
 //!   the `ydshieh/coco_dataset_script` "2017" config that the transformers
 //!   example uses gives them.
 //! - [`table`]: a CSV or JSON-lines file with an image-path column and a
@@ -477,13 +477,16 @@ fn csv_rows(file: &Path, text: &str) -> Result<Rows> {
     })
 }
 
+/// Rows of a CSV file, each with its line number.
+pub type CsvRows = Vec<(usize, Vec<String>)>;
+
 /// RFC 4180 CSV: `,` separated, `"` quoted fields with `""` for a quote,
 /// commas and line breaks allowed inside quotes, `\r\n`, `\n` or `\r` line
 /// ends. Blank lines are dropped (as pandas does). Like Python's csv module,
 /// text after a closing quote is appended to the field, and a quote inside an
 /// unquoted field is literal. Returns each record with the line it starts
 /// on; errors are (line, message).
-pub fn parse_csv(text: &str) -> std::result::Result<Vec<(usize, Vec<String>)>, (usize, String)> {
+pub fn parse_csv(text: &str) -> std::result::Result<CsvRows, (usize, String)> {
     let mut records = Vec::new();
     let mut row: Vec<String> = Vec::new();
     let mut field = String::new();
@@ -694,7 +697,7 @@ pub fn split_holdout(
             k.min(n)
         }
     };
-    shuffle(&mut ids, seed ^ 0x5eed_0f_4f01d);
+    shuffle(&mut ids, seed ^ 0x5ee_d0f4_f01d);
     let held: HashSet<u64> = ids[..take].iter().copied().collect();
     examples
         .into_iter()

@@ -13,9 +13,9 @@ use std::sync::{Arc, Mutex};
 
 pub use adapter::AdapterRequest;
 pub use pool::PoolStats;
+use pool::{bucket, Pool, STORAGE_USAGE};
 pub use profile::KernelTime;
 use profile::Profiler;
-use pool::{bucket, Pool, STORAGE_USAGE};
 
 /// One WGSL file: its name (for errors and the cache) and its source.
 pub struct Shader {

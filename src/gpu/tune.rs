@@ -16,7 +16,10 @@ pub(crate) struct TuneCache {
 /// Whether kernel choices are measured on first use (`CLIP_WGPU_TUNE=0`
 /// turns it off: built-in heuristics instead).
 pub fn enabled() -> bool {
-    !matches!(std::env::var("CLIP_WGPU_TUNE").as_deref(), Ok("0" | "off" | "false"))
+    !matches!(
+        std::env::var("CLIP_WGPU_TUNE").as_deref(),
+        Ok("0" | "off" | "false")
+    )
 }
 
 fn cache_dir() -> Option<PathBuf> {
@@ -78,7 +81,9 @@ impl TuneCache {
         };
         if let Some(p) = &self.path {
             let tmp = p.with_extension(format!("tmp{}", std::process::id()));
-            let ok = p.parent().is_some_and(|d| std::fs::create_dir_all(d).is_ok())
+            let ok = p
+                .parent()
+                .is_some_and(|d| std::fs::create_dir_all(d).is_ok())
                 && std::fs::write(&tmp, text).is_ok()
                 && std::fs::rename(&tmp, p).is_ok();
             if !ok {

@@ -288,12 +288,10 @@ fn choose(
         if a_bs == 0 { " a-shared" } else { "" },
         if b_bs == 0 { " b-shared" } else { "" },
     );
-    if let Some(found) = gpu.tuned(&key).and_then(|v| {
-        candidates
-            .iter()
-            .copied()
-            .find(|c| choice_name(*c) == v)
-    }) {
+    if let Some(found) = gpu
+        .tuned(&key)
+        .and_then(|v| candidates.iter().copied().find(|c| choice_name(*c) == v))
+    {
         return Ok(found);
     }
     let scratch = Tensor::empty(gpu, c.shape())?;

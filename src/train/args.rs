@@ -1278,7 +1278,7 @@ pub fn parse(argv: &[String]) -> Result<(TrainArgs, Vec<String>)> {
                 }
             }
         }
-        ensure!(!(negated && !values.is_empty()), "{typed} takes no value");
+        ensure!(!negated || values.is_empty(), "{typed} takes no value");
         let target = match sp.act {
             Act::Alias(t) => spec(t).expect("alias target"),
             _ => sp,

@@ -167,6 +167,7 @@ fn count_ranks(
         .clamp(1, n_images.max(1));
     let chunk = n_images.div_ceil(threads).max(1);
     let n_texts = counter.owner.len();
+    #[allow(clippy::type_complexity)]
     let results: Vec<Result<(Vec<(usize, Option<usize>)>, Vec<usize>)>> =
         std::thread::scope(|sc| {
             let c = &*counter;
@@ -487,6 +488,7 @@ impl MetricsLog {
 
 /// The points of a loss chart from log records: `(step, loss)` of training
 /// events and `(step, eval_loss)` of evaluation events (null losses skipped).
+#[allow(clippy::type_complexity)]
 pub fn loss_points(records: &[Map<String, Value>]) -> (Vec<(f64, f64)>, Vec<(f64, f64)>) {
     let mut train = Vec::new();
     let mut eval = Vec::new();
