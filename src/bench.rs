@@ -490,6 +490,10 @@ pub struct StepTimes {
     /// Command-buffer submits per step (the phases are waited for here, so
     /// at least 3).
     pub submits_per_step: f64,
+    /// Median of whole steps recorded as one command buffer (no waits
+    /// between the phases), and the submits each took.
+    pub step_ms: f64,
+    pub step_submits: f64,
     /// GPU time per kernel over one more (profiled) step.
     pub kernels: Vec<KernelTime>,
 }
@@ -564,17 +568,29 @@ impl StepBench {
     /// Run one step; seconds spent in forward, backward and the optimizer
     /// (each phase waited for).
     pub fn run(&mut self) -> Result<[f64; 3]> {
+        self.run_with(true)
+    }
+
+    /// One step recorded into one command buffer and submitted once
+    /// (no waits between the phases); its wall time.
+    pub fn run_whole(&mut self) -> Result<f64> {
+        let t = self.run_with(false)?;
+        Ok(t.iter().sum())
+    }
+
+    fn run_with(&mut self, phases: bool) -> Result<[f64; 3]> {
         let (gpu, model) = (&self.gpu, &self.model);
+        let wait = |gpu: &Gpu| if phases { gpu.sync() } else { Ok(()) };
         self.step += 1;
         let t0 = Instant::now();
         let mut tape = Tape::new();
         let vars = model.params.vars(&mut tape);
         let out = model.forward(&mut tape, &vars, &self.b)?;
-        gpu.sync()?;
+        wait(gpu)?;
         let t1 = Instant::now();
         let mut grads = tape.backward(&out.loss)?;
         let grads = model.params.grads(&vars, &mut grads);
-        gpu.sync()?;
+        wait(gpu)?;
         let t2 = Instant::now();
         let present: Vec<&Tensor> = grads.iter().flatten().collect();
         let clip = adamw::grad_norm(&present, 1.0)?;
@@ -614,6 +630,10 @@ pub fn training_step(
     batch: usize,
     reps: usize,
 ) -> Result<StepTimes> {
+    let med = |mut v: Vec<f64>| {
+        v.sort_by(|a, b| a.total_cmp(b));
+        v[v.len() / 2]
+    };
     let mut sb = StepBench::new(gpu, config, batch)?;
     sb.run()?; // warm-up: pipelines compile, matmuls tune, the pool fills
     let allocs = gpu.pool_stats().allocations;
@@ -626,14 +646,16 @@ pub fn training_step(
         op.push(o);
     }
     let submits_per_step = (gpu.submit_count() - submits) as f64 / reps as f64;
+    let mut whole = Vec::new();
+    let submits = gpu.submit_count();
+    for _ in 0..reps {
+        whole.push(sb.run_whole()?);
+    }
+    let whole_submits = (gpu.submit_count() - submits) as f64 / reps as f64;
     let allocations_after_first_step = gpu.pool_stats().allocations - allocs;
     gpu.profile_start(true)?;
     sb.run()?;
     let kernels = gpu.profile_stop()?;
-    let med = |mut v: Vec<f64>| {
-        v.sort_by(|a, b| a.total_cmp(b));
-        v[v.len() / 2]
-    };
     let (f, bk, o) = (med(fw), med(bw), med(op));
     let stats = gpu.pool_stats();
     Ok(StepTimes {
@@ -644,6 +666,8 @@ pub fn training_step(
         peak_pool_mib: stats.peak_bytes as f64 / 1048576.0,
         allocations_after_first_step,
         submits_per_step,
+        step_ms: med(whole) * 1e3,
+        step_submits: whole_submits,
         kernels,
     })
 }

@@ -83,3 +83,42 @@ fn wrong_bindings_are_an_error() {
     assert!(format!("{err:#}").contains("elementwise"), "{err:#}");
     gpu.sync().unwrap();
 }
+
+/// Uploads are staged in the command stream: a write lands after the work
+/// recorded before it and before the work recorded after it, without a
+/// flush in between (one submit), also for uploads that fill several
+/// staging chunks and for one too large to stage.
+#[test]
+fn writes_are_ordered_with_recorded_work() {
+    let Some(gpu) = common::own_gpu() else { return };
+    let x = Tensor::from_slice(&gpu, &[1.0, 2.0, 3.0], &[3]).unwrap();
+    let before = elementwise::add(&x, &x).unwrap(); // recorded with x = 1, 2, 3
+    x.write(&[10.0, 20.0, 30.0]).unwrap();
+    let after = elementwise::add(&x, &x).unwrap();
+    let submits = gpu.submit_count();
+    assert_eq!(before.to_vec().unwrap(), vec![2.0, 4.0, 6.0]);
+    assert_eq!(gpu.submit_count(), submits + 1, "the write flushed early");
+    assert_eq!(after.to_vec().unwrap(), vec![20.0, 40.0, 60.0]);
+    // 3 MiB each: several staging chunks in one submit (and past the
+    // staging bound, which submits early), then one too large to stage.
+    let sizes = [3 << 18, 3 << 18, 3 << 18, 3 << 18, 3 << 18, 5 << 18];
+    let inputs: Vec<Vec<f32>> = sizes
+        .iter()
+        .map(|&n| (0..n).map(|i| ((i + n) % 1000) as f32).collect())
+        .collect();
+    let sums: Vec<Tensor> = inputs
+        .iter()
+        .map(|d| {
+            let t = Tensor::from_slice(&gpu, d, &[d.len()]).unwrap();
+            elementwise::add(&t, &t).unwrap()
+        })
+        .collect();
+    for (d, s) in inputs.iter().zip(&sums) {
+        let got = s.to_vec().unwrap();
+        assert!(
+            got.iter().zip(d).all(|(g, v)| *g == 2.0 * v),
+            "upload of {} floats",
+            d.len()
+        );
+    }
+}

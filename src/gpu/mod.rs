@@ -34,6 +34,11 @@ pub enum DeviceClass {
 /// Uniform parameters of one dispatch live in a slot of a chunk; chunks are
 /// reused across submits so a steady step allocates no parameter buffers.
 const PARAM_CHUNK: u64 = 64 * 1024;
+/// Uploads up to this size are staged in the recorder (see `write`); larger
+/// ones go straight to the queue after a flush.
+const UPLOAD_CHUNK: u64 = 4 << 20;
+/// Chunks of staged uploads one submit may hold.
+const UPLOAD_CHUNKS: usize = 4;
 /// Largest parameter block a kernel may take, in u32 words.
 pub const MAX_PARAMS: usize = 32;
 
@@ -50,6 +55,12 @@ struct Recorder {
     offset: u64,
     dispatches: u64,
     submits: u64,
+    /// Host-staged uploads: like the parameter chunks, written to their GPU
+    /// buffers just before the submit and copied into place by commands in
+    /// order with the dispatches, so an upload needs no flush.
+    uploads: Vec<ParamChunk>,
+    upload_chunk: usize,
+    upload_offset: u64,
     /// MAP_READ staging buffers for readback, by size.
     staging: HashMap<u64, Vec<wgpu::Buffer>>,
     profile: Option<Profiler>,
@@ -487,6 +498,15 @@ impl Gpu {
             for c in &rec.chunks[..used] {
                 self.queue.write_buffer(&c.buf, 0, &c.data);
             }
+            let staged = rec.upload_chunk + usize::from(rec.upload_offset > 0);
+            for (i, c) in rec.uploads[..staged].iter().enumerate() {
+                let end = if i + 1 == staged && rec.upload_offset > 0 {
+                    rec.upload_offset as usize
+                } else {
+                    c.data.len()
+                };
+                self.queue.write_buffer(&c.buf, 0, &c.data[..end]);
+            }
             let mut enc = enc;
             if let Some(p) = &rec.profile {
                 p.resolve(&mut enc);
@@ -499,6 +519,8 @@ impl Gpu {
         }
         rec.chunk = 0;
         rec.offset = 0;
+        rec.upload_chunk = 0;
+        rec.upload_offset = 0;
         self.check()
     }
 
@@ -511,10 +533,44 @@ impl Gpu {
     /// Copy host bytes into a buffer. Pending work is submitted first so that
     /// it still sees the old contents (queue writes land before the next submit).
     pub fn write(&self, buf: &wgpu::Buffer, data: &[u8]) -> Result<()> {
-        self.flush()?;
-        if !data.is_empty() {
-            self.queue.write_buffer(buf, 0, data);
+        if data.is_empty() {
+            return Ok(());
         }
+        let len = (data.len() as u64).next_multiple_of(4);
+        if len > UPLOAD_CHUNK {
+            self.flush()?;
+            self.queue.write_buffer(buf, 0, data);
+            return Ok(());
+        }
+        // Staged: copied into place in order with the recorded dispatches.
+        let mut rec = self.rec.lock().unwrap();
+        if rec.upload_offset + len > UPLOAD_CHUNK {
+            rec.upload_chunk += 1;
+            rec.upload_offset = 0;
+            if rec.upload_chunk == UPLOAD_CHUNKS {
+                // Bound the staging memory (e.g. loading a model): submit.
+                self.flush_locked(&mut rec)?;
+            }
+        }
+        if rec.upload_chunk == rec.uploads.len() {
+            let buf = self.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("uploads"),
+                size: UPLOAD_CHUNK,
+                usage: wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            });
+            rec.uploads.push(ParamChunk {
+                buf,
+                data: vec![0; UPLOAD_CHUNK as usize],
+            });
+        }
+        let (c, o) = (rec.upload_chunk, rec.upload_offset as usize);
+        rec.uploads[c].data[o..o + data.len()].copy_from_slice(data);
+        rec.upload_offset += len.next_multiple_of(wgpu::COPY_BUFFER_ALIGNMENT.max(4));
+        let src = rec.uploads[c].buf.clone();
+        let n = (data.len() as u64).next_multiple_of(wgpu::COPY_BUFFER_ALIGNMENT);
+        self.encoder(&mut rec)
+            .copy_buffer_to_buffer(&src, o as u64, buf, 0, n.min(buf.size()));
         Ok(())
     }
 
