@@ -141,3 +141,25 @@ fn backward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgrou
     if i >= p.n { return; }
     out[i] = dy[i] * act_grad(x[i]);
 }
+
+// The same four values at a time (n % 4 == 0): llvmpipe loads a whole vec4
+// in one per-lane loop, a quarter of the loads. Same bindings, as vec4s.
+@group(0) @binding(1) var<storage, read> x4: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read_write> out4: array<vec4<f32>>;
+@group(0) @binding(3) var<storage, read> dy4: array<vec4<f32>>;
+
+@compute @workgroup_size(256, 1, 1)
+fn forward4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = gid.x + gid.y * nwg.x * 256u;
+    if i >= p.n / 4u { return; }
+    let v = x4[i];
+    out4[i] = vec4(act(v.x), act(v.y), act(v.z), act(v.w));
+}
+
+@compute @workgroup_size(256, 1, 1)
+fn backward4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = gid.x + gid.y * nwg.x * 256u;
+    if i >= p.n / 4u { return; }
+    let v = x4[i];
+    out4[i] = dy4[i] * vec4(act_grad(v.x), act_grad(v.y), act_grad(v.z), act_grad(v.w));
+}

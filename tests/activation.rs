@@ -74,7 +74,7 @@ fn activations_match_reference() {
     let Some(gpu) = gpu() else { return };
     let mut seed = 1;
     for a in ALL {
-        for n in [1, 7, 50, 257, 4099] {
+        for n in [1, 7, 50, 64, 257, 4096, 4099] {
             let mut r = Rng::new(seed);
             seed += 1;
             let x = inputs(&mut r, n);

@@ -51,12 +51,17 @@ pub fn forward(x: &Tensor, a: Act) -> Result<Tensor> {
     let gpu = x.gpu();
     let n = x.numel();
     let y = Tensor::empty(gpu, x.shape())?;
+    let (entry, w) = if n.is_multiple_of(4) {
+        ("forward4", 4)
+    } else {
+        ("forward", 1)
+    };
     gpu.dispatch(
         &SHADER,
-        "forward",
+        entry,
         &[u(n), a.code(), 0, 0],
         &[Some(x.buffer()), Some(y.buffer())],
-        gpu.grid_1d(n, 256),
+        gpu.grid_1d(n / w, 256),
     )?;
     Ok(y)
 }
@@ -72,12 +77,17 @@ pub fn backward(x: &Tensor, dy: &Tensor, a: Act) -> Result<Tensor> {
     let gpu = x.gpu();
     let n = x.numel();
     let dx = Tensor::empty(gpu, x.shape())?;
+    let (entry, w) = if n.is_multiple_of(4) {
+        ("backward4", 4)
+    } else {
+        ("backward", 1)
+    };
     gpu.dispatch(
         &SHADER,
-        "backward",
+        entry,
         &[u(n), a.code(), 0, 0],
         &[Some(x.buffer()), Some(dx.buffer()), Some(dy.buffer())],
-        gpu.grid_1d(n, 256),
+        gpu.grid_1d(n / w, 256),
     )?;
     Ok(dx)
 }

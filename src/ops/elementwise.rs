@@ -22,12 +22,18 @@ pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     );
     let gpu = a.gpu();
     let out = Tensor::empty(gpu, a.shape())?;
+    // Whole vec4s where both extents allow.
+    let (entry, w) = if n.is_multiple_of(4) && nb.is_multiple_of(4) {
+        ("add4", 4)
+    } else {
+        ("add", 1)
+    };
     gpu.dispatch(
         &SHADER,
-        "add",
+        entry,
         &[u(n), u(nb), 0, 0],
         &[Some(a.buffer()), Some(b.buffer()), Some(out.buffer())],
-        gpu.grid_1d(n, 256),
+        gpu.grid_1d(n / w, 256),
     )?;
     Ok(out)
 }
@@ -41,12 +47,18 @@ pub fn add_assign(acc: &Tensor, g: &Tensor) -> Result<()> {
         g.shape()
     );
     let gpu = acc.gpu();
+    let n = acc.numel();
+    let (entry, w) = if n.is_multiple_of(4) {
+        ("add_assign4", 4)
+    } else {
+        ("add_assign", 1)
+    };
     gpu.dispatch(
         &ACC,
-        "add_assign",
-        &[u(acc.numel()), 0, 0, 0],
+        entry,
+        &[u(n), 0, 0, 0],
         &[Some(g.buffer()), Some(acc.buffer())],
-        gpu.grid_1d(acc.numel(), 256),
+        gpu.grid_1d(n / w, 256),
     )
 }
 
