@@ -4,7 +4,8 @@
 //! does not (8), with causal and key-padding masks; the reference's own
 //! gradient is central finite differences.
 mod common;
-use clip_wgpu::ops::attention::attention;
+use clip_wgpu::ops::attention::{attention, attention_unfused};
+use clip_wgpu::ops::attention_fused::{attention_fused, Dims};
 use clip_wgpu::ops::permute::swap12_pad;
 use clip_wgpu::ops::softmax::Mask;
 use clip_wgpu::Tape;
@@ -21,7 +22,7 @@ fn attention_ref(
     h: usize,
     dh: usize,
     causal: bool,
-    lens: &[usize],
+    valid: &[bool],
 ) -> Vec<f64> {
     let d = h * dh;
     let scale = (dh as f64).powf(-0.5);
@@ -30,7 +31,7 @@ fn attention_ref(
         for hi in 0..h {
             for i in 0..t {
                 let at = |x: &[f64], j: usize, e: usize| x[(bi * t + j) * d + hi * dh + e];
-                let keep = |j: usize| (!causal || j <= i) && j < lens[bi];
+                let keep = |j: usize| (!causal || j <= i) && valid[bi * t + j];
                 let s: Vec<f64> = (0..t)
                     .map(|j| {
                         if keep(j) {
@@ -41,6 +42,9 @@ fn attention_ref(
                     })
                     .collect();
                 let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                if m == f64::NEG_INFINITY {
+                    continue; // no visible key: the output row stays 0
+                }
                 let p: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
                 let z: f64 = p.iter().sum();
                 for e in 0..dh {
@@ -53,15 +57,22 @@ fn attention_ref(
     out
 }
 
-fn check(t: usize, h: usize, dh: usize, causal: bool, padded_keys: bool) {
+#[derive(Clone, Copy, Debug)]
+enum Path {
+    Default,
+    Unfused,
+    Fused,
+}
+
+fn check(t: usize, h: usize, dh: usize, causal: bool, padded_keys: bool, path: Path) {
     let Some(gpu) = gpu() else { return };
     let b = 2;
     let d = h * dh;
-    let lens: Vec<usize> = if padded_keys {
-        vec![t, t - 3]
-    } else {
-        vec![t, t]
-    };
+    // Batch 1: the last 3 keys are padding, and with `padded_keys` and
+    // t >= 9 its first 2 keys too (so under the causal mask its first
+    // query rows see no key at all).
+    let lens = [t, if padded_keys { t.saturating_sub(3).max(1) } else { t }];
+    let first = [0, if padded_keys && t >= 9 { 2 } else { 0 }];
     let mut rng = Rng::new(t as u64 * 31 + dh as u64);
     let (q, k, v) = (
         rng.vec(b * t * d, 1.0),
@@ -74,18 +85,24 @@ fn check(t: usize, h: usize, dh: usize, causal: bool, padded_keys: bool) {
     let qv = tape.param(upload(&gpu, &q, &shape));
     let kv = tape.param(upload(&gpu, &k, &shape));
     let vv = tape.param(upload(&gpu, &v, &shape));
-    let valid: Vec<f64> = (0..b * t)
-        .map(|i| (i % t < lens[i / t]) as u8 as f64)
+    let valid: Vec<bool> = (0..b * t)
+        .map(|i| i % t < lens[i / t] && i % t >= first[i / t])
         .collect();
+    let valid_f: Vec<f64> = valid.iter().map(|&v| v as u8 as f64).collect();
     let mask = Mask {
         causal,
-        key_valid: padded_keys.then(|| upload(&gpu, &valid, &[b, t])),
+        key_valid: padded_keys.then(|| upload(&gpu, &valid_f, &[b, t])),
         keys: None,
     };
-    let out = attention(&mut tape, &qv, &kv, &vv, h, &mask).unwrap();
+    let out = match path {
+        Path::Default => attention(&mut tape, &qv, &kv, &vv, h, &mask),
+        Path::Unfused => attention_unfused(&mut tape, &qv, &kv, &vv, h, &mask),
+        Path::Fused => attention_fused(&mut tape, &qv, &kv, &vv, Dims { b, t, h, dh }, &mask),
+    }
+    .unwrap();
     assert_eq!(out.shape(), &shape);
-    let what = format!("attention t={t} h={h} dh={dh} causal={causal} padding={padded_keys}");
-    let want = attention_ref(&q, &k, &v, b, t, h, dh, causal, &lens);
+    let what = format!("attention {path:?} t={t} h={h} dh={dh} causal={causal} padding={padded_keys}");
+    let want = attention_ref(&q, &k, &v, b, t, h, dh, causal, &valid);
     assert_close(
         &format!("{what} forward"),
         &download(out.tensor()),
@@ -95,7 +112,7 @@ fn check(t: usize, h: usize, dh: usize, causal: bool, padded_keys: bool) {
     // Gradients of L = sum(out * w).
     let mut grads = tape.backward_with(&out, upload(&gpu, &w, &shape)).unwrap();
     let loss = |q: &[f64], k: &[f64], v: &[f64]| {
-        dot(&attention_ref(q, k, v, b, t, h, dh, causal, &lens), &w)
+        dot(&attention_ref(q, k, v, b, t, h, dh, causal, &valid), &w)
     };
     let dq = numeric_grad(&q, |x| loss(x, &k, &v));
     let dk = numeric_grad(&k, |x| loss(&q, x, &v));
@@ -108,15 +125,32 @@ fn check(t: usize, h: usize, dh: usize, causal: bool, padded_keys: bool) {
 
 #[test]
 fn attention_padded_to_multiple_of_four_matches_reference() {
-    check(7, 2, 4, true, true);
-    check(13, 2, 8, false, true);
-    check(7, 2, 4, false, false);
+    check(7, 2, 4, true, true, Path::Default);
+    check(13, 2, 8, false, true, Path::Default);
+    check(7, 2, 4, false, false, Path::Default);
+    check(13, 2, 16, true, true, Path::Unfused);
+    check(10, 2, 8, true, true, Path::Default);
+}
+
+/// The fused kernels (one per generated head size): causal and not, with
+/// and without key padding, lengths not multiples of the 4 rows a thread
+/// takes, a single token, and a query row whose every key is masked.
+#[test]
+fn fused_attention_matches_reference() {
+    for dh in [16, 32, 64] {
+        check(7, 2, dh, true, true, Path::Fused);
+        check(13, 2, dh, false, true, Path::Fused);
+        check(10, 1, dh, true, true, Path::Fused);
+        check(9, 1, dh, false, false, Path::Fused);
+    }
+    check(1, 2, 16, true, false, Path::Fused);
+    check(5, 2, 32, true, false, Path::Default);
 }
 
 #[test]
 fn attention_unpadded_matches_reference() {
-    check(8, 2, 4, true, true);
-    check(7, 2, 5, true, true);
+    check(8, 2, 4, true, true, Path::Default);
+    check(7, 2, 5, true, true, Path::Default);
 }
 
 /// The padded axis swap under attention, on both kernels (inner axis a

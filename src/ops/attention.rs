@@ -10,6 +10,7 @@ use super::matmul::{chosen_variant, Variant};
 use super::matmul::{matmul, Gemm};
 use super::permute::{merge_heads_crop, reshape_var, split_heads_pad, swap12_pad};
 use super::softmax::{masked_softmax, Mask};
+use super::attention_fused::{self as fused, attention_fused, Dims};
 use crate::gpu::Gpu;
 use crate::tape::{Tape, Var};
 use anyhow::{ensure, Result};
@@ -37,6 +38,25 @@ pub fn attention(
         s[2]
     );
     let (b, t, dh) = (s[0], s[1], s[2] / heads);
+    if use_fused(q.tensor().gpu(), dh) && mask.keys.is_none() {
+        let d = Dims { b, t, h: heads, dh };
+        return attention_fused(tape, q, k, v, d, mask);
+    }
+    attention_unfused(tape, q, k, v, heads, mask)
+}
+
+/// `attention` from separate kernels (split, Q K^T, masked softmax, P V,
+/// merge), whatever the head size.
+pub fn attention_unfused(
+    tape: &mut Tape,
+    q: &Var,
+    k: &Var,
+    v: &Var,
+    heads: usize,
+    mask: &Mask,
+) -> Result<Var> {
+    let s = q.shape().to_vec();
+    let (b, t, dh) = (s[0], s[1], s[2] / heads);
     let tp = padded_len(q.tensor().gpu(), b * heads, t, dh);
     let padded;
     let mask = if tp == t {
@@ -62,6 +82,15 @@ pub fn attention(
     let o4 = out.tensor().reshape(&[b, heads, tp, dh])?;
     let out = reshape_var(tape, &out, o4);
     merge_heads_crop(tape, &out, t)
+}
+
+/// Whether attention runs fused: `CLIP_WGPU_ATTENTION=fused|unfused`
+/// forces it; by default it is fused where the head size has a kernel.
+pub fn use_fused(_gpu: &Gpu, dh: usize) -> bool {
+    match std::env::var("CLIP_WGPU_ATTENTION").as_deref() {
+        Ok("unfused") => false,
+        _ => fused::supported(dh),
+    }
 }
 
 /// The sequence length attention runs at: T, or T rounded up to a multiple

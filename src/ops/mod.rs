@@ -6,6 +6,7 @@
 pub mod activation;
 pub mod adamw;
 pub mod attention;
+pub mod attention_fused;
 pub mod calibrate;
 pub mod clamp;
 pub mod elementwise;
