@@ -97,7 +97,8 @@ enum Cmd {
         /// default: measured per adapter and shape (autotuned, cached).
         #[arg(long)]
         matmul: Option<String>,
-        /// Force the vec4 matmul's register tile, e.g. 16x2 (env CLIP_WGPU_VEC4_TILE).
+        /// Force the vec4 matmul's register tile, e.g. 16x2, or its subgroup
+        /// version, e.g. sg16x2 (env CLIP_WGPU_VEC4_TILE).
         #[arg(long)]
         tile: Option<String>,
     },
@@ -221,12 +222,14 @@ fn force_kernels(matmul: Option<String>, tile: Option<String>) -> Result<()> {
         std::env::set_var("CLIP_WGPU_MATMUL", m);
     }
     if let Some(t) = tile {
-        let names: Vec<String> = clip_wgpu::ops::matmul::VEC4_TILES
+        use clip_wgpu::ops::matmul::{parse_tile, tile_name, SG_TILES, VEC4_TILES};
+        let names: Vec<String> = VEC4_TILES
             .iter()
-            .map(|t| format!("{}x{}", t.rm, t.rv))
+            .chain(&SG_TILES)
+            .map(|t| tile_name(*t))
             .collect();
         anyhow::ensure!(
-            names.contains(&t),
+            parse_tile(&t).is_some(),
             "--tile {t:?}: expected one of {}",
             names.join(", ")
         );

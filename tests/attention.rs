@@ -71,7 +71,14 @@ fn check(t: usize, h: usize, dh: usize, causal: bool, padded_keys: bool, path: P
     // Batch 1: the last 3 keys are padding, and with `padded_keys` and
     // t >= 9 its first 2 keys too (so under the causal mask its first
     // query rows see no key at all).
-    let lens = [t, if padded_keys { t.saturating_sub(3).max(1) } else { t }];
+    let lens = [
+        t,
+        if padded_keys {
+            t.saturating_sub(3).max(1)
+        } else {
+            t
+        },
+    ];
     let first = [0, if padded_keys && t >= 9 { 2 } else { 0 }];
     let mut rng = Rng::new(t as u64 * 31 + dh as u64);
     let (q, k, v) = (
@@ -101,7 +108,8 @@ fn check(t: usize, h: usize, dh: usize, causal: bool, padded_keys: bool, path: P
     }
     .unwrap();
     assert_eq!(out.shape(), &shape);
-    let what = format!("attention {path:?} t={t} h={h} dh={dh} causal={causal} padding={padded_keys}");
+    let what =
+        format!("attention {path:?} t={t} h={h} dh={dh} causal={causal} padding={padded_keys}");
     let want = attention_ref(&q, &k, &v, b, t, h, dh, causal, &valid);
     assert_close(
         &format!("{what} forward"),

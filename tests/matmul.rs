@@ -1,5 +1,8 @@
 mod common;
-use clip_wgpu::ops::matmul::{gemm, gemm_backward, gemm_backward_ref, gemm_ref, Gemm, Variant};
+use clip_wgpu::ops::matmul::{
+    gemm, gemm_backward, gemm_backward_ref, gemm_ref, tile_name, Gemm, Tile, Variant, SG_TILES,
+    VEC4_TILES,
+};
 use common::*;
 
 #[allow(clippy::too_many_arguments)]
@@ -13,14 +16,16 @@ fn check(
     bias: bool,
     seed: u64,
     v: Variant,
+    tile: Option<Tile>,
 ) {
     let Some(gpu) = gpu() else { return };
     let mut r = Rng::new(seed);
-    let g = Gemm::new(batch, m, n, k)
+    let mut g = Gemm::new(batch, m, n, k)
         .ta(ta)
         .tb(tb)
         .alpha(0.7)
         .variant(v);
+    g.tile = tile;
     let a = r.vec(batch * m * k, 1.0);
     let b = r.vec(batch * k * n, 1.0);
     let bi = r.vec(n, 1.0);
@@ -35,7 +40,10 @@ fn check(
     );
     let c = gemm(&at, &bt, bias.then_some(&biast), g).unwrap();
     let want = gemm_ref(&a, &b, bias.then_some(&bi[..]), g);
-    let name = format!("matmul {v:?} b{batch} {m}x{n}x{k} ta={ta} tb={tb}");
+    let name = format!(
+        "matmul {v:?} {} b{batch} {m}x{n}x{k} ta={ta} tb={tb}",
+        tile.map_or(String::new(), tile_name)
+    );
     assert_close(
         &format!("{name} forward"),
         &download(&c),
@@ -69,7 +77,7 @@ fn matmul_odd_sizes_all_transposes() {
         for ta in [false, true] {
             for tb in [false, true] {
                 for v in [Variant::Regs, Variant::Vec4, Variant::Tiled] {
-                    check(batch, m, n, k, ta, tb, seed % 2 == 0, seed, v);
+                    check(batch, m, n, k, ta, tb, seed % 2 == 0, seed, v, None);
                 }
                 seed += 1;
             }
@@ -113,5 +121,34 @@ fn matmul_reference_backward_matches_finite_differences() {
         let nb = numeric_grad(&b, |x| dot(&gemm_ref(&a, x, None, g), &w));
         assert!(max_err(&da, &na) < 1e-7, "dA vs fd");
         assert!(max_err(&db, &nb) < 1e-7, "dB vs fd");
+    }
+}
+
+/// Every register tile of the vec4 kernel, and of its subgroup version where
+/// the adapter has subgroups of 8, at 4-aligned shapes that are not
+/// multiples of the tiles, all transposes, batched, forward and backward.
+#[test]
+fn matmul_every_vec4_tile() {
+    let Some(gpu) = gpu() else { return };
+    let sg: &[Tile] = if gpu.subgroups_of_8() { &SG_TILES } else { &[] };
+    let mut seed = 500;
+    for &t in VEC4_TILES.iter().chain(sg) {
+        for &(batch, m, n, k) in &[(1, 36, 44, 12), (2, 132, 68, 20), (1, 260, 140, 64)] {
+            for (ta, tb) in [(false, false), (true, false), (false, true)] {
+                seed += 1;
+                check(
+                    batch,
+                    m,
+                    n,
+                    k,
+                    ta,
+                    tb,
+                    seed % 2 == 0,
+                    seed,
+                    Variant::Vec4,
+                    Some(t),
+                );
+            }
+        }
     }
 }

@@ -97,7 +97,8 @@ impl Gpu {
         let limits = adapter.limits();
         let wanted = wgpu::Features::TIMESTAMP_QUERY
             | wgpu::Features::TIMESTAMP_QUERY_INSIDE_ENCODERS
-            | wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES;
+            | wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES
+            | wgpu::Features::SUBGROUP;
         let features = adapter.features() & wanted;
         let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
             label: Some("clip-wgpu"),
@@ -149,6 +150,7 @@ impl Gpu {
                 tune::fnv(&[
                     include_str!("../../shaders/matmul.wgsl"),
                     include_str!("../../shaders/matmul_vec4.wgsl"),
+                    include_str!("../../shaders/matmul_sg.wgsl"),
                 ]),
             ),
             info,
@@ -414,6 +416,14 @@ impl Gpu {
         self.sync()?;
         let p = self.rec.lock().unwrap().profile.take();
         Ok(p.map(|p| p.report()).unwrap_or_default())
+    }
+
+    /// Whether kernels may use subgroup operations with 8 lanes a subgroup
+    /// (llvmpipe on AVX2: the matmul_sg kernels).
+    pub fn subgroups_of_8(&self) -> bool {
+        self.features.contains(wgpu::Features::SUBGROUP)
+            && self.info.subgroup_min_size == 8
+            && self.info.subgroup_max_size == 8
     }
 
     /// Whether a profile is being recorded.

@@ -6,11 +6,11 @@
 //! keys masked, padded query rows dropped at the merge) so every matmul here
 //! takes the vec4 kernel: 77 text tokens ran at ~2 GFLOP/s unaligned.
 
+use super::attention_fused::{self as fused, attention_fused, Dims};
 use super::matmul::{chosen_variant, Variant};
 use super::matmul::{matmul, Gemm};
 use super::permute::{merge_heads_crop, reshape_var, split_heads_pad, swap12_pad};
 use super::softmax::{masked_softmax, Mask};
-use super::attention_fused::{self as fused, attention_fused, Dims};
 use crate::gpu::Gpu;
 use crate::tape::{Tape, Var};
 use anyhow::{ensure, Result};

@@ -54,8 +54,18 @@ pub fn supported(dh: usize) -> bool {
 }
 
 /// O [B, T, H*Dh] and the log-sum-exp of each query row [B, H, T].
-pub fn forward(q: &Tensor, k: &Tensor, v: &Tensor, d: Dims, mask: &Mask) -> Result<(Tensor, Tensor)> {
-    ensure!(supported(d.dh), "fused attention: head size {} not generated", d.dh);
+pub fn forward(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    d: Dims,
+    mask: &Mask,
+) -> Result<(Tensor, Tensor)> {
+    ensure!(
+        supported(d.dh),
+        "fused attention: head size {} not generated",
+        d.dh
+    );
     ensure!(mask.keys.is_none(), "fused attention: no sequence padding");
     let gpu = q.gpu();
     let o = Tensor::empty(gpu, q.shape())?;
@@ -135,7 +145,14 @@ pub fn backward(
 }
 
 /// Tape op: attention of q, k, v [B, T, H*Dh] in one kernel each way.
-pub fn attention_fused(tape: &mut Tape, q: &Var, k: &Var, v: &Var, d: Dims, mask: &Mask) -> Result<Var> {
+pub fn attention_fused(
+    tape: &mut Tape,
+    q: &Var,
+    k: &Var,
+    v: &Var,
+    d: Dims,
+    mask: &Mask,
+) -> Result<Var> {
     let (o, lse) = forward(q.tensor(), k.tensor(), v.tensor(), d, mask)?;
     let (qt, kt, vt, ot) = (
         q.tensor().clone(),

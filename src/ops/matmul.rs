@@ -10,6 +10,7 @@ use anyhow::{ensure, Result};
 
 const SHADER: Shader = shader!("matmul");
 const SHADER_VEC4: Shader = shader!("matmul_vec4");
+const SHADER_SG: Shader = shader!("matmul_sg");
 
 /// Which matmul kernel runs: chosen per adapter, forced with
 /// `CLIP_WGPU_MATMUL=regs|tiled`.
@@ -183,8 +184,13 @@ pub fn gemm_into(c: &Tensor, a: &Tensor, b: &Tensor, bias: Option<&Tensor>, g: G
         Variant::Vec4 => {
             // 8x8 threads of rm rows x 4*rv columns (tools/gen_matmul_vec4.py).
             let t = tile;
-            vec4_entry = format!("matmul_vec4_{}x{}", t.rm, t.rv);
-            (&SHADER_VEC4, vec4_entry.as_str(), 8 * t.rm, 32 * t.rv)
+            if t.sg {
+                vec4_entry = format!("matmul_sg_{}x{}", t.rm, t.rv);
+                (&SHADER_SG, vec4_entry.as_str(), 8 * t.rm, 32 * t.rv)
+            } else {
+                vec4_entry = format!("matmul_vec4_{}x{}", t.rm, t.rv);
+                (&SHADER_VEC4, vec4_entry.as_str(), 8 * t.rm, 32 * t.rv)
+            }
         }
         Variant::Tiled => (&SHADER, "matmul_tiled", 64, 64),
     };
@@ -214,24 +220,88 @@ pub fn gemm_into(c: &Tensor, a: &Tensor, b: &Tensor, bias: Option<&Tensor>, g: G
 pub struct Tile {
     pub rm: usize,
     pub rv: usize,
+    /// The subgroup version (shaders/matmul_sg.wgsl).
+    pub sg: bool,
 }
 
 /// The tiles tools/gen_matmul_vec4.py generates (its default list).
 pub const VEC4_TILES: [Tile; 6] = [
-    Tile { rm: 16, rv: 2 },
-    Tile { rm: 8, rv: 2 },
-    Tile { rm: 12, rv: 2 },
-    Tile { rm: 8, rv: 4 },
-    Tile { rm: 24, rv: 2 },
-    Tile { rm: 4, rv: 2 },
+    Tile {
+        rm: 16,
+        rv: 2,
+        sg: false,
+    },
+    Tile {
+        rm: 8,
+        rv: 2,
+        sg: false,
+    },
+    Tile {
+        rm: 12,
+        rv: 2,
+        sg: false,
+    },
+    Tile {
+        rm: 8,
+        rv: 4,
+        sg: false,
+    },
+    Tile {
+        rm: 24,
+        rv: 2,
+        sg: false,
+    },
+    Tile {
+        rm: 4,
+        rv: 2,
+        sg: false,
+    },
 ];
 
-fn tile_name(t: Tile) -> String {
-    format!("{}x{}", t.rm, t.rv)
+/// The tiles of matmul_sg (tools/gen_matmul_vec4.py --subgroup).
+pub const SG_TILES: [Tile; 6] = [
+    Tile {
+        rm: 16,
+        rv: 2,
+        sg: true,
+    },
+    Tile {
+        rm: 32,
+        rv: 1,
+        sg: true,
+    },
+    Tile {
+        rm: 24,
+        rv: 2,
+        sg: true,
+    },
+    Tile {
+        rm: 32,
+        rv: 2,
+        sg: true,
+    },
+    Tile {
+        rm: 16,
+        rv: 4,
+        sg: true,
+    },
+    Tile {
+        rm: 8,
+        rv: 2,
+        sg: true,
+    },
+];
+
+pub fn tile_name(t: Tile) -> String {
+    format!("{}{}x{}", if t.sg { "sg" } else { "" }, t.rm, t.rv)
 }
 
-fn parse_tile(s: &str) -> Option<Tile> {
-    VEC4_TILES.iter().find(|t| tile_name(**t) == s).copied()
+pub fn parse_tile(s: &str) -> Option<Tile> {
+    VEC4_TILES
+        .iter()
+        .chain(&SG_TILES)
+        .find(|t| tile_name(**t) == s)
+        .copied()
 }
 
 /// The tile forced by `CLIP_WGPU_VEC4_TILE=RMxRV`, if any.
@@ -251,7 +321,11 @@ pub fn heuristic_tile(g: &Gemm) -> Tile {
         .iter()
         .copied()
         .find(|t| waste(t) <= 1.25)
-        .unwrap_or(Tile { rm: 4, rv: 2 })
+        .unwrap_or(Tile {
+            rm: 4,
+            rv: 2,
+            sg: false,
+        })
 }
 
 /// The kernel for `g`: forced (Gemm fields, CLIP_WGPU_MATMUL,
@@ -273,7 +347,7 @@ fn choose(
     if forced_variant || tile.is_some() || !crate::gpu::tune::enabled() {
         return Ok((default, tile.unwrap_or_else(|| heuristic_tile(g))));
     }
-    let candidates = candidates(g, gpu.class, a_bs, b_bs);
+    let candidates = candidates(g, gpu.class, gpu.subgroups_of_8(), a_bs, b_bs);
     if candidates.len() == 1 {
         return Ok(candidates[0]);
     }
@@ -330,10 +404,21 @@ fn choice_name((v, t): (Variant, Tile)) -> String {
 /// What the tuner tries: on CPU adapters every vec4 tile (the other kernels
 /// are several times slower there), on GPUs the tiled and register kernels
 /// and, where the shapes allow, the vec4 tiles.
-fn candidates(g: &Gemm, class: DeviceClass, a_bs: usize, b_bs: usize) -> Vec<(Variant, Tile)> {
+fn candidates(
+    g: &Gemm,
+    class: DeviceClass,
+    subgroups: bool,
+    a_bs: usize,
+    b_bs: usize,
+) -> Vec<(Variant, Tile)> {
     let t0 = heuristic_tile(g);
     let vec4: Vec<(Variant, Tile)> = if vec4_ok(g, a_bs, b_bs) {
-        VEC4_TILES.iter().map(|t| (Variant::Vec4, *t)).collect()
+        let sg = if subgroups { &SG_TILES[..] } else { &[] };
+        VEC4_TILES
+            .iter()
+            .chain(sg)
+            .map(|t| (Variant::Vec4, *t))
+            .collect()
     } else {
         Vec::new()
     };
