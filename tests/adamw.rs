@@ -91,6 +91,8 @@ fn adamw_matches_reference_over_several_steps() {
         ..AdamW::default()
     };
     check("lr1e-3 wd0.1 n257", 257, 10, &hp, true, None);
+    // A multiple of 4: the vec4 kernel.
+    check("lr1e-3 wd0.1 n256 (vec4)", 256, 10, &hp, true, None);
     check("lr1e-3 no decay n7", 7, 10, &hp, false, None);
     check("defaults n1", 1, 5, &AdamW::default(), true, None);
     let big = AdamW {
@@ -114,6 +116,7 @@ fn adamw_with_active_clipping() {
         ..AdamW::default()
     };
     // Norms of 50 values in [-0.5, 0.5) are ~2: max_norm 0.5 clips every step.
+    check("clip 0.5 n52 (vec4)", 52, 6, &hp, true, Some(0.5));
     let coefs = check("clip 0.5 n50", 50, 6, &hp, true, Some(0.5));
     assert!(
         coefs.iter().all(|&c| c < 0.5),

@@ -52,7 +52,8 @@ fn check(rows: usize, cols: usize, layout: Rows, seed: u64) {
 fn layernorm_matches_reference_odd_sizes() {
     let mut seed = 1;
     for &rows in &[1, 7, 50, 100] {
-        for &cols in &[7, 50, 77, 257] {
+        // 4, 128: whole vec4s (the vec4 row kernels on the thread layout).
+        for &cols in &[4, 7, 50, 77, 128, 257] {
             for layout in [Rows::Thread, Rows::Workgroup] {
                 check(rows, cols, layout, seed);
                 seed += 1;
@@ -66,6 +67,7 @@ fn layernorm_tall_input_two_stage_param_reduction() {
     // > 256 chunks of 64 rows: the column sum runs in two passes.
     check(17_000, 7, Rows::Thread, 77);
     check(300, 768, Rows::Workgroup, 78);
+    check(300, 768, Rows::Thread, 79);
 }
 
 #[test]

@@ -131,9 +131,14 @@ pub fn adamw_step(
         );
     }
     let gpu = p.gpu();
+    let (entry, lanes) = if n.is_multiple_of(4) {
+        ("step4", 4)
+    } else {
+        ("step", 1)
+    };
     gpu.dispatch(
         &SHADER,
-        "step",
+        entry,
         &step_params(n, step, hp, decay, clip.is_some()),
         &[
             Some(g.buffer()),
@@ -142,7 +147,7 @@ pub fn adamw_step(
             Some(v.buffer()),
             clip.map(|c| c.buffer()),
         ],
-        gpu.grid_1d(n, 256),
+        gpu.grid_1d(n / lanes, 256),
     )
 }
 

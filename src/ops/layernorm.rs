@@ -44,6 +44,22 @@ impl Rows {
         v.unwrap_or_else(|| Rows::for_class(gpu.class))
     }
 
+    /// `launch`, taking the vec4 row kernel (`{base}_row4`) when a row is
+    /// whole vec4s (layer norm).
+    pub(crate) fn launch_cols(
+        self,
+        gpu: &Gpu,
+        base: &str,
+        rows: usize,
+        cols: usize,
+    ) -> (String, [u32; 3]) {
+        let (mut entry, groups) = self.launch(gpu, base, rows);
+        if self == Rows::Thread && cols.is_multiple_of(4) {
+            entry.push('4');
+        }
+        (entry, groups)
+    }
+
     /// Entry point `{base}_row` or `{base}_wg`, and its grid for `rows` rows.
     pub(crate) fn launch(self, gpu: &Gpu, base: &str, rows: usize) -> (String, [u32; 3]) {
         match self {
@@ -98,7 +114,7 @@ pub fn forward_with(
     let y = Tensor::empty(gpu, x.shape())?;
     let mean = Tensor::empty(gpu, &[rows])?;
     let rstd = Tensor::empty(gpu, &[rows])?;
-    let (entry, groups) = Rows::pick(gpu, layout).launch(gpu, "forward", rows);
+    let (entry, groups) = Rows::pick(gpu, layout).launch_cols(gpu, "forward", rows, cols);
     gpu.dispatch(
         &SHADER,
         &entry,
@@ -158,7 +174,7 @@ pub fn backward_dx(
     check_saved(dy, x, mean, rstd, rows)?;
     let gpu = x.gpu();
     let dx = Tensor::empty(gpu, x.shape())?;
-    let (entry, groups) = Rows::pick(gpu, layout).launch(gpu, "backward_dx", rows);
+    let (entry, groups) = Rows::pick(gpu, layout).launch_cols(gpu, "backward_dx", rows, cols);
     gpu.dispatch(
         &SHADER,
         &entry,
