@@ -62,6 +62,8 @@ enum Path {
     Default,
     Unfused,
     Fused,
+    /// The fused kernels' subgroup version.
+    FusedSubgroup,
 }
 
 fn check(t: usize, h: usize, dh: usize, causal: bool, padded_keys: bool, path: Path) {
@@ -104,7 +106,14 @@ fn check(t: usize, h: usize, dh: usize, causal: bool, padded_keys: bool, path: P
     let out = match path {
         Path::Default => attention(&mut tape, &qv, &kv, &vv, h, &mask),
         Path::Unfused => attention_unfused(&mut tape, &qv, &kv, &vv, h, &mask),
-        Path::Fused => attention_fused(&mut tape, &qv, &kv, &vv, Dims { b, t, h, dh }, &mask),
+        Path::Fused | Path::FusedSubgroup => {
+            let sg = matches!(path, Path::FusedSubgroup);
+            if sg && !gpu.subgroups_of_8() {
+                return;
+            }
+            let d = Dims { b, t, h, dh, sg };
+            attention_fused(&mut tape, &qv, &kv, &vv, d, &mask)
+        }
     }
     .unwrap();
     assert_eq!(out.shape(), &shape);
@@ -145,13 +154,17 @@ fn attention_padded_to_multiple_of_four_matches_reference() {
 /// takes, a single token, and a query row whose every key is masked.
 #[test]
 fn fused_attention_matches_reference() {
-    for dh in [16, 32, 64] {
-        check(7, 2, dh, true, true, Path::Fused);
-        check(13, 2, dh, false, true, Path::Fused);
-        check(10, 1, dh, true, true, Path::Fused);
-        check(9, 1, dh, false, false, Path::Fused);
+    for path in [Path::Fused, Path::FusedSubgroup] {
+        for dh in [16, 32, 64] {
+            check(7, 2, dh, true, true, path);
+            check(13, 2, dh, false, true, path);
+            check(10, 1, dh, true, true, path);
+            check(9, 1, dh, false, false, path);
+        }
+        check(1, 2, 16, true, false, path);
+        // More row blocks than a subgroup's 8 (loop bounds of the subgroup).
+        check(37, 1, 16, true, true, path);
     }
-    check(1, 2, 16, true, false, Path::Fused);
     check(5, 2, 32, true, false, Path::Default);
 }
 

@@ -39,7 +39,14 @@ pub fn attention(
     );
     let (b, t, dh) = (s[0], s[1], s[2] / heads);
     if use_fused(q.tensor().gpu(), dh) && mask.keys.is_none() {
-        let d = Dims { b, t, h: heads, dh };
+        let sg = q.tensor().gpu().subgroups_of_8();
+        let d = Dims {
+            b,
+            t,
+            h: heads,
+            dh,
+            sg,
+        };
         return attention_fused(tape, q, k, v, d, mask);
     }
     attention_unfused(tape, q, k, v, heads, mask)

@@ -12,6 +12,10 @@ use crate::tensor::Tensor;
 use anyhow::{ensure, Result};
 
 const SHADER: Shader = shader!("attention_fused");
+/// The same kernels for subgroups of 8 (`tools/gen_attention.py --subgroup`):
+/// the 8 lanes of a subgroup work on one (batch, head) and share each key
+/// or query row's loads through subgroupBroadcast.
+const SHADER_SG: Shader = shader!("attention_sg");
 /// Head sizes with entry points.
 pub const HEAD_SIZES: [usize; 3] = [16, 32, 64];
 /// Rows a thread (the generator's R).
@@ -24,11 +28,25 @@ pub struct Dims {
     pub t: usize,
     pub h: usize,
     pub dh: usize,
+    /// Use the subgroup kernels (adapters with subgroups of 8).
+    pub sg: bool,
 }
 
 impl Dims {
+    fn shader(&self, kernel: &str) -> (&'static Shader, String) {
+        if self.sg {
+            (&SHADER_SG, format!("{kernel}_sg_{}", self.dh))
+        } else {
+            (&SHADER, format!("{kernel}_{}", self.dh))
+        }
+    }
+
     fn params(&self, mask: &Mask) -> ([u32; 12], usize) {
-        let nblk = self.t.div_ceil(ROWS);
+        let mut nblk = self.t.div_ceil(ROWS);
+        if self.sg {
+            // A subgroup never spans two (batch, head) pairs.
+            nblk = nblk.next_multiple_of(8);
+        }
         let total = self.b * self.h * nblk;
         let p = [
             u(self.b),
@@ -71,9 +89,10 @@ pub fn forward(
     let o = Tensor::empty(gpu, q.shape())?;
     let lse = Tensor::empty(gpu, &[d.b, d.h, d.t])?;
     let (params, total) = d.params(mask);
+    let (shader, entry) = d.shader("attn_fwd");
     gpu.dispatch(
-        &SHADER,
-        &format!("attn_fwd_{}", d.dh),
+        shader,
+        &entry,
         &params,
         &[
             Some(q.buffer()),
@@ -105,9 +124,10 @@ pub fn backward(
     let kv = mask.key_valid.as_ref().map(|t| t.buffer());
     let delta = Tensor::empty(gpu, &[d.b, d.h, d.t])?;
     let dq = Tensor::empty(gpu, q.shape())?;
+    let (shader, entry) = d.shader("attn_dq");
     gpu.dispatch(
-        &SHADER,
-        &format!("attn_dq_{}", d.dh),
+        shader,
+        &entry,
         &params,
         &[
             Some(q.buffer()),
@@ -124,9 +144,10 @@ pub fn backward(
     )?;
     let dk = Tensor::empty(gpu, q.shape())?;
     let dv = Tensor::empty(gpu, q.shape())?;
+    let (shader, entry) = d.shader("attn_dkv");
     gpu.dispatch(
-        &SHADER,
-        &format!("attn_dkv_{}", d.dh),
+        shader,
+        &entry,
         &params,
         &[
             Some(q.buffer()),
