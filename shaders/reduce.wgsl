@@ -34,3 +34,37 @@ fn sumsq(@builtin(global_invocation_id) gid: vec3<u32>) {
     for (var r = r0; r < r1; r++) { s = fma(x[r], x[r], s); }
     out[ch] = s;
 }
+
+// colsum four columns at a time (cols % 4 == 0): the same sums in the same
+// order, a quarter of llvmpipe's per-lane load loops. Same bindings, vec4s.
+@group(0) @binding(1) var<storage, read> x4: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read_write> out4: array<vec4<f32>>;
+
+@compute @workgroup_size(64, 1, 1)
+fn colsum4(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let c4 = p.cols / 4u;
+    let col = gid.x;
+    let ch = gid.y;
+    if col >= c4 { return; }
+    let r0 = ch * p.chunk;
+    let r1 = min(r0 + p.chunk, p.rows);
+    var s = vec4(0.0);
+    for (var r = r0; r < r1; r++) { s += x4[r * c4 + col]; }
+    let o = ch * c4 + col;
+    if p.accumulate != 0u { s += out4[o]; }
+    out4[o] = s;
+}
+
+// sumsq over chunks of whole vec4s (chunk % 4 == 0, n % 4 == 0): four
+// running sums, added at the end.
+@compute @workgroup_size(64, 1, 1)
+fn sumsq4(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let ch = gid.x;
+    let r0 = ch * p.chunk / 4u;
+    let n4 = p.rows / 4u;
+    if r0 >= n4 { return; }
+    let r1 = min(r0 + p.chunk / 4u, n4);
+    var s = vec4(0.0);
+    for (var r = r0; r < r1; r++) { let v = x4[r]; s = fma(v, v, s); }
+    out[ch] = (s.x + s.y) + (s.z + s.w);
+}

@@ -30,11 +30,17 @@ pub fn colsum_into(
         out.numel()
     );
     let gpu = x.gpu();
-    let cgroups = u(cols).div_ceil(64);
+    // Whole vec4s of columns where the width allows (same sums, same order).
+    let (entry, lanes) = if cols.is_multiple_of(4) {
+        ("colsum4", 4)
+    } else {
+        ("colsum", 1)
+    };
+    let cgroups = u(cols / lanes).div_ceil(64);
     if rows <= 4 * CHUNK {
         return gpu.dispatch(
             &SHADER,
-            "colsum",
+            entry,
             &[u(rows), u(cols), u(rows.max(1)), accumulate as u32],
             &[Some(x.buffer()), Some(out.buffer())],
             [cgroups, 1, 1],
@@ -44,7 +50,7 @@ pub fn colsum_into(
     let partial = Tensor::empty(gpu, &[chunks, cols])?;
     gpu.dispatch(
         &SHADER,
-        "colsum",
+        entry,
         &[u(rows), u(cols), u(CHUNK), 0],
         &[Some(x.buffer()), Some(partial.buffer())],
         [cgroups, u(chunks), 1],
@@ -65,9 +71,14 @@ pub fn sumsq(x: &Tensor) -> Result<Tensor> {
     let n = x.numel();
     let chunks = n.div_ceil(CHUNK * 4).max(1);
     let partial = Tensor::empty(gpu, &[chunks])?;
+    let entry = if n.is_multiple_of(4) {
+        "sumsq4"
+    } else {
+        "sumsq"
+    };
     gpu.dispatch(
         &SHADER,
-        "sumsq",
+        entry,
         &[u(n), 0, u(CHUNK * 4), 0],
         &[Some(x.buffer()), Some(partial.buffer())],
         [u(chunks).div_ceil(64), 1, 1],
