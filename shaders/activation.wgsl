@@ -15,6 +15,7 @@ struct Params { n: u32, kind: u32, _a: u32, _b: u32 }
 @group(0) @binding(2) var<storage, read_write> out: array<f32>;
 @group(0) @binding(3) var<storage, read> dy: array<f32>;
 
+// BEGIN shared with the matmul epilogue (tools/gen_matmul_vec4.py copies it)
 const FRAC_1_SQRT_2: f32 = 0.70710678118654752;
 const FRAC_1_SQRT_2PI: f32 = 0.39894228040143268;
 const SQRT_2_OVER_PI: f32 = 0.79788456080286536;
@@ -99,14 +100,17 @@ fn gelu_tanh_u(v: f32) -> vec2<f32> {
     return vec2(u, du);
 }
 
-fn act(v: f32) -> f32 {
-    switch p.kind {
+fn act_kind(v: f32, kind: u32) -> f32 {
+    switch kind {
         case 0u: { return v * phi(v); }
         case 1u: { return v * sigmoid_parts(QUICK_GELU_C * v).x; }
         case 2u: { return tanh_parts(v).x; }
         default: { return v * sigmoid_parts(2.0 * gelu_tanh_u(v).x).x; }
     }
 }
+// END shared
+
+fn act(v: f32) -> f32 { return act_kind(v, p.kind); }
 
 fn act_grad(v: f32) -> f32 {
     switch p.kind {

@@ -16,10 +16,13 @@
 // Entry point matmul_vec4_RMxRV: each thread computes RM rows x 4*RV
 // columns (column groups strided by 8); 8x8 threads per workgroup.
 
+// act: 0, or 1 + an activation kind of activation.wgsl; then act_out gets
+// act(C) as well (a linear layer's bias + activation in one pass).
 struct Params {
     m: u32, n: u32, k: u32, lda: u32,
     ldb: u32, ldc: u32, a_bs: u32, b_bs: u32,
     c_bs: u32, has_bias: u32, accumulate: u32, alpha: f32,
+    act: u32, _a: u32, _b: u32, _c: u32,
 }
 
 override TRANS_A: bool = false;
@@ -29,6 +32,115 @@ override TRANS_A: bool = false;
 @group(0) @binding(2) var<storage, read> b: array<vec4<f32>>;
 @group(0) @binding(3) var<storage, read> bias: array<f32>;
 @group(0) @binding(4) var<storage, read_write> c: array<f32>;
+@group(0) @binding(5) var<storage, read_write> act_out: array<f32>;
+
+// Activation forward, copied from activation.wgsl by the generator.
+const FRAC_1_SQRT_2: f32 = 0.70710678118654752;
+const FRAC_1_SQRT_2PI: f32 = 0.39894228040143268;
+const SQRT_2_OVER_PI: f32 = 0.79788456080286536;
+const GELU_TANH_C: f32 = 0.044715;
+const QUICK_GELU_C: f32 = 1.702;
+
+// erfc(a) for a >= 0, about 2 ulp (erf to ~1e-7 absolute).
+// a < 0.8: 1 - erf(a) from the Taylor series of erf(a) / a in a^2.
+// a >= 0.8: erfc(a) = t R(t) exp(-a^2), t = 1 / (1 + a / 2), R a polynomial
+// least-squares fitted (relative error) over t in (0, 1 / 1.4]; R(0) = 1/(2 sqrt(pi))
+// matches the asymptote erfc(a) ~ exp(-a^2) / (a sqrt(pi)), so the fit holds
+// for every a and exp underflows cleanly to 0.
+fn erfc_pos(a: f32) -> f32 {
+    if a < 0.8 {
+        let z = a * a;
+        var s = -1.6365844e-7;
+        s = fma(s, z, 1.6462114e-6);
+        s = fma(s, z, -1.4925650e-5);
+        s = fma(s, z, 1.2055333e-4);
+        s = fma(s, z, -8.5483270e-4);
+        s = fma(s, z, 5.2239778e-3);
+        s = fma(s, z, -2.6866172e-2);
+        s = fma(s, z, 1.1283792e-1);
+        s = fma(s, z, -3.7612638e-1);
+        s = fma(s, z, 1.1283792);
+        return 1.0 - a * s;
+    }
+    let t = 1.0 / fma(0.5, a, 1.0);
+    var r = 1.4156892e-3;
+    r = fma(r, t, -8.1953749e-2);
+    r = fma(r, t, 2.5658327e-1);
+    r = fma(r, t, -2.5168222e-1);
+    r = fma(r, t, 2.7181927e-2);
+    r = fma(r, t, -2.5796449e-2);
+    r = fma(r, t, 8.7026656e-2);
+    r = fma(r, t, 1.7602240e-1);
+    r = fma(r, t, 2.4684560e-1);
+    r = fma(r, t, 2.8209457e-1);
+    r = fma(r, t, 2.8209481e-1);
+    return t * r * exp(-a * a);
+}
+
+// Standard normal CDF, accurate in relative terms in the left tail.
+fn phi(v: f32) -> f32 {
+    let z = v * FRAC_1_SQRT_2;
+    if z < 0.0 { return 0.5 * erfc_pos(-z); }
+    return 1.0 - 0.5 * erfc_pos(z);
+}
+
+// tanh and its derivative 1 - tanh^2 without overflow or cancellation:
+// with e = exp(-2|v|) <= 1 (it can only underflow), tanh = (1 - e) / (1 + e)
+// and 1 - tanh^2 = 4e / (1 + e)^2. Small |v| uses the Taylor series so that
+// tanh(v) ~ v keeps its relative accuracy.
+fn tanh_parts(v: f32) -> vec2<f32> {
+    let a = abs(v);
+    if a < 0.25 {
+        let z = v * v;
+        var s = 62.0 / 2835.0;
+        s = fma(s, z, -17.0 / 315.0);
+        s = fma(s, z, 2.0 / 15.0);
+        s = fma(s, z, -1.0 / 3.0);
+        let t = v * fma(s, z, 1.0);
+        return vec2(t, 1.0 - t * t);
+    }
+    let e = exp(-2.0 * a);
+    let r = 1.0 / (1.0 + e);
+    return vec2(sign(v) * (1.0 - e) * r, 4.0 * e * r * r);
+}
+
+// sigmoid(z) and its derivative s (1 - s), likewise from e = exp(-|z|).
+fn sigmoid_parts(z: f32) -> vec2<f32> {
+    let e = exp(-abs(z));
+    let r = 1.0 / (1.0 + e);
+    return vec2(select(e * r, r, z >= 0.0), e * r * r);
+}
+
+// tanh-GELU as x * sigmoid(2u) (= 0.5 x (1 + tanh u), without the
+// cancellation of 1 + tanh u for negative u); du/dx alongside.
+fn gelu_tanh_u(v: f32) -> vec2<f32> {
+    let u = SQRT_2_OVER_PI * fma(GELU_TANH_C * v, v * v, v);
+    let du = SQRT_2_OVER_PI * fma(3.0 * GELU_TANH_C * v, v, 1.0);
+    return vec2(u, du);
+}
+
+fn act_kind(v: f32, kind: u32) -> f32 {
+    switch kind {
+        case 0u: { return v * phi(v); }
+        case 1u: { return v * sigmoid_parts(QUICK_GELU_C * v).x; }
+        case 2u: { return tanh_parts(v).x; }
+        default: { return v * sigmoid_parts(2.0 * gelu_tanh_u(v).x).x; }
+    }
+}
+
+// act_out = act(C) over one thread's tile (rows row0.., vec4 columns col0 +
+// 8q), as a loop with one call site: inlined into every store the activation
+// code made the kernel several times larger and slower.
+fn act_tile(base: u32, row0: u32, col0: u32, rm: u32, rv: u32) {
+    let rows = min(rm, p.m - min(row0, p.m));
+    for (var t = 0u; t < rows * rv * 4u; t++) {
+        let i = row0 + t / (rv * 4u);
+        let j4 = col0 + 8u * ((t / 4u) % rv);
+        if j4 >= p.n / 4u { continue; }
+        let idx = base + i * p.ldc + j4 * 4u + t % 4u;
+        act_out[idx] = act_kind(c[idx], p.act - 1u);
+    }
+}
 
 fn store4(base: u32, i: u32, j4: u32, v: vec4<f32>) {
     if i >= p.m || j4 >= p.n / 4u { return; }
@@ -325,6 +437,7 @@ fn matmul_sg_16x2(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocati
     store4(cbase, row0 + 14u, col0 + 8u, acc14_1);
     store4(cbase, row0 + 15u, col0 + 0u, acc15_0);
     store4(cbase, row0 + 15u, col0 + 8u, acc15_1);
+    if p.act != 0u { act_tile(cbase, row0, col0, 16u, 2u); }
 }
 
 @compute @workgroup_size(8, 8, 1)
@@ -628,6 +741,7 @@ fn matmul_sg_32x1(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocati
     store4(cbase, row0 + 29u, col0 + 0u, acc29_0);
     store4(cbase, row0 + 30u, col0 + 0u, acc30_0);
     store4(cbase, row0 + 31u, col0 + 0u, acc31_0);
+    if p.act != 0u { act_tile(cbase, row0, col0, 32u, 1u); }
 }
 
 @compute @workgroup_size(8, 8, 1)
@@ -1037,6 +1151,7 @@ fn matmul_sg_24x2(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocati
     store4(cbase, row0 + 22u, col0 + 8u, acc22_1);
     store4(cbase, row0 + 23u, col0 + 0u, acc23_0);
     store4(cbase, row0 + 23u, col0 + 8u, acc23_1);
+    if p.act != 0u { act_tile(cbase, row0, col0, 24u, 2u); }
 }
 
 @compute @workgroup_size(8, 8, 1)
@@ -1570,6 +1685,7 @@ fn matmul_sg_32x2(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocati
     store4(cbase, row0 + 30u, col0 + 8u, acc30_1);
     store4(cbase, row0 + 31u, col0 + 0u, acc31_0);
     store4(cbase, row0 + 31u, col0 + 8u, acc31_1);
+    if p.act != 0u { act_tile(cbase, row0, col0, 32u, 2u); }
 }
 
 @compute @workgroup_size(8, 8, 1)
@@ -2091,6 +2207,7 @@ fn matmul_sg_16x4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocati
     store4(cbase, row0 + 15u, col0 + 8u, acc15_1);
     store4(cbase, row0 + 15u, col0 + 16u, acc15_2);
     store4(cbase, row0 + 15u, col0 + 24u, acc15_3);
+    if p.act != 0u { act_tile(cbase, row0, col0, 16u, 4u); }
 }
 
 @compute @workgroup_size(8, 8, 1)
@@ -2252,4 +2369,5 @@ fn matmul_sg_8x2(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocatio
     store4(cbase, row0 + 6u, col0 + 8u, acc6_1);
     store4(cbase, row0 + 7u, col0 + 0u, acc7_0);
     store4(cbase, row0 + 7u, col0 + 8u, acc7_1);
+    if p.act != 0u { act_tile(cbase, row0, col0, 8u, 2u); }
 }

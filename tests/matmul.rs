@@ -152,3 +152,54 @@ fn matmul_every_vec4_tile() {
         }
     }
 }
+
+/// linear_act (bias + activation in the vec4 kernels' epilogue, or the
+/// activation kernel after other kernels) against linear then act, and its
+/// forward against the CPU reference; 4-aligned shapes (fused) and not.
+#[test]
+fn linear_act_matches_separate_ops() {
+    use clip_wgpu::ops::activation::{act, act_ref, Act};
+    use clip_wgpu::ops::matmul::{linear, linear_act};
+    use clip_wgpu::Tape;
+    let Some(gpu) = gpu() else { return };
+    let mut r = Rng::new(77);
+    for (rows, inp, out) in [(70, 32, 48), (13, 7, 9)] {
+        for a in [Act::QuickGelu, Act::Gelu] {
+            let x = r.vec(rows * inp, 1.0);
+            let w = r.vec(out * inp, 0.5);
+            let b = r.vec(out, 0.5);
+            let dy = r.vec(rows * out, 1.0);
+            let run = |fused: bool| {
+                let mut tape = Tape::new();
+                let xv = tape.param(upload(&gpu, &x, &[rows, inp]));
+                let wv = tape.param(upload(&gpu, &w, &[out, inp]));
+                let bv = tape.param(upload(&gpu, &b, &[out]));
+                let y = if fused {
+                    linear_act(&mut tape, &xv, &wv, Some(&bv), a).unwrap()
+                } else {
+                    let h = linear(&mut tape, &xv, &wv, Some(&bv)).unwrap();
+                    act(&mut tape, &h, a).unwrap()
+                };
+                let yv = download(y.tensor());
+                let mut g = tape
+                    .backward_with(&y, upload(&gpu, &dy, &[rows, out]))
+                    .unwrap();
+                let grads: Vec<Vec<f64>> = [&xv, &wv, &bv]
+                    .iter()
+                    .map(|v| download(&g.take(v).unwrap()))
+                    .collect();
+                (yv, grads)
+            };
+            let (yf, gf) = run(true);
+            let (ys, gs) = run(false);
+            let g = Gemm::new(1, rows, out, inp).tb(true);
+            let want = act_ref(&gemm_ref(&x, &w, Some(&b), g), a);
+            let name = format!("linear_act {rows}x{inp}->{out} {a:?}");
+            assert_close(&format!("{name} forward"), &yf, &want, 1e-5);
+            assert_close(&format!("{name} vs separate"), &yf, &ys, 1e-6);
+            for (i, (f, s)) in gf.iter().zip(&gs).enumerate() {
+                assert_close(&format!("{name} grad {i}"), f, s, 1e-6);
+            }
+        }
+    }
+}

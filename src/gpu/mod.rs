@@ -79,8 +79,10 @@ pub struct Gpu {
     rec: Mutex<Recorder>,
     /// First error wgpu reported outside an error scope.
     error: Arc<Mutex<Option<String>>>,
-    /// Bound in place of an absent optional input (e.g. no bias).
-    dummy: wgpu::Buffer,
+    /// Bound in place of an absent optional input (e.g. no bias): one per
+    /// binding slot, so that two absent inputs of one dispatch (one
+    /// read-only, one read-write) never share a buffer.
+    dummies: Vec<wgpu::Buffer>,
     tune: tune::TuneCache,
 }
 
@@ -124,12 +126,16 @@ impl Gpu {
                 *g = Some(format!("GPU device lost ({reason:?}): {msg}"));
             }
         });
-        let dummy = device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some("dummy"),
-            size: 16,
-            usage: STORAGE_USAGE,
-            mapped_at_creation: false,
-        });
+        let dummies = (0..16)
+            .map(|_| {
+                device.create_buffer(&wgpu::BufferDescriptor {
+                    label: Some("dummy"),
+                    size: 16,
+                    usage: STORAGE_USAGE,
+                    mapped_at_creation: false,
+                })
+            })
+            .collect();
         let class = if info.device_type == wgpu::DeviceType::Cpu {
             DeviceClass::Cpu
         } else {
@@ -155,7 +161,7 @@ impl Gpu {
             ),
             info,
             error,
-            dummy,
+            dummies,
         }))
     }
 
@@ -327,7 +333,7 @@ impl Gpu {
         for (i, b) in buffers.iter().enumerate() {
             entries.push(wgpu::BindGroupEntry {
                 binding: i as u32 + 1,
-                resource: b.unwrap_or(&self.dummy).as_entire_binding(),
+                resource: b.unwrap_or(&self.dummies[i]).as_entire_binding(),
             });
         }
         let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);

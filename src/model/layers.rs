@@ -2,11 +2,11 @@
 //! pre-LN encoder layer, as indices into the parameter store.
 
 use super::params::{Layout, ParamVars};
-use crate::ops::activation::{act, Act};
+use crate::ops::activation::Act;
 use crate::ops::attention::attention;
 use crate::ops::elementwise::add_var;
 use crate::ops::layernorm::layernorm;
-use crate::ops::matmul::linear;
+use crate::ops::matmul::{linear, linear_act};
 use crate::ops::softmax::Mask;
 use crate::tape::{Tape, Var};
 use anyhow::Result;
@@ -27,6 +27,10 @@ impl Linear {
     }
     pub fn forward(&self, tape: &mut Tape, v: &ParamVars, x: &Var) -> Result<Var> {
         linear(tape, x, &v[self.w], self.b.map(|b| &v[b]))
+    }
+    /// act(forward(x)), the activation fused into the matmul where possible.
+    pub fn forward_act(&self, tape: &mut Tape, v: &ParamVars, x: &Var, a: Act) -> Result<Var> {
+        linear_act(tape, x, &v[self.w], self.b.map(|b| &v[b]), a)
     }
 }
 
@@ -98,8 +102,7 @@ impl ClipEncoderLayer {
         let o = self.o.forward(tape, p, &a)?;
         let x = add_var(tape, x, &o)?;
         let h = self.ln2.forward(tape, p, &x)?;
-        let h = self.fc1.forward(tape, p, &h)?;
-        let h = act(tape, &h, self.act)?;
+        let h = self.fc1.forward_act(tape, p, &h, self.act)?;
         let h = self.fc2.forward(tape, p, &h)?;
         add_var(tape, &x, &h)
     }

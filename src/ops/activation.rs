@@ -36,7 +36,7 @@ impl Act {
         })
     }
 
-    fn code(self) -> u32 {
+    pub(crate) fn code(self) -> u32 {
         match self {
             Act::Gelu => 0,
             Act::QuickGelu => 1,
@@ -48,9 +48,21 @@ impl Act {
 
 /// y = a(x), same shape.
 pub fn forward(x: &Tensor, a: Act) -> Result<Tensor> {
+    let y = Tensor::empty(x.gpu(), x.shape())?;
+    forward_into(x, &y, a)?;
+    Ok(y)
+}
+
+/// `forward` into an existing tensor of x's size.
+pub fn forward_into(x: &Tensor, y: &Tensor, a: Act) -> Result<()> {
     let gpu = x.gpu();
     let n = x.numel();
-    let y = Tensor::empty(gpu, x.shape())?;
+    ensure!(
+        y.numel() == n,
+        "activation: output {:?} does not match {:?}",
+        y.shape(),
+        x.shape()
+    );
     let (entry, w) = if n.is_multiple_of(4) {
         ("forward4", 4)
     } else {
@@ -62,8 +74,7 @@ pub fn forward(x: &Tensor, a: Act) -> Result<Tensor> {
         &[u(n), a.code(), 0, 0],
         &[Some(x.buffer()), Some(y.buffer())],
         gpu.grid_1d(n / w, 256),
-    )?;
-    Ok(y)
+    )
 }
 
 /// dx = dy * a'(x).

@@ -2,6 +2,7 @@
 //! layer built on it. Backward reuses the same kernel with other flags; the
 //! bias gradient is a column sum.
 
+use super::activation::Act;
 use super::{f, reduce, shader, u};
 use crate::gpu::{DeviceClass, Shader};
 use crate::tape::{Tape, Var};
@@ -115,6 +116,27 @@ fn batch_stride(t: &Tensor, per: usize, batch: usize, what: &str) -> Result<usiz
 /// Run `g` into an existing output (which it overwrites or, with
 /// `accumulate`, adds to).
 pub fn gemm_into(c: &Tensor, a: &Tensor, b: &Tensor, bias: Option<&Tensor>, g: Gemm) -> Result<()> {
+    gemm_act_into(c, a, b, bias, g, None)
+}
+
+/// `gemm_into`, and `act(C)` into `act_out` as well: in the same pass (the
+/// kernel's epilogue) with the vec4 kernels, else by the activation kernel.
+pub fn gemm_act_into(
+    c: &Tensor,
+    a: &Tensor,
+    b: &Tensor,
+    bias: Option<&Tensor>,
+    g: Gemm,
+    act: Option<(Act, &Tensor)>,
+) -> Result<()> {
+    if let Some((_, out)) = act {
+        ensure!(
+            out.numel() == c.numel(),
+            "matmul: activation output {:?} does not match {:?}",
+            out.shape(),
+            c.shape()
+        );
+    }
     let a_bs = batch_stride(a, g.m * g.k, g.batch, "A")?;
     let b_bs = batch_stride(b, g.k * g.n, g.batch, "B")?;
     ensure!(
@@ -160,6 +182,10 @@ pub fn gemm_into(c: &Tensor, a: &Tensor, b: &Tensor, bias: Option<&Tensor>, g: G
         bias.is_some() as u32,
         g.accumulate as u32,
         f(g.alpha),
+        act.map_or(0, |(k, _)| 1 + k.code()),
+        0,
+        0,
+        0,
     ];
     let constants = [
         ("TRANS_A", g.ta as u32 as f64),
@@ -176,7 +202,23 @@ pub fn gemm_into(c: &Tensor, a: &Tensor, b: &Tensor, bias: Option<&Tensor>, g: G
             tile: Some(tile),
             ..g
         };
-        return gemm_into(c, a, &bt, bias, g);
+        return gemm_act_into(c, a, &bt, bias, g, act);
+    }
+    if let (Some((kind, out)), false) = (act, variant == Variant::Vec4) {
+        // Only the vec4 kernels have the activation epilogue.
+        gemm_act_into(
+            c,
+            a,
+            b,
+            bias,
+            Gemm {
+                variant: Some(variant),
+                tile: Some(tile),
+                ..g
+            },
+            None,
+        )?;
+        return super::activation::forward_into(c, out, kind);
     }
     let vec4_entry;
     let (shader, entry, tile_m, tile_n) = match variant {
@@ -200,17 +242,21 @@ pub fn gemm_into(c: &Tensor, a: &Tensor, b: &Tensor, bias: Option<&Tensor>, g: G
     } else {
         &constants
     };
+    let buffers = [
+        Some(a.buffer()),
+        Some(b.buffer()),
+        bias.map(|t| t.buffer()),
+        Some(c.buffer()),
+        act.map(|(_, t)| t.buffer()),
+    ];
+    // The vec4 kernels take the activation output too (a dummy without one).
+    let nbuf = if variant == Variant::Vec4 { 5 } else { 4 };
     gpu.dispatch_with(
         shader,
         entry,
         constants,
         &params,
-        &[
-            Some(a.buffer()),
-            Some(b.buffer()),
-            bias.map(|t| t.buffer()),
-            Some(c.buffer()),
-        ],
+        &buffers[..nbuf],
         [u(g.n.div_ceil(tile_n)), u(g.m.div_ceil(tile_m)), u(g.batch)],
     )
 }
@@ -577,6 +623,36 @@ fn slice_batch(t: &Tensor, i: usize, batch: usize) -> Result<Tensor> {
 /// Tape op: y = x W^T (+ b) for x [..., in], W [out, in] (Hugging Face's
 /// nn.Linear layout), b [out].
 pub fn linear(tape: &mut Tape, x: &Var, w: &Var, b: Option<&Var>) -> Result<Var> {
+    let (g, ys) = linear_shape(x, w)?;
+    let y = gemm(x.tensor(), w.tensor(), b.map(|b| b.tensor()), g)?.reshape(&ys)?;
+    Ok(record_linear(tape, y, x, w, b, g))
+}
+
+/// act(linear(x)) with the activation in the matmul's epilogue where the
+/// kernel has one; recorded as the linear node and the activation node.
+pub fn linear_act(tape: &mut Tape, x: &Var, w: &Var, b: Option<&Var>, act: Act) -> Result<Var> {
+    let (g, ys) = linear_shape(x, w)?;
+    let gpu = x.tensor().gpu();
+    let pre = Tensor::empty(gpu, &ys)?;
+    let y = Tensor::empty(gpu, &ys)?;
+    gemm_act_into(
+        &pre,
+        x.tensor(),
+        w.tensor(),
+        b.map(|b| b.tensor()),
+        g,
+        Some((act, &y)),
+    )?;
+    let pre_var = record_linear(tape, pre.clone(), x, w, b, g);
+    Ok(tape.record(
+        y,
+        &[&pre_var],
+        Box::new(move |dy, _| Ok(vec![Some(super::activation::backward(&pre, dy, act)?)])),
+    ))
+}
+
+/// The matmul of nn.Linear for x [.., in] and w [out, in], and y's shape.
+fn linear_shape(x: &Var, w: &Var) -> Result<(Gemm, Vec<usize>)> {
     let xs = x.shape().to_vec();
     let ws = w.shape();
     ensure!(
@@ -587,17 +663,20 @@ pub fn linear(tape: &mut Tape, x: &Var, w: &Var, b: Option<&Var>) -> Result<Var>
     );
     let (out_f, in_f) = (ws[0], ws[1]);
     let rows = x.tensor().numel() / in_f;
-    let g = Gemm::new(1, rows, out_f, in_f).tb(true);
-    let y = gemm(x.tensor(), w.tensor(), b.map(|b| b.tensor()), g)?;
     let mut ys = xs.clone();
     *ys.last_mut().unwrap() = out_f;
-    let y = y.reshape(&ys)?;
+    Ok((Gemm::new(1, rows, out_f, in_f).tb(true), ys))
+}
+
+/// Record y = x W^T + b (computed by the caller) with its backward.
+fn record_linear(tape: &mut Tape, y: Tensor, x: &Var, w: &Var, b: Option<&Var>, g: Gemm) -> Var {
+    let (rows, out_f) = (g.m, g.n);
     let (xt, wt) = (x.tensor().clone(), w.tensor().clone());
     let mut inputs = vec![x, w];
     if let Some(b) = b {
         inputs.push(b);
     }
-    Ok(tape.record(
+    tape.record(
         y,
         &inputs,
         Box::new(move |dy, needs| {
@@ -612,7 +691,7 @@ pub fn linear(tape: &mut Tape, x: &Var, w: &Var, b: Option<&Var>) -> Result<Var>
             }
             Ok(out)
         }),
-    ))
+    )
 }
 
 /// Tape op: batched C = alpha op(A) op(B) (attention scores, P V, logits).
