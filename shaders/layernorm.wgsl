@@ -197,3 +197,32 @@ fn backward_dx_row4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_
         out4[base + c] = r * (g - m.x - xh * m.y);
     }
 }
+
+// The residual add folded into the following layer norm (cols % 4 == 0):
+// sum = x + o, out = layernorm(sum) in one pass over the rows.
+@group(0) @binding(7) var<storage, read> o4: array<vec4<f32>>;
+@group(0) @binding(8) var<storage, read_write> sum4: array<vec4<f32>>;
+
+@compute @workgroup_size(256, 1, 1)
+fn forward_add_row4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let row = gid.x + gid.y * nwg.x * 256u;
+    if row >= p.rows { return; }
+    let c4 = p.cols / 4u;
+    let base = row * c4;
+    let n = f32(p.cols);
+    var s = vec4(0.0);
+    for (var c = 0u; c < c4; c++) {
+        let v = x4[base + c] + o4[base + c];
+        sum4[base + c] = v;
+        s += v;
+    }
+    let mu = hsum(s) / n;
+    var v = vec4(0.0);
+    for (var c = 0u; c < c4; c++) { let d = (x4[base + c] + o4[base + c]) - mu; v = fma(d, d, v); }
+    let r = 1.0 / sqrt(hsum(v) / n + p.eps);
+    for (var c = 0u; c < c4; c++) {
+        out4[base + c] = fma(((x4[base + c] + o4[base + c]) - mu) * r, gamma4[c], beta_or_dy4[c]);
+    }
+    mean[row] = mu;
+    rstd[row] = r;
+}

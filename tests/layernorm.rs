@@ -164,3 +164,54 @@ fn layernorm_rejects_mismatched_shapes() {
     let e = forward_with(&x, &g, &b, 1e-5, None).unwrap_err();
     assert!(format!("{e:#}").contains("gamma"), "{e:#}");
 }
+
+/// The residual add folded into the layer norm (one kernel for whole-vec4
+/// rows, else add then layer norm) against add_var + layernorm: both
+/// outputs and every gradient, with both outputs used downstream.
+#[test]
+fn add_layernorm_matches_separate_ops() {
+    use clip_wgpu::ops::elementwise::add_var;
+    use clip_wgpu::ops::layernorm::{add_layernorm, layernorm};
+    use clip_wgpu::Tape;
+    let Some(gpu) = gpu() else { return };
+    let mut r = Rng::new(31);
+    for (rows, cols) in [(37, 128), (5, 7)] {
+        let (x, gamma, beta) = inputs(&mut r, rows, cols);
+        let o = r.vec(rows * cols, 1.0);
+        let dh = r.vec(rows * cols, 1.0);
+        let run = |fused: bool| {
+            let mut tape = Tape::new();
+            let xv = tape.param(upload(&gpu, &x, &[rows, cols]));
+            let ov = tape.param(upload(&gpu, &o, &[rows, cols]));
+            let gv = tape.param(upload(&gpu, &gamma, &[cols]));
+            let bv = tape.param(upload(&gpu, &beta, &[cols]));
+            let (s, h) = if fused {
+                add_layernorm(&mut tape, &xv, &ov, &gv, &bv, 1e-5).unwrap()
+            } else {
+                let s = add_var(&mut tape, &xv, &ov).unwrap();
+                let h = layernorm(&mut tape, &s, &gv, &bv, 1e-5).unwrap();
+                (s, h)
+            };
+            // L = sum((s + h) * dh): gradients reach s both directly and
+            // through the layer norm.
+            let (sv, hv) = (download(s.tensor()), download(h.tensor()));
+            let total = add_var(&mut tape, &s, &h).unwrap();
+            let mut g = tape
+                .backward_with(&total, upload(&gpu, &dh, &[rows, cols]))
+                .unwrap();
+            let grads: Vec<Vec<f64>> = [&xv, &ov, &gv, &bv]
+                .iter()
+                .map(|v| download(&g.take(v).unwrap()))
+                .collect();
+            (sv, hv, grads)
+        };
+        let (sf, hf, gf) = run(true);
+        let (ss, hs, gs) = run(false);
+        let name = format!("add_layernorm {rows}x{cols}");
+        assert_close(&format!("{name} sum"), &sf, &ss, 0.0);
+        assert_close(&format!("{name} norm"), &hf, &hs, 1e-6);
+        for (i, (f, s)) in gf.iter().zip(&gs).enumerate() {
+            assert_close(&format!("{name} grad {i}"), f, s, 1e-6);
+        }
+    }
+}

@@ -5,7 +5,7 @@ use super::params::{Layout, ParamVars};
 use crate::ops::activation::Act;
 use crate::ops::attention::attention;
 use crate::ops::elementwise::add_var;
-use crate::ops::layernorm::layernorm;
+use crate::ops::layernorm::{add_layernorm, layernorm};
 use crate::ops::matmul::{linear, linear_act};
 use crate::ops::softmax::Mask;
 use crate::tape::{Tape, Var};
@@ -51,6 +51,16 @@ impl LayerNorm {
     }
     pub fn forward(&self, tape: &mut Tape, v: &ParamVars, x: &Var) -> Result<Var> {
         layernorm(tape, x, &v[self.g], &v[self.b], self.eps)
+    }
+    /// (x + o, layernorm(x + o)): a residual add folded into this norm.
+    pub fn forward_add(
+        &self,
+        tape: &mut Tape,
+        v: &ParamVars,
+        x: &Var,
+        o: &Var,
+    ) -> Result<(Var, Var)> {
+        add_layernorm(tape, x, o, &v[self.g], &v[self.b], self.eps)
     }
 }
 
@@ -100,8 +110,7 @@ impl ClipEncoderLayer {
         let v = self.v.forward(tape, p, &h)?;
         let a = attention(tape, &q, &k, &v, self.heads, mask)?;
         let o = self.o.forward(tape, p, &a)?;
-        let x = add_var(tape, x, &o)?;
-        let h = self.ln2.forward(tape, p, &x)?;
+        let (x, h) = self.ln2.forward_add(tape, p, x, &o)?;
         let h = self.fc1.forward_act(tape, p, &h, self.act)?;
         let h = self.fc2.forward(tape, p, &h)?;
         add_var(tape, &x, &h)

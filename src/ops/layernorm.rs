@@ -242,10 +242,80 @@ pub fn backward_params(
 /// Tape op: LayerNorm of x over its last dimension with affine gamma, beta.
 pub fn layernorm(tape: &mut Tape, x: &Var, gamma: &Var, beta: &Var, eps: f32) -> Result<Var> {
     let (y, mean, rstd) = forward(x.tensor(), gamma.tensor(), beta.tensor(), eps)?;
+    Ok(record_layernorm(tape, x, gamma, beta, y, mean, rstd))
+}
+
+/// Tape op: s = x + o (a residual add) and layernorm(s), computed in one
+/// kernel where the rows are whole vec4s on the per-thread layout, recorded
+/// as the add node and the layer-norm node. Returns (s, layernorm(s)).
+pub fn add_layernorm(
+    tape: &mut Tape,
+    x: &Var,
+    o: &Var,
+    gamma: &Var,
+    beta: &Var,
+    eps: f32,
+) -> Result<(Var, Var)> {
+    let gpu = x.tensor().gpu();
+    let (rows, cols) = check_params(x.tensor(), gamma.tensor(), "layernorm")?;
+    let fused = x.shape() == o.shape()
+        && beta.tensor().numel() == cols
+        && cols.is_multiple_of(4)
+        && Rows::pick(gpu, None) == Rows::Thread;
+    if !fused {
+        let s = super::elementwise::add_var(tape, x, o)?;
+        let h = layernorm(tape, &s, gamma, beta, eps)?;
+        return Ok((s, h));
+    }
+    let sum = Tensor::empty(gpu, x.shape())?;
+    let y = Tensor::empty(gpu, x.shape())?;
+    let mean = Tensor::empty(gpu, &[rows])?;
+    let rstd = Tensor::empty(gpu, &[rows])?;
+    gpu.dispatch(
+        &SHADER,
+        "forward_add_row4",
+        &[u(rows), u(cols), f(eps), 0],
+        &[
+            Some(x.tensor().buffer()),
+            Some(mean.buffer()),
+            Some(rstd.buffer()),
+            Some(beta.tensor().buffer()),
+            Some(y.buffer()),
+            Some(gamma.tensor().buffer()),
+            Some(o.tensor().buffer()),
+            Some(sum.buffer()),
+        ],
+        gpu.grid_1d(rows, 256),
+    )?;
+    let s = tape.record(
+        sum,
+        &[x, o],
+        Box::new(|dy, needs| {
+            Ok(vec![
+                needs[0].then(|| dy.clone()),
+                needs[1].then(|| dy.clone()),
+            ])
+        }),
+    );
+    let h = record_layernorm(tape, &s, gamma, beta, y, mean, rstd);
+    Ok((s, h))
+}
+
+/// Record y = layernorm(x) (computed by the caller, with its row
+/// statistics) and its backward.
+fn record_layernorm(
+    tape: &mut Tape,
+    x: &Var,
+    gamma: &Var,
+    beta: &Var,
+    y: Tensor,
+    mean: Tensor,
+    rstd: Tensor,
+) -> Var {
     let xs = x.tensor().clone();
     let gs = gamma.tensor().clone();
     let (gshape, bshape) = (gamma.shape().to_vec(), beta.shape().to_vec());
-    Ok(tape.record(
+    tape.record(
         y,
         &[x, gamma, beta],
         Box::new(move |dy, needs| {
@@ -273,7 +343,7 @@ pub fn layernorm(tape: &mut Tape, x: &Var, gamma: &Var, beta: &Var, eps: f32) ->
             };
             Ok(vec![dx, dg, db])
         }),
-    ))
+    )
 }
 
 /// Per-row (mean, rstd) in f64.
