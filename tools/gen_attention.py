@@ -106,8 +106,8 @@ def dot(a, b, dh):
 SG = "--subgroup" in sys.argv
 # First and last row block start of the thread's subgroup (with subgroups),
 # else the thread's own.
-RFIRST = "(r0 / 32u) * 32u" if SG else "r0"
-RLAST = f"(r0 / 32u) * 32u + {7 * R}u" if SG else "r0"
+RFIRST = f"(r0 / {8 * R}u) * {8 * R}u" if SG else "r0"
+RLAST = f"(r0 / {8 * R}u) * {8 * R}u + {7 * R}u" if SG else "r0"
 for dh in DHS:
     C = dh // 4
     # ---------------- forward ----------------
