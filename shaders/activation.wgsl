@@ -108,12 +108,8 @@ fn act_kind(v: f32, kind: u32) -> f32 {
         default: { return v * sigmoid_parts(2.0 * gelu_tanh_u(v).x).x; }
     }
 }
-// END shared
-
-fn act(v: f32) -> f32 { return act_kind(v, p.kind); }
-
-fn act_grad(v: f32) -> f32 {
-    switch p.kind {
+fn act_grad_kind(v: f32, kind: u32) -> f32 {
+    switch kind {
         // exp underflows to 0 before v * exp(...) could be inf * 0.
         case 0u: { return phi(v) + v * FRAC_1_SQRT_2PI * exp(-0.5 * v * v); }
         case 1u: {
@@ -131,6 +127,11 @@ fn act_grad(v: f32) -> f32 {
         }
     }
 }
+// END shared
+
+fn act(v: f32) -> f32 { return act_kind(v, p.kind); }
+fn act_grad(v: f32) -> f32 { return act_grad_kind(v, p.kind); }
+
 
 @compute @workgroup_size(256, 1, 1)
 fn forward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {

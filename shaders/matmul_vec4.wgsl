@@ -13,13 +13,15 @@
 // Entry point matmul_vec4_RMxRV: each thread computes RM rows x 4*RV
 // columns (column groups strided by 8); 8x8 threads per workgroup.
 
-// act: 0, or 1 + an activation kind of activation.wgsl; then act_out gets
-// act(C) as well (a linear layer's bias + activation in one pass).
+// act: 0, or 1 + an activation kind of activation.wgsl, with act_mode 0:
+// act_out = act(C) as well (a linear layer's bias + activation in one
+// pass), or act_mode 1: C *= act'(act_out) (act_out holds the activation's
+// input: the MLP backward's dH -> d(pre-activation) in the same pass).
 struct Params {
     m: u32, n: u32, k: u32, lda: u32,
     ldb: u32, ldc: u32, a_bs: u32, b_bs: u32,
     c_bs: u32, has_bias: u32, accumulate: u32, alpha: f32,
-    act: u32, _a: u32, _b: u32, _c: u32,
+    act: u32, act_mode: u32, _b: u32, _c: u32,
 }
 
 override TRANS_A: bool = false;
@@ -27,9 +29,9 @@ override TRANS_A: bool = false;
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> a: array<vec4<f32>>;
 @group(0) @binding(2) var<storage, read> b: array<vec4<f32>>;
-@group(0) @binding(3) var<storage, read> bias: array<f32>;
-@group(0) @binding(4) var<storage, read_write> c: array<f32>;
-@group(0) @binding(5) var<storage, read_write> act_out: array<f32>;
+@group(0) @binding(3) var<storage, read> bias: array<vec4<f32>>;
+@group(0) @binding(4) var<storage, read_write> c: array<vec4<f32>>;
+@group(0) @binding(5) var<storage, read_write> act_out: array<vec4<f32>>;
 
 // Activation forward, copied from activation.wgsl by the generator.
 const FRAC_1_SQRT_2: f32 = 0.70710678118654752;
@@ -124,31 +126,57 @@ fn act_kind(v: f32, kind: u32) -> f32 {
         default: { return v * sigmoid_parts(2.0 * gelu_tanh_u(v).x).x; }
     }
 }
-
-// act_out = act(C) over one thread's tile (rows row0.., vec4 columns col0 +
-// 8q), as a loop with one call site: inlined into every store the activation
-// code made the kernel several times larger and slower.
-fn act_tile(base: u32, row0: u32, col0: u32, rm: u32, rv: u32) {
-    let rows = min(rm, p.m - min(row0, p.m));
-    for (var t = 0u; t < rows * rv * 4u; t++) {
-        let i = row0 + t / (rv * 4u);
-        let j4 = col0 + 8u * ((t / 4u) % rv);
-        if j4 >= p.n / 4u { continue; }
-        let idx = base + i * p.ldc + j4 * 4u + t % 4u;
-        act_out[idx] = act_kind(c[idx], p.act - 1u);
+fn act_grad_kind(v: f32, kind: u32) -> f32 {
+    switch kind {
+        // exp underflows to 0 before v * exp(...) could be inf * 0.
+        case 0u: { return phi(v) + v * FRAC_1_SQRT_2PI * exp(-0.5 * v * v); }
+        case 1u: {
+            let s = sigmoid_parts(QUICK_GELU_C * v);
+            return s.x + QUICK_GELU_C * v * s.y;
+        }
+        case 2u: { return tanh_parts(v).y; }
+        default: {
+            // Past |v| = 20 the slope is exactly 0 or 1 in f32, and du
+            // would overflow for huge v (inf * 0).
+            if abs(v) > 20.0 { return select(0.0, 1.0, v > 0.0); }
+            let u = gelu_tanh_u(v);
+            let s = sigmoid_parts(2.0 * u.x);
+            return s.x + 2.0 * v * s.y * u.y;
+        }
     }
 }
 
+// The activation epilogue over one thread's tile (rows row0.., vec4 columns
+// col0 + 8q), as a loop with one call site: inlined into every store the
+// activation code made the kernel several times larger and slower.
+fn act_tile(base: u32, row0: u32, col0: u32, rm: u32, rv: u32) {
+    let rows = min(rm, p.m - min(row0, p.m));
+    let k = p.act - 1u;
+    for (var t = 0u; t < rows * rv; t++) {
+        let i = row0 + t / rv;
+        let j4 = col0 + 8u * (t % rv);
+        if j4 >= p.n / 4u { continue; }
+        let idx = base + i * (p.ldc / 4u) + j4;
+        if p.act_mode == 0u {
+            let v = c[idx];
+            act_out[idx] = vec4(act_kind(v.x, k), act_kind(v.y, k), act_kind(v.z, k), act_kind(v.w, k));
+        } else {
+            let x = act_out[idx];
+            c[idx] = c[idx] * vec4(act_grad_kind(x.x, k), act_grad_kind(x.y, k),
+                                   act_grad_kind(x.z, k), act_grad_kind(x.w, k));
+        }
+    }
+}
+
+// C, bias and act_out are vec4s too (n % 4 == 0): one per-lane load loop
+// per four values instead of four.
 fn store4(base: u32, i: u32, j4: u32, v: vec4<f32>) {
     if i >= p.m || j4 >= p.n / 4u { return; }
-    for (var e = 0u; e < 4u; e++) {
-        let j = j4 * 4u + e;
-        var out = p.alpha * v[e];
-        if p.has_bias != 0u { out += bias[j]; }
-        let idx = base + i * p.ldc + j;
-        if p.accumulate != 0u { out += c[idx]; }
-        c[idx] = out;
-    }
+    var out = p.alpha * v;
+    if p.has_bias != 0u { out += bias[j4]; }
+    let idx = base + i * (p.ldc / 4u) + j4;
+    if p.accumulate != 0u { out += c[idx]; }
+    c[idx] = out;
 }
 
 @compute @workgroup_size(8, 8, 1)
@@ -412,7 +440,7 @@ fn matmul_vec4_16x2(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invoca
             acc15_1 = fma(vec4<f32>(a15[3]), b3_1, acc15_1);
         }
     }
-    let cbase = batch * p.c_bs;
+    let cbase = batch * p.c_bs / 4u;
     store4(cbase, row0 + 0u, col0 + 0u, acc0_0);
     store4(cbase, row0 + 0u, col0 + 8u, acc0_1);
     store4(cbase, row0 + 1u, col0 + 0u, acc1_0);
@@ -593,7 +621,7 @@ fn matmul_vec4_8x2(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocat
             acc7_1 = fma(vec4<f32>(a7[3]), b3_1, acc7_1);
         }
     }
-    let cbase = batch * p.c_bs;
+    let cbase = batch * p.c_bs / 4u;
     store4(cbase, row0 + 0u, col0 + 0u, acc0_0);
     store4(cbase, row0 + 0u, col0 + 8u, acc0_1);
     store4(cbase, row0 + 1u, col0 + 0u, acc1_0);
@@ -816,7 +844,7 @@ fn matmul_vec4_12x2(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invoca
             acc11_1 = fma(vec4<f32>(a11[3]), b3_1, acc11_1);
         }
     }
-    let cbase = batch * p.c_bs;
+    let cbase = batch * p.c_bs / 4u;
     store4(cbase, row0 + 0u, col0 + 0u, acc0_0);
     store4(cbase, row0 + 0u, col0 + 8u, acc0_1);
     store4(cbase, row0 + 1u, col0 + 0u, acc1_0);
@@ -1097,7 +1125,7 @@ fn matmul_vec4_8x4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocat
             acc7_3 = fma(vec4<f32>(a7[3]), b3_3, acc7_3);
         }
     }
-    let cbase = batch * p.c_bs;
+    let cbase = batch * p.c_bs / 4u;
     store4(cbase, row0 + 0u, col0 + 0u, acc0_0);
     store4(cbase, row0 + 0u, col0 + 8u, acc0_1);
     store4(cbase, row0 + 0u, col0 + 16u, acc0_2);
@@ -1510,7 +1538,7 @@ fn matmul_vec4_24x2(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invoca
             acc23_1 = fma(vec4<f32>(a23[3]), b3_1, acc23_1);
         }
     }
-    let cbase = batch * p.c_bs;
+    let cbase = batch * p.c_bs / 4u;
     store4(cbase, row0 + 0u, col0 + 0u, acc0_0);
     store4(cbase, row0 + 0u, col0 + 8u, acc0_1);
     store4(cbase, row0 + 1u, col0 + 0u, acc1_0);
@@ -1649,7 +1677,7 @@ fn matmul_vec4_4x2(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocat
             acc3_1 = fma(vec4<f32>(a3[3]), b3_1, acc3_1);
         }
     }
-    let cbase = batch * p.c_bs;
+    let cbase = batch * p.c_bs / 4u;
     store4(cbase, row0 + 0u, col0 + 0u, acc0_0);
     store4(cbase, row0 + 0u, col0 + 8u, acc0_1);
     store4(cbase, row0 + 1u, col0 + 0u, acc1_0);

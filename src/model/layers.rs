@@ -7,6 +7,7 @@ use crate::ops::attention::attention;
 use crate::ops::elementwise::add_var;
 use crate::ops::layernorm::{add_layernorm, layernorm};
 use crate::ops::matmul::{linear, linear_act};
+use crate::ops::mlp::mlp;
 use crate::ops::softmax::Mask;
 use crate::tape::{Tape, Var};
 use anyhow::Result;
@@ -111,8 +112,9 @@ impl ClipEncoderLayer {
         let a = attention(tape, &q, &k, &v, self.heads, mask)?;
         let o = self.o.forward(tape, p, &a)?;
         let (x, h) = self.ln2.forward_add(tape, p, x, &o)?;
-        let h = self.fc1.forward_act(tape, p, &h, self.act)?;
-        let h = self.fc2.forward(tape, p, &h)?;
+        let fc1 = (&p[self.fc1.w], self.fc1.b.map(|b| &p[b]));
+        let fc2 = (&p[self.fc2.w], self.fc2.b.map(|b| &p[b]));
+        let h = mlp(tape, &h, fc1, fc2, self.act)?;
         add_var(tape, &x, &h)
     }
 }

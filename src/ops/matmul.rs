@@ -119,17 +119,35 @@ pub fn gemm_into(c: &Tensor, a: &Tensor, b: &Tensor, bias: Option<&Tensor>, g: G
     gemm_act_into(c, a, b, bias, g, None)
 }
 
-/// `gemm_into`, and `act(C)` into `act_out` as well: in the same pass (the
-/// kernel's epilogue) with the vec4 kernels, else by the activation kernel.
+/// What a matmul does after computing C (see `gemm_act_into`).
+#[derive(Clone, Copy)]
+pub enum Epilogue<'a> {
+    /// Also write act(C) into the tensor.
+    Act(Act, &'a Tensor),
+    /// C *= act'(x) with x (the activation's input) in the tensor.
+    ActGrad(Act, &'a Tensor),
+}
+
+impl<'a> Epilogue<'a> {
+    fn parts(self) -> (Act, &'a Tensor, u32) {
+        match self {
+            Epilogue::Act(a, t) => (a, t, 0),
+            Epilogue::ActGrad(a, t) => (a, t, 1),
+        }
+    }
+}
+
+/// `gemm_into` with an activation epilogue: in the same pass with the vec4
+/// kernels, else by the activation kernels afterwards.
 pub fn gemm_act_into(
     c: &Tensor,
     a: &Tensor,
     b: &Tensor,
     bias: Option<&Tensor>,
     g: Gemm,
-    act: Option<(Act, &Tensor)>,
+    act: Option<Epilogue>,
 ) -> Result<()> {
-    if let Some((_, out)) = act {
+    if let Some((_, out, _)) = act.map(|e| e.parts()) {
         ensure!(
             out.numel() == c.numel(),
             "matmul: activation output {:?} does not match {:?}",
@@ -182,8 +200,8 @@ pub fn gemm_act_into(
         bias.is_some() as u32,
         g.accumulate as u32,
         f(g.alpha),
-        act.map_or(0, |(k, _)| 1 + k.code()),
-        0,
+        act.map_or(0, |e| 1 + e.parts().0.code()),
+        act.map_or(0, |e| e.parts().2),
         0,
         0,
     ];
@@ -204,21 +222,22 @@ pub fn gemm_act_into(
         };
         return gemm_act_into(c, a, &bt, bias, g, act);
     }
-    if let (Some((kind, out)), false) = (act, variant == Variant::Vec4) {
+    if let (Some(e), false) = (act, variant == Variant::Vec4) {
         // Only the vec4 kernels have the activation epilogue.
-        gemm_act_into(
-            c,
-            a,
-            b,
-            bias,
-            Gemm {
-                variant: Some(variant),
-                tile: Some(tile),
-                ..g
-            },
-            None,
-        )?;
-        return super::activation::forward_into(c, out, kind);
+        let g = Gemm {
+            variant: Some(variant),
+            tile: Some(tile),
+            ..g
+        };
+        gemm_act_into(c, a, b, bias, g, None)?;
+        return match e {
+            Epilogue::Act(kind, out) => super::activation::forward_into(c, out, kind),
+            Epilogue::ActGrad(kind, x) => {
+                let d = super::activation::backward(x, c, kind)?;
+                gpu.copy(d.buffer(), c.buffer(), (c.numel() * 4) as u64);
+                Ok(())
+            }
+        };
     }
     let vec4_entry;
     let (shader, entry, tile_m, tile_n) = match variant {
@@ -247,7 +266,7 @@ pub fn gemm_act_into(
         Some(b.buffer()),
         bias.map(|t| t.buffer()),
         Some(c.buffer()),
-        act.map(|(_, t)| t.buffer()),
+        act.map(|e| e.parts().1.buffer()),
     ];
     // The vec4 kernels take the activation output too (a dummy without one).
     let nbuf = if variant == Variant::Vec4 { 5 } else { 4 };
@@ -641,7 +660,7 @@ pub fn linear_act(tape: &mut Tape, x: &Var, w: &Var, b: Option<&Var>, act: Act) 
         w.tensor(),
         b.map(|b| b.tensor()),
         g,
-        Some((act, &y)),
+        Some(Epilogue::Act(act, &y)),
     )?;
     let pre_var = record_linear(tape, pre.clone(), x, w, b, g);
     Ok(tape.record(
