@@ -202,3 +202,24 @@ fn swap12_pad_matches_reference() {
         assert_eq!(got, want, "swap12_pad {dims:?} -> x {x_out}, y {y_out}");
     }
 }
+
+/// The batched transpose under the vec4 matmul's NT path: 4x4-block kernel
+/// (both sizes multiples of 4) and the scalar one.
+#[test]
+fn transpose_matches_reference() {
+    use clip_wgpu::ops::permute::transpose;
+    let Some(gpu) = gpu() else { return };
+    for (batch, rows, cols) in [(1, 4, 4), (3, 8, 12), (2, 128, 36), (2, 7, 12), (1, 5, 3)] {
+        let x: Vec<f64> = (0..batch * rows * cols).map(|i| i as f64).collect();
+        let got = download(&transpose(&upload(&gpu, &x, &[x.len()]), batch, rows, cols).unwrap());
+        let mut want = vec![0.0; x.len()];
+        for a in 0..batch {
+            for r in 0..rows {
+                for c in 0..cols {
+                    want[(a * cols + c) * rows + r] = x[(a * rows + r) * cols + c];
+                }
+            }
+        }
+        assert_eq!(got, want, "transpose {batch}x{rows}x{cols}");
+    }
+}

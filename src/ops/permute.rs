@@ -43,7 +43,25 @@ pub fn swap12_pad(t: &Tensor, dims: [usize; 4], x_out: usize, y_out: usize) -> R
 
 /// [batch, rows, cols] -> [batch, cols, rows].
 pub fn transpose(t: &Tensor, batch: usize, rows: usize, cols: usize) -> Result<Tensor> {
-    swap12(t, [batch, rows, cols, 1])?.reshape(&[batch, cols, rows])
+    if !(rows.is_multiple_of(4) && cols.is_multiple_of(4)) {
+        return swap12(t, [batch, rows, cols, 1])?.reshape(&[batch, cols, rows]);
+    }
+    ensure!(
+        batch * rows * cols == t.numel(),
+        "transpose: {batch}x{rows}x{cols} does not match {:?}",
+        t.shape()
+    );
+    // 4x4 blocks, whole vec4s in and out.
+    let gpu = t.gpu();
+    let out = Tensor::empty(gpu, &[batch, cols, rows])?;
+    gpu.dispatch(
+        &SHADER_VEC4,
+        "transpose4",
+        &[u(batch), u(rows), u(cols), 1, 0, 0],
+        &[Some(t.buffer()), Some(out.buffer())],
+        gpu.grid_1d(batch * rows * cols / 16, 256),
+    )?;
+    Ok(out)
 }
 
 /// Tape op: [a, x, y, z] -> [a, y, x, z]; the backward swaps back.
