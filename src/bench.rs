@@ -9,6 +9,7 @@ use crate::model::params::decays;
 use crate::model::weights::{HostTensor, Weights};
 use crate::ops::activation::{self, Act};
 use crate::ops::adamw::{self, AdamW};
+use crate::ops::attention_fused::{self, Dims};
 use crate::ops::matmul::{gemm_into, kernel_name, Gemm};
 use crate::ops::softmax::{self, Mask};
 use crate::ops::{attention, calibrate, elementwise, layernorm, loss};
@@ -291,6 +292,43 @@ fn attention_cases(gpu: &Arc<Gpu>, t: &Tower, batch: usize, reps: usize) -> Resu
             reps,
         )?,
     ];
+    // The whole attention forward + backward, both ways (the step uses
+    // the faster, see ops::attention).
+    let q = tensor(gpu, &[batch, t.tokens, t.width])?;
+    let d = Dims {
+        b: batch,
+        t: t.tokens,
+        h,
+        dh,
+        sg: gpu.subgroups_of_8(),
+    };
+    let plain = Mask {
+        causal: t.causal,
+        key_valid: None,
+        keys: None,
+    };
+    let flops = 2.0 * (batch * h * t.tokens * t.tokens * dh) as f64 * 2.0 * 3.0;
+    let ways: &[bool] = if attention_fused::supported(dh) {
+        &[true, false]
+    } else {
+        &[false]
+    };
+    for &fused in ways {
+        let secs = time(gpu, reps, || {
+            attention::forward_backward(&q, &q, &q, d, &plain, fused)
+        })?;
+        out.push(Measure {
+            kernel: format!(
+                "{n} attention fwd+bwd ({})",
+                if fused { "fused" } else { "unfused" }
+            ),
+            shape: format!("{batch}x{}x{h}x{dh}", t.tokens),
+            median_ms: secs * 1e3,
+            rate: flops / secs / 1e9,
+            unit: "GFLOP/s",
+            peak_share: None,
+        });
+    }
     let s = tensor(gpu, &[batch, h, tp, tp])?;
     let mask = Mask {
         causal: t.causal,

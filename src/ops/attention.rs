@@ -13,6 +13,7 @@ use super::permute::{merge_heads_crop, reshape_var, split_heads_pad, swap12_pad}
 use super::softmax::{masked_softmax, Mask};
 use crate::gpu::Gpu;
 use crate::tape::{Tape, Var};
+use crate::tensor::Tensor;
 use anyhow::{ensure, Result};
 
 /// q, k, v: [B, T, H*Dh] (already projected). Returns [B, T, H*Dh].
@@ -38,18 +39,60 @@ pub fn attention(
         s[2]
     );
     let (b, t, dh) = (s[0], s[1], s[2] / heads);
-    if use_fused(q.tensor().gpu(), dh) && mask.keys.is_none() {
-        let sg = q.tensor().gpu().subgroups_of_8();
-        let d = Dims {
-            b,
-            t,
-            h: heads,
-            dh,
-            sg,
-        };
+    let gpu = q.tensor().gpu();
+    let d = Dims {
+        b,
+        t,
+        h: heads,
+        dh,
+        sg: gpu.subgroups_of_8(),
+    };
+    if mask.keys.is_none() && use_fused(q, k, v, d, mask)? {
         return attention_fused(tape, q, k, v, d, mask);
     }
     attention_unfused(tape, q, k, v, heads, mask)
+}
+
+/// Whether attention runs fused: `CLIP_WGPU_ATTENTION=fused|unfused`
+/// forces it; otherwise where the head size has a fused kernel, the faster
+/// of the two (forward + backward) as measured on this adapter the first
+/// time a shape runs and kept with the matmul choices (`CLIP_WGPU_TUNE=0`:
+/// fused).
+fn use_fused(q: &Var, k: &Var, v: &Var, d: Dims, mask: &Mask) -> Result<bool> {
+    match std::env::var("CLIP_WGPU_ATTENTION").as_deref() {
+        Ok("unfused") => return Ok(false),
+        Ok("fused") => return Ok(fused::supported(d.dh)),
+        _ => {}
+    }
+    if !fused::supported(d.dh) {
+        return Ok(false);
+    }
+    let gpu = q.tensor().gpu();
+    if !crate::gpu::tune::enabled() {
+        return Ok(true);
+    }
+    let key = format!(
+        "attention {}x{}x{}x{}{}{}",
+        d.b,
+        d.t,
+        d.h,
+        d.dh,
+        if mask.causal { " causal" } else { "" },
+        if mask.key_valid.is_some() {
+            " padded"
+        } else {
+            ""
+        }
+    );
+    if let Some(v) = gpu.tuned(&key) {
+        return Ok(v == "fused");
+    }
+    let (qt, kt, vt) = (q.tensor(), k.tensor(), v.tensor());
+    let tf = crate::bench::time(gpu, 3, || forward_backward(qt, kt, vt, d, mask, true))?;
+    let tu = crate::bench::time(gpu, 3, || forward_backward(qt, kt, vt, d, mask, false))?;
+    let fused = tf <= tu;
+    gpu.set_tuned(&key, if fused { "fused" } else { "unfused" });
+    Ok(fused)
 }
 
 /// `attention` from separate kernels (split, Q K^T, masked softmax, P V,
@@ -91,13 +134,25 @@ pub fn attention_unfused(
     merge_heads_crop(tape, &out, t)
 }
 
-/// Whether attention runs fused: `CLIP_WGPU_ATTENTION=fused|unfused`
-/// forces it; by default it is fused where the head size has a kernel.
-pub fn use_fused(_gpu: &Gpu, dh: usize) -> bool {
-    match std::env::var("CLIP_WGPU_ATTENTION").as_deref() {
-        Ok("unfused") => false,
-        _ => fused::supported(dh),
-    }
+/// One forward and backward of attention, fused or not, on a scratch tape
+/// (the tuner, the bench).
+pub fn forward_backward(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    d: Dims,
+    mask: &Mask,
+    fused: bool,
+) -> Result<()> {
+    let mut t = Tape::new();
+    let (qv, kv, vv) = (t.param(q.clone()), t.param(k.clone()), t.param(v.clone()));
+    let o = if fused {
+        attention_fused(&mut t, &qv, &kv, &vv, d, mask)?
+    } else {
+        attention_unfused(&mut t, &qv, &kv, &vv, d.h, mask)?
+    };
+    let seed = o.tensor().clone();
+    t.backward_with(&o, seed).map(drop)
 }
 
 /// The sequence length attention runs at: T, or T rounded up to a multiple
