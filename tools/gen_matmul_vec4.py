@@ -95,68 +95,25 @@ fn store4(base: u32, i: u32, j4: u32, v: vec4<f32>) {{
 """)
 
 
-def gen(RM, RV):
-    w(f"""@compute @workgroup_size(8, 8, 1)
-fn matmul_vec4_{RM}x{RV}(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {{
-    let batch = wid.z;
-    let row0 = (wid.y * 8u + lid.y) * {RM}u;
-    let n4 = p.n / 4u;
-    let lda4 = p.lda / 4u;
-    let ldb4 = p.ldb / 4u;
-    let abase = batch * p.a_bs / 4u;
-    let bbase = batch * p.b_bs / 4u;
-    let col0 = wid.x * {8*RV}u + lid.x;
-""")
-    for q in range(RV):
-        w(f"    let c{q} = min(col0 + {8*q}u, n4 - 1u);\n")
-    for r in range(RM):
-        for q in range(RV):
-            w(f"    var acc{r}_{q} = vec4<f32>(0.0);\n")
-    w("    if TRANS_A {\n")
-    for r4 in range(RM // 4):
-        w(f"        let r{r4} = min(row0 / 4u + {r4}u, p.m / 4u - 1u);\n")
-    w("        for (var kk = 0u; kk < p.k; kk++) {\n")
-    for q in range(RV):
-        w(f"            let b{q} = b[bbase + kk * ldb4 + c{q}];\n")
-    for r4 in range(RM // 4):
-        w(f"            let a{r4} = a[abase + kk * lda4 + r{r4}];\n")
-        for t in range(4):
-            for q in range(RV):
-                r = r4 * 4 + t
-                w(f"            acc{r}_{q} = fma(vec4<f32>(a{r4}[{t}]), b{q}, acc{r}_{q});\n")
-    w("        }\n    } else {\n")
-    for r in range(RM):
-        w(f"        let r{r} = min(row0 + {r}u, p.m - 1u);\n")
-    w("        for (var kq = 0u; kq < p.k / 4u; kq++) {\n")
-    for t in range(4):
-        for q in range(RV):
-            w(f"            let b{t}_{q} = b[bbase + (kq * 4u + {t}u) * ldb4 + c{q}];\n")
-    for r in range(RM):
-        w(f"            let a{r} = a[abase + r{r} * lda4 + kq];\n")
-        for t in range(4):
-            for q in range(RV):
-                w(f"            acc{r}_{q} = fma(vec4<f32>(a{r}[{t}]), b{t}_{q}, acc{r}_{q});\n")
-    w("        }\n    }\n    let cbase = batch * p.c_bs / 4u;\n")
-    for r in range(RM):
-        for q in range(RV):
-            w(f"    store4(cbase, row0 + {r}u, col0 + {8*q}u, acc{r}_{q});\n")
-    w(f"    if p.act != 0u {{ act_tile(cbase, row0, col0, {RM}u, {RV}u); }}\n")
-    w("}\n")
-
-
-def gen_sg(RM, RV):
-    """The same tile with subgroup broadcasts (subgroup size 8, lanes =
-    lid.x): each lane loads a different row of A and the 8 lanes share them,
-    so A costs RM/8 per-lane loads a step instead of RM (on llvmpipe every
-    storage load is a loop over the lanes, and A's rows were the same on all
-    lanes)."""
-    assert RM % 8 == 0 and RM // 4 <= 8
-    w(f"""@compute @workgroup_size(8, 8, 1)
+def gen(RM, RV, sg=False):
+    """One entry point: RM rows x RV vec4 column groups a thread. With `sg`,
+    the subgroup version (subgroup size 8, lanes = lid.x): each lane loads a
+    different row of A and the 8 lanes share them by subgroupBroadcast, so A
+    costs RM/8 per-lane loads a step instead of RM (on llvmpipe every storage
+    load is a loop over the lanes, and A's rows were the same on all lanes)."""
+    if sg:
+        assert RM % 8 == 0 and RM // 4 <= 8
+        w(f"""@compute @workgroup_size(8, 8, 1)
 fn matmul_sg_{RM}x{RV}(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {{
     // Subgroups of 8 are the rows of the 8x8 workgroup (the host checks the
     // adapter's subgroup size; tests check the result).
     let lane = lid.x;
-    let batch = wid.z;
+""")
+    else:
+        w(f"""@compute @workgroup_size(8, 8, 1)
+fn matmul_vec4_{RM}x{RV}(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {{
+""")
+    w(f"""    let batch = wid.z;
     let row0 = (wid.y * 8u + lid.y) * {RM}u;
     let n4 = p.n / 4u;
     let lda4 = p.lda / 4u;
@@ -171,29 +128,45 @@ fn matmul_sg_{RM}x{RV}(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_inv
         for q in range(RV):
             w(f"    var acc{r}_{q} = vec4<f32>(0.0);\n")
     w("    if TRANS_A {\n")
-    # Lane L loads vec4 L of the row block (rows 4L..4L+3).
-    w(f"        let ra = min(row0 / 4u + min(lane, {RM // 4 - 1}u), p.m / 4u - 1u);\n")
+    if sg:
+        # Lane L loads vec4 L of the row block (rows 4L..4L+3).
+        w(f"        let ra = min(row0 / 4u + min(lane, {RM // 4 - 1}u), p.m / 4u - 1u);\n")
+    else:
+        for r4 in range(RM // 4):
+            w(f"        let r{r4} = min(row0 / 4u + {r4}u, p.m / 4u - 1u);\n")
     w("        for (var kk = 0u; kk < p.k; kk++) {\n")
     for q in range(RV):
         w(f"            let b{q} = b[bbase + kk * ldb4 + c{q}];\n")
-    w("            let al = a[abase + kk * lda4 + ra];\n")
+    if sg:
+        w("            let al = a[abase + kk * lda4 + ra];\n")
     for r4 in range(RM // 4):
-        w(f"            let a{r4} = subgroupBroadcast(al, {r4}u);\n")
+        if sg:
+            w(f"            let a{r4} = subgroupBroadcast(al, {r4}u);\n")
+        else:
+            w(f"            let a{r4} = a[abase + kk * lda4 + r{r4}];\n")
         for t in range(4):
             for q in range(RV):
                 r = r4 * 4 + t
                 w(f"            acc{r}_{q} = fma(vec4<f32>(a{r4}[{t}]), b{q}, acc{r}_{q});\n")
     w("        }\n    } else {\n")
-    for g in range(RM // 8):
-        w(f"        let rl{g} = min(row0 + {8*g}u + lane, p.m - 1u);\n")
+    if sg:
+        for g in range(RM // 8):
+            w(f"        let rl{g} = min(row0 + {8*g}u + lane, p.m - 1u);\n")
+    else:
+        for r in range(RM):
+            w(f"        let r{r} = min(row0 + {r}u, p.m - 1u);\n")
     w("        for (var kq = 0u; kq < p.k / 4u; kq++) {\n")
     for t in range(4):
         for q in range(RV):
             w(f"            let b{t}_{q} = b[bbase + (kq * 4u + {t}u) * ldb4 + c{q}];\n")
-    for g in range(RM // 8):
-        w(f"            let al{g} = a[abase + rl{g} * lda4 + kq];\n")
+    if sg:
+        for g in range(RM // 8):
+            w(f"            let al{g} = a[abase + rl{g} * lda4 + kq];\n")
     for r in range(RM):
-        w(f"            let a{r} = subgroupBroadcast(al{r // 8}, {r % 8}u);\n")
+        if sg:
+            w(f"            let a{r} = subgroupBroadcast(al{r // 8}, {r % 8}u);\n")
+        else:
+            w(f"            let a{r} = a[abase + r{r} * lda4 + kq];\n")
         for t in range(4):
             for q in range(RV):
                 w(f"            acc{r}_{q} = fma(vec4<f32>(a{r}[{t}]), b{t}_{q}, acc{r}_{q});\n")
@@ -213,7 +186,7 @@ if "--subgroup" in sys.argv:
                         f"// GENERATED by tools/gen_matmul_vec4.py --subgroup {sg_shapes}", 1)
     o[0] = o[0].replace("// Batched matmul for CPU adapters", "// Subgroup variant (entry points matmul_sg_RMxRV; needs wgpu's SUBGROUP\n// feature and 8 lanes a subgroup): lanes load different rows of A and share\n// them with subgroupBroadcast.\n// Batched matmul for CPU adapters", 1)
     for RM, RV in SG:
-        gen_sg(RM, RV)
+        gen(RM, RV, sg=True)
         w("\n")
     sys.stdout.write("".join(o).rstrip("\n") + "\n")
     sys.exit(0)

@@ -53,7 +53,6 @@ struct Recorder {
     chunks: Vec<ParamChunk>,
     chunk: usize,
     offset: u64,
-    dispatches: u64,
     submits: u64,
     /// Host-staged uploads: like the parameter chunks, written to their GPU
     /// buffers just before the submit and copied into place by commands in
@@ -64,6 +63,8 @@ struct Recorder {
     /// MAP_READ staging buffers for readback, by size.
     staging: HashMap<u64, Vec<wgpu::Buffer>>,
     profile: Option<Profiler>,
+    /// Timestamp query set and buffers of the last profile, kept for reuse.
+    spare_timestamps: Option<profile::Timestamps>,
 }
 
 pub struct Gpu {
@@ -393,7 +394,6 @@ impl Gpu {
             pass.set_bind_group(0, &bind, &[]);
             pass.dispatch_workgroups(groups[0], groups[1], groups[2]);
         }
-        rec.dispatches += 1;
         if let Some(label) = label {
             if wall {
                 self.flush_locked(&mut rec)?;
@@ -412,16 +412,26 @@ impl Gpu {
     /// Slows the work it measures: every flush waits.
     pub fn profile_start(&self, timestamps: bool) -> Result<()> {
         self.sync()?;
-        let ts = timestamps && self.has_timestamps();
-        self.rec.lock().unwrap().profile = Some(Profiler::new(&self.device, &self.queue, ts));
+        let mut rec = self.rec.lock().unwrap();
+        let ts = (timestamps && self.has_timestamps()).then(|| {
+            rec.spare_timestamps
+                .take()
+                .unwrap_or_else(|| profile::Timestamps::new(&self.device, &self.queue))
+        });
+        rec.profile = Some(Profiler::new(ts));
         Ok(())
     }
 
     /// Stop profiling; total time per kernel since `profile_start`.
     pub fn profile_stop(&self) -> Result<Vec<KernelTime>> {
         self.sync()?;
-        let p = self.rec.lock().unwrap().profile.take();
-        Ok(p.map(|p| p.report()).unwrap_or_default())
+        let mut rec = self.rec.lock().unwrap();
+        let Some(p) = rec.profile.take() else {
+            return Ok(Vec::new());
+        };
+        let report = p.report();
+        rec.spare_timestamps = p.into_timestamps();
+        Ok(report)
     }
 
     /// Whether kernels may use subgroup operations with 8 lanes a subgroup
@@ -632,11 +642,6 @@ impl Gpu {
     /// Command buffers submitted since this context was made (for bench).
     pub fn submit_count(&self) -> u64 {
         self.rec.lock().unwrap().submits
-    }
-
-    /// Dispatches recorded since this context was made (for tests/bench).
-    pub fn dispatch_count(&self) -> u64 {
-        self.rec.lock().unwrap().dispatches
     }
 
     /// Workgroup grid for `n` invocations of a 1-D kernel with `wg` threads

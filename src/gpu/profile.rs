@@ -24,6 +24,32 @@ pub(crate) struct Timestamps {
     period_ns: f64,
 }
 
+impl Timestamps {
+    pub(crate) fn new(device: &wgpu::Device, queue: &wgpu::Queue) -> Timestamps {
+        let bytes = (CAPACITY * 2 * 8) as u64;
+        Timestamps {
+            set: device.create_query_set(&wgpu::QuerySetDescriptor {
+                label: Some("profile"),
+                ty: wgpu::QueryType::Timestamp,
+                count: (CAPACITY * 2) as u32,
+            }),
+            resolve: device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("profile resolve"),
+                size: bytes,
+                usage: wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
+                mapped_at_creation: false,
+            }),
+            staging: device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("profile staging"),
+                size: bytes,
+                usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            }),
+            period_ns: queue.get_timestamp_period() as f64,
+        }
+    }
+}
+
 pub(crate) struct Profiler {
     pub(crate) timestamps: Option<Timestamps>,
     /// Labels of the dispatches in the current encoder (timestamp mode).
@@ -34,30 +60,9 @@ pub(crate) struct Profiler {
 }
 
 impl Profiler {
-    pub(crate) fn new(device: &wgpu::Device, queue: &wgpu::Queue, timestamps: bool) -> Profiler {
-        let timestamps = timestamps.then(|| {
-            let bytes = (CAPACITY * 2 * 8) as u64;
-            Timestamps {
-                set: device.create_query_set(&wgpu::QuerySetDescriptor {
-                    label: Some("profile"),
-                    ty: wgpu::QueryType::Timestamp,
-                    count: (CAPACITY * 2) as u32,
-                }),
-                resolve: device.create_buffer(&wgpu::BufferDescriptor {
-                    label: Some("profile resolve"),
-                    size: bytes,
-                    usage: wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
-                    mapped_at_creation: false,
-                }),
-                staging: device.create_buffer(&wgpu::BufferDescriptor {
-                    label: Some("profile staging"),
-                    size: bytes,
-                    usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-                    mapped_at_creation: false,
-                }),
-                period_ns: queue.get_timestamp_period() as f64,
-            }
-        });
+    /// A profiler; timestamp mode with `timestamps`, whose query set and
+    /// buffers are made once (`Timestamps::new`) and reused across profiles.
+    pub(crate) fn new(timestamps: Option<Timestamps>) -> Profiler {
         Profiler {
             timestamps,
             pending: Vec::new(),
@@ -122,6 +127,11 @@ impl Profiler {
             self.add(label, dt as f64 * period * 1e-9);
         }
         Ok(())
+    }
+
+    /// The timestamp resources, for the next profile.
+    pub(crate) fn into_timestamps(self) -> Option<Timestamps> {
+        self.timestamps
     }
 
     pub(crate) fn report(&self) -> Vec<KernelTime> {

@@ -6,7 +6,7 @@ use crate::ops::activation::Act;
 use crate::ops::attention::attention;
 use crate::ops::elementwise::add_var;
 use crate::ops::layernorm::{add_layernorm, layernorm};
-use crate::ops::matmul::{linear, linear_act};
+use crate::ops::matmul::linear;
 use crate::ops::mlp::mlp;
 use crate::ops::softmax::Mask;
 use crate::tape::{Tape, Var};
@@ -28,10 +28,6 @@ impl Linear {
     }
     pub fn forward(&self, tape: &mut Tape, v: &ParamVars, x: &Var) -> Result<Var> {
         linear(tape, x, &v[self.w], self.b.map(|b| &v[b]))
-    }
-    /// act(forward(x)), the activation fused into the matmul where possible.
-    pub fn forward_act(&self, tape: &mut Tape, v: &ParamVars, x: &Var, a: Act) -> Result<Var> {
-        linear_act(tape, x, &v[self.w], self.b.map(|b| &v[b]), a)
     }
 }
 

@@ -2,7 +2,7 @@
 //! QuickGELU (OpenAI CLIP "quick_gelu"), tanh (RoBERTa pooler) and the
 //! tanh-approximated GELU. The backward recomputes from the saved input.
 
-use super::{shader, u};
+use super::{by_vec4, shader, u};
 use crate::gpu::Shader;
 use crate::tape::{Tape, Var};
 use crate::tensor::Tensor;
@@ -63,14 +63,10 @@ pub fn forward_into(x: &Tensor, y: &Tensor, a: Act) -> Result<()> {
         y.shape(),
         x.shape()
     );
-    let (entry, w) = if n.is_multiple_of(4) {
-        ("forward4", 4)
-    } else {
-        ("forward", 1)
-    };
+    let (entry, w) = by_vec4(n.is_multiple_of(4), "forward");
     gpu.dispatch(
         &SHADER,
-        entry,
+        &entry,
         &[u(n), a.code(), 0, 0],
         &[Some(x.buffer()), Some(y.buffer())],
         gpu.grid_1d(n / w, 256),
@@ -88,14 +84,10 @@ pub fn backward(x: &Tensor, dy: &Tensor, a: Act) -> Result<Tensor> {
     let gpu = x.gpu();
     let n = x.numel();
     let dx = Tensor::empty(gpu, x.shape())?;
-    let (entry, w) = if n.is_multiple_of(4) {
-        ("backward4", 4)
-    } else {
-        ("backward", 1)
-    };
+    let (entry, w) = by_vec4(n.is_multiple_of(4), "backward");
     gpu.dispatch(
         &SHADER,
-        entry,
+        &entry,
         &[u(n), a.code(), 0, 0],
         &[Some(x.buffer()), Some(dx.buffer()), Some(dy.buffer())],
         gpu.grid_1d(n / w, 256),

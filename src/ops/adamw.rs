@@ -3,7 +3,7 @@
 //! coefficient of torch.nn.utils.clip_grad_norm_, kept on the GPU so that a
 //! training step never waits for a readback.
 
-use super::{f, reduce, shader, u};
+use super::{by_vec4, f, reduce, shader, u};
 use crate::gpu::Shader;
 use crate::tensor::Tensor;
 use anyhow::{ensure, Result};
@@ -131,14 +131,10 @@ pub fn adamw_step(
         );
     }
     let gpu = p.gpu();
-    let (entry, lanes) = if n.is_multiple_of(4) {
-        ("step4", 4)
-    } else {
-        ("step", 1)
-    };
+    let (entry, lanes) = by_vec4(n.is_multiple_of(4), "step");
     gpu.dispatch(
         &SHADER,
-        entry,
+        &entry,
         &step_params(n, step, hp, decay, clip.is_some()),
         &[
             Some(g.buffer()),

@@ -25,20 +25,7 @@ pub fn attention(
     heads: usize,
     mask: &Mask,
 ) -> Result<Var> {
-    let s = q.shape().to_vec();
-    ensure!(
-        s.len() == 3 && k.shape() == s.as_slice() && v.shape() == s.as_slice(),
-        "attention: q {:?}, k {:?}, v {:?} must all be [B, T, D]",
-        q.shape(),
-        k.shape(),
-        v.shape()
-    );
-    ensure!(
-        heads > 0 && s[2].is_multiple_of(heads),
-        "attention: width {} is not divisible by {heads} heads",
-        s[2]
-    );
-    let (b, t, dh) = (s[0], s[1], s[2] / heads);
+    let (b, t, dh) = dims(q, k, v, heads)?;
     let gpu = q.tensor().gpu();
     let d = Dims {
         b,
@@ -51,6 +38,24 @@ pub fn attention(
         return attention_fused(tape, q, k, v, d, mask);
     }
     attention_unfused(tape, q, k, v, heads, mask)
+}
+
+/// (batch, tokens, head size) of q, k, v [B, T, H*Dh], checked.
+fn dims(q: &Var, k: &Var, v: &Var, heads: usize) -> Result<(usize, usize, usize)> {
+    let s = q.shape();
+    ensure!(
+        s.len() == 3 && k.shape() == s && v.shape() == s,
+        "attention: q {:?}, k {:?}, v {:?} must all be [B, T, D]",
+        q.shape(),
+        k.shape(),
+        v.shape()
+    );
+    ensure!(
+        heads > 0 && s[2].is_multiple_of(heads),
+        "attention: width {} is not divisible by {heads} heads",
+        s[2]
+    );
+    Ok((s[0], s[1], s[2] / heads))
 }
 
 /// Whether attention runs fused: `CLIP_WGPU_ATTENTION=fused|unfused`
@@ -105,8 +110,7 @@ pub fn attention_unfused(
     heads: usize,
     mask: &Mask,
 ) -> Result<Var> {
-    let s = q.shape().to_vec();
-    let (b, t, dh) = (s[0], s[1], s[2] / heads);
+    let (b, t, dh) = dims(q, k, v, heads)?;
     let tp = padded_len(q.tensor().gpu(), b * heads, t, dh);
     let padded;
     let mask = if tp == t {

@@ -64,6 +64,29 @@ impl Dims {
         ];
         (p, total)
     }
+
+    /// Dispatch one of the kernels: bindings q, k, v, key_valid, lse (the
+    /// same in all three), then the kernel's own.
+    fn launch(
+        &self,
+        kernel: &str,
+        mask: &Mask,
+        [q, k, v, lse]: [&Tensor; 4],
+        rest: &[&Tensor],
+    ) -> Result<()> {
+        let gpu = q.gpu();
+        let (params, total) = self.params(mask);
+        let (shader, entry) = self.shader(kernel);
+        let mut buffers = vec![
+            Some(q.buffer()),
+            Some(k.buffer()),
+            Some(v.buffer()),
+            mask.key_valid.as_ref().map(|t| t.buffer()),
+            Some(lse.buffer()),
+        ];
+        buffers.extend(rest.iter().map(|t| Some(t.buffer())));
+        gpu.dispatch(shader, &entry, &params, &buffers, gpu.grid_1d(total, 64))
+    }
 }
 
 /// Whether the fused kernels handle this head size.
@@ -88,22 +111,7 @@ pub fn forward(
     let gpu = q.gpu();
     let o = Tensor::empty(gpu, q.shape())?;
     let lse = Tensor::empty(gpu, &[d.b, d.h, d.t])?;
-    let (params, total) = d.params(mask);
-    let (shader, entry) = d.shader("attn_fwd");
-    gpu.dispatch(
-        shader,
-        &entry,
-        &params,
-        &[
-            Some(q.buffer()),
-            Some(k.buffer()),
-            Some(v.buffer()),
-            mask.key_valid.as_ref().map(|t| t.buffer()),
-            Some(lse.buffer()),
-            Some(o.buffer()),
-        ],
-        gpu.grid_1d(total, 64),
-    )?;
+    d.launch("attn_fwd", mask, [q, k, v, &lse], &[&o])?;
     Ok((o, lse))
 }
 
@@ -120,48 +128,12 @@ pub fn backward(
     mask: &Mask,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let gpu = q.gpu();
-    let (params, total) = d.params(mask);
-    let kv = mask.key_valid.as_ref().map(|t| t.buffer());
     let delta = Tensor::empty(gpu, &[d.b, d.h, d.t])?;
     let dq = Tensor::empty(gpu, q.shape())?;
-    let (shader, entry) = d.shader("attn_dq");
-    gpu.dispatch(
-        shader,
-        &entry,
-        &params,
-        &[
-            Some(q.buffer()),
-            Some(k.buffer()),
-            Some(v.buffer()),
-            kv,
-            Some(lse.buffer()),
-            Some(o.buffer()),
-            Some(d_o.buffer()),
-            Some(delta.buffer()),
-            Some(dq.buffer()),
-        ],
-        gpu.grid_1d(total, 64),
-    )?;
+    d.launch("attn_dq", mask, [q, k, v, lse], &[o, d_o, &delta, &dq])?;
     let dk = Tensor::empty(gpu, q.shape())?;
     let dv = Tensor::empty(gpu, q.shape())?;
-    let (shader, entry) = d.shader("attn_dkv");
-    gpu.dispatch(
-        shader,
-        &entry,
-        &params,
-        &[
-            Some(q.buffer()),
-            Some(k.buffer()),
-            Some(v.buffer()),
-            kv,
-            Some(lse.buffer()),
-            Some(d_o.buffer()),
-            Some(delta.buffer()),
-            Some(dk.buffer()),
-            Some(dv.buffer()),
-        ],
-        gpu.grid_1d(total, 64),
-    )?;
+    d.launch("attn_dkv", mask, [q, k, v, lse], &[d_o, &delta, &dk, &dv])?;
     Ok((dq, dk, dv))
 }
 

@@ -1,7 +1,7 @@
 //! Elementwise add (with broadcast of the second operand: residual streams,
 //! biases, position embeddings) and in-place gradient accumulation.
 
-use super::{reduce, shader, u};
+use super::{by_vec4, reduce, shader, u};
 use crate::gpu::Shader;
 use crate::tape::{Tape, Var};
 use crate::tensor::Tensor;
@@ -23,14 +23,10 @@ pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     let gpu = a.gpu();
     let out = Tensor::empty(gpu, a.shape())?;
     // Whole vec4s where both extents allow.
-    let (entry, w) = if n.is_multiple_of(4) && nb.is_multiple_of(4) {
-        ("add4", 4)
-    } else {
-        ("add", 1)
-    };
+    let (entry, w) = by_vec4(n.is_multiple_of(4) && nb.is_multiple_of(4), "add");
     gpu.dispatch(
         &SHADER,
-        entry,
+        &entry,
         &[u(n), u(nb), 0, 0],
         &[Some(a.buffer()), Some(b.buffer()), Some(out.buffer())],
         gpu.grid_1d(n / w, 256),
@@ -48,14 +44,10 @@ pub fn add_assign(acc: &Tensor, g: &Tensor) -> Result<()> {
     );
     let gpu = acc.gpu();
     let n = acc.numel();
-    let (entry, w) = if n.is_multiple_of(4) {
-        ("add_assign4", 4)
-    } else {
-        ("add_assign", 1)
-    };
+    let (entry, w) = by_vec4(n.is_multiple_of(4), "add_assign");
     gpu.dispatch(
         &ACC,
-        entry,
+        &entry,
         &[u(n), 0, 0, 0],
         &[Some(g.buffer()), Some(acc.buffer())],
         gpu.grid_1d(n / w, 256),

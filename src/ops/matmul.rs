@@ -233,6 +233,8 @@ pub fn gemm_act_into(
         return match e {
             Epilogue::Act(kind, out) => super::activation::forward_into(c, out, kind),
             Epilogue::ActGrad(kind, x) => {
+                // Not in place: a dispatch may not bind C as both its input
+                // and its output.
                 let d = super::activation::backward(x, c, kind)?;
                 gpu.copy(d.buffer(), c.buffer(), (c.numel() * 4) as u64);
                 Ok(())

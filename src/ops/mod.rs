@@ -21,6 +21,17 @@ pub mod permute;
 pub mod reduce;
 pub mod softmax;
 
+/// The entry point for data that is whole vec4s (`{entry}4`, four values a
+/// thread: a quarter of llvmpipe's per-lane load loops) or not (`entry`, one
+/// value a thread), and the values a thread takes.
+pub(crate) fn by_vec4(whole: bool, entry: &str) -> (String, usize) {
+    if whole {
+        (format!("{entry}4"), 4)
+    } else {
+        (entry.to_string(), 1)
+    }
+}
+
 /// f32 parameter as the u32 bits a WGSL `f32` field reads.
 pub(crate) fn f(x: f32) -> u32 {
     x.to_bits()

@@ -64,24 +64,6 @@ pub fn transpose(t: &Tensor, batch: usize, rows: usize, cols: usize) -> Result<T
     Ok(out)
 }
 
-/// Tape op: [a, x, y, z] -> [a, y, x, z]; the backward swaps back.
-pub fn swap12_var(tape: &mut Tape, v: &Var, dims: [usize; 4]) -> Result<Var> {
-    let out = swap12(v.tensor(), dims)?;
-    let [na, nx, ny, nz] = dims;
-    let shape = v.shape().to_vec();
-    Ok(tape.record(
-        out,
-        &[v],
-        Box::new(move |dy, _| Ok(vec![Some(swap12(dy, [na, ny, nx, nz])?.reshape(&shape)?)])),
-    ))
-}
-
-/// [B, T, H*D] -> [B, H, T, D].
-pub fn split_heads(tape: &mut Tape, v: &Var, heads: usize) -> Result<Var> {
-    let t = v.shape().get(1).copied().unwrap_or(0);
-    split_heads_pad(tape, v, heads, t)
-}
-
 /// [B, T, H*D] -> [B, H, Tp, D] with zero rows past T (Tp >= T).
 pub fn split_heads_pad(tape: &mut Tape, v: &Var, heads: usize, tp: usize) -> Result<Var> {
     let s = v.shape();
@@ -101,12 +83,6 @@ pub fn split_heads_pad(tape: &mut Tape, v: &Var, heads: usize, tp: usize) -> Res
             )])
         }),
     ))
-}
-
-/// [B, H, T, D] -> [B, T, H*D].
-pub fn merge_heads(tape: &mut Tape, v: &Var) -> Result<Var> {
-    let t = v.shape().get(2).copied().unwrap_or(0);
-    merge_heads_crop(tape, v, t)
 }
 
 /// [B, H, Tp, D] -> [B, T, H*D], dropping rows past T (T <= Tp).

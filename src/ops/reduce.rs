@@ -1,7 +1,7 @@
 //! Deterministic reductions: column sums (bias and LayerNorm parameter
 //! gradients, broadcast backward) and sums of squares (gradient norm).
 
-use super::{shader, u};
+use super::{by_vec4, shader, u};
 use crate::gpu::Shader;
 use crate::tensor::Tensor;
 use anyhow::{ensure, Result};
@@ -31,16 +31,12 @@ pub fn colsum_into(
     );
     let gpu = x.gpu();
     // Whole vec4s of columns where the width allows (same sums, same order).
-    let (entry, lanes) = if cols.is_multiple_of(4) {
-        ("colsum4", 4)
-    } else {
-        ("colsum", 1)
-    };
+    let (entry, lanes) = by_vec4(cols.is_multiple_of(4), "colsum");
     let cgroups = u(cols / lanes).div_ceil(64);
     if rows <= 4 * CHUNK {
         return gpu.dispatch(
             &SHADER,
-            entry,
+            &entry,
             &[u(rows), u(cols), u(rows.max(1)), accumulate as u32],
             &[Some(x.buffer()), Some(out.buffer())],
             [cgroups, 1, 1],
@@ -50,7 +46,7 @@ pub fn colsum_into(
     let partial = Tensor::empty(gpu, &[chunks, cols])?;
     gpu.dispatch(
         &SHADER,
-        entry,
+        &entry,
         &[u(rows), u(cols), u(CHUNK), 0],
         &[Some(x.buffer()), Some(partial.buffer())],
         [cgroups, u(chunks), 1],
@@ -71,14 +67,10 @@ pub fn sumsq(x: &Tensor) -> Result<Tensor> {
     let n = x.numel();
     let chunks = n.div_ceil(CHUNK * 4).max(1);
     let partial = Tensor::empty(gpu, &[chunks])?;
-    let entry = if n.is_multiple_of(4) {
-        "sumsq4"
-    } else {
-        "sumsq"
-    };
+    let (entry, _) = by_vec4(n.is_multiple_of(4), "sumsq");
     gpu.dispatch(
         &SHADER,
-        entry,
+        &entry,
         &[u(n), 0, u(CHUNK * 4), 0],
         &[Some(x.buffer()), Some(partial.buffer())],
         [u(chunks).div_ceil(64), 1, 1],
