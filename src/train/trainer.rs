@@ -1103,6 +1103,9 @@ fn train_loop(
         let mut acc: Option<Vec<Option<Tensor>>> = None;
         let mut micro = 0usize;
         let mut step_loss = 0.0f64;
+        // Micro-batch losses, read after the gradient norm so that a step
+        // waits for the GPU once (forward, backward and norm in one submit).
+        let mut losses: Vec<Tensor> = Vec::new();
         loop {
             let b = ld.next_batch()?;
             let end_of_epoch = b.is_none();
@@ -1134,8 +1137,7 @@ fn train_loop(
                 let mut g = tape.backward_with(&out.loss, seed)?;
                 let grads = setup.model.params.grads(&vars, &mut g);
                 // A non-finite loss is judged with the gradients at the step.
-                let l = out.loss.tensor().to_vec()?[0] as f64;
-                step_loss += l / accum as f64;
+                losses.push(out.loss.tensor().clone());
                 images_since += b.batch;
                 acc = Some(match acc.take() {
                     None => grads,
@@ -1172,9 +1174,12 @@ fn train_loop(
                     log(&format!("injecting NaN into the gradient of {}", p.name));
                     g.write(&vec![f32::NAN; g.numel()])?;
                 }
-                // The one readback of a step besides the loss: [norm, coef].
+                // The step's readback: [norm, coef] (then the losses).
                 let norm = opt.grad_norm(&setup.model.params, &grads)?;
                 let nv = norm.to_vec()?;
+                for l in losses.drain(..) {
+                    step_loss += l.to_vec()?[0] as f64 / accum as f64;
+                }
                 let finite = step_loss.is_finite() && nv[0].is_finite();
                 if finite {
                     skipped_in_a_row = 0;
