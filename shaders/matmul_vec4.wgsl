@@ -13,10 +13,14 @@
 // Entry point matmul_vec4_RMxRV: each thread computes RM rows x 4*RV
 // columns (column groups strided by 8); 8x8 threads per workgroup.
 
-// act: 0, or 1 + an activation kind of activation.wgsl, with act_mode 0:
-// act_out = act(C) as well (a linear layer's bias + activation in one
-// pass), or act_mode 1: C *= act'(act_out) (act_out holds the activation's
-// input: the MLP backward's dH -> d(pre-activation) in the same pass).
+// The epilogue is chosen by override constants, so each pipeline holds only
+// the code it runs (a runtime switch over every activation, inlined into each
+// store, made the kernel several times larger and slower):
+// HAS_BIAS: C += bias; ACCUMULATE: C += old C; ACT 1: act_out = act(C) as
+// well (a linear layer's bias + activation in one pass); ACT 2: C *= act'(x)
+// with x, the activation's input, in act_out (the MLP backward's dH ->
+// d(pre-activation) in the same pass). ACT_KIND: an activation of
+// activation.wgsl. The Params fields of the same names are unused here.
 struct Params {
     m: u32, n: u32, k: u32, lda: u32,
     ldb: u32, ldc: u32, a_bs: u32, b_bs: u32,
@@ -25,6 +29,10 @@ struct Params {
 }
 
 override TRANS_A: bool = false;
+override HAS_BIAS: bool = false;
+override ACCUMULATE: bool = false;
+override ACT: u32 = 0u;
+override ACT_KIND: u32 = 0u;
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> a: array<vec4<f32>>;
@@ -146,37 +154,24 @@ fn act_grad_kind(v: f32, kind: u32) -> f32 {
     }
 }
 
-// The activation epilogue over one thread's tile (rows row0.., vec4 columns
-// col0 + 8q), as a loop with one call site: inlined into every store the
-// activation code made the kernel several times larger and slower.
-fn act_tile(base: u32, row0: u32, col0: u32, rm: u32, rv: u32) {
-    let rows = min(rm, p.m - min(row0, p.m));
-    let k = p.act - 1u;
-    for (var t = 0u; t < rows * rv; t++) {
-        let i = row0 + t / rv;
-        let j4 = col0 + 8u * (t % rv);
-        if j4 >= p.n / 4u { continue; }
-        let idx = base + i * (p.ldc / 4u) + j4;
-        if p.act_mode == 0u {
-            let v = c[idx];
-            act_out[idx] = vec4(act_kind(v.x, k), act_kind(v.y, k), act_kind(v.z, k), act_kind(v.w, k));
-        } else {
-            let x = act_out[idx];
-            c[idx] = c[idx] * vec4(act_grad_kind(x.x, k), act_grad_kind(x.y, k),
-                                   act_grad_kind(x.z, k), act_grad_kind(x.w, k));
-        }
-    }
-}
-
 // C, bias and act_out are vec4s too (n % 4 == 0): one per-lane load loop
-// per four values instead of four.
-fn store4(base: u32, i: u32, j4: u32, v: vec4<f32>) {
+// per four values instead of four. `bq` is the bias of column group j4
+// (zero without one), loaded once per column group.
+fn store4(base: u32, i: u32, j4: u32, v: vec4<f32>, bq: vec4<f32>) {
     if i >= p.m || j4 >= p.n / 4u { return; }
-    var out = p.alpha * v;
-    if p.has_bias != 0u { out += bias[j4]; }
+    var out = p.alpha * v + bq;
     let idx = base + i * (p.ldc / 4u) + j4;
-    if p.accumulate != 0u { out += c[idx]; }
+    if ACCUMULATE { out += c[idx]; }
+    if ACT == 2u {
+        let x = act_out[idx];
+        out *= vec4(act_grad_kind(x.x, ACT_KIND), act_grad_kind(x.y, ACT_KIND),
+                    act_grad_kind(x.z, ACT_KIND), act_grad_kind(x.w, ACT_KIND));
+    }
     c[idx] = out;
+    if ACT == 1u {
+        act_out[idx] = vec4(act_kind(out.x, ACT_KIND), act_kind(out.y, ACT_KIND),
+                            act_kind(out.z, ACT_KIND), act_kind(out.w, ACT_KIND));
+    }
 }
 
 @compute @workgroup_size(8, 8, 1)
@@ -441,39 +436,42 @@ fn matmul_vec4_16x2(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invoca
         }
     }
     let cbase = batch * p.c_bs / 4u;
-    store4(cbase, row0 + 0u, col0 + 0u, acc0_0);
-    store4(cbase, row0 + 0u, col0 + 8u, acc0_1);
-    store4(cbase, row0 + 1u, col0 + 0u, acc1_0);
-    store4(cbase, row0 + 1u, col0 + 8u, acc1_1);
-    store4(cbase, row0 + 2u, col0 + 0u, acc2_0);
-    store4(cbase, row0 + 2u, col0 + 8u, acc2_1);
-    store4(cbase, row0 + 3u, col0 + 0u, acc3_0);
-    store4(cbase, row0 + 3u, col0 + 8u, acc3_1);
-    store4(cbase, row0 + 4u, col0 + 0u, acc4_0);
-    store4(cbase, row0 + 4u, col0 + 8u, acc4_1);
-    store4(cbase, row0 + 5u, col0 + 0u, acc5_0);
-    store4(cbase, row0 + 5u, col0 + 8u, acc5_1);
-    store4(cbase, row0 + 6u, col0 + 0u, acc6_0);
-    store4(cbase, row0 + 6u, col0 + 8u, acc6_1);
-    store4(cbase, row0 + 7u, col0 + 0u, acc7_0);
-    store4(cbase, row0 + 7u, col0 + 8u, acc7_1);
-    store4(cbase, row0 + 8u, col0 + 0u, acc8_0);
-    store4(cbase, row0 + 8u, col0 + 8u, acc8_1);
-    store4(cbase, row0 + 9u, col0 + 0u, acc9_0);
-    store4(cbase, row0 + 9u, col0 + 8u, acc9_1);
-    store4(cbase, row0 + 10u, col0 + 0u, acc10_0);
-    store4(cbase, row0 + 10u, col0 + 8u, acc10_1);
-    store4(cbase, row0 + 11u, col0 + 0u, acc11_0);
-    store4(cbase, row0 + 11u, col0 + 8u, acc11_1);
-    store4(cbase, row0 + 12u, col0 + 0u, acc12_0);
-    store4(cbase, row0 + 12u, col0 + 8u, acc12_1);
-    store4(cbase, row0 + 13u, col0 + 0u, acc13_0);
-    store4(cbase, row0 + 13u, col0 + 8u, acc13_1);
-    store4(cbase, row0 + 14u, col0 + 0u, acc14_0);
-    store4(cbase, row0 + 14u, col0 + 8u, acc14_1);
-    store4(cbase, row0 + 15u, col0 + 0u, acc15_0);
-    store4(cbase, row0 + 15u, col0 + 8u, acc15_1);
-    if p.act != 0u { act_tile(cbase, row0, col0, 16u, 2u); }
+    var bias0 = vec4<f32>(0.0);
+    if HAS_BIAS { bias0 = bias[c0]; }
+    var bias1 = vec4<f32>(0.0);
+    if HAS_BIAS { bias1 = bias[c1]; }
+    store4(cbase, row0 + 0u, col0 + 0u, acc0_0, bias0);
+    store4(cbase, row0 + 0u, col0 + 8u, acc0_1, bias1);
+    store4(cbase, row0 + 1u, col0 + 0u, acc1_0, bias0);
+    store4(cbase, row0 + 1u, col0 + 8u, acc1_1, bias1);
+    store4(cbase, row0 + 2u, col0 + 0u, acc2_0, bias0);
+    store4(cbase, row0 + 2u, col0 + 8u, acc2_1, bias1);
+    store4(cbase, row0 + 3u, col0 + 0u, acc3_0, bias0);
+    store4(cbase, row0 + 3u, col0 + 8u, acc3_1, bias1);
+    store4(cbase, row0 + 4u, col0 + 0u, acc4_0, bias0);
+    store4(cbase, row0 + 4u, col0 + 8u, acc4_1, bias1);
+    store4(cbase, row0 + 5u, col0 + 0u, acc5_0, bias0);
+    store4(cbase, row0 + 5u, col0 + 8u, acc5_1, bias1);
+    store4(cbase, row0 + 6u, col0 + 0u, acc6_0, bias0);
+    store4(cbase, row0 + 6u, col0 + 8u, acc6_1, bias1);
+    store4(cbase, row0 + 7u, col0 + 0u, acc7_0, bias0);
+    store4(cbase, row0 + 7u, col0 + 8u, acc7_1, bias1);
+    store4(cbase, row0 + 8u, col0 + 0u, acc8_0, bias0);
+    store4(cbase, row0 + 8u, col0 + 8u, acc8_1, bias1);
+    store4(cbase, row0 + 9u, col0 + 0u, acc9_0, bias0);
+    store4(cbase, row0 + 9u, col0 + 8u, acc9_1, bias1);
+    store4(cbase, row0 + 10u, col0 + 0u, acc10_0, bias0);
+    store4(cbase, row0 + 10u, col0 + 8u, acc10_1, bias1);
+    store4(cbase, row0 + 11u, col0 + 0u, acc11_0, bias0);
+    store4(cbase, row0 + 11u, col0 + 8u, acc11_1, bias1);
+    store4(cbase, row0 + 12u, col0 + 0u, acc12_0, bias0);
+    store4(cbase, row0 + 12u, col0 + 8u, acc12_1, bias1);
+    store4(cbase, row0 + 13u, col0 + 0u, acc13_0, bias0);
+    store4(cbase, row0 + 13u, col0 + 8u, acc13_1, bias1);
+    store4(cbase, row0 + 14u, col0 + 0u, acc14_0, bias0);
+    store4(cbase, row0 + 14u, col0 + 8u, acc14_1, bias1);
+    store4(cbase, row0 + 15u, col0 + 0u, acc15_0, bias0);
+    store4(cbase, row0 + 15u, col0 + 8u, acc15_1, bias1);
 }
 
 @compute @workgroup_size(8, 8, 1)
@@ -622,23 +620,26 @@ fn matmul_vec4_8x2(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocat
         }
     }
     let cbase = batch * p.c_bs / 4u;
-    store4(cbase, row0 + 0u, col0 + 0u, acc0_0);
-    store4(cbase, row0 + 0u, col0 + 8u, acc0_1);
-    store4(cbase, row0 + 1u, col0 + 0u, acc1_0);
-    store4(cbase, row0 + 1u, col0 + 8u, acc1_1);
-    store4(cbase, row0 + 2u, col0 + 0u, acc2_0);
-    store4(cbase, row0 + 2u, col0 + 8u, acc2_1);
-    store4(cbase, row0 + 3u, col0 + 0u, acc3_0);
-    store4(cbase, row0 + 3u, col0 + 8u, acc3_1);
-    store4(cbase, row0 + 4u, col0 + 0u, acc4_0);
-    store4(cbase, row0 + 4u, col0 + 8u, acc4_1);
-    store4(cbase, row0 + 5u, col0 + 0u, acc5_0);
-    store4(cbase, row0 + 5u, col0 + 8u, acc5_1);
-    store4(cbase, row0 + 6u, col0 + 0u, acc6_0);
-    store4(cbase, row0 + 6u, col0 + 8u, acc6_1);
-    store4(cbase, row0 + 7u, col0 + 0u, acc7_0);
-    store4(cbase, row0 + 7u, col0 + 8u, acc7_1);
-    if p.act != 0u { act_tile(cbase, row0, col0, 8u, 2u); }
+    var bias0 = vec4<f32>(0.0);
+    if HAS_BIAS { bias0 = bias[c0]; }
+    var bias1 = vec4<f32>(0.0);
+    if HAS_BIAS { bias1 = bias[c1]; }
+    store4(cbase, row0 + 0u, col0 + 0u, acc0_0, bias0);
+    store4(cbase, row0 + 0u, col0 + 8u, acc0_1, bias1);
+    store4(cbase, row0 + 1u, col0 + 0u, acc1_0, bias0);
+    store4(cbase, row0 + 1u, col0 + 8u, acc1_1, bias1);
+    store4(cbase, row0 + 2u, col0 + 0u, acc2_0, bias0);
+    store4(cbase, row0 + 2u, col0 + 8u, acc2_1, bias1);
+    store4(cbase, row0 + 3u, col0 + 0u, acc3_0, bias0);
+    store4(cbase, row0 + 3u, col0 + 8u, acc3_1, bias1);
+    store4(cbase, row0 + 4u, col0 + 0u, acc4_0, bias0);
+    store4(cbase, row0 + 4u, col0 + 8u, acc4_1, bias1);
+    store4(cbase, row0 + 5u, col0 + 0u, acc5_0, bias0);
+    store4(cbase, row0 + 5u, col0 + 8u, acc5_1, bias1);
+    store4(cbase, row0 + 6u, col0 + 0u, acc6_0, bias0);
+    store4(cbase, row0 + 6u, col0 + 8u, acc6_1, bias1);
+    store4(cbase, row0 + 7u, col0 + 0u, acc7_0, bias0);
+    store4(cbase, row0 + 7u, col0 + 8u, acc7_1, bias1);
 }
 
 @compute @workgroup_size(8, 8, 1)
@@ -845,31 +846,34 @@ fn matmul_vec4_12x2(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invoca
         }
     }
     let cbase = batch * p.c_bs / 4u;
-    store4(cbase, row0 + 0u, col0 + 0u, acc0_0);
-    store4(cbase, row0 + 0u, col0 + 8u, acc0_1);
-    store4(cbase, row0 + 1u, col0 + 0u, acc1_0);
-    store4(cbase, row0 + 1u, col0 + 8u, acc1_1);
-    store4(cbase, row0 + 2u, col0 + 0u, acc2_0);
-    store4(cbase, row0 + 2u, col0 + 8u, acc2_1);
-    store4(cbase, row0 + 3u, col0 + 0u, acc3_0);
-    store4(cbase, row0 + 3u, col0 + 8u, acc3_1);
-    store4(cbase, row0 + 4u, col0 + 0u, acc4_0);
-    store4(cbase, row0 + 4u, col0 + 8u, acc4_1);
-    store4(cbase, row0 + 5u, col0 + 0u, acc5_0);
-    store4(cbase, row0 + 5u, col0 + 8u, acc5_1);
-    store4(cbase, row0 + 6u, col0 + 0u, acc6_0);
-    store4(cbase, row0 + 6u, col0 + 8u, acc6_1);
-    store4(cbase, row0 + 7u, col0 + 0u, acc7_0);
-    store4(cbase, row0 + 7u, col0 + 8u, acc7_1);
-    store4(cbase, row0 + 8u, col0 + 0u, acc8_0);
-    store4(cbase, row0 + 8u, col0 + 8u, acc8_1);
-    store4(cbase, row0 + 9u, col0 + 0u, acc9_0);
-    store4(cbase, row0 + 9u, col0 + 8u, acc9_1);
-    store4(cbase, row0 + 10u, col0 + 0u, acc10_0);
-    store4(cbase, row0 + 10u, col0 + 8u, acc10_1);
-    store4(cbase, row0 + 11u, col0 + 0u, acc11_0);
-    store4(cbase, row0 + 11u, col0 + 8u, acc11_1);
-    if p.act != 0u { act_tile(cbase, row0, col0, 12u, 2u); }
+    var bias0 = vec4<f32>(0.0);
+    if HAS_BIAS { bias0 = bias[c0]; }
+    var bias1 = vec4<f32>(0.0);
+    if HAS_BIAS { bias1 = bias[c1]; }
+    store4(cbase, row0 + 0u, col0 + 0u, acc0_0, bias0);
+    store4(cbase, row0 + 0u, col0 + 8u, acc0_1, bias1);
+    store4(cbase, row0 + 1u, col0 + 0u, acc1_0, bias0);
+    store4(cbase, row0 + 1u, col0 + 8u, acc1_1, bias1);
+    store4(cbase, row0 + 2u, col0 + 0u, acc2_0, bias0);
+    store4(cbase, row0 + 2u, col0 + 8u, acc2_1, bias1);
+    store4(cbase, row0 + 3u, col0 + 0u, acc3_0, bias0);
+    store4(cbase, row0 + 3u, col0 + 8u, acc3_1, bias1);
+    store4(cbase, row0 + 4u, col0 + 0u, acc4_0, bias0);
+    store4(cbase, row0 + 4u, col0 + 8u, acc4_1, bias1);
+    store4(cbase, row0 + 5u, col0 + 0u, acc5_0, bias0);
+    store4(cbase, row0 + 5u, col0 + 8u, acc5_1, bias1);
+    store4(cbase, row0 + 6u, col0 + 0u, acc6_0, bias0);
+    store4(cbase, row0 + 6u, col0 + 8u, acc6_1, bias1);
+    store4(cbase, row0 + 7u, col0 + 0u, acc7_0, bias0);
+    store4(cbase, row0 + 7u, col0 + 8u, acc7_1, bias1);
+    store4(cbase, row0 + 8u, col0 + 0u, acc8_0, bias0);
+    store4(cbase, row0 + 8u, col0 + 8u, acc8_1, bias1);
+    store4(cbase, row0 + 9u, col0 + 0u, acc9_0, bias0);
+    store4(cbase, row0 + 9u, col0 + 8u, acc9_1, bias1);
+    store4(cbase, row0 + 10u, col0 + 0u, acc10_0, bias0);
+    store4(cbase, row0 + 10u, col0 + 8u, acc10_1, bias1);
+    store4(cbase, row0 + 11u, col0 + 0u, acc11_0, bias0);
+    store4(cbase, row0 + 11u, col0 + 8u, acc11_1, bias1);
 }
 
 @compute @workgroup_size(8, 8, 1)
@@ -1126,39 +1130,46 @@ fn matmul_vec4_8x4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocat
         }
     }
     let cbase = batch * p.c_bs / 4u;
-    store4(cbase, row0 + 0u, col0 + 0u, acc0_0);
-    store4(cbase, row0 + 0u, col0 + 8u, acc0_1);
-    store4(cbase, row0 + 0u, col0 + 16u, acc0_2);
-    store4(cbase, row0 + 0u, col0 + 24u, acc0_3);
-    store4(cbase, row0 + 1u, col0 + 0u, acc1_0);
-    store4(cbase, row0 + 1u, col0 + 8u, acc1_1);
-    store4(cbase, row0 + 1u, col0 + 16u, acc1_2);
-    store4(cbase, row0 + 1u, col0 + 24u, acc1_3);
-    store4(cbase, row0 + 2u, col0 + 0u, acc2_0);
-    store4(cbase, row0 + 2u, col0 + 8u, acc2_1);
-    store4(cbase, row0 + 2u, col0 + 16u, acc2_2);
-    store4(cbase, row0 + 2u, col0 + 24u, acc2_3);
-    store4(cbase, row0 + 3u, col0 + 0u, acc3_0);
-    store4(cbase, row0 + 3u, col0 + 8u, acc3_1);
-    store4(cbase, row0 + 3u, col0 + 16u, acc3_2);
-    store4(cbase, row0 + 3u, col0 + 24u, acc3_3);
-    store4(cbase, row0 + 4u, col0 + 0u, acc4_0);
-    store4(cbase, row0 + 4u, col0 + 8u, acc4_1);
-    store4(cbase, row0 + 4u, col0 + 16u, acc4_2);
-    store4(cbase, row0 + 4u, col0 + 24u, acc4_3);
-    store4(cbase, row0 + 5u, col0 + 0u, acc5_0);
-    store4(cbase, row0 + 5u, col0 + 8u, acc5_1);
-    store4(cbase, row0 + 5u, col0 + 16u, acc5_2);
-    store4(cbase, row0 + 5u, col0 + 24u, acc5_3);
-    store4(cbase, row0 + 6u, col0 + 0u, acc6_0);
-    store4(cbase, row0 + 6u, col0 + 8u, acc6_1);
-    store4(cbase, row0 + 6u, col0 + 16u, acc6_2);
-    store4(cbase, row0 + 6u, col0 + 24u, acc6_3);
-    store4(cbase, row0 + 7u, col0 + 0u, acc7_0);
-    store4(cbase, row0 + 7u, col0 + 8u, acc7_1);
-    store4(cbase, row0 + 7u, col0 + 16u, acc7_2);
-    store4(cbase, row0 + 7u, col0 + 24u, acc7_3);
-    if p.act != 0u { act_tile(cbase, row0, col0, 8u, 4u); }
+    var bias0 = vec4<f32>(0.0);
+    if HAS_BIAS { bias0 = bias[c0]; }
+    var bias1 = vec4<f32>(0.0);
+    if HAS_BIAS { bias1 = bias[c1]; }
+    var bias2 = vec4<f32>(0.0);
+    if HAS_BIAS { bias2 = bias[c2]; }
+    var bias3 = vec4<f32>(0.0);
+    if HAS_BIAS { bias3 = bias[c3]; }
+    store4(cbase, row0 + 0u, col0 + 0u, acc0_0, bias0);
+    store4(cbase, row0 + 0u, col0 + 8u, acc0_1, bias1);
+    store4(cbase, row0 + 0u, col0 + 16u, acc0_2, bias2);
+    store4(cbase, row0 + 0u, col0 + 24u, acc0_3, bias3);
+    store4(cbase, row0 + 1u, col0 + 0u, acc1_0, bias0);
+    store4(cbase, row0 + 1u, col0 + 8u, acc1_1, bias1);
+    store4(cbase, row0 + 1u, col0 + 16u, acc1_2, bias2);
+    store4(cbase, row0 + 1u, col0 + 24u, acc1_3, bias3);
+    store4(cbase, row0 + 2u, col0 + 0u, acc2_0, bias0);
+    store4(cbase, row0 + 2u, col0 + 8u, acc2_1, bias1);
+    store4(cbase, row0 + 2u, col0 + 16u, acc2_2, bias2);
+    store4(cbase, row0 + 2u, col0 + 24u, acc2_3, bias3);
+    store4(cbase, row0 + 3u, col0 + 0u, acc3_0, bias0);
+    store4(cbase, row0 + 3u, col0 + 8u, acc3_1, bias1);
+    store4(cbase, row0 + 3u, col0 + 16u, acc3_2, bias2);
+    store4(cbase, row0 + 3u, col0 + 24u, acc3_3, bias3);
+    store4(cbase, row0 + 4u, col0 + 0u, acc4_0, bias0);
+    store4(cbase, row0 + 4u, col0 + 8u, acc4_1, bias1);
+    store4(cbase, row0 + 4u, col0 + 16u, acc4_2, bias2);
+    store4(cbase, row0 + 4u, col0 + 24u, acc4_3, bias3);
+    store4(cbase, row0 + 5u, col0 + 0u, acc5_0, bias0);
+    store4(cbase, row0 + 5u, col0 + 8u, acc5_1, bias1);
+    store4(cbase, row0 + 5u, col0 + 16u, acc5_2, bias2);
+    store4(cbase, row0 + 5u, col0 + 24u, acc5_3, bias3);
+    store4(cbase, row0 + 6u, col0 + 0u, acc6_0, bias0);
+    store4(cbase, row0 + 6u, col0 + 8u, acc6_1, bias1);
+    store4(cbase, row0 + 6u, col0 + 16u, acc6_2, bias2);
+    store4(cbase, row0 + 6u, col0 + 24u, acc6_3, bias3);
+    store4(cbase, row0 + 7u, col0 + 0u, acc7_0, bias0);
+    store4(cbase, row0 + 7u, col0 + 8u, acc7_1, bias1);
+    store4(cbase, row0 + 7u, col0 + 16u, acc7_2, bias2);
+    store4(cbase, row0 + 7u, col0 + 24u, acc7_3, bias3);
 }
 
 @compute @workgroup_size(8, 8, 1)
@@ -1539,55 +1550,58 @@ fn matmul_vec4_24x2(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invoca
         }
     }
     let cbase = batch * p.c_bs / 4u;
-    store4(cbase, row0 + 0u, col0 + 0u, acc0_0);
-    store4(cbase, row0 + 0u, col0 + 8u, acc0_1);
-    store4(cbase, row0 + 1u, col0 + 0u, acc1_0);
-    store4(cbase, row0 + 1u, col0 + 8u, acc1_1);
-    store4(cbase, row0 + 2u, col0 + 0u, acc2_0);
-    store4(cbase, row0 + 2u, col0 + 8u, acc2_1);
-    store4(cbase, row0 + 3u, col0 + 0u, acc3_0);
-    store4(cbase, row0 + 3u, col0 + 8u, acc3_1);
-    store4(cbase, row0 + 4u, col0 + 0u, acc4_0);
-    store4(cbase, row0 + 4u, col0 + 8u, acc4_1);
-    store4(cbase, row0 + 5u, col0 + 0u, acc5_0);
-    store4(cbase, row0 + 5u, col0 + 8u, acc5_1);
-    store4(cbase, row0 + 6u, col0 + 0u, acc6_0);
-    store4(cbase, row0 + 6u, col0 + 8u, acc6_1);
-    store4(cbase, row0 + 7u, col0 + 0u, acc7_0);
-    store4(cbase, row0 + 7u, col0 + 8u, acc7_1);
-    store4(cbase, row0 + 8u, col0 + 0u, acc8_0);
-    store4(cbase, row0 + 8u, col0 + 8u, acc8_1);
-    store4(cbase, row0 + 9u, col0 + 0u, acc9_0);
-    store4(cbase, row0 + 9u, col0 + 8u, acc9_1);
-    store4(cbase, row0 + 10u, col0 + 0u, acc10_0);
-    store4(cbase, row0 + 10u, col0 + 8u, acc10_1);
-    store4(cbase, row0 + 11u, col0 + 0u, acc11_0);
-    store4(cbase, row0 + 11u, col0 + 8u, acc11_1);
-    store4(cbase, row0 + 12u, col0 + 0u, acc12_0);
-    store4(cbase, row0 + 12u, col0 + 8u, acc12_1);
-    store4(cbase, row0 + 13u, col0 + 0u, acc13_0);
-    store4(cbase, row0 + 13u, col0 + 8u, acc13_1);
-    store4(cbase, row0 + 14u, col0 + 0u, acc14_0);
-    store4(cbase, row0 + 14u, col0 + 8u, acc14_1);
-    store4(cbase, row0 + 15u, col0 + 0u, acc15_0);
-    store4(cbase, row0 + 15u, col0 + 8u, acc15_1);
-    store4(cbase, row0 + 16u, col0 + 0u, acc16_0);
-    store4(cbase, row0 + 16u, col0 + 8u, acc16_1);
-    store4(cbase, row0 + 17u, col0 + 0u, acc17_0);
-    store4(cbase, row0 + 17u, col0 + 8u, acc17_1);
-    store4(cbase, row0 + 18u, col0 + 0u, acc18_0);
-    store4(cbase, row0 + 18u, col0 + 8u, acc18_1);
-    store4(cbase, row0 + 19u, col0 + 0u, acc19_0);
-    store4(cbase, row0 + 19u, col0 + 8u, acc19_1);
-    store4(cbase, row0 + 20u, col0 + 0u, acc20_0);
-    store4(cbase, row0 + 20u, col0 + 8u, acc20_1);
-    store4(cbase, row0 + 21u, col0 + 0u, acc21_0);
-    store4(cbase, row0 + 21u, col0 + 8u, acc21_1);
-    store4(cbase, row0 + 22u, col0 + 0u, acc22_0);
-    store4(cbase, row0 + 22u, col0 + 8u, acc22_1);
-    store4(cbase, row0 + 23u, col0 + 0u, acc23_0);
-    store4(cbase, row0 + 23u, col0 + 8u, acc23_1);
-    if p.act != 0u { act_tile(cbase, row0, col0, 24u, 2u); }
+    var bias0 = vec4<f32>(0.0);
+    if HAS_BIAS { bias0 = bias[c0]; }
+    var bias1 = vec4<f32>(0.0);
+    if HAS_BIAS { bias1 = bias[c1]; }
+    store4(cbase, row0 + 0u, col0 + 0u, acc0_0, bias0);
+    store4(cbase, row0 + 0u, col0 + 8u, acc0_1, bias1);
+    store4(cbase, row0 + 1u, col0 + 0u, acc1_0, bias0);
+    store4(cbase, row0 + 1u, col0 + 8u, acc1_1, bias1);
+    store4(cbase, row0 + 2u, col0 + 0u, acc2_0, bias0);
+    store4(cbase, row0 + 2u, col0 + 8u, acc2_1, bias1);
+    store4(cbase, row0 + 3u, col0 + 0u, acc3_0, bias0);
+    store4(cbase, row0 + 3u, col0 + 8u, acc3_1, bias1);
+    store4(cbase, row0 + 4u, col0 + 0u, acc4_0, bias0);
+    store4(cbase, row0 + 4u, col0 + 8u, acc4_1, bias1);
+    store4(cbase, row0 + 5u, col0 + 0u, acc5_0, bias0);
+    store4(cbase, row0 + 5u, col0 + 8u, acc5_1, bias1);
+    store4(cbase, row0 + 6u, col0 + 0u, acc6_0, bias0);
+    store4(cbase, row0 + 6u, col0 + 8u, acc6_1, bias1);
+    store4(cbase, row0 + 7u, col0 + 0u, acc7_0, bias0);
+    store4(cbase, row0 + 7u, col0 + 8u, acc7_1, bias1);
+    store4(cbase, row0 + 8u, col0 + 0u, acc8_0, bias0);
+    store4(cbase, row0 + 8u, col0 + 8u, acc8_1, bias1);
+    store4(cbase, row0 + 9u, col0 + 0u, acc9_0, bias0);
+    store4(cbase, row0 + 9u, col0 + 8u, acc9_1, bias1);
+    store4(cbase, row0 + 10u, col0 + 0u, acc10_0, bias0);
+    store4(cbase, row0 + 10u, col0 + 8u, acc10_1, bias1);
+    store4(cbase, row0 + 11u, col0 + 0u, acc11_0, bias0);
+    store4(cbase, row0 + 11u, col0 + 8u, acc11_1, bias1);
+    store4(cbase, row0 + 12u, col0 + 0u, acc12_0, bias0);
+    store4(cbase, row0 + 12u, col0 + 8u, acc12_1, bias1);
+    store4(cbase, row0 + 13u, col0 + 0u, acc13_0, bias0);
+    store4(cbase, row0 + 13u, col0 + 8u, acc13_1, bias1);
+    store4(cbase, row0 + 14u, col0 + 0u, acc14_0, bias0);
+    store4(cbase, row0 + 14u, col0 + 8u, acc14_1, bias1);
+    store4(cbase, row0 + 15u, col0 + 0u, acc15_0, bias0);
+    store4(cbase, row0 + 15u, col0 + 8u, acc15_1, bias1);
+    store4(cbase, row0 + 16u, col0 + 0u, acc16_0, bias0);
+    store4(cbase, row0 + 16u, col0 + 8u, acc16_1, bias1);
+    store4(cbase, row0 + 17u, col0 + 0u, acc17_0, bias0);
+    store4(cbase, row0 + 17u, col0 + 8u, acc17_1, bias1);
+    store4(cbase, row0 + 18u, col0 + 0u, acc18_0, bias0);
+    store4(cbase, row0 + 18u, col0 + 8u, acc18_1, bias1);
+    store4(cbase, row0 + 19u, col0 + 0u, acc19_0, bias0);
+    store4(cbase, row0 + 19u, col0 + 8u, acc19_1, bias1);
+    store4(cbase, row0 + 20u, col0 + 0u, acc20_0, bias0);
+    store4(cbase, row0 + 20u, col0 + 8u, acc20_1, bias1);
+    store4(cbase, row0 + 21u, col0 + 0u, acc21_0, bias0);
+    store4(cbase, row0 + 21u, col0 + 8u, acc21_1, bias1);
+    store4(cbase, row0 + 22u, col0 + 0u, acc22_0, bias0);
+    store4(cbase, row0 + 22u, col0 + 8u, acc22_1, bias1);
+    store4(cbase, row0 + 23u, col0 + 0u, acc23_0, bias0);
+    store4(cbase, row0 + 23u, col0 + 8u, acc23_1, bias1);
 }
 
 @compute @workgroup_size(8, 8, 1)
@@ -1678,13 +1692,16 @@ fn matmul_vec4_4x2(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocat
         }
     }
     let cbase = batch * p.c_bs / 4u;
-    store4(cbase, row0 + 0u, col0 + 0u, acc0_0);
-    store4(cbase, row0 + 0u, col0 + 8u, acc0_1);
-    store4(cbase, row0 + 1u, col0 + 0u, acc1_0);
-    store4(cbase, row0 + 1u, col0 + 8u, acc1_1);
-    store4(cbase, row0 + 2u, col0 + 0u, acc2_0);
-    store4(cbase, row0 + 2u, col0 + 8u, acc2_1);
-    store4(cbase, row0 + 3u, col0 + 0u, acc3_0);
-    store4(cbase, row0 + 3u, col0 + 8u, acc3_1);
-    if p.act != 0u { act_tile(cbase, row0, col0, 4u, 2u); }
+    var bias0 = vec4<f32>(0.0);
+    if HAS_BIAS { bias0 = bias[c0]; }
+    var bias1 = vec4<f32>(0.0);
+    if HAS_BIAS { bias1 = bias[c1]; }
+    store4(cbase, row0 + 0u, col0 + 0u, acc0_0, bias0);
+    store4(cbase, row0 + 0u, col0 + 8u, acc0_1, bias1);
+    store4(cbase, row0 + 1u, col0 + 0u, acc1_0, bias0);
+    store4(cbase, row0 + 1u, col0 + 8u, acc1_1, bias1);
+    store4(cbase, row0 + 2u, col0 + 0u, acc2_0, bias0);
+    store4(cbase, row0 + 2u, col0 + 8u, acc2_1, bias1);
+    store4(cbase, row0 + 3u, col0 + 0u, acc3_0, bias0);
+    store4(cbase, row0 + 3u, col0 + 8u, acc3_1, bias1);
 }

@@ -164,7 +164,7 @@ fn linear_act_matches_separate_ops() {
     let Some(gpu) = gpu() else { return };
     let mut r = Rng::new(77);
     for (rows, inp, out) in [(70, 32, 48), (13, 7, 9)] {
-        for a in [Act::QuickGelu, Act::Gelu] {
+        for a in [Act::QuickGelu, Act::Gelu, Act::Tanh, Act::GeluTanh] {
             let x = r.vec(rows * inp, 1.0);
             let w = r.vec(out * inp, 0.5);
             let b = r.vec(out, 0.5);

@@ -354,7 +354,7 @@ impl Gpu {
         let label = rec
             .profile
             .as_ref()
-            .map(|_| profile_label(shader, entry, constants));
+            .map(|_| profile_label(shader, entry, constants, params));
         let wall = rec.profile.as_ref().is_some_and(|p| p.timestamps.is_none());
         if rec
             .profile
@@ -660,10 +660,18 @@ impl Gpu {
 }
 
 /// Kernel name in profiles: shader, entry point and override constants.
-fn profile_label(shader: &Shader, entry: &str, constants: &[(&str, f64)]) -> String {
+fn profile_label(
+    shader: &Shader,
+    entry: &str,
+    constants: &[(&str, f64)],
+    params: &[u32],
+) -> String {
     let mut s = format!("{}::{entry}", shader.name);
     for (k, v) in constants {
         s.push_str(&format!(" {k}={v}"));
+    }
+    if std::env::var_os("CLIP_WGPU_PROFILE_PARAMS").is_some() {
+        s.push_str(&format!(" {params:?}"));
     }
     s
 }

@@ -257,7 +257,14 @@ pub fn gemm_act_into(
         }
         Variant::Tiled => (&SHADER, "matmul_tiled", 64, 64),
     };
-    let constants_vec4 = [constants[0]];
+    // The vec4 kernels specialize their epilogue (see the generator).
+    let constants_vec4 = [
+        constants[0],
+        ("HAS_BIAS", bias.is_some() as u32 as f64),
+        ("ACCUMULATE", g.accumulate as u32 as f64),
+        ("ACT", act.map_or(0, |e| 1 + e.parts().2) as f64),
+        ("ACT_KIND", act.map_or(0, |e| e.parts().0.code()) as f64),
+    ];
     let constants: &[(&str, f64)] = if variant == Variant::Vec4 {
         &constants_vec4
     } else {
