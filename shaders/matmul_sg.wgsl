@@ -19,11 +19,13 @@
 // The epilogue is chosen by override constants, so each pipeline holds only
 // the code it runs (a runtime switch over every activation, inlined into each
 // store, made the kernel several times larger and slower):
-// HAS_BIAS: C += bias; ACCUMULATE: C += old C; ACT 1: act_out = act(C) as
+// HAS_BIAS: C += bias; ACCUMULATE: C += old C; ACT 1: aux = act(C) as
 // well (a linear layer's bias + activation in one pass); ACT 2: C *= act'(x)
-// with x, the activation's input, in act_out (the MLP backward's dH ->
+// with x, the activation's input, in aux (the MLP backward's dH ->
 // d(pre-activation) in the same pass). ACT_KIND: an activation of
-// activation.wgsl. The Params fields of the same names are unused here.
+// activation.wgsl. BIAS_GRAD (TRANS_A only): aux[i] = sum_k op(A)[i, k] as
+// well, from the A loads the product makes anyway (with A = dY of a linear
+// layer, its bias gradient). The Params fields of the same names are unused.
 struct Params {
     m: u32, n: u32, k: u32, lda: u32,
     ldb: u32, ldc: u32, a_bs: u32, b_bs: u32,
@@ -36,13 +38,14 @@ override HAS_BIAS: bool = false;
 override ACCUMULATE: bool = false;
 override ACT: u32 = 0u;
 override ACT_KIND: u32 = 0u;
+override BIAS_GRAD: bool = false;
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> a: array<vec4<f32>>;
 @group(0) @binding(2) var<storage, read> b: array<vec4<f32>>;
 @group(0) @binding(3) var<storage, read> bias: array<vec4<f32>>;
 @group(0) @binding(4) var<storage, read_write> c: array<vec4<f32>>;
-@group(0) @binding(5) var<storage, read_write> act_out: array<vec4<f32>>;
+@group(0) @binding(5) var<storage, read_write> aux: array<vec4<f32>>;
 
 // Activation forward, copied from activation.wgsl by the generator.
 const FRAC_1_SQRT_2: f32 = 0.70710678118654752;
@@ -157,7 +160,7 @@ fn act_grad_kind(v: f32, kind: u32) -> f32 {
     }
 }
 
-// C, bias and act_out are vec4s too (n % 4 == 0): one per-lane load loop
+// C, bias and aux are vec4s too (n % 4 == 0): one per-lane load loop
 // per four values instead of four. `bq` is the bias of column group j4
 // (zero without one), loaded once per column group.
 fn store4(base: u32, i: u32, j4: u32, v: vec4<f32>, bq: vec4<f32>) {
@@ -166,13 +169,13 @@ fn store4(base: u32, i: u32, j4: u32, v: vec4<f32>, bq: vec4<f32>) {
     let idx = base + i * (p.ldc / 4u) + j4;
     if ACCUMULATE { out += c[idx]; }
     if ACT == 2u {
-        let x = act_out[idx];
+        let x = aux[idx];
         out *= vec4(act_grad_kind(x.x, ACT_KIND), act_grad_kind(x.y, ACT_KIND),
                     act_grad_kind(x.z, ACT_KIND), act_grad_kind(x.w, ACT_KIND));
     }
     c[idx] = out;
     if ACT == 1u {
-        act_out[idx] = vec4(act_kind(out.x, ACT_KIND), act_kind(out.y, ACT_KIND),
+        aux[idx] = vec4(act_kind(out.x, ACT_KIND), act_kind(out.y, ACT_KIND),
                             act_kind(out.z, ACT_KIND), act_kind(out.w, ACT_KIND));
     }
 }
@@ -224,12 +227,14 @@ fn matmul_sg_16x2(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocati
     var acc14_1 = vec4<f32>(0.0);
     var acc15_0 = vec4<f32>(0.0);
     var acc15_1 = vec4<f32>(0.0);
+    var bsum = vec4<f32>(0.0);
     if TRANS_A {
         let ra = min(row0 / 4u + min(lane, 3u), p.m / 4u - 1u);
         for (var kk = 0u; kk < p.k; kk++) {
+            let al = a[abase + kk * lda4 + ra];
+            if BIAS_GRAD { bsum += al; }
             let b0 = b[bbase + kk * ldb4 + c0];
             let b1 = b[bbase + kk * ldb4 + c1];
-            let al = a[abase + kk * lda4 + ra];
             let a0 = subgroupBroadcast(al, 0u);
             acc0_0 = fma(vec4<f32>(a0[0]), b0, acc0_0);
             acc0_1 = fma(vec4<f32>(a0[0]), b1, acc0_1);
@@ -267,6 +272,7 @@ fn matmul_sg_16x2(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocati
             acc15_0 = fma(vec4<f32>(a3[3]), b0, acc15_0);
             acc15_1 = fma(vec4<f32>(a3[3]), b1, acc15_1);
         }
+        if BIAS_GRAD && wid.x == 0u && lane < 4u && row0 / 4u + lane < p.m / 4u { aux[row0 / 4u + lane] = bsum; }
     } else {
         let rl0 = min(row0 + 0u + lane, p.m - 1u);
         let rl1 = min(row0 + 8u + lane, p.m - 1u);
@@ -512,11 +518,13 @@ fn matmul_sg_32x1(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocati
     var acc29_0 = vec4<f32>(0.0);
     var acc30_0 = vec4<f32>(0.0);
     var acc31_0 = vec4<f32>(0.0);
+    var bsum = vec4<f32>(0.0);
     if TRANS_A {
         let ra = min(row0 / 4u + min(lane, 7u), p.m / 4u - 1u);
         for (var kk = 0u; kk < p.k; kk++) {
-            let b0 = b[bbase + kk * ldb4 + c0];
             let al = a[abase + kk * lda4 + ra];
+            if BIAS_GRAD { bsum += al; }
+            let b0 = b[bbase + kk * ldb4 + c0];
             let a0 = subgroupBroadcast(al, 0u);
             acc0_0 = fma(vec4<f32>(a0[0]), b0, acc0_0);
             acc1_0 = fma(vec4<f32>(a0[1]), b0, acc1_0);
@@ -558,6 +566,7 @@ fn matmul_sg_32x1(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocati
             acc30_0 = fma(vec4<f32>(a7[2]), b0, acc30_0);
             acc31_0 = fma(vec4<f32>(a7[3]), b0, acc31_0);
         }
+        if BIAS_GRAD && wid.x == 0u && lane < 8u && row0 / 4u + lane < p.m / 4u { aux[row0 / 4u + lane] = bsum; }
     } else {
         let rl0 = min(row0 + 0u + lane, p.m - 1u);
         let rl1 = min(row0 + 8u + lane, p.m - 1u);
@@ -834,12 +843,14 @@ fn matmul_sg_24x2(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocati
     var acc22_1 = vec4<f32>(0.0);
     var acc23_0 = vec4<f32>(0.0);
     var acc23_1 = vec4<f32>(0.0);
+    var bsum = vec4<f32>(0.0);
     if TRANS_A {
         let ra = min(row0 / 4u + min(lane, 5u), p.m / 4u - 1u);
         for (var kk = 0u; kk < p.k; kk++) {
+            let al = a[abase + kk * lda4 + ra];
+            if BIAS_GRAD { bsum += al; }
             let b0 = b[bbase + kk * ldb4 + c0];
             let b1 = b[bbase + kk * ldb4 + c1];
-            let al = a[abase + kk * lda4 + ra];
             let a0 = subgroupBroadcast(al, 0u);
             acc0_0 = fma(vec4<f32>(a0[0]), b0, acc0_0);
             acc0_1 = fma(vec4<f32>(a0[0]), b1, acc0_1);
@@ -895,6 +906,7 @@ fn matmul_sg_24x2(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocati
             acc23_0 = fma(vec4<f32>(a5[3]), b0, acc23_0);
             acc23_1 = fma(vec4<f32>(a5[3]), b1, acc23_1);
         }
+        if BIAS_GRAD && wid.x == 0u && lane < 6u && row0 / 4u + lane < p.m / 4u { aux[row0 / 4u + lane] = bsum; }
     } else {
         let rl0 = min(row0 + 0u + lane, p.m - 1u);
         let rl1 = min(row0 + 8u + lane, p.m - 1u);
@@ -1263,12 +1275,14 @@ fn matmul_sg_32x2(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocati
     var acc30_1 = vec4<f32>(0.0);
     var acc31_0 = vec4<f32>(0.0);
     var acc31_1 = vec4<f32>(0.0);
+    var bsum = vec4<f32>(0.0);
     if TRANS_A {
         let ra = min(row0 / 4u + min(lane, 7u), p.m / 4u - 1u);
         for (var kk = 0u; kk < p.k; kk++) {
+            let al = a[abase + kk * lda4 + ra];
+            if BIAS_GRAD { bsum += al; }
             let b0 = b[bbase + kk * ldb4 + c0];
             let b1 = b[bbase + kk * ldb4 + c1];
-            let al = a[abase + kk * lda4 + ra];
             let a0 = subgroupBroadcast(al, 0u);
             acc0_0 = fma(vec4<f32>(a0[0]), b0, acc0_0);
             acc0_1 = fma(vec4<f32>(a0[0]), b1, acc0_1);
@@ -1342,6 +1356,7 @@ fn matmul_sg_32x2(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocati
             acc31_0 = fma(vec4<f32>(a7[3]), b0, acc31_0);
             acc31_1 = fma(vec4<f32>(a7[3]), b1, acc31_1);
         }
+        if BIAS_GRAD && wid.x == 0u && lane < 8u && row0 / 4u + lane < p.m / 4u { aux[row0 / 4u + lane] = bsum; }
     } else {
         let rl0 = min(row0 + 0u + lane, p.m - 1u);
         let rl1 = min(row0 + 8u + lane, p.m - 1u);
@@ -1802,14 +1817,16 @@ fn matmul_sg_16x4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocati
     var acc15_1 = vec4<f32>(0.0);
     var acc15_2 = vec4<f32>(0.0);
     var acc15_3 = vec4<f32>(0.0);
+    var bsum = vec4<f32>(0.0);
     if TRANS_A {
         let ra = min(row0 / 4u + min(lane, 3u), p.m / 4u - 1u);
         for (var kk = 0u; kk < p.k; kk++) {
+            let al = a[abase + kk * lda4 + ra];
+            if BIAS_GRAD { bsum += al; }
             let b0 = b[bbase + kk * ldb4 + c0];
             let b1 = b[bbase + kk * ldb4 + c1];
             let b2 = b[bbase + kk * ldb4 + c2];
             let b3 = b[bbase + kk * ldb4 + c3];
-            let al = a[abase + kk * lda4 + ra];
             let a0 = subgroupBroadcast(al, 0u);
             acc0_0 = fma(vec4<f32>(a0[0]), b0, acc0_0);
             acc0_1 = fma(vec4<f32>(a0[0]), b1, acc0_1);
@@ -1879,6 +1896,7 @@ fn matmul_sg_16x4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocati
             acc15_2 = fma(vec4<f32>(a3[3]), b2, acc15_2);
             acc15_3 = fma(vec4<f32>(a3[3]), b3, acc15_3);
         }
+        if BIAS_GRAD && wid.x == 0u && lane < 4u && row0 / 4u + lane < p.m / 4u { aux[row0 / 4u + lane] = bsum; }
     } else {
         let rl0 = min(row0 + 0u + lane, p.m - 1u);
         let rl1 = min(row0 + 8u + lane, p.m - 1u);
@@ -2281,12 +2299,14 @@ fn matmul_sg_8x2(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocatio
     var acc6_1 = vec4<f32>(0.0);
     var acc7_0 = vec4<f32>(0.0);
     var acc7_1 = vec4<f32>(0.0);
+    var bsum = vec4<f32>(0.0);
     if TRANS_A {
         let ra = min(row0 / 4u + min(lane, 1u), p.m / 4u - 1u);
         for (var kk = 0u; kk < p.k; kk++) {
+            let al = a[abase + kk * lda4 + ra];
+            if BIAS_GRAD { bsum += al; }
             let b0 = b[bbase + kk * ldb4 + c0];
             let b1 = b[bbase + kk * ldb4 + c1];
-            let al = a[abase + kk * lda4 + ra];
             let a0 = subgroupBroadcast(al, 0u);
             acc0_0 = fma(vec4<f32>(a0[0]), b0, acc0_0);
             acc0_1 = fma(vec4<f32>(a0[0]), b1, acc0_1);
@@ -2306,6 +2326,7 @@ fn matmul_sg_8x2(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocatio
             acc7_0 = fma(vec4<f32>(a1[3]), b0, acc7_0);
             acc7_1 = fma(vec4<f32>(a1[3]), b1, acc7_1);
         }
+        if BIAS_GRAD && wid.x == 0u && lane < 2u && row0 / 4u + lane < p.m / 4u { aux[row0 / 4u + lane] = bsum; }
     } else {
         let rl0 = min(row0 + 0u + lane, p.m - 1u);
         for (var kq = 0u; kq < p.k / 4u; kq++) {

@@ -16,11 +16,13 @@
 // The epilogue is chosen by override constants, so each pipeline holds only
 // the code it runs (a runtime switch over every activation, inlined into each
 // store, made the kernel several times larger and slower):
-// HAS_BIAS: C += bias; ACCUMULATE: C += old C; ACT 1: act_out = act(C) as
+// HAS_BIAS: C += bias; ACCUMULATE: C += old C; ACT 1: aux = act(C) as
 // well (a linear layer's bias + activation in one pass); ACT 2: C *= act'(x)
-// with x, the activation's input, in act_out (the MLP backward's dH ->
+// with x, the activation's input, in aux (the MLP backward's dH ->
 // d(pre-activation) in the same pass). ACT_KIND: an activation of
-// activation.wgsl. The Params fields of the same names are unused here.
+// activation.wgsl. BIAS_GRAD (TRANS_A only): aux[i] = sum_k op(A)[i, k] as
+// well, from the A loads the product makes anyway (with A = dY of a linear
+// layer, its bias gradient). The Params fields of the same names are unused.
 struct Params {
     m: u32, n: u32, k: u32, lda: u32,
     ldb: u32, ldc: u32, a_bs: u32, b_bs: u32,
@@ -33,13 +35,14 @@ override HAS_BIAS: bool = false;
 override ACCUMULATE: bool = false;
 override ACT: u32 = 0u;
 override ACT_KIND: u32 = 0u;
+override BIAS_GRAD: bool = false;
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> a: array<vec4<f32>>;
 @group(0) @binding(2) var<storage, read> b: array<vec4<f32>>;
 @group(0) @binding(3) var<storage, read> bias: array<vec4<f32>>;
 @group(0) @binding(4) var<storage, read_write> c: array<vec4<f32>>;
-@group(0) @binding(5) var<storage, read_write> act_out: array<vec4<f32>>;
+@group(0) @binding(5) var<storage, read_write> aux: array<vec4<f32>>;
 
 // Activation forward, copied from activation.wgsl by the generator.
 const FRAC_1_SQRT_2: f32 = 0.70710678118654752;
@@ -154,7 +157,7 @@ fn act_grad_kind(v: f32, kind: u32) -> f32 {
     }
 }
 
-// C, bias and act_out are vec4s too (n % 4 == 0): one per-lane load loop
+// C, bias and aux are vec4s too (n % 4 == 0): one per-lane load loop
 // per four values instead of four. `bq` is the bias of column group j4
 // (zero without one), loaded once per column group.
 fn store4(base: u32, i: u32, j4: u32, v: vec4<f32>, bq: vec4<f32>) {
@@ -163,13 +166,13 @@ fn store4(base: u32, i: u32, j4: u32, v: vec4<f32>, bq: vec4<f32>) {
     let idx = base + i * (p.ldc / 4u) + j4;
     if ACCUMULATE { out += c[idx]; }
     if ACT == 2u {
-        let x = act_out[idx];
+        let x = aux[idx];
         out *= vec4(act_grad_kind(x.x, ACT_KIND), act_grad_kind(x.y, ACT_KIND),
                     act_grad_kind(x.z, ACT_KIND), act_grad_kind(x.w, ACT_KIND));
     }
     c[idx] = out;
     if ACT == 1u {
-        act_out[idx] = vec4(act_kind(out.x, ACT_KIND), act_kind(out.y, ACT_KIND),
+        aux[idx] = vec4(act_kind(out.x, ACT_KIND), act_kind(out.y, ACT_KIND),
                             act_kind(out.z, ACT_KIND), act_kind(out.w, ACT_KIND));
     }
 }
@@ -218,6 +221,10 @@ fn matmul_vec4_16x2(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invoca
     var acc14_1 = vec4<f32>(0.0);
     var acc15_0 = vec4<f32>(0.0);
     var acc15_1 = vec4<f32>(0.0);
+    var bsum0 = vec4<f32>(0.0);
+    var bsum1 = vec4<f32>(0.0);
+    var bsum2 = vec4<f32>(0.0);
+    var bsum3 = vec4<f32>(0.0);
     if TRANS_A {
         let r0 = min(row0 / 4u + 0u, p.m / 4u - 1u);
         let r1 = min(row0 / 4u + 1u, p.m / 4u - 1u);
@@ -227,6 +234,7 @@ fn matmul_vec4_16x2(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invoca
             let b0 = b[bbase + kk * ldb4 + c0];
             let b1 = b[bbase + kk * ldb4 + c1];
             let a0 = a[abase + kk * lda4 + r0];
+            if BIAS_GRAD { bsum0 += a0; }
             acc0_0 = fma(vec4<f32>(a0[0]), b0, acc0_0);
             acc0_1 = fma(vec4<f32>(a0[0]), b1, acc0_1);
             acc1_0 = fma(vec4<f32>(a0[1]), b0, acc1_0);
@@ -236,6 +244,7 @@ fn matmul_vec4_16x2(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invoca
             acc3_0 = fma(vec4<f32>(a0[3]), b0, acc3_0);
             acc3_1 = fma(vec4<f32>(a0[3]), b1, acc3_1);
             let a1 = a[abase + kk * lda4 + r1];
+            if BIAS_GRAD { bsum1 += a1; }
             acc4_0 = fma(vec4<f32>(a1[0]), b0, acc4_0);
             acc4_1 = fma(vec4<f32>(a1[0]), b1, acc4_1);
             acc5_0 = fma(vec4<f32>(a1[1]), b0, acc5_0);
@@ -245,6 +254,7 @@ fn matmul_vec4_16x2(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invoca
             acc7_0 = fma(vec4<f32>(a1[3]), b0, acc7_0);
             acc7_1 = fma(vec4<f32>(a1[3]), b1, acc7_1);
             let a2 = a[abase + kk * lda4 + r2];
+            if BIAS_GRAD { bsum2 += a2; }
             acc8_0 = fma(vec4<f32>(a2[0]), b0, acc8_0);
             acc8_1 = fma(vec4<f32>(a2[0]), b1, acc8_1);
             acc9_0 = fma(vec4<f32>(a2[1]), b0, acc9_0);
@@ -254,6 +264,7 @@ fn matmul_vec4_16x2(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invoca
             acc11_0 = fma(vec4<f32>(a2[3]), b0, acc11_0);
             acc11_1 = fma(vec4<f32>(a2[3]), b1, acc11_1);
             let a3 = a[abase + kk * lda4 + r3];
+            if BIAS_GRAD { bsum3 += a3; }
             acc12_0 = fma(vec4<f32>(a3[0]), b0, acc12_0);
             acc12_1 = fma(vec4<f32>(a3[0]), b1, acc12_1);
             acc13_0 = fma(vec4<f32>(a3[1]), b0, acc13_0);
@@ -262,6 +273,12 @@ fn matmul_vec4_16x2(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invoca
             acc14_1 = fma(vec4<f32>(a3[2]), b1, acc14_1);
             acc15_0 = fma(vec4<f32>(a3[3]), b0, acc15_0);
             acc15_1 = fma(vec4<f32>(a3[3]), b1, acc15_1);
+        }
+        if BIAS_GRAD && wid.x == 0u && lid.x == 0u {
+            if row0 / 4u + 0u < p.m / 4u { aux[row0 / 4u + 0u] = bsum0; }
+            if row0 / 4u + 1u < p.m / 4u { aux[row0 / 4u + 1u] = bsum1; }
+            if row0 / 4u + 2u < p.m / 4u { aux[row0 / 4u + 2u] = bsum2; }
+            if row0 / 4u + 3u < p.m / 4u { aux[row0 / 4u + 3u] = bsum3; }
         }
     } else {
         let r0 = min(row0 + 0u, p.m - 1u);
@@ -502,6 +519,8 @@ fn matmul_vec4_8x2(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocat
     var acc6_1 = vec4<f32>(0.0);
     var acc7_0 = vec4<f32>(0.0);
     var acc7_1 = vec4<f32>(0.0);
+    var bsum0 = vec4<f32>(0.0);
+    var bsum1 = vec4<f32>(0.0);
     if TRANS_A {
         let r0 = min(row0 / 4u + 0u, p.m / 4u - 1u);
         let r1 = min(row0 / 4u + 1u, p.m / 4u - 1u);
@@ -509,6 +528,7 @@ fn matmul_vec4_8x2(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocat
             let b0 = b[bbase + kk * ldb4 + c0];
             let b1 = b[bbase + kk * ldb4 + c1];
             let a0 = a[abase + kk * lda4 + r0];
+            if BIAS_GRAD { bsum0 += a0; }
             acc0_0 = fma(vec4<f32>(a0[0]), b0, acc0_0);
             acc0_1 = fma(vec4<f32>(a0[0]), b1, acc0_1);
             acc1_0 = fma(vec4<f32>(a0[1]), b0, acc1_0);
@@ -518,6 +538,7 @@ fn matmul_vec4_8x2(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocat
             acc3_0 = fma(vec4<f32>(a0[3]), b0, acc3_0);
             acc3_1 = fma(vec4<f32>(a0[3]), b1, acc3_1);
             let a1 = a[abase + kk * lda4 + r1];
+            if BIAS_GRAD { bsum1 += a1; }
             acc4_0 = fma(vec4<f32>(a1[0]), b0, acc4_0);
             acc4_1 = fma(vec4<f32>(a1[0]), b1, acc4_1);
             acc5_0 = fma(vec4<f32>(a1[1]), b0, acc5_0);
@@ -526,6 +547,10 @@ fn matmul_vec4_8x2(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocat
             acc6_1 = fma(vec4<f32>(a1[2]), b1, acc6_1);
             acc7_0 = fma(vec4<f32>(a1[3]), b0, acc7_0);
             acc7_1 = fma(vec4<f32>(a1[3]), b1, acc7_1);
+        }
+        if BIAS_GRAD && wid.x == 0u && lid.x == 0u {
+            if row0 / 4u + 0u < p.m / 4u { aux[row0 / 4u + 0u] = bsum0; }
+            if row0 / 4u + 1u < p.m / 4u { aux[row0 / 4u + 1u] = bsum1; }
         }
     } else {
         let r0 = min(row0 + 0u, p.m - 1u);
@@ -678,6 +703,9 @@ fn matmul_vec4_12x2(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invoca
     var acc10_1 = vec4<f32>(0.0);
     var acc11_0 = vec4<f32>(0.0);
     var acc11_1 = vec4<f32>(0.0);
+    var bsum0 = vec4<f32>(0.0);
+    var bsum1 = vec4<f32>(0.0);
+    var bsum2 = vec4<f32>(0.0);
     if TRANS_A {
         let r0 = min(row0 / 4u + 0u, p.m / 4u - 1u);
         let r1 = min(row0 / 4u + 1u, p.m / 4u - 1u);
@@ -686,6 +714,7 @@ fn matmul_vec4_12x2(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invoca
             let b0 = b[bbase + kk * ldb4 + c0];
             let b1 = b[bbase + kk * ldb4 + c1];
             let a0 = a[abase + kk * lda4 + r0];
+            if BIAS_GRAD { bsum0 += a0; }
             acc0_0 = fma(vec4<f32>(a0[0]), b0, acc0_0);
             acc0_1 = fma(vec4<f32>(a0[0]), b1, acc0_1);
             acc1_0 = fma(vec4<f32>(a0[1]), b0, acc1_0);
@@ -695,6 +724,7 @@ fn matmul_vec4_12x2(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invoca
             acc3_0 = fma(vec4<f32>(a0[3]), b0, acc3_0);
             acc3_1 = fma(vec4<f32>(a0[3]), b1, acc3_1);
             let a1 = a[abase + kk * lda4 + r1];
+            if BIAS_GRAD { bsum1 += a1; }
             acc4_0 = fma(vec4<f32>(a1[0]), b0, acc4_0);
             acc4_1 = fma(vec4<f32>(a1[0]), b1, acc4_1);
             acc5_0 = fma(vec4<f32>(a1[1]), b0, acc5_0);
@@ -704,6 +734,7 @@ fn matmul_vec4_12x2(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invoca
             acc7_0 = fma(vec4<f32>(a1[3]), b0, acc7_0);
             acc7_1 = fma(vec4<f32>(a1[3]), b1, acc7_1);
             let a2 = a[abase + kk * lda4 + r2];
+            if BIAS_GRAD { bsum2 += a2; }
             acc8_0 = fma(vec4<f32>(a2[0]), b0, acc8_0);
             acc8_1 = fma(vec4<f32>(a2[0]), b1, acc8_1);
             acc9_0 = fma(vec4<f32>(a2[1]), b0, acc9_0);
@@ -712,6 +743,11 @@ fn matmul_vec4_12x2(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invoca
             acc10_1 = fma(vec4<f32>(a2[2]), b1, acc10_1);
             acc11_0 = fma(vec4<f32>(a2[3]), b0, acc11_0);
             acc11_1 = fma(vec4<f32>(a2[3]), b1, acc11_1);
+        }
+        if BIAS_GRAD && wid.x == 0u && lid.x == 0u {
+            if row0 / 4u + 0u < p.m / 4u { aux[row0 / 4u + 0u] = bsum0; }
+            if row0 / 4u + 1u < p.m / 4u { aux[row0 / 4u + 1u] = bsum1; }
+            if row0 / 4u + 2u < p.m / 4u { aux[row0 / 4u + 2u] = bsum2; }
         }
     } else {
         let r0 = min(row0 + 0u, p.m - 1u);
@@ -922,6 +958,8 @@ fn matmul_vec4_8x4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocat
     var acc7_1 = vec4<f32>(0.0);
     var acc7_2 = vec4<f32>(0.0);
     var acc7_3 = vec4<f32>(0.0);
+    var bsum0 = vec4<f32>(0.0);
+    var bsum1 = vec4<f32>(0.0);
     if TRANS_A {
         let r0 = min(row0 / 4u + 0u, p.m / 4u - 1u);
         let r1 = min(row0 / 4u + 1u, p.m / 4u - 1u);
@@ -931,6 +969,7 @@ fn matmul_vec4_8x4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocat
             let b2 = b[bbase + kk * ldb4 + c2];
             let b3 = b[bbase + kk * ldb4 + c3];
             let a0 = a[abase + kk * lda4 + r0];
+            if BIAS_GRAD { bsum0 += a0; }
             acc0_0 = fma(vec4<f32>(a0[0]), b0, acc0_0);
             acc0_1 = fma(vec4<f32>(a0[0]), b1, acc0_1);
             acc0_2 = fma(vec4<f32>(a0[0]), b2, acc0_2);
@@ -948,6 +987,7 @@ fn matmul_vec4_8x4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocat
             acc3_2 = fma(vec4<f32>(a0[3]), b2, acc3_2);
             acc3_3 = fma(vec4<f32>(a0[3]), b3, acc3_3);
             let a1 = a[abase + kk * lda4 + r1];
+            if BIAS_GRAD { bsum1 += a1; }
             acc4_0 = fma(vec4<f32>(a1[0]), b0, acc4_0);
             acc4_1 = fma(vec4<f32>(a1[0]), b1, acc4_1);
             acc4_2 = fma(vec4<f32>(a1[0]), b2, acc4_2);
@@ -964,6 +1004,10 @@ fn matmul_vec4_8x4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocat
             acc7_1 = fma(vec4<f32>(a1[3]), b1, acc7_1);
             acc7_2 = fma(vec4<f32>(a1[3]), b2, acc7_2);
             acc7_3 = fma(vec4<f32>(a1[3]), b3, acc7_3);
+        }
+        if BIAS_GRAD && wid.x == 0u && lid.x == 0u {
+            if row0 / 4u + 0u < p.m / 4u { aux[row0 / 4u + 0u] = bsum0; }
+            if row0 / 4u + 1u < p.m / 4u { aux[row0 / 4u + 1u] = bsum1; }
         }
     } else {
         let r0 = min(row0 + 0u, p.m - 1u);
@@ -1232,6 +1276,12 @@ fn matmul_vec4_24x2(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invoca
     var acc22_1 = vec4<f32>(0.0);
     var acc23_0 = vec4<f32>(0.0);
     var acc23_1 = vec4<f32>(0.0);
+    var bsum0 = vec4<f32>(0.0);
+    var bsum1 = vec4<f32>(0.0);
+    var bsum2 = vec4<f32>(0.0);
+    var bsum3 = vec4<f32>(0.0);
+    var bsum4 = vec4<f32>(0.0);
+    var bsum5 = vec4<f32>(0.0);
     if TRANS_A {
         let r0 = min(row0 / 4u + 0u, p.m / 4u - 1u);
         let r1 = min(row0 / 4u + 1u, p.m / 4u - 1u);
@@ -1243,6 +1293,7 @@ fn matmul_vec4_24x2(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invoca
             let b0 = b[bbase + kk * ldb4 + c0];
             let b1 = b[bbase + kk * ldb4 + c1];
             let a0 = a[abase + kk * lda4 + r0];
+            if BIAS_GRAD { bsum0 += a0; }
             acc0_0 = fma(vec4<f32>(a0[0]), b0, acc0_0);
             acc0_1 = fma(vec4<f32>(a0[0]), b1, acc0_1);
             acc1_0 = fma(vec4<f32>(a0[1]), b0, acc1_0);
@@ -1252,6 +1303,7 @@ fn matmul_vec4_24x2(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invoca
             acc3_0 = fma(vec4<f32>(a0[3]), b0, acc3_0);
             acc3_1 = fma(vec4<f32>(a0[3]), b1, acc3_1);
             let a1 = a[abase + kk * lda4 + r1];
+            if BIAS_GRAD { bsum1 += a1; }
             acc4_0 = fma(vec4<f32>(a1[0]), b0, acc4_0);
             acc4_1 = fma(vec4<f32>(a1[0]), b1, acc4_1);
             acc5_0 = fma(vec4<f32>(a1[1]), b0, acc5_0);
@@ -1261,6 +1313,7 @@ fn matmul_vec4_24x2(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invoca
             acc7_0 = fma(vec4<f32>(a1[3]), b0, acc7_0);
             acc7_1 = fma(vec4<f32>(a1[3]), b1, acc7_1);
             let a2 = a[abase + kk * lda4 + r2];
+            if BIAS_GRAD { bsum2 += a2; }
             acc8_0 = fma(vec4<f32>(a2[0]), b0, acc8_0);
             acc8_1 = fma(vec4<f32>(a2[0]), b1, acc8_1);
             acc9_0 = fma(vec4<f32>(a2[1]), b0, acc9_0);
@@ -1270,6 +1323,7 @@ fn matmul_vec4_24x2(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invoca
             acc11_0 = fma(vec4<f32>(a2[3]), b0, acc11_0);
             acc11_1 = fma(vec4<f32>(a2[3]), b1, acc11_1);
             let a3 = a[abase + kk * lda4 + r3];
+            if BIAS_GRAD { bsum3 += a3; }
             acc12_0 = fma(vec4<f32>(a3[0]), b0, acc12_0);
             acc12_1 = fma(vec4<f32>(a3[0]), b1, acc12_1);
             acc13_0 = fma(vec4<f32>(a3[1]), b0, acc13_0);
@@ -1279,6 +1333,7 @@ fn matmul_vec4_24x2(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invoca
             acc15_0 = fma(vec4<f32>(a3[3]), b0, acc15_0);
             acc15_1 = fma(vec4<f32>(a3[3]), b1, acc15_1);
             let a4 = a[abase + kk * lda4 + r4];
+            if BIAS_GRAD { bsum4 += a4; }
             acc16_0 = fma(vec4<f32>(a4[0]), b0, acc16_0);
             acc16_1 = fma(vec4<f32>(a4[0]), b1, acc16_1);
             acc17_0 = fma(vec4<f32>(a4[1]), b0, acc17_0);
@@ -1288,6 +1343,7 @@ fn matmul_vec4_24x2(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invoca
             acc19_0 = fma(vec4<f32>(a4[3]), b0, acc19_0);
             acc19_1 = fma(vec4<f32>(a4[3]), b1, acc19_1);
             let a5 = a[abase + kk * lda4 + r5];
+            if BIAS_GRAD { bsum5 += a5; }
             acc20_0 = fma(vec4<f32>(a5[0]), b0, acc20_0);
             acc20_1 = fma(vec4<f32>(a5[0]), b1, acc20_1);
             acc21_0 = fma(vec4<f32>(a5[1]), b0, acc21_0);
@@ -1296,6 +1352,14 @@ fn matmul_vec4_24x2(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invoca
             acc22_1 = fma(vec4<f32>(a5[2]), b1, acc22_1);
             acc23_0 = fma(vec4<f32>(a5[3]), b0, acc23_0);
             acc23_1 = fma(vec4<f32>(a5[3]), b1, acc23_1);
+        }
+        if BIAS_GRAD && wid.x == 0u && lid.x == 0u {
+            if row0 / 4u + 0u < p.m / 4u { aux[row0 / 4u + 0u] = bsum0; }
+            if row0 / 4u + 1u < p.m / 4u { aux[row0 / 4u + 1u] = bsum1; }
+            if row0 / 4u + 2u < p.m / 4u { aux[row0 / 4u + 2u] = bsum2; }
+            if row0 / 4u + 3u < p.m / 4u { aux[row0 / 4u + 3u] = bsum3; }
+            if row0 / 4u + 4u < p.m / 4u { aux[row0 / 4u + 4u] = bsum4; }
+            if row0 / 4u + 5u < p.m / 4u { aux[row0 / 4u + 5u] = bsum5; }
         }
     } else {
         let r0 = min(row0 + 0u, p.m - 1u);
@@ -1624,12 +1688,14 @@ fn matmul_vec4_4x2(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocat
     var acc2_1 = vec4<f32>(0.0);
     var acc3_0 = vec4<f32>(0.0);
     var acc3_1 = vec4<f32>(0.0);
+    var bsum0 = vec4<f32>(0.0);
     if TRANS_A {
         let r0 = min(row0 / 4u + 0u, p.m / 4u - 1u);
         for (var kk = 0u; kk < p.k; kk++) {
             let b0 = b[bbase + kk * ldb4 + c0];
             let b1 = b[bbase + kk * ldb4 + c1];
             let a0 = a[abase + kk * lda4 + r0];
+            if BIAS_GRAD { bsum0 += a0; }
             acc0_0 = fma(vec4<f32>(a0[0]), b0, acc0_0);
             acc0_1 = fma(vec4<f32>(a0[0]), b1, acc0_1);
             acc1_0 = fma(vec4<f32>(a0[1]), b0, acc1_0);
@@ -1638,6 +1704,9 @@ fn matmul_vec4_4x2(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocat
             acc2_1 = fma(vec4<f32>(a0[2]), b1, acc2_1);
             acc3_0 = fma(vec4<f32>(a0[3]), b0, acc3_0);
             acc3_1 = fma(vec4<f32>(a0[3]), b1, acc3_1);
+        }
+        if BIAS_GRAD && wid.x == 0u && lid.x == 0u {
+            if row0 / 4u + 0u < p.m / 4u { aux[row0 / 4u + 0u] = bsum0; }
         }
     } else {
         let r0 = min(row0 + 0u, p.m - 1u);

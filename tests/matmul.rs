@@ -153,6 +153,46 @@ fn matmul_every_vec4_tile() {
     }
 }
 
+/// The bias-gradient epilogue (sums over k of a transposed A, made from the
+/// product's own loads) with every vec4 tile, the scalar kernel's fallback,
+/// and k with and without a remainder after the subgroup tiles' unrolling.
+#[test]
+fn matmul_bias_grad_epilogue() {
+    use clip_wgpu::ops::matmul::{gemm_act_into, Epilogue};
+    use clip_wgpu::tensor::Tensor;
+    let Some(gpu) = gpu() else { return };
+    let sg: &[Tile] = if gpu.subgroups_of_8() { &SG_TILES } else { &[] };
+    let mut r = Rng::new(900);
+    let tiles = VEC4_TILES.iter().chain(sg).map(|t| Some(*t)).chain([None]);
+    for t in tiles {
+        for &(m, n, k) in &[(36, 44, 13), (132, 68, 22), (260, 140, 7), (8, 4, 1)] {
+            let a = r.vec(k * m, 1.0);
+            let b = r.vec(k * n, 1.0);
+            let mut g = Gemm::new(1, m, n, k).ta(true);
+            g.variant = Some(if t.is_some() {
+                Variant::Vec4
+            } else {
+                Variant::Regs
+            });
+            g.tile = t;
+            let (at, bt) = (upload(&gpu, &a, &[k, m]), upload(&gpu, &b, &[k, n]));
+            let c = Tensor::empty(&gpu, &[m, n]).unwrap();
+            let sums = Tensor::empty(&gpu, &[m]).unwrap();
+            gemm_act_into(&c, &at, &bt, None, g, Some(Epilogue::BiasGrad(&sums))).unwrap();
+            let name = format!(
+                "bias grad {} {m}x{n}x{k}",
+                t.map_or("regs".into(), tile_name)
+            );
+            let want: Vec<f64> = (0..m)
+                .map(|i| (0..k).map(|kk| a[kk * m + i]).sum())
+                .collect();
+            assert_close(&format!("{name} sums"), &download(&sums), &want, 1e-5);
+            let prod = gemm_ref(&a, &b, None, g);
+            assert_close(&format!("{name} product"), &download(&c), &prod, 1e-5);
+        }
+    }
+}
+
 /// linear_act (bias + activation in the vec4 kernels' epilogue, or the
 /// activation kernel after other kernels) against linear then act, and its
 /// forward against the CPU reference; 4-aligned shapes (fused) and not.

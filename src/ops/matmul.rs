@@ -126,19 +126,26 @@ pub enum Epilogue<'a> {
     Act(Act, &'a Tensor),
     /// C *= act'(x) with x (the activation's input) in the tensor.
     ActGrad(Act, &'a Tensor),
+    /// Also write out[i] = sum_k op(A)[i, k] (A stored transposed, one
+    /// batch entry, alpha 1): with A = dY of a linear layer, its bias
+    /// gradient, from the loads the weight gradient makes anyway.
+    BiasGrad(&'a Tensor),
 }
 
 impl<'a> Epilogue<'a> {
-    fn parts(self) -> (Act, &'a Tensor, u32) {
+    /// The aux tensor the vec4 kernels bind, and their ACT / ACT_KIND /
+    /// BIAS_GRAD override values.
+    fn parts(self) -> (&'a Tensor, u32, u32, bool) {
         match self {
-            Epilogue::Act(a, t) => (a, t, 0),
-            Epilogue::ActGrad(a, t) => (a, t, 1),
+            Epilogue::Act(a, t) => (t, 1, a.code(), false),
+            Epilogue::ActGrad(a, t) => (t, 2, a.code(), false),
+            Epilogue::BiasGrad(t) => (t, 0, 0, true),
         }
     }
 }
 
-/// `gemm_into` with an activation epilogue: in the same pass with the vec4
-/// kernels, else by the activation kernels afterwards.
+/// `gemm_into` with an epilogue: in the same pass with the vec4 kernels,
+/// else by separate kernels afterwards.
 pub fn gemm_act_into(
     c: &Tensor,
     a: &Tensor,
@@ -147,13 +154,19 @@ pub fn gemm_act_into(
     g: Gemm,
     act: Option<Epilogue>,
 ) -> Result<()> {
-    if let Some((_, out, _)) = act.map(|e| e.parts()) {
-        ensure!(
-            out.numel() == c.numel(),
+    match act {
+        Some(Epilogue::BiasGrad(out)) => ensure!(
+            out.numel() == g.m && g.ta && g.batch == 1 && !g.accumulate && g.alpha == 1.0,
+            "matmul: a bias-gradient epilogue needs [{}] values, A transposed, one batch entry, no accumulation and alpha 1",
+            g.m
+        ),
+        Some(e) => ensure!(
+            e.parts().0.numel() == c.numel(),
             "matmul: activation output {:?} does not match {:?}",
-            out.shape(),
+            e.parts().0.shape(),
             c.shape()
-        );
+        ),
+        None => {}
     }
     let a_bs = batch_stride(a, g.m * g.k, g.batch, "A")?;
     let b_bs = batch_stride(b, g.k * g.n, g.batch, "B")?;
@@ -200,8 +213,8 @@ pub fn gemm_act_into(
         bias.is_some() as u32,
         g.accumulate as u32,
         f(g.alpha),
-        act.map_or(0, |e| 1 + e.parts().0.code()),
-        act.map_or(0, |e| e.parts().2),
+        0,
+        0,
         0,
         0,
     ];
@@ -239,6 +252,8 @@ pub fn gemm_act_into(
                 gpu.copy(d.buffer(), c.buffer(), (c.numel() * 4) as u64);
                 Ok(())
             }
+            // A stored [k, m]: its column sums.
+            Epilogue::BiasGrad(out) => reduce::colsum_into(a, g.k, g.m, out, false),
         };
     }
     let vec4_entry;
@@ -262,8 +277,9 @@ pub fn gemm_act_into(
         constants[0],
         ("HAS_BIAS", bias.is_some() as u32 as f64),
         ("ACCUMULATE", g.accumulate as u32 as f64),
-        ("ACT", act.map_or(0, |e| 1 + e.parts().2) as f64),
-        ("ACT_KIND", act.map_or(0, |e| e.parts().0.code()) as f64),
+        ("ACT", act.map_or(0, |e| e.parts().1) as f64),
+        ("ACT_KIND", act.map_or(0, |e| e.parts().2) as f64),
+        ("BIAS_GRAD", act.is_some_and(|e| e.parts().3) as u32 as f64),
     ];
     let constants: &[(&str, f64)] = if variant == Variant::Vec4 {
         &constants_vec4
@@ -275,7 +291,7 @@ pub fn gemm_act_into(
         Some(b.buffer()),
         bias.map(|t| t.buffer()),
         Some(c.buffer()),
-        act.map(|e| e.parts().1.buffer()),
+        act.map(|e| e.parts().0.buffer()),
     ];
     // The vec4 kernels take the activation output too (a dummy without one).
     let nbuf = if variant == Variant::Vec4 { 5 } else { 4 };
@@ -698,7 +714,6 @@ fn linear_shape(x: &Var, w: &Var) -> Result<(Gemm, Vec<usize>)> {
 
 /// Record y = x W^T + b (computed by the caller) with its backward.
 fn record_linear(tape: &mut Tape, y: Tensor, x: &Var, w: &Var, b: Option<&Var>, g: Gemm) -> Var {
-    let (rows, out_f) = (g.m, g.n);
     let (xt, wt) = (x.tensor().clone(), w.tensor().clone());
     let mut inputs = vec![x, w];
     if let Some(b) = b {
@@ -708,18 +723,49 @@ fn record_linear(tape: &mut Tape, y: Tensor, x: &Var, w: &Var, b: Option<&Var>, 
         y,
         &inputs,
         Box::new(move |dy, needs| {
-            let (dx, dw) = gemm_backward(dy, &xt, &wt, g, needs[0], needs[1])?;
+            let need_b = needs.len() > 2 && needs[2];
+            let (dx, dw, db) = linear_grads(dy, &xt, &wt, g, needs[0], needs[1], need_b)?;
             let mut out = vec![dx, dw];
             if needs.len() > 2 {
-                out.push(
-                    needs[2]
-                        .then(|| reduce::colsum(dy, rows, out_f))
-                        .transpose()?,
-                );
+                out.push(db);
             }
             Ok(out)
         }),
     )
+}
+
+/// Gradients of y = x W^T + b (`g` the forward's matmul, dy [rows, out]):
+/// dx, dW and db, the bias gradient in the weight gradient's pass where
+/// both are needed.
+pub fn linear_grads(
+    dy: &Tensor,
+    x: &Tensor,
+    w: &Tensor,
+    g: Gemm,
+    need_x: bool,
+    need_w: bool,
+    need_b: bool,
+) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    let (rows, out_f, in_f) = (g.m, g.n, g.k);
+    let (dx, _) = gemm_backward(dy, x, w, g, need_x, false)?;
+    let gpu = dy.gpu();
+    let db = need_b.then(|| Tensor::empty(gpu, &[out_f])).transpose()?;
+    let dw = if need_w {
+        // dW = dy^T x : [out, in].
+        let dw = Tensor::empty(gpu, w.shape())?;
+        let gw = Gemm {
+            variant: g.variant,
+            ..Gemm::new(1, out_f, in_f, rows).ta(true)
+        };
+        gemm_act_into(&dw, dy, x, None, gw, db.as_ref().map(Epilogue::BiasGrad))?;
+        Some(dw)
+    } else {
+        if let Some(db) = &db {
+            reduce::colsum_into(dy, rows, out_f, db, false)?;
+        }
+        None
+    };
+    Ok((dx, dw, db))
 }
 
 /// Tape op: batched C = alpha op(A) op(B) (attention scores, P V, logits).

@@ -5,8 +5,7 @@
 //! kernels; other kernels fall back to the activation kernels).
 
 use super::activation::Act;
-use super::matmul::{gemm, gemm_act_into, gemm_backward, Epilogue, Gemm};
-use super::reduce;
+use super::matmul::{gemm, gemm_act_into, linear_grads, Epilogue, Gemm};
 use crate::tape::{Tape, Var};
 use crate::tensor::Tensor;
 use anyhow::{ensure, Result};
@@ -62,11 +61,11 @@ pub fn mlp(
         Box::new(move |dy, needs| {
             let mut out: Vec<Option<Tensor>> = vec![None; needs.len()];
             let dy = dy.reshape(&[rows, d2])?;
-            if needs[i_w2] {
-                out[i_w2] = gemm_backward(&dy, &h, &w2t, g2, false, true)?.1;
-            }
-            if let Some(i) = i_b2.filter(|&i| needs[i]) {
-                out[i] = Some(reduce::colsum(&dy, rows, d2)?);
+            let need_b2 = i_b2.is_some_and(|i| needs[i]);
+            let (_, dw2, db2) = linear_grads(&dy, &h, &w2t, g2, false, needs[i_w2], need_b2)?;
+            out[i_w2] = dw2;
+            if let Some(i) = i_b2 {
+                out[i] = db2;
             }
             let need_b1 = i_b1.is_some_and(|i| needs[i]);
             if needs[0] || needs[1] || need_b1 {
@@ -81,12 +80,13 @@ pub fn mlp(
                     gh,
                     Some(Epilogue::ActGrad(act, &pre)),
                 )?;
-                if let Some(i) = i_b1.filter(|&i| needs[i]) {
-                    out[i] = Some(reduce::colsum(&dpre, rows, f)?);
-                }
-                let (dx, dw1) = gemm_backward(&dpre, &xt, &w1t, g1, needs[0], needs[1])?;
+                let (dx, dw1, db1) =
+                    linear_grads(&dpre, &xt, &w1t, g1, needs[0], needs[1], need_b1)?;
                 out[0] = dx.map(|t| t.reshape(&xs)).transpose()?;
                 out[1] = dw1;
+                if let Some(i) = i_b1 {
+                    out[i] = db1;
+                }
             }
             Ok(out)
         }),
