@@ -198,6 +198,29 @@ fn backward_dx_row4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_
     }
 }
 
+// param_partials four columns a thread (cols % 4 == 0); same sums, same
+// order per column.
+@compute @workgroup_size(64, 1, 1)
+fn param_partials4(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let c4 = p.cols / 4u;
+    let col = gid.x;
+    let ch = gid.y;
+    if col >= c4 { return; }
+    let r0 = ch * p.chunk;
+    let r1 = min(r0 + p.chunk, p.rows);
+    var sg = vec4(0.0);
+    var sb = vec4(0.0);
+    for (var row = r0; row < r1; row++) {
+        let i = row * c4 + col;
+        let d = beta_or_dy4[i];
+        sg = fma(d, (x4[i] - mean[row]) * rstd[row], sg);
+        sb += d;
+    }
+    let o = ch * 2u * c4 + col;
+    out4[o] = sg;
+    out4[o + c4] = sb;
+}
+
 // The residual add folded into the following layer norm (cols % 4 == 0):
 // sum = x + o, out = layernorm(sum) in one pass over the rows.
 @group(0) @binding(7) var<storage, read> o4: array<vec4<f32>>;

@@ -66,6 +66,7 @@ fn layernorm_matches_reference_odd_sizes() {
 fn layernorm_tall_input_two_stage_param_reduction() {
     // > 256 chunks of 64 rows: the column sum runs in two passes.
     check(17_000, 7, Rows::Thread, 77);
+    check(17_000, 8, Rows::Thread, 80);
     check(300, 768, Rows::Workgroup, 78);
     check(300, 768, Rows::Thread, 79);
 }

@@ -213,9 +213,10 @@ pub fn backward_params(
     let chunks = rows.div_ceil(chunk);
     // Row `ch` of the partials holds [dgamma part | dbeta part].
     let partial = Tensor::empty(gpu, &[chunks, 2 * cols])?;
+    let (entry, lanes) = super::by_vec4(cols.is_multiple_of(4), "param_partials");
     gpu.dispatch(
         &SHADER,
-        "param_partials",
+        &entry,
         &[u(rows), u(cols), 0, u(chunk)],
         &[
             Some(x.buffer()),
@@ -224,7 +225,7 @@ pub fn backward_params(
             Some(dy.buffer()),
             Some(partial.buffer()),
         ],
-        [u(cols).div_ceil(64), u(chunks), 1],
+        [u(cols / lanes).div_ceil(64), u(chunks), 1],
     )?;
     let both = if chunks == 1 {
         partial
