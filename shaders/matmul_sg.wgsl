@@ -5,9 +5,10 @@
 // them with subgroupBroadcast.
 // Batched matmul for CPU adapters (lavapipe): register-blocked, no workgroup
 // memory, every load a vec4. Same Params and meaning as matmul.wgsl.
-// Needs n % 4 == 0 and B not transposed (the host transposes B first), and A
-// 4-aligned along the loaded axis (k, or m when TRANS_A); the host falls back
-// to matmul_regs otherwise.
+// Needs n % 4 == 0, A 4-aligned along the loaded axis (k, or m when
+// TRANS_A) and, with TRANS_B, k % 4 == 0 and A not transposed (the host
+// transposes B first otherwise); the host falls back to matmul_regs when the
+// shapes do not allow vec4s.
 //
 // Why: llvmpipe (Mesa 22) turns each storage-buffer load into a loop over
 // the SIMD lanes with a bounds check per lane, and loads all components of a
@@ -34,6 +35,7 @@ struct Params {
 }
 
 override TRANS_A: bool = false;
+override TRANS_B: bool = false;
 override HAS_BIAS: bool = false;
 override ACCUMULATE: bool = false;
 override ACT: u32 = 0u;
@@ -277,14 +279,41 @@ fn matmul_sg_16x2(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocati
         let rl0 = min(row0 + 0u + lane, p.m - 1u);
         let rl1 = min(row0 + 8u + lane, p.m - 1u);
         for (var kq = 0u; kq < p.k / 4u; kq++) {
-            let b0_0 = b[bbase + (kq * 4u + 0u) * ldb4 + c0];
-            let b0_1 = b[bbase + (kq * 4u + 0u) * ldb4 + c1];
-            let b1_0 = b[bbase + (kq * 4u + 1u) * ldb4 + c0];
-            let b1_1 = b[bbase + (kq * 4u + 1u) * ldb4 + c1];
-            let b2_0 = b[bbase + (kq * 4u + 2u) * ldb4 + c0];
-            let b2_1 = b[bbase + (kq * 4u + 2u) * ldb4 + c1];
-            let b3_0 = b[bbase + (kq * 4u + 3u) * ldb4 + c0];
-            let b3_1 = b[bbase + (kq * 4u + 3u) * ldb4 + c1];
+            var b0_0: vec4<f32>;
+            var b0_1: vec4<f32>;
+            var b1_0: vec4<f32>;
+            var b1_1: vec4<f32>;
+            var b2_0: vec4<f32>;
+            var b2_1: vec4<f32>;
+            var b3_0: vec4<f32>;
+            var b3_1: vec4<f32>;
+            if TRANS_B {
+                let bt0_0 = b[bbase + (4u * c0 + 0u) * ldb4 + kq];
+                let bt1_0 = b[bbase + (4u * c0 + 1u) * ldb4 + kq];
+                let bt2_0 = b[bbase + (4u * c0 + 2u) * ldb4 + kq];
+                let bt3_0 = b[bbase + (4u * c0 + 3u) * ldb4 + kq];
+                let bt0_1 = b[bbase + (4u * c1 + 0u) * ldb4 + kq];
+                let bt1_1 = b[bbase + (4u * c1 + 1u) * ldb4 + kq];
+                let bt2_1 = b[bbase + (4u * c1 + 2u) * ldb4 + kq];
+                let bt3_1 = b[bbase + (4u * c1 + 3u) * ldb4 + kq];
+                b0_0 = vec4(bt0_0[0], bt1_0[0], bt2_0[0], bt3_0[0]);
+                b0_1 = vec4(bt0_1[0], bt1_1[0], bt2_1[0], bt3_1[0]);
+                b1_0 = vec4(bt0_0[1], bt1_0[1], bt2_0[1], bt3_0[1]);
+                b1_1 = vec4(bt0_1[1], bt1_1[1], bt2_1[1], bt3_1[1]);
+                b2_0 = vec4(bt0_0[2], bt1_0[2], bt2_0[2], bt3_0[2]);
+                b2_1 = vec4(bt0_1[2], bt1_1[2], bt2_1[2], bt3_1[2]);
+                b3_0 = vec4(bt0_0[3], bt1_0[3], bt2_0[3], bt3_0[3]);
+                b3_1 = vec4(bt0_1[3], bt1_1[3], bt2_1[3], bt3_1[3]);
+            } else {
+                b0_0 = b[bbase + (kq * 4u + 0u) * ldb4 + c0];
+                b0_1 = b[bbase + (kq * 4u + 0u) * ldb4 + c1];
+                b1_0 = b[bbase + (kq * 4u + 1u) * ldb4 + c0];
+                b1_1 = b[bbase + (kq * 4u + 1u) * ldb4 + c1];
+                b2_0 = b[bbase + (kq * 4u + 2u) * ldb4 + c0];
+                b2_1 = b[bbase + (kq * 4u + 2u) * ldb4 + c1];
+                b3_0 = b[bbase + (kq * 4u + 3u) * ldb4 + c0];
+                b3_1 = b[bbase + (kq * 4u + 3u) * ldb4 + c1];
+            }
             let al0 = a[abase + rl0 * lda4 + kq];
             let al1 = a[abase + rl1 * lda4 + kq];
             let a0 = subgroupBroadcast(al0, 0u);
@@ -573,10 +602,25 @@ fn matmul_sg_32x1(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocati
         let rl2 = min(row0 + 16u + lane, p.m - 1u);
         let rl3 = min(row0 + 24u + lane, p.m - 1u);
         for (var kq = 0u; kq < p.k / 4u; kq++) {
-            let b0_0 = b[bbase + (kq * 4u + 0u) * ldb4 + c0];
-            let b1_0 = b[bbase + (kq * 4u + 1u) * ldb4 + c0];
-            let b2_0 = b[bbase + (kq * 4u + 2u) * ldb4 + c0];
-            let b3_0 = b[bbase + (kq * 4u + 3u) * ldb4 + c0];
+            var b0_0: vec4<f32>;
+            var b1_0: vec4<f32>;
+            var b2_0: vec4<f32>;
+            var b3_0: vec4<f32>;
+            if TRANS_B {
+                let bt0_0 = b[bbase + (4u * c0 + 0u) * ldb4 + kq];
+                let bt1_0 = b[bbase + (4u * c0 + 1u) * ldb4 + kq];
+                let bt2_0 = b[bbase + (4u * c0 + 2u) * ldb4 + kq];
+                let bt3_0 = b[bbase + (4u * c0 + 3u) * ldb4 + kq];
+                b0_0 = vec4(bt0_0[0], bt1_0[0], bt2_0[0], bt3_0[0]);
+                b1_0 = vec4(bt0_0[1], bt1_0[1], bt2_0[1], bt3_0[1]);
+                b2_0 = vec4(bt0_0[2], bt1_0[2], bt2_0[2], bt3_0[2]);
+                b3_0 = vec4(bt0_0[3], bt1_0[3], bt2_0[3], bt3_0[3]);
+            } else {
+                b0_0 = b[bbase + (kq * 4u + 0u) * ldb4 + c0];
+                b1_0 = b[bbase + (kq * 4u + 1u) * ldb4 + c0];
+                b2_0 = b[bbase + (kq * 4u + 2u) * ldb4 + c0];
+                b3_0 = b[bbase + (kq * 4u + 3u) * ldb4 + c0];
+            }
             let al0 = a[abase + rl0 * lda4 + kq];
             let al1 = a[abase + rl1 * lda4 + kq];
             let al2 = a[abase + rl2 * lda4 + kq];
@@ -912,14 +956,41 @@ fn matmul_sg_24x2(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocati
         let rl1 = min(row0 + 8u + lane, p.m - 1u);
         let rl2 = min(row0 + 16u + lane, p.m - 1u);
         for (var kq = 0u; kq < p.k / 4u; kq++) {
-            let b0_0 = b[bbase + (kq * 4u + 0u) * ldb4 + c0];
-            let b0_1 = b[bbase + (kq * 4u + 0u) * ldb4 + c1];
-            let b1_0 = b[bbase + (kq * 4u + 1u) * ldb4 + c0];
-            let b1_1 = b[bbase + (kq * 4u + 1u) * ldb4 + c1];
-            let b2_0 = b[bbase + (kq * 4u + 2u) * ldb4 + c0];
-            let b2_1 = b[bbase + (kq * 4u + 2u) * ldb4 + c1];
-            let b3_0 = b[bbase + (kq * 4u + 3u) * ldb4 + c0];
-            let b3_1 = b[bbase + (kq * 4u + 3u) * ldb4 + c1];
+            var b0_0: vec4<f32>;
+            var b0_1: vec4<f32>;
+            var b1_0: vec4<f32>;
+            var b1_1: vec4<f32>;
+            var b2_0: vec4<f32>;
+            var b2_1: vec4<f32>;
+            var b3_0: vec4<f32>;
+            var b3_1: vec4<f32>;
+            if TRANS_B {
+                let bt0_0 = b[bbase + (4u * c0 + 0u) * ldb4 + kq];
+                let bt1_0 = b[bbase + (4u * c0 + 1u) * ldb4 + kq];
+                let bt2_0 = b[bbase + (4u * c0 + 2u) * ldb4 + kq];
+                let bt3_0 = b[bbase + (4u * c0 + 3u) * ldb4 + kq];
+                let bt0_1 = b[bbase + (4u * c1 + 0u) * ldb4 + kq];
+                let bt1_1 = b[bbase + (4u * c1 + 1u) * ldb4 + kq];
+                let bt2_1 = b[bbase + (4u * c1 + 2u) * ldb4 + kq];
+                let bt3_1 = b[bbase + (4u * c1 + 3u) * ldb4 + kq];
+                b0_0 = vec4(bt0_0[0], bt1_0[0], bt2_0[0], bt3_0[0]);
+                b0_1 = vec4(bt0_1[0], bt1_1[0], bt2_1[0], bt3_1[0]);
+                b1_0 = vec4(bt0_0[1], bt1_0[1], bt2_0[1], bt3_0[1]);
+                b1_1 = vec4(bt0_1[1], bt1_1[1], bt2_1[1], bt3_1[1]);
+                b2_0 = vec4(bt0_0[2], bt1_0[2], bt2_0[2], bt3_0[2]);
+                b2_1 = vec4(bt0_1[2], bt1_1[2], bt2_1[2], bt3_1[2]);
+                b3_0 = vec4(bt0_0[3], bt1_0[3], bt2_0[3], bt3_0[3]);
+                b3_1 = vec4(bt0_1[3], bt1_1[3], bt2_1[3], bt3_1[3]);
+            } else {
+                b0_0 = b[bbase + (kq * 4u + 0u) * ldb4 + c0];
+                b0_1 = b[bbase + (kq * 4u + 0u) * ldb4 + c1];
+                b1_0 = b[bbase + (kq * 4u + 1u) * ldb4 + c0];
+                b1_1 = b[bbase + (kq * 4u + 1u) * ldb4 + c1];
+                b2_0 = b[bbase + (kq * 4u + 2u) * ldb4 + c0];
+                b2_1 = b[bbase + (kq * 4u + 2u) * ldb4 + c1];
+                b3_0 = b[bbase + (kq * 4u + 3u) * ldb4 + c0];
+                b3_1 = b[bbase + (kq * 4u + 3u) * ldb4 + c1];
+            }
             let al0 = a[abase + rl0 * lda4 + kq];
             let al1 = a[abase + rl1 * lda4 + kq];
             let al2 = a[abase + rl2 * lda4 + kq];
@@ -1363,14 +1434,41 @@ fn matmul_sg_32x2(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocati
         let rl2 = min(row0 + 16u + lane, p.m - 1u);
         let rl3 = min(row0 + 24u + lane, p.m - 1u);
         for (var kq = 0u; kq < p.k / 4u; kq++) {
-            let b0_0 = b[bbase + (kq * 4u + 0u) * ldb4 + c0];
-            let b0_1 = b[bbase + (kq * 4u + 0u) * ldb4 + c1];
-            let b1_0 = b[bbase + (kq * 4u + 1u) * ldb4 + c0];
-            let b1_1 = b[bbase + (kq * 4u + 1u) * ldb4 + c1];
-            let b2_0 = b[bbase + (kq * 4u + 2u) * ldb4 + c0];
-            let b2_1 = b[bbase + (kq * 4u + 2u) * ldb4 + c1];
-            let b3_0 = b[bbase + (kq * 4u + 3u) * ldb4 + c0];
-            let b3_1 = b[bbase + (kq * 4u + 3u) * ldb4 + c1];
+            var b0_0: vec4<f32>;
+            var b0_1: vec4<f32>;
+            var b1_0: vec4<f32>;
+            var b1_1: vec4<f32>;
+            var b2_0: vec4<f32>;
+            var b2_1: vec4<f32>;
+            var b3_0: vec4<f32>;
+            var b3_1: vec4<f32>;
+            if TRANS_B {
+                let bt0_0 = b[bbase + (4u * c0 + 0u) * ldb4 + kq];
+                let bt1_0 = b[bbase + (4u * c0 + 1u) * ldb4 + kq];
+                let bt2_0 = b[bbase + (4u * c0 + 2u) * ldb4 + kq];
+                let bt3_0 = b[bbase + (4u * c0 + 3u) * ldb4 + kq];
+                let bt0_1 = b[bbase + (4u * c1 + 0u) * ldb4 + kq];
+                let bt1_1 = b[bbase + (4u * c1 + 1u) * ldb4 + kq];
+                let bt2_1 = b[bbase + (4u * c1 + 2u) * ldb4 + kq];
+                let bt3_1 = b[bbase + (4u * c1 + 3u) * ldb4 + kq];
+                b0_0 = vec4(bt0_0[0], bt1_0[0], bt2_0[0], bt3_0[0]);
+                b0_1 = vec4(bt0_1[0], bt1_1[0], bt2_1[0], bt3_1[0]);
+                b1_0 = vec4(bt0_0[1], bt1_0[1], bt2_0[1], bt3_0[1]);
+                b1_1 = vec4(bt0_1[1], bt1_1[1], bt2_1[1], bt3_1[1]);
+                b2_0 = vec4(bt0_0[2], bt1_0[2], bt2_0[2], bt3_0[2]);
+                b2_1 = vec4(bt0_1[2], bt1_1[2], bt2_1[2], bt3_1[2]);
+                b3_0 = vec4(bt0_0[3], bt1_0[3], bt2_0[3], bt3_0[3]);
+                b3_1 = vec4(bt0_1[3], bt1_1[3], bt2_1[3], bt3_1[3]);
+            } else {
+                b0_0 = b[bbase + (kq * 4u + 0u) * ldb4 + c0];
+                b0_1 = b[bbase + (kq * 4u + 0u) * ldb4 + c1];
+                b1_0 = b[bbase + (kq * 4u + 1u) * ldb4 + c0];
+                b1_1 = b[bbase + (kq * 4u + 1u) * ldb4 + c1];
+                b2_0 = b[bbase + (kq * 4u + 2u) * ldb4 + c0];
+                b2_1 = b[bbase + (kq * 4u + 2u) * ldb4 + c1];
+                b3_0 = b[bbase + (kq * 4u + 3u) * ldb4 + c0];
+                b3_1 = b[bbase + (kq * 4u + 3u) * ldb4 + c1];
+            }
             let al0 = a[abase + rl0 * lda4 + kq];
             let al1 = a[abase + rl1 * lda4 + kq];
             let al2 = a[abase + rl2 * lda4 + kq];
@@ -1901,22 +1999,73 @@ fn matmul_sg_16x4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocati
         let rl0 = min(row0 + 0u + lane, p.m - 1u);
         let rl1 = min(row0 + 8u + lane, p.m - 1u);
         for (var kq = 0u; kq < p.k / 4u; kq++) {
-            let b0_0 = b[bbase + (kq * 4u + 0u) * ldb4 + c0];
-            let b0_1 = b[bbase + (kq * 4u + 0u) * ldb4 + c1];
-            let b0_2 = b[bbase + (kq * 4u + 0u) * ldb4 + c2];
-            let b0_3 = b[bbase + (kq * 4u + 0u) * ldb4 + c3];
-            let b1_0 = b[bbase + (kq * 4u + 1u) * ldb4 + c0];
-            let b1_1 = b[bbase + (kq * 4u + 1u) * ldb4 + c1];
-            let b1_2 = b[bbase + (kq * 4u + 1u) * ldb4 + c2];
-            let b1_3 = b[bbase + (kq * 4u + 1u) * ldb4 + c3];
-            let b2_0 = b[bbase + (kq * 4u + 2u) * ldb4 + c0];
-            let b2_1 = b[bbase + (kq * 4u + 2u) * ldb4 + c1];
-            let b2_2 = b[bbase + (kq * 4u + 2u) * ldb4 + c2];
-            let b2_3 = b[bbase + (kq * 4u + 2u) * ldb4 + c3];
-            let b3_0 = b[bbase + (kq * 4u + 3u) * ldb4 + c0];
-            let b3_1 = b[bbase + (kq * 4u + 3u) * ldb4 + c1];
-            let b3_2 = b[bbase + (kq * 4u + 3u) * ldb4 + c2];
-            let b3_3 = b[bbase + (kq * 4u + 3u) * ldb4 + c3];
+            var b0_0: vec4<f32>;
+            var b0_1: vec4<f32>;
+            var b0_2: vec4<f32>;
+            var b0_3: vec4<f32>;
+            var b1_0: vec4<f32>;
+            var b1_1: vec4<f32>;
+            var b1_2: vec4<f32>;
+            var b1_3: vec4<f32>;
+            var b2_0: vec4<f32>;
+            var b2_1: vec4<f32>;
+            var b2_2: vec4<f32>;
+            var b2_3: vec4<f32>;
+            var b3_0: vec4<f32>;
+            var b3_1: vec4<f32>;
+            var b3_2: vec4<f32>;
+            var b3_3: vec4<f32>;
+            if TRANS_B {
+                let bt0_0 = b[bbase + (4u * c0 + 0u) * ldb4 + kq];
+                let bt1_0 = b[bbase + (4u * c0 + 1u) * ldb4 + kq];
+                let bt2_0 = b[bbase + (4u * c0 + 2u) * ldb4 + kq];
+                let bt3_0 = b[bbase + (4u * c0 + 3u) * ldb4 + kq];
+                let bt0_1 = b[bbase + (4u * c1 + 0u) * ldb4 + kq];
+                let bt1_1 = b[bbase + (4u * c1 + 1u) * ldb4 + kq];
+                let bt2_1 = b[bbase + (4u * c1 + 2u) * ldb4 + kq];
+                let bt3_1 = b[bbase + (4u * c1 + 3u) * ldb4 + kq];
+                let bt0_2 = b[bbase + (4u * c2 + 0u) * ldb4 + kq];
+                let bt1_2 = b[bbase + (4u * c2 + 1u) * ldb4 + kq];
+                let bt2_2 = b[bbase + (4u * c2 + 2u) * ldb4 + kq];
+                let bt3_2 = b[bbase + (4u * c2 + 3u) * ldb4 + kq];
+                let bt0_3 = b[bbase + (4u * c3 + 0u) * ldb4 + kq];
+                let bt1_3 = b[bbase + (4u * c3 + 1u) * ldb4 + kq];
+                let bt2_3 = b[bbase + (4u * c3 + 2u) * ldb4 + kq];
+                let bt3_3 = b[bbase + (4u * c3 + 3u) * ldb4 + kq];
+                b0_0 = vec4(bt0_0[0], bt1_0[0], bt2_0[0], bt3_0[0]);
+                b0_1 = vec4(bt0_1[0], bt1_1[0], bt2_1[0], bt3_1[0]);
+                b0_2 = vec4(bt0_2[0], bt1_2[0], bt2_2[0], bt3_2[0]);
+                b0_3 = vec4(bt0_3[0], bt1_3[0], bt2_3[0], bt3_3[0]);
+                b1_0 = vec4(bt0_0[1], bt1_0[1], bt2_0[1], bt3_0[1]);
+                b1_1 = vec4(bt0_1[1], bt1_1[1], bt2_1[1], bt3_1[1]);
+                b1_2 = vec4(bt0_2[1], bt1_2[1], bt2_2[1], bt3_2[1]);
+                b1_3 = vec4(bt0_3[1], bt1_3[1], bt2_3[1], bt3_3[1]);
+                b2_0 = vec4(bt0_0[2], bt1_0[2], bt2_0[2], bt3_0[2]);
+                b2_1 = vec4(bt0_1[2], bt1_1[2], bt2_1[2], bt3_1[2]);
+                b2_2 = vec4(bt0_2[2], bt1_2[2], bt2_2[2], bt3_2[2]);
+                b2_3 = vec4(bt0_3[2], bt1_3[2], bt2_3[2], bt3_3[2]);
+                b3_0 = vec4(bt0_0[3], bt1_0[3], bt2_0[3], bt3_0[3]);
+                b3_1 = vec4(bt0_1[3], bt1_1[3], bt2_1[3], bt3_1[3]);
+                b3_2 = vec4(bt0_2[3], bt1_2[3], bt2_2[3], bt3_2[3]);
+                b3_3 = vec4(bt0_3[3], bt1_3[3], bt2_3[3], bt3_3[3]);
+            } else {
+                b0_0 = b[bbase + (kq * 4u + 0u) * ldb4 + c0];
+                b0_1 = b[bbase + (kq * 4u + 0u) * ldb4 + c1];
+                b0_2 = b[bbase + (kq * 4u + 0u) * ldb4 + c2];
+                b0_3 = b[bbase + (kq * 4u + 0u) * ldb4 + c3];
+                b1_0 = b[bbase + (kq * 4u + 1u) * ldb4 + c0];
+                b1_1 = b[bbase + (kq * 4u + 1u) * ldb4 + c1];
+                b1_2 = b[bbase + (kq * 4u + 1u) * ldb4 + c2];
+                b1_3 = b[bbase + (kq * 4u + 1u) * ldb4 + c3];
+                b2_0 = b[bbase + (kq * 4u + 2u) * ldb4 + c0];
+                b2_1 = b[bbase + (kq * 4u + 2u) * ldb4 + c1];
+                b2_2 = b[bbase + (kq * 4u + 2u) * ldb4 + c2];
+                b2_3 = b[bbase + (kq * 4u + 2u) * ldb4 + c3];
+                b3_0 = b[bbase + (kq * 4u + 3u) * ldb4 + c0];
+                b3_1 = b[bbase + (kq * 4u + 3u) * ldb4 + c1];
+                b3_2 = b[bbase + (kq * 4u + 3u) * ldb4 + c2];
+                b3_3 = b[bbase + (kq * 4u + 3u) * ldb4 + c3];
+            }
             let al0 = a[abase + rl0 * lda4 + kq];
             let al1 = a[abase + rl1 * lda4 + kq];
             let a0 = subgroupBroadcast(al0, 0u);
@@ -2330,14 +2479,41 @@ fn matmul_sg_8x2(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocatio
     } else {
         let rl0 = min(row0 + 0u + lane, p.m - 1u);
         for (var kq = 0u; kq < p.k / 4u; kq++) {
-            let b0_0 = b[bbase + (kq * 4u + 0u) * ldb4 + c0];
-            let b0_1 = b[bbase + (kq * 4u + 0u) * ldb4 + c1];
-            let b1_0 = b[bbase + (kq * 4u + 1u) * ldb4 + c0];
-            let b1_1 = b[bbase + (kq * 4u + 1u) * ldb4 + c1];
-            let b2_0 = b[bbase + (kq * 4u + 2u) * ldb4 + c0];
-            let b2_1 = b[bbase + (kq * 4u + 2u) * ldb4 + c1];
-            let b3_0 = b[bbase + (kq * 4u + 3u) * ldb4 + c0];
-            let b3_1 = b[bbase + (kq * 4u + 3u) * ldb4 + c1];
+            var b0_0: vec4<f32>;
+            var b0_1: vec4<f32>;
+            var b1_0: vec4<f32>;
+            var b1_1: vec4<f32>;
+            var b2_0: vec4<f32>;
+            var b2_1: vec4<f32>;
+            var b3_0: vec4<f32>;
+            var b3_1: vec4<f32>;
+            if TRANS_B {
+                let bt0_0 = b[bbase + (4u * c0 + 0u) * ldb4 + kq];
+                let bt1_0 = b[bbase + (4u * c0 + 1u) * ldb4 + kq];
+                let bt2_0 = b[bbase + (4u * c0 + 2u) * ldb4 + kq];
+                let bt3_0 = b[bbase + (4u * c0 + 3u) * ldb4 + kq];
+                let bt0_1 = b[bbase + (4u * c1 + 0u) * ldb4 + kq];
+                let bt1_1 = b[bbase + (4u * c1 + 1u) * ldb4 + kq];
+                let bt2_1 = b[bbase + (4u * c1 + 2u) * ldb4 + kq];
+                let bt3_1 = b[bbase + (4u * c1 + 3u) * ldb4 + kq];
+                b0_0 = vec4(bt0_0[0], bt1_0[0], bt2_0[0], bt3_0[0]);
+                b0_1 = vec4(bt0_1[0], bt1_1[0], bt2_1[0], bt3_1[0]);
+                b1_0 = vec4(bt0_0[1], bt1_0[1], bt2_0[1], bt3_0[1]);
+                b1_1 = vec4(bt0_1[1], bt1_1[1], bt2_1[1], bt3_1[1]);
+                b2_0 = vec4(bt0_0[2], bt1_0[2], bt2_0[2], bt3_0[2]);
+                b2_1 = vec4(bt0_1[2], bt1_1[2], bt2_1[2], bt3_1[2]);
+                b3_0 = vec4(bt0_0[3], bt1_0[3], bt2_0[3], bt3_0[3]);
+                b3_1 = vec4(bt0_1[3], bt1_1[3], bt2_1[3], bt3_1[3]);
+            } else {
+                b0_0 = b[bbase + (kq * 4u + 0u) * ldb4 + c0];
+                b0_1 = b[bbase + (kq * 4u + 0u) * ldb4 + c1];
+                b1_0 = b[bbase + (kq * 4u + 1u) * ldb4 + c0];
+                b1_1 = b[bbase + (kq * 4u + 1u) * ldb4 + c1];
+                b2_0 = b[bbase + (kq * 4u + 2u) * ldb4 + c0];
+                b2_1 = b[bbase + (kq * 4u + 2u) * ldb4 + c1];
+                b3_0 = b[bbase + (kq * 4u + 3u) * ldb4 + c0];
+                b3_1 = b[bbase + (kq * 4u + 3u) * ldb4 + c1];
+            }
             let al0 = a[abase + rl0 * lda4 + kq];
             let a0 = subgroupBroadcast(al0, 0u);
             acc0_0 = fma(vec4<f32>(a0[0]), b0_0, acc0_0);

@@ -2,9 +2,10 @@
 //
 // Batched matmul for CPU adapters (lavapipe): register-blocked, no workgroup
 // memory, every load a vec4. Same Params and meaning as matmul.wgsl.
-// Needs n % 4 == 0 and B not transposed (the host transposes B first), and A
-// 4-aligned along the loaded axis (k, or m when TRANS_A); the host falls back
-// to matmul_regs otherwise.
+// Needs n % 4 == 0, A 4-aligned along the loaded axis (k, or m when
+// TRANS_A) and, with TRANS_B, k % 4 == 0 and A not transposed (the host
+// transposes B first otherwise); the host falls back to matmul_regs when the
+// shapes do not allow vec4s.
 //
 // Why: llvmpipe (Mesa 22) turns each storage-buffer load into a loop over
 // the SIMD lanes with a bounds check per lane, and loads all components of a
@@ -31,6 +32,7 @@ struct Params {
 }
 
 override TRANS_A: bool = false;
+override TRANS_B: bool = false;
 override HAS_BIAS: bool = false;
 override ACCUMULATE: bool = false;
 override ACT: u32 = 0u;
@@ -298,14 +300,41 @@ fn matmul_vec4_16x2(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invoca
         let r14 = min(row0 + 14u, p.m - 1u);
         let r15 = min(row0 + 15u, p.m - 1u);
         for (var kq = 0u; kq < p.k / 4u; kq++) {
-            let b0_0 = b[bbase + (kq * 4u + 0u) * ldb4 + c0];
-            let b0_1 = b[bbase + (kq * 4u + 0u) * ldb4 + c1];
-            let b1_0 = b[bbase + (kq * 4u + 1u) * ldb4 + c0];
-            let b1_1 = b[bbase + (kq * 4u + 1u) * ldb4 + c1];
-            let b2_0 = b[bbase + (kq * 4u + 2u) * ldb4 + c0];
-            let b2_1 = b[bbase + (kq * 4u + 2u) * ldb4 + c1];
-            let b3_0 = b[bbase + (kq * 4u + 3u) * ldb4 + c0];
-            let b3_1 = b[bbase + (kq * 4u + 3u) * ldb4 + c1];
+            var b0_0: vec4<f32>;
+            var b0_1: vec4<f32>;
+            var b1_0: vec4<f32>;
+            var b1_1: vec4<f32>;
+            var b2_0: vec4<f32>;
+            var b2_1: vec4<f32>;
+            var b3_0: vec4<f32>;
+            var b3_1: vec4<f32>;
+            if TRANS_B {
+                let bt0_0 = b[bbase + (4u * c0 + 0u) * ldb4 + kq];
+                let bt1_0 = b[bbase + (4u * c0 + 1u) * ldb4 + kq];
+                let bt2_0 = b[bbase + (4u * c0 + 2u) * ldb4 + kq];
+                let bt3_0 = b[bbase + (4u * c0 + 3u) * ldb4 + kq];
+                let bt0_1 = b[bbase + (4u * c1 + 0u) * ldb4 + kq];
+                let bt1_1 = b[bbase + (4u * c1 + 1u) * ldb4 + kq];
+                let bt2_1 = b[bbase + (4u * c1 + 2u) * ldb4 + kq];
+                let bt3_1 = b[bbase + (4u * c1 + 3u) * ldb4 + kq];
+                b0_0 = vec4(bt0_0[0], bt1_0[0], bt2_0[0], bt3_0[0]);
+                b0_1 = vec4(bt0_1[0], bt1_1[0], bt2_1[0], bt3_1[0]);
+                b1_0 = vec4(bt0_0[1], bt1_0[1], bt2_0[1], bt3_0[1]);
+                b1_1 = vec4(bt0_1[1], bt1_1[1], bt2_1[1], bt3_1[1]);
+                b2_0 = vec4(bt0_0[2], bt1_0[2], bt2_0[2], bt3_0[2]);
+                b2_1 = vec4(bt0_1[2], bt1_1[2], bt2_1[2], bt3_1[2]);
+                b3_0 = vec4(bt0_0[3], bt1_0[3], bt2_0[3], bt3_0[3]);
+                b3_1 = vec4(bt0_1[3], bt1_1[3], bt2_1[3], bt3_1[3]);
+            } else {
+                b0_0 = b[bbase + (kq * 4u + 0u) * ldb4 + c0];
+                b0_1 = b[bbase + (kq * 4u + 0u) * ldb4 + c1];
+                b1_0 = b[bbase + (kq * 4u + 1u) * ldb4 + c0];
+                b1_1 = b[bbase + (kq * 4u + 1u) * ldb4 + c1];
+                b2_0 = b[bbase + (kq * 4u + 2u) * ldb4 + c0];
+                b2_1 = b[bbase + (kq * 4u + 2u) * ldb4 + c1];
+                b3_0 = b[bbase + (kq * 4u + 3u) * ldb4 + c0];
+                b3_1 = b[bbase + (kq * 4u + 3u) * ldb4 + c1];
+            }
             let a0 = a[abase + r0 * lda4 + kq];
             acc0_0 = fma(vec4<f32>(a0[0]), b0_0, acc0_0);
             acc0_1 = fma(vec4<f32>(a0[0]), b0_1, acc0_1);
@@ -562,14 +591,41 @@ fn matmul_vec4_8x2(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocat
         let r6 = min(row0 + 6u, p.m - 1u);
         let r7 = min(row0 + 7u, p.m - 1u);
         for (var kq = 0u; kq < p.k / 4u; kq++) {
-            let b0_0 = b[bbase + (kq * 4u + 0u) * ldb4 + c0];
-            let b0_1 = b[bbase + (kq * 4u + 0u) * ldb4 + c1];
-            let b1_0 = b[bbase + (kq * 4u + 1u) * ldb4 + c0];
-            let b1_1 = b[bbase + (kq * 4u + 1u) * ldb4 + c1];
-            let b2_0 = b[bbase + (kq * 4u + 2u) * ldb4 + c0];
-            let b2_1 = b[bbase + (kq * 4u + 2u) * ldb4 + c1];
-            let b3_0 = b[bbase + (kq * 4u + 3u) * ldb4 + c0];
-            let b3_1 = b[bbase + (kq * 4u + 3u) * ldb4 + c1];
+            var b0_0: vec4<f32>;
+            var b0_1: vec4<f32>;
+            var b1_0: vec4<f32>;
+            var b1_1: vec4<f32>;
+            var b2_0: vec4<f32>;
+            var b2_1: vec4<f32>;
+            var b3_0: vec4<f32>;
+            var b3_1: vec4<f32>;
+            if TRANS_B {
+                let bt0_0 = b[bbase + (4u * c0 + 0u) * ldb4 + kq];
+                let bt1_0 = b[bbase + (4u * c0 + 1u) * ldb4 + kq];
+                let bt2_0 = b[bbase + (4u * c0 + 2u) * ldb4 + kq];
+                let bt3_0 = b[bbase + (4u * c0 + 3u) * ldb4 + kq];
+                let bt0_1 = b[bbase + (4u * c1 + 0u) * ldb4 + kq];
+                let bt1_1 = b[bbase + (4u * c1 + 1u) * ldb4 + kq];
+                let bt2_1 = b[bbase + (4u * c1 + 2u) * ldb4 + kq];
+                let bt3_1 = b[bbase + (4u * c1 + 3u) * ldb4 + kq];
+                b0_0 = vec4(bt0_0[0], bt1_0[0], bt2_0[0], bt3_0[0]);
+                b0_1 = vec4(bt0_1[0], bt1_1[0], bt2_1[0], bt3_1[0]);
+                b1_0 = vec4(bt0_0[1], bt1_0[1], bt2_0[1], bt3_0[1]);
+                b1_1 = vec4(bt0_1[1], bt1_1[1], bt2_1[1], bt3_1[1]);
+                b2_0 = vec4(bt0_0[2], bt1_0[2], bt2_0[2], bt3_0[2]);
+                b2_1 = vec4(bt0_1[2], bt1_1[2], bt2_1[2], bt3_1[2]);
+                b3_0 = vec4(bt0_0[3], bt1_0[3], bt2_0[3], bt3_0[3]);
+                b3_1 = vec4(bt0_1[3], bt1_1[3], bt2_1[3], bt3_1[3]);
+            } else {
+                b0_0 = b[bbase + (kq * 4u + 0u) * ldb4 + c0];
+                b0_1 = b[bbase + (kq * 4u + 0u) * ldb4 + c1];
+                b1_0 = b[bbase + (kq * 4u + 1u) * ldb4 + c0];
+                b1_1 = b[bbase + (kq * 4u + 1u) * ldb4 + c1];
+                b2_0 = b[bbase + (kq * 4u + 2u) * ldb4 + c0];
+                b2_1 = b[bbase + (kq * 4u + 2u) * ldb4 + c1];
+                b3_0 = b[bbase + (kq * 4u + 3u) * ldb4 + c0];
+                b3_1 = b[bbase + (kq * 4u + 3u) * ldb4 + c1];
+            }
             let a0 = a[abase + r0 * lda4 + kq];
             acc0_0 = fma(vec4<f32>(a0[0]), b0_0, acc0_0);
             acc0_1 = fma(vec4<f32>(a0[0]), b0_1, acc0_1);
@@ -763,14 +819,41 @@ fn matmul_vec4_12x2(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invoca
         let r10 = min(row0 + 10u, p.m - 1u);
         let r11 = min(row0 + 11u, p.m - 1u);
         for (var kq = 0u; kq < p.k / 4u; kq++) {
-            let b0_0 = b[bbase + (kq * 4u + 0u) * ldb4 + c0];
-            let b0_1 = b[bbase + (kq * 4u + 0u) * ldb4 + c1];
-            let b1_0 = b[bbase + (kq * 4u + 1u) * ldb4 + c0];
-            let b1_1 = b[bbase + (kq * 4u + 1u) * ldb4 + c1];
-            let b2_0 = b[bbase + (kq * 4u + 2u) * ldb4 + c0];
-            let b2_1 = b[bbase + (kq * 4u + 2u) * ldb4 + c1];
-            let b3_0 = b[bbase + (kq * 4u + 3u) * ldb4 + c0];
-            let b3_1 = b[bbase + (kq * 4u + 3u) * ldb4 + c1];
+            var b0_0: vec4<f32>;
+            var b0_1: vec4<f32>;
+            var b1_0: vec4<f32>;
+            var b1_1: vec4<f32>;
+            var b2_0: vec4<f32>;
+            var b2_1: vec4<f32>;
+            var b3_0: vec4<f32>;
+            var b3_1: vec4<f32>;
+            if TRANS_B {
+                let bt0_0 = b[bbase + (4u * c0 + 0u) * ldb4 + kq];
+                let bt1_0 = b[bbase + (4u * c0 + 1u) * ldb4 + kq];
+                let bt2_0 = b[bbase + (4u * c0 + 2u) * ldb4 + kq];
+                let bt3_0 = b[bbase + (4u * c0 + 3u) * ldb4 + kq];
+                let bt0_1 = b[bbase + (4u * c1 + 0u) * ldb4 + kq];
+                let bt1_1 = b[bbase + (4u * c1 + 1u) * ldb4 + kq];
+                let bt2_1 = b[bbase + (4u * c1 + 2u) * ldb4 + kq];
+                let bt3_1 = b[bbase + (4u * c1 + 3u) * ldb4 + kq];
+                b0_0 = vec4(bt0_0[0], bt1_0[0], bt2_0[0], bt3_0[0]);
+                b0_1 = vec4(bt0_1[0], bt1_1[0], bt2_1[0], bt3_1[0]);
+                b1_0 = vec4(bt0_0[1], bt1_0[1], bt2_0[1], bt3_0[1]);
+                b1_1 = vec4(bt0_1[1], bt1_1[1], bt2_1[1], bt3_1[1]);
+                b2_0 = vec4(bt0_0[2], bt1_0[2], bt2_0[2], bt3_0[2]);
+                b2_1 = vec4(bt0_1[2], bt1_1[2], bt2_1[2], bt3_1[2]);
+                b3_0 = vec4(bt0_0[3], bt1_0[3], bt2_0[3], bt3_0[3]);
+                b3_1 = vec4(bt0_1[3], bt1_1[3], bt2_1[3], bt3_1[3]);
+            } else {
+                b0_0 = b[bbase + (kq * 4u + 0u) * ldb4 + c0];
+                b0_1 = b[bbase + (kq * 4u + 0u) * ldb4 + c1];
+                b1_0 = b[bbase + (kq * 4u + 1u) * ldb4 + c0];
+                b1_1 = b[bbase + (kq * 4u + 1u) * ldb4 + c1];
+                b2_0 = b[bbase + (kq * 4u + 2u) * ldb4 + c0];
+                b2_1 = b[bbase + (kq * 4u + 2u) * ldb4 + c1];
+                b3_0 = b[bbase + (kq * 4u + 3u) * ldb4 + c0];
+                b3_1 = b[bbase + (kq * 4u + 3u) * ldb4 + c1];
+            }
             let a0 = a[abase + r0 * lda4 + kq];
             acc0_0 = fma(vec4<f32>(a0[0]), b0_0, acc0_0);
             acc0_1 = fma(vec4<f32>(a0[0]), b0_1, acc0_1);
@@ -1019,22 +1102,73 @@ fn matmul_vec4_8x4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocat
         let r6 = min(row0 + 6u, p.m - 1u);
         let r7 = min(row0 + 7u, p.m - 1u);
         for (var kq = 0u; kq < p.k / 4u; kq++) {
-            let b0_0 = b[bbase + (kq * 4u + 0u) * ldb4 + c0];
-            let b0_1 = b[bbase + (kq * 4u + 0u) * ldb4 + c1];
-            let b0_2 = b[bbase + (kq * 4u + 0u) * ldb4 + c2];
-            let b0_3 = b[bbase + (kq * 4u + 0u) * ldb4 + c3];
-            let b1_0 = b[bbase + (kq * 4u + 1u) * ldb4 + c0];
-            let b1_1 = b[bbase + (kq * 4u + 1u) * ldb4 + c1];
-            let b1_2 = b[bbase + (kq * 4u + 1u) * ldb4 + c2];
-            let b1_3 = b[bbase + (kq * 4u + 1u) * ldb4 + c3];
-            let b2_0 = b[bbase + (kq * 4u + 2u) * ldb4 + c0];
-            let b2_1 = b[bbase + (kq * 4u + 2u) * ldb4 + c1];
-            let b2_2 = b[bbase + (kq * 4u + 2u) * ldb4 + c2];
-            let b2_3 = b[bbase + (kq * 4u + 2u) * ldb4 + c3];
-            let b3_0 = b[bbase + (kq * 4u + 3u) * ldb4 + c0];
-            let b3_1 = b[bbase + (kq * 4u + 3u) * ldb4 + c1];
-            let b3_2 = b[bbase + (kq * 4u + 3u) * ldb4 + c2];
-            let b3_3 = b[bbase + (kq * 4u + 3u) * ldb4 + c3];
+            var b0_0: vec4<f32>;
+            var b0_1: vec4<f32>;
+            var b0_2: vec4<f32>;
+            var b0_3: vec4<f32>;
+            var b1_0: vec4<f32>;
+            var b1_1: vec4<f32>;
+            var b1_2: vec4<f32>;
+            var b1_3: vec4<f32>;
+            var b2_0: vec4<f32>;
+            var b2_1: vec4<f32>;
+            var b2_2: vec4<f32>;
+            var b2_3: vec4<f32>;
+            var b3_0: vec4<f32>;
+            var b3_1: vec4<f32>;
+            var b3_2: vec4<f32>;
+            var b3_3: vec4<f32>;
+            if TRANS_B {
+                let bt0_0 = b[bbase + (4u * c0 + 0u) * ldb4 + kq];
+                let bt1_0 = b[bbase + (4u * c0 + 1u) * ldb4 + kq];
+                let bt2_0 = b[bbase + (4u * c0 + 2u) * ldb4 + kq];
+                let bt3_0 = b[bbase + (4u * c0 + 3u) * ldb4 + kq];
+                let bt0_1 = b[bbase + (4u * c1 + 0u) * ldb4 + kq];
+                let bt1_1 = b[bbase + (4u * c1 + 1u) * ldb4 + kq];
+                let bt2_1 = b[bbase + (4u * c1 + 2u) * ldb4 + kq];
+                let bt3_1 = b[bbase + (4u * c1 + 3u) * ldb4 + kq];
+                let bt0_2 = b[bbase + (4u * c2 + 0u) * ldb4 + kq];
+                let bt1_2 = b[bbase + (4u * c2 + 1u) * ldb4 + kq];
+                let bt2_2 = b[bbase + (4u * c2 + 2u) * ldb4 + kq];
+                let bt3_2 = b[bbase + (4u * c2 + 3u) * ldb4 + kq];
+                let bt0_3 = b[bbase + (4u * c3 + 0u) * ldb4 + kq];
+                let bt1_3 = b[bbase + (4u * c3 + 1u) * ldb4 + kq];
+                let bt2_3 = b[bbase + (4u * c3 + 2u) * ldb4 + kq];
+                let bt3_3 = b[bbase + (4u * c3 + 3u) * ldb4 + kq];
+                b0_0 = vec4(bt0_0[0], bt1_0[0], bt2_0[0], bt3_0[0]);
+                b0_1 = vec4(bt0_1[0], bt1_1[0], bt2_1[0], bt3_1[0]);
+                b0_2 = vec4(bt0_2[0], bt1_2[0], bt2_2[0], bt3_2[0]);
+                b0_3 = vec4(bt0_3[0], bt1_3[0], bt2_3[0], bt3_3[0]);
+                b1_0 = vec4(bt0_0[1], bt1_0[1], bt2_0[1], bt3_0[1]);
+                b1_1 = vec4(bt0_1[1], bt1_1[1], bt2_1[1], bt3_1[1]);
+                b1_2 = vec4(bt0_2[1], bt1_2[1], bt2_2[1], bt3_2[1]);
+                b1_3 = vec4(bt0_3[1], bt1_3[1], bt2_3[1], bt3_3[1]);
+                b2_0 = vec4(bt0_0[2], bt1_0[2], bt2_0[2], bt3_0[2]);
+                b2_1 = vec4(bt0_1[2], bt1_1[2], bt2_1[2], bt3_1[2]);
+                b2_2 = vec4(bt0_2[2], bt1_2[2], bt2_2[2], bt3_2[2]);
+                b2_3 = vec4(bt0_3[2], bt1_3[2], bt2_3[2], bt3_3[2]);
+                b3_0 = vec4(bt0_0[3], bt1_0[3], bt2_0[3], bt3_0[3]);
+                b3_1 = vec4(bt0_1[3], bt1_1[3], bt2_1[3], bt3_1[3]);
+                b3_2 = vec4(bt0_2[3], bt1_2[3], bt2_2[3], bt3_2[3]);
+                b3_3 = vec4(bt0_3[3], bt1_3[3], bt2_3[3], bt3_3[3]);
+            } else {
+                b0_0 = b[bbase + (kq * 4u + 0u) * ldb4 + c0];
+                b0_1 = b[bbase + (kq * 4u + 0u) * ldb4 + c1];
+                b0_2 = b[bbase + (kq * 4u + 0u) * ldb4 + c2];
+                b0_3 = b[bbase + (kq * 4u + 0u) * ldb4 + c3];
+                b1_0 = b[bbase + (kq * 4u + 1u) * ldb4 + c0];
+                b1_1 = b[bbase + (kq * 4u + 1u) * ldb4 + c1];
+                b1_2 = b[bbase + (kq * 4u + 1u) * ldb4 + c2];
+                b1_3 = b[bbase + (kq * 4u + 1u) * ldb4 + c3];
+                b2_0 = b[bbase + (kq * 4u + 2u) * ldb4 + c0];
+                b2_1 = b[bbase + (kq * 4u + 2u) * ldb4 + c1];
+                b2_2 = b[bbase + (kq * 4u + 2u) * ldb4 + c2];
+                b2_3 = b[bbase + (kq * 4u + 2u) * ldb4 + c3];
+                b3_0 = b[bbase + (kq * 4u + 3u) * ldb4 + c0];
+                b3_1 = b[bbase + (kq * 4u + 3u) * ldb4 + c1];
+                b3_2 = b[bbase + (kq * 4u + 3u) * ldb4 + c2];
+                b3_3 = b[bbase + (kq * 4u + 3u) * ldb4 + c3];
+            }
             let a0 = a[abase + r0 * lda4 + kq];
             acc0_0 = fma(vec4<f32>(a0[0]), b0_0, acc0_0);
             acc0_1 = fma(vec4<f32>(a0[0]), b0_1, acc0_1);
@@ -1387,14 +1521,41 @@ fn matmul_vec4_24x2(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invoca
         let r22 = min(row0 + 22u, p.m - 1u);
         let r23 = min(row0 + 23u, p.m - 1u);
         for (var kq = 0u; kq < p.k / 4u; kq++) {
-            let b0_0 = b[bbase + (kq * 4u + 0u) * ldb4 + c0];
-            let b0_1 = b[bbase + (kq * 4u + 0u) * ldb4 + c1];
-            let b1_0 = b[bbase + (kq * 4u + 1u) * ldb4 + c0];
-            let b1_1 = b[bbase + (kq * 4u + 1u) * ldb4 + c1];
-            let b2_0 = b[bbase + (kq * 4u + 2u) * ldb4 + c0];
-            let b2_1 = b[bbase + (kq * 4u + 2u) * ldb4 + c1];
-            let b3_0 = b[bbase + (kq * 4u + 3u) * ldb4 + c0];
-            let b3_1 = b[bbase + (kq * 4u + 3u) * ldb4 + c1];
+            var b0_0: vec4<f32>;
+            var b0_1: vec4<f32>;
+            var b1_0: vec4<f32>;
+            var b1_1: vec4<f32>;
+            var b2_0: vec4<f32>;
+            var b2_1: vec4<f32>;
+            var b3_0: vec4<f32>;
+            var b3_1: vec4<f32>;
+            if TRANS_B {
+                let bt0_0 = b[bbase + (4u * c0 + 0u) * ldb4 + kq];
+                let bt1_0 = b[bbase + (4u * c0 + 1u) * ldb4 + kq];
+                let bt2_0 = b[bbase + (4u * c0 + 2u) * ldb4 + kq];
+                let bt3_0 = b[bbase + (4u * c0 + 3u) * ldb4 + kq];
+                let bt0_1 = b[bbase + (4u * c1 + 0u) * ldb4 + kq];
+                let bt1_1 = b[bbase + (4u * c1 + 1u) * ldb4 + kq];
+                let bt2_1 = b[bbase + (4u * c1 + 2u) * ldb4 + kq];
+                let bt3_1 = b[bbase + (4u * c1 + 3u) * ldb4 + kq];
+                b0_0 = vec4(bt0_0[0], bt1_0[0], bt2_0[0], bt3_0[0]);
+                b0_1 = vec4(bt0_1[0], bt1_1[0], bt2_1[0], bt3_1[0]);
+                b1_0 = vec4(bt0_0[1], bt1_0[1], bt2_0[1], bt3_0[1]);
+                b1_1 = vec4(bt0_1[1], bt1_1[1], bt2_1[1], bt3_1[1]);
+                b2_0 = vec4(bt0_0[2], bt1_0[2], bt2_0[2], bt3_0[2]);
+                b2_1 = vec4(bt0_1[2], bt1_1[2], bt2_1[2], bt3_1[2]);
+                b3_0 = vec4(bt0_0[3], bt1_0[3], bt2_0[3], bt3_0[3]);
+                b3_1 = vec4(bt0_1[3], bt1_1[3], bt2_1[3], bt3_1[3]);
+            } else {
+                b0_0 = b[bbase + (kq * 4u + 0u) * ldb4 + c0];
+                b0_1 = b[bbase + (kq * 4u + 0u) * ldb4 + c1];
+                b1_0 = b[bbase + (kq * 4u + 1u) * ldb4 + c0];
+                b1_1 = b[bbase + (kq * 4u + 1u) * ldb4 + c1];
+                b2_0 = b[bbase + (kq * 4u + 2u) * ldb4 + c0];
+                b2_1 = b[bbase + (kq * 4u + 2u) * ldb4 + c1];
+                b3_0 = b[bbase + (kq * 4u + 3u) * ldb4 + c0];
+                b3_1 = b[bbase + (kq * 4u + 3u) * ldb4 + c1];
+            }
             let a0 = a[abase + r0 * lda4 + kq];
             acc0_0 = fma(vec4<f32>(a0[0]), b0_0, acc0_0);
             acc0_1 = fma(vec4<f32>(a0[0]), b0_1, acc0_1);
@@ -1714,14 +1875,41 @@ fn matmul_vec4_4x2(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocat
         let r2 = min(row0 + 2u, p.m - 1u);
         let r3 = min(row0 + 3u, p.m - 1u);
         for (var kq = 0u; kq < p.k / 4u; kq++) {
-            let b0_0 = b[bbase + (kq * 4u + 0u) * ldb4 + c0];
-            let b0_1 = b[bbase + (kq * 4u + 0u) * ldb4 + c1];
-            let b1_0 = b[bbase + (kq * 4u + 1u) * ldb4 + c0];
-            let b1_1 = b[bbase + (kq * 4u + 1u) * ldb4 + c1];
-            let b2_0 = b[bbase + (kq * 4u + 2u) * ldb4 + c0];
-            let b2_1 = b[bbase + (kq * 4u + 2u) * ldb4 + c1];
-            let b3_0 = b[bbase + (kq * 4u + 3u) * ldb4 + c0];
-            let b3_1 = b[bbase + (kq * 4u + 3u) * ldb4 + c1];
+            var b0_0: vec4<f32>;
+            var b0_1: vec4<f32>;
+            var b1_0: vec4<f32>;
+            var b1_1: vec4<f32>;
+            var b2_0: vec4<f32>;
+            var b2_1: vec4<f32>;
+            var b3_0: vec4<f32>;
+            var b3_1: vec4<f32>;
+            if TRANS_B {
+                let bt0_0 = b[bbase + (4u * c0 + 0u) * ldb4 + kq];
+                let bt1_0 = b[bbase + (4u * c0 + 1u) * ldb4 + kq];
+                let bt2_0 = b[bbase + (4u * c0 + 2u) * ldb4 + kq];
+                let bt3_0 = b[bbase + (4u * c0 + 3u) * ldb4 + kq];
+                let bt0_1 = b[bbase + (4u * c1 + 0u) * ldb4 + kq];
+                let bt1_1 = b[bbase + (4u * c1 + 1u) * ldb4 + kq];
+                let bt2_1 = b[bbase + (4u * c1 + 2u) * ldb4 + kq];
+                let bt3_1 = b[bbase + (4u * c1 + 3u) * ldb4 + kq];
+                b0_0 = vec4(bt0_0[0], bt1_0[0], bt2_0[0], bt3_0[0]);
+                b0_1 = vec4(bt0_1[0], bt1_1[0], bt2_1[0], bt3_1[0]);
+                b1_0 = vec4(bt0_0[1], bt1_0[1], bt2_0[1], bt3_0[1]);
+                b1_1 = vec4(bt0_1[1], bt1_1[1], bt2_1[1], bt3_1[1]);
+                b2_0 = vec4(bt0_0[2], bt1_0[2], bt2_0[2], bt3_0[2]);
+                b2_1 = vec4(bt0_1[2], bt1_1[2], bt2_1[2], bt3_1[2]);
+                b3_0 = vec4(bt0_0[3], bt1_0[3], bt2_0[3], bt3_0[3]);
+                b3_1 = vec4(bt0_1[3], bt1_1[3], bt2_1[3], bt3_1[3]);
+            } else {
+                b0_0 = b[bbase + (kq * 4u + 0u) * ldb4 + c0];
+                b0_1 = b[bbase + (kq * 4u + 0u) * ldb4 + c1];
+                b1_0 = b[bbase + (kq * 4u + 1u) * ldb4 + c0];
+                b1_1 = b[bbase + (kq * 4u + 1u) * ldb4 + c1];
+                b2_0 = b[bbase + (kq * 4u + 2u) * ldb4 + c0];
+                b2_1 = b[bbase + (kq * 4u + 2u) * ldb4 + c1];
+                b3_0 = b[bbase + (kq * 4u + 3u) * ldb4 + c0];
+                b3_1 = b[bbase + (kq * 4u + 3u) * ldb4 + c1];
+            }
             let a0 = a[abase + r0 * lda4 + kq];
             acc0_0 = fma(vec4<f32>(a0[0]), b0_0, acc0_0);
             acc0_1 = fma(vec4<f32>(a0[0]), b0_1, acc0_1);

@@ -223,9 +223,10 @@ pub fn gemm_act_into(
         ("TRANS_B", g.tb as u32 as f64),
     ];
     let (variant, tile) = choose(&g, a, b, c, a_bs, b_bs)?;
-    if variant == Variant::Vec4 && g.tb {
-        // Transposing B costs one pass over it; the kernel then reads B rows
-        // as vec4 instead of gathering a column per lane.
+    if variant == Variant::Vec4 && g.tb && (g.ta || !g.k.is_multiple_of(4) || b_bs % 4 != 0) {
+        // The vec4 kernels read a transposed B as vec4s along k (TRANS_B);
+        // where they cannot, B is transposed first (one pass over it) so its
+        // rows are vec4s along n.
         let bt = super::permute::transpose(b, if b_bs == 0 { 1 } else { g.batch }, g.n, g.k)?;
         let g = Gemm {
             tb: false,
@@ -275,6 +276,7 @@ pub fn gemm_act_into(
     // The vec4 kernels specialize their epilogue (see the generator).
     let constants_vec4 = [
         constants[0],
+        constants[1],
         ("HAS_BIAS", bias.is_some() as u32 as f64),
         ("ACCUMULATE", g.accumulate as u32 as f64),
         ("ACT", act.map_or(0, |e| e.parts().1) as f64),
