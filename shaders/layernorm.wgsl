@@ -9,6 +9,7 @@
 // beta in the forward and dy in the backward.
 //   forward_*:     x, mean (out), rstd (out), beta,  y (out),        gamma
 //   backward_dx_*: x, mean,       rstd,       dy,    dx (out),       gamma
+//                  (chunk != 0: dx is added into out, a pending gradient)
 //   param_partials: x, mean,      rstd,       dy,    partials (out)
 
 struct Params { rows: u32, cols: u32, eps: f32, chunk: u32 }
@@ -95,7 +96,9 @@ fn backward_dx_wg(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups
     for (var c = lid; c < p.cols; c += WG) {
         let g = gamma[c] * beta_or_dy[base + c];
         let xh = (x[base + c] - mu) * r;
-        out[base + c] = r * (g - m.x - xh * m.y);
+        var d = r * (g - m.x - xh * m.y);
+        if p.chunk != 0u { d += out[base + c]; }
+        out[base + c] = d;
     }
 }
 
@@ -116,7 +119,9 @@ fn backward_dx_row(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_w
     for (var c = 0u; c < p.cols; c++) {
         let g = gamma[c] * beta_or_dy[base + c];
         let xh = (x[base + c] - mu) * r;
-        out[base + c] = r * (g - m.x - xh * m.y);
+        var d = r * (g - m.x - xh * m.y);
+        if p.chunk != 0u { d += out[base + c]; }
+        out[base + c] = d;
     }
 }
 
@@ -194,7 +199,9 @@ fn backward_dx_row4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_
     for (var c = 0u; c < c4; c++) {
         let g = gamma4[c] * beta_or_dy4[base + c];
         let xh = (x4[base + c] - mu) * r;
-        out4[base + c] = r * (g - m.x - xh * m.y);
+        var d = r * (g - m.x - xh * m.y);
+        if p.chunk != 0u { d += out4[base + c]; }
+        out4[base + c] = d;
     }
 }
 

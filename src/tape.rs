@@ -45,10 +45,22 @@ impl Var {
 /// `i` wants one (frozen inputs are skipped, so no dW is computed for them).
 pub type BackwardFn = Box<dyn FnOnce(&Tensor, &[bool]) -> Result<Vec<Option<Tensor>>>>;
 
+/// A backward that can add input gradients into the pending ones in its own
+/// kernels (no separate add pass): `acc[i]` holds input `i`'s gradient so
+/// far when nothing but the tape holds it; the op may take it, add into it
+/// and return it as input `i`'s gradient (the whole sum).
+pub type AccBackwardFn =
+    Box<dyn FnOnce(&Tensor, &[bool], &mut [Option<Tensor>]) -> Result<Vec<Option<Tensor>>>>;
+
+enum Backward {
+    Plain(BackwardFn),
+    Acc(AccBackwardFn),
+}
+
 struct Node {
     out: VarId,
     inputs: Vec<Option<VarId>>,
-    backward: BackwardFn,
+    backward: Backward,
 }
 
 pub struct Tape {
@@ -133,6 +145,15 @@ impl Tape {
     /// Record an op's output. When no input needs a gradient (or in
     /// no-grad mode) the closure is dropped at once with what it saved.
     pub fn record(&mut self, out: Tensor, inputs: &[&Var], backward: BackwardFn) -> Var {
+        self.push(out, inputs, Backward::Plain(backward))
+    }
+
+    /// `record` for an op whose backward adds into pending gradients.
+    pub fn record_acc(&mut self, out: Tensor, inputs: &[&Var], backward: AccBackwardFn) -> Var {
+        self.push(out, inputs, Backward::Acc(backward))
+    }
+
+    fn push(&mut self, out: Tensor, inputs: &[&Var], backward: Backward) -> Var {
         if !self.grad_enabled || inputs.iter().all(|v| v.id.is_none()) {
             return Var::constant(out);
         }
@@ -176,7 +197,28 @@ impl Tape {
                 continue; // does not reach the loss
             };
             let needs: Vec<bool> = node.inputs.iter().map(Option::is_some).collect();
-            let input_grads = (node.backward)(&g, &needs)?;
+            let input_grads = match node.backward {
+                Backward::Plain(f) => f(&g, &needs)?,
+                Backward::Acc(f) => {
+                    // Lend the op the pending gradients only the tape holds;
+                    // those it does not take go back.
+                    let mut acc: Vec<Option<Tensor>> = node
+                        .inputs
+                        .iter()
+                        .map(|inp| {
+                            let id = (*inp)?;
+                            grads.get(&id)?.is_unique().then(|| grads.remove(&id))?
+                        })
+                        .collect();
+                    let out = f(&g, &needs, &mut acc)?;
+                    for (inp, left) in node.inputs.iter().zip(acc) {
+                        if let (Some(id), Some(left)) = (inp, left) {
+                            grads.insert(*id, left);
+                        }
+                    }
+                    out
+                }
+            };
             drop(g);
             for (inp, gi) in node.inputs.iter().zip(input_grads) {
                 if let (Some(id), Some(gi)) = (inp, gi) {

@@ -170,15 +170,40 @@ pub fn backward_dx(
     rstd: &Tensor,
     layout: Option<Rows>,
 ) -> Result<Tensor> {
+    backward_dx_into(dy, x, gamma, mean, rstd, layout, None)
+}
+
+/// `backward_dx`, added into `pending` (a gradient of x so far) when given.
+pub fn backward_dx_into(
+    dy: &Tensor,
+    x: &Tensor,
+    gamma: &Tensor,
+    mean: &Tensor,
+    rstd: &Tensor,
+    layout: Option<Rows>,
+    pending: Option<Tensor>,
+) -> Result<Tensor> {
     let (rows, cols) = check_params(x, gamma, "layernorm backward")?;
     check_saved(dy, x, mean, rstd, rows)?;
     let gpu = x.gpu();
-    let dx = Tensor::empty(gpu, x.shape())?;
+    let add = pending.is_some();
+    let dx = match pending {
+        Some(t) => {
+            ensure!(
+                t.numel() == x.numel(),
+                "layernorm backward: pending gradient {:?} does not match {:?}",
+                t.shape(),
+                x.shape()
+            );
+            t
+        }
+        None => Tensor::empty(gpu, x.shape())?,
+    };
     let (entry, groups) = Rows::pick(gpu, layout).launch_cols(gpu, "backward_dx", rows, cols);
     gpu.dispatch(
         &SHADER,
         &entry,
-        &[u(rows), u(cols), 0, 0],
+        &[u(rows), u(cols), 0, add as u32],
         &[
             Some(x.buffer()),
             Some(mean.buffer()),
@@ -316,12 +341,13 @@ fn record_layernorm(
     let xs = x.tensor().clone();
     let gs = gamma.tensor().clone();
     let (gshape, bshape) = (gamma.shape().to_vec(), beta.shape().to_vec());
-    tape.record(
+    tape.record_acc(
         y,
         &[x, gamma, beta],
-        Box::new(move |dy, needs| {
+        Box::new(move |dy, needs, acc| {
             let dx = if needs[0] {
-                Some(backward_dx(dy, &xs, &gs, &mean, &rstd, None)?)
+                let pending = acc[0].take();
+                Some(backward_dx_into(dy, &xs, &gs, &mean, &rstd, None, pending)?)
             } else {
                 None
             };

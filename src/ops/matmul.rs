@@ -721,12 +721,13 @@ fn record_linear(tape: &mut Tape, y: Tensor, x: &Var, w: &Var, b: Option<&Var>, 
     if let Some(b) = b {
         inputs.push(b);
     }
-    tape.record(
+    tape.record_acc(
         y,
         &inputs,
-        Box::new(move |dy, needs| {
+        Box::new(move |dy, needs, acc| {
             let need_b = needs.len() > 2 && needs[2];
-            let (dx, dw, db) = linear_grads(dy, &xt, &wt, g, needs[0], needs[1], need_b)?;
+            let dx_into = if needs[0] { acc[0].take() } else { None };
+            let (dx, dw, db) = linear_grads(dy, &xt, &wt, g, needs[0], needs[1], need_b, dx_into)?;
             let mut out = vec![dx, dw];
             if needs.len() > 2 {
                 out.push(db);
@@ -737,8 +738,9 @@ fn record_linear(tape: &mut Tape, y: Tensor, x: &Var, w: &Var, b: Option<&Var>, 
 }
 
 /// Gradients of y = x W^T + b (`g` the forward's matmul, dy [rows, out]):
-/// dx, dW and db, the bias gradient in the weight gradient's pass where
-/// both are needed.
+/// dx (added into `dx_into`, a pending gradient of x, when given), dW and
+/// db, the bias gradient in the weight gradient's pass where both are needed.
+#[allow(clippy::too_many_arguments)]
 pub fn linear_grads(
     dy: &Tensor,
     x: &Tensor,
@@ -747,10 +749,28 @@ pub fn linear_grads(
     need_x: bool,
     need_w: bool,
     need_b: bool,
+    dx_into: Option<Tensor>,
 ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
     let (rows, out_f, in_f) = (g.m, g.n, g.k);
-    let (dx, _) = gemm_backward(dy, x, w, g, need_x, false)?;
     let gpu = dy.gpu();
+    let dx = if need_x {
+        // dx = dy W : [rows, in].
+        let gx = Gemm {
+            variant: g.variant,
+            accumulate: dx_into.is_some(),
+            ..Gemm::new(1, rows, in_f, out_f)
+        };
+        let dx = match dx_into {
+            Some(t) => {
+                gemm_into(&t, dy, w, None, gx)?;
+                t
+            }
+            None => gemm(dy, w, None, gx)?,
+        };
+        Some(dx.reshape(x.shape())?)
+    } else {
+        None
+    };
     let db = need_b.then(|| Tensor::empty(gpu, &[out_f])).transpose()?;
     let dw = if need_w {
         // dW = dy^T x : [out, in].

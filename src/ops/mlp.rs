@@ -55,14 +55,14 @@ pub fn mlp(
         inputs.len() - 1
     });
     let (xt, w1t, w2t) = (x.tensor().clone(), w1.tensor().clone(), w2.tensor().clone());
-    Ok(tape.record(
+    Ok(tape.record_acc(
         y,
         &inputs,
-        Box::new(move |dy, needs| {
+        Box::new(move |dy, needs, acc| {
             let mut out: Vec<Option<Tensor>> = vec![None; needs.len()];
             let dy = dy.reshape(&[rows, d2])?;
             let need_b2 = i_b2.is_some_and(|i| needs[i]);
-            let (_, dw2, db2) = linear_grads(&dy, &h, &w2t, g2, false, needs[i_w2], need_b2)?;
+            let (_, dw2, db2) = linear_grads(&dy, &h, &w2t, g2, false, needs[i_w2], need_b2, None)?;
             out[i_w2] = dw2;
             if let Some(i) = i_b2 {
                 out[i] = db2;
@@ -80,8 +80,9 @@ pub fn mlp(
                     gh,
                     Some(Epilogue::ActGrad(act, &pre)),
                 )?;
+                let dx_into = if needs[0] { acc[0].take() } else { None };
                 let (dx, dw1, db1) =
-                    linear_grads(&dpre, &xt, &w1t, g1, needs[0], needs[1], need_b1)?;
+                    linear_grads(&dpre, &xt, &w1t, g1, needs[0], needs[1], need_b1, dx_into)?;
                 out[0] = dx.map(|t| t.reshape(&xs)).transpose()?;
                 out[1] = dw1;
                 if let Some(i) = i_b1 {
