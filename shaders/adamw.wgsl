@@ -2,7 +2,7 @@
 // in place on the parameter and its two moments, and the global gradient
 // norm of torch.nn.utils.clip_grad_norm_, whose clip coefficient the step
 // reads from the GPU (no readback). Entry points use binding prefixes of one
-// list: collect/norm {1,2}, step {1..5}.
+// list: norm {1,2}, step {1..5}.
 
 struct Params {
     n: u32, has_clip: u32, decay: f32, w1: f32,
@@ -11,20 +11,14 @@ struct Params {
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> g: array<f32>;           // gradient (or a source to collect)
-@group(0) @binding(2) var<storage, read_write> w: array<f32>;     // parameter (or slots / [norm, coef])
+@group(0) @binding(1) var<storage, read> g: array<f32>;           // gradient (or the partial sums of squares)
+@group(0) @binding(2) var<storage, read_write> w: array<f32>;     // parameter (or [norm, coef])
 @group(0) @binding(3) var<storage, read_write> m: array<f32>;     // exp_avg
 @group(0) @binding(4) var<storage, read_write> v: array<f32>;     // exp_avg_sq
 @group(0) @binding(5) var<storage, read> clip: array<f32>;        // [total_norm, coef] (optional)
 
-// w[n] = g[0]: one tensor's sum of squares into its slot (n = slot index).
-@compute @workgroup_size(1, 1, 1)
-fn collect() {
-    w[p.n] = g[0];
-}
-
-// w = [sqrt(sum of the n slots), min(1, max_norm / (total + 1e-6))], slots
-// summed in order by one thread.
+// w = [sqrt(sum of the n partial sums of squares), min(1, max_norm /
+// (total + 1e-6))], summed in order by one thread.
 @compute @workgroup_size(1, 1, 1)
 fn norm() {
     var s = 0.0;

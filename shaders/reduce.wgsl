@@ -23,7 +23,8 @@ fn colsum(@builtin(global_invocation_id) gid: vec3<u32>) {
     out[o] = s;
 }
 
-// sumsq: out[chunk] = sum of x[i]^2 over one chunk of a flat array.
+// sumsq: out[cols + chunk] = sum of x[i]^2 over one chunk of a flat array
+// (cols: where this array's partials start in out).
 @compute @workgroup_size(64, 1, 1)
 fn sumsq(@builtin(global_invocation_id) gid: vec3<u32>) {
     let ch = gid.x;
@@ -32,7 +33,7 @@ fn sumsq(@builtin(global_invocation_id) gid: vec3<u32>) {
     let r1 = min(r0 + p.chunk, p.rows);
     var s = 0.0;
     for (var r = r0; r < r1; r++) { s = fma(x[r], x[r], s); }
-    out[ch] = s;
+    out[p.cols + ch] = s;
 }
 
 // colsum four columns at a time (cols % 4 == 0): the same sums in the same
@@ -66,5 +67,5 @@ fn sumsq4(@builtin(global_invocation_id) gid: vec3<u32>) {
     let r1 = min(r0 + p.chunk / 4u, n4);
     var s = vec4(0.0);
     for (var r = r0; r < r1; r++) { let v = x4[r]; s = fma(v, v, s); }
-    out[ch] = (s.x + s.y) + (s.z + s.w);
+    out[p.cols + ch] = (s.x + s.y) + (s.z + s.w);
 }

@@ -35,32 +35,31 @@ impl Default for AdamW {
 
 /// Global L2 norm of all gradients and the clip coefficient, as a [2]
 /// tensor [total_norm, coef] with total = sqrt(sum of every g^2) and
-/// coef = min(1, max_norm / (total + 1e-6)) (clip_grad_norm_). Each
-/// gradient's sum of squares lands in its own slot; the slots are summed in
-/// order, so the result is deterministic.
+/// coef = min(1, max_norm / (total + 1e-6)) (clip_grad_norm_). Fixed
+/// chunks summed in a fixed order, so the result is deterministic.
 pub fn grad_norm(grads: &[&Tensor], max_norm: f32) -> Result<Tensor> {
     ensure!(!grads.is_empty(), "grad_norm: no gradients");
     let gpu = grads[0].gpu();
-    let slots = Tensor::empty(gpu, &[grads.len()])?;
-    for (k, g) in grads.iter().enumerate() {
-        let ss = reduce::sumsq(g)?;
-        gpu.dispatch(
-            &SHADER,
-            "collect",
-            &[u(k)],
-            &[Some(ss.buffer()), Some(slots.buffer())],
-            [1, 1, 1],
-        )?;
+    // Every tensor's partial sums of squares in one buffer, summed in order
+    // by the norm kernel: one dispatch per tensor, not three.
+    let total: usize = grads.iter().map(|g| reduce::sumsq_partials(g.numel())).sum();
+    let partials = Tensor::empty(gpu, &[total])?;
+    let mut offset = 0;
+    for g in grads {
+        reduce::sumsq_partials_into(g, &partials, offset)?;
+        offset += reduce::sumsq_partials(g.numel());
     }
+    // Summed in chunks, then the chunk sums (not one long running sum).
+    let sum = reduce::colsum(&partials, total, 1)?;
     let out = Tensor::empty(gpu, &[2])?;
     let mut params = [0u32; 12];
-    params[0] = u(grads.len());
+    params[0] = 1;
     params[9] = f(max_norm);
     gpu.dispatch(
         &SHADER,
         "norm",
         &params,
-        &[Some(slots.buffer()), Some(out.buffer())],
+        &[Some(sum.buffer()), Some(out.buffer())],
         [1, 1, 1],
     )?;
     Ok(out)

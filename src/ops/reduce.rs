@@ -61,22 +61,38 @@ pub fn colsum(x: &Tensor, rows: usize, cols: usize) -> Result<Tensor> {
     Ok(out)
 }
 
-/// Sum of squares of all elements, written to `out[slot]`'s own [1] tensor.
+/// Sum of squares of all elements, as a [1] tensor.
 pub fn sumsq(x: &Tensor) -> Result<Tensor> {
-    let gpu = x.gpu();
+    let partial = Tensor::empty(x.gpu(), &[sumsq_partials(x.numel())])?;
+    sumsq_partials_into(x, &partial, 0)?;
+    // The partials are summed by the column-sum kernel (one column).
+    colsum(&partial, partial.numel(), 1)
+}
+
+/// How many partial sums `sumsq_partials_into` writes for n elements.
+pub fn sumsq_partials(n: usize) -> usize {
+    n.div_ceil(CHUNK * 4).max(1)
+}
+
+/// Partial sums of squares of x (each over a fixed chunk, in order) into
+/// out[offset..offset + sumsq_partials(n)]: several tensors' partials can
+/// share one buffer and be summed once.
+pub fn sumsq_partials_into(x: &Tensor, out: &Tensor, offset: usize) -> Result<()> {
     let n = x.numel();
-    let chunks = n.div_ceil(CHUNK * 4).max(1);
-    let partial = Tensor::empty(gpu, &[chunks])?;
+    let chunks = sumsq_partials(n);
+    ensure!(
+        offset + chunks <= out.numel(),
+        "sumsq: {chunks} partials at {offset} do not fit in {:?}",
+        out.shape()
+    );
     let (entry, _) = by_vec4(n.is_multiple_of(4), "sumsq");
-    gpu.dispatch(
+    x.gpu().dispatch(
         &SHADER,
         &entry,
-        &[u(n), 0, u(CHUNK * 4), 0],
-        &[Some(x.buffer()), Some(partial.buffer())],
+        &[u(n), u(offset), u(CHUNK * 4), 0],
+        &[Some(x.buffer()), Some(out.buffer())],
         [u(chunks).div_ceil(64), 1, 1],
-    )?;
-    // The partials are summed by the column-sum kernel (one column).
-    colsum(&partial, chunks, 1)
+    )
 }
 
 pub fn colsum_ref(x: &[f64], rows: usize, cols: usize) -> Vec<f64> {
