@@ -130,38 +130,52 @@ fn matmul_vec4_{RM}x{RV}(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_i
     w("    var bsum = vec4<f32>(0.0);\n" if sg else "".join(f"    var bsum{r4} = vec4<f32>(0.0);\n" for r4 in range(RM // 4)))
     w("    if TRANS_A {\n")
 
-    def ta_step():
-        """The body of the TRANS_A loop over kk: B's row kk times A's row kk
-        (broadcast from the lanes' load `al`, or loaded here)."""
-        for q in range(RV):
-            w(f"            let b{q} = b[bbase + kk * ldb4 + c{q}];\n")
-        for r4 in range(RM // 4):
+    def ta_steps(S):
+        """S k steps of the TRANS_A loop (kk..kk+S-1): B's rows times A's rows
+        (broadcast from the lanes' loads `al`, or loaded directly). With S = 4
+        each accumulator takes four FMAs in a row: llvmpipe keeps a vec4 as
+        four SIMD registers, so the tile's accumulators live in memory and
+        each load/store of one is shared by four FMAs (as in the k-by-4 loop
+        below) instead of one."""
+        for s_ in range(S):
+            kx = f"(kk + {s_}u)" if S > 1 else "kk"
             if sg:
-                w(f"            let a{r4} = subgroupBroadcast(al, {r4}u);\n")
-            else:
-                w(f"            let a{r4} = a[abase + kk * lda4 + r{r4}];\n")
-                w(f"            if BIAS_GRAD {{ bsum{r4} += a{r4}; }}\n")
+                w(f"            let al{s_} = a[abase + {kx} * lda4 + ra];\n")
+                w(f"            if BIAS_GRAD {{ bsum += al{s_}; }}\n")
+            for q in range(RV):
+                w(f"            let b{s_}_{q} = b[bbase + {kx} * ldb4 + c{q}];\n")
+            for r4 in range(RM // 4):
+                if sg:
+                    w(f"            let a{r4}_{s_} = subgroupBroadcast(al{s_}, {r4}u);\n")
+                else:
+                    w(f"            let a{r4}_{s_} = a[abase + {kx} * lda4 + r{r4}];\n")
+                    w(f"            if BIAS_GRAD {{ bsum{r4} += a{r4}_{s_}; }}\n")
+        for r4 in range(RM // 4):
             for t in range(4):
                 for q in range(RV):
                     r = r4 * 4 + t
-                    w(f"            acc{r}_{q} = fma(vec4<f32>(a{r4}[{t}]), b{q}, acc{r}_{q});\n")
+                    for s_ in range(S):
+                        w(f"            acc{r}_{q} = fma(vec4<f32>(a{r4}_{s_}[{t}]), b{s_}_{q}, acc{r}_{q});\n")
+
+    def ta_loops():
+        w("        var kk = 0u;\n")
+        w("        for (; kk + 4u <= p.k; kk += 4u) {\n")
+        ta_steps(4)
+        w("        }\n")
+        w("        for (; kk < p.k; kk++) {\n")
+        ta_steps(1)
+        w("        }\n")
 
     if sg:
-        # Lane L < G loads vec4 L of the step's RM/4 (rows 4L..4L+3).
+        # Lane L < G loads vec4 L of a step's RM/4 (rows 4L..4L+3).
         G = RM // 4
         w(f"        let ra = min(row0 / 4u + min(lane, {G - 1}u), p.m / 4u - 1u);\n")
-        w("        for (var kk = 0u; kk < p.k; kk++) {\n")
-        w("            let al = a[abase + kk * lda4 + ra];\n")
-        w("            if BIAS_GRAD { bsum += al; }\n")
-        ta_step()
-        w("        }\n")
+        ta_loops()
         w(f"        if BIAS_GRAD && wid.x == 0u && lane < {G}u && row0 / 4u + lane < p.m / 4u {{ aux[row0 / 4u + lane] = bsum; }}\n")
     else:
         for r4 in range(RM // 4):
             w(f"        let r{r4} = min(row0 / 4u + {r4}u, p.m / 4u - 1u);\n")
-        w("        for (var kk = 0u; kk < p.k; kk++) {\n")
-        ta_step()
-        w("        }\n")
+        ta_loops()
         w("        if BIAS_GRAD && wid.x == 0u && lid.x == 0u {\n")
         for r4 in range(RM // 4):
             w(f"            if row0 / 4u + {r4}u < p.m / 4u {{ aux[row0 / 4u + {r4}u] = bsum{r4}; }}\n")

@@ -42,7 +42,10 @@ pub fn grad_norm(grads: &[&Tensor], max_norm: f32) -> Result<Tensor> {
     let gpu = grads[0].gpu();
     // Every tensor's partial sums of squares in one buffer, summed in order
     // by the norm kernel: one dispatch per tensor, not three.
-    let total: usize = grads.iter().map(|g| reduce::sumsq_partials(g.numel())).sum();
+    let total: usize = grads
+        .iter()
+        .map(|g| reduce::sumsq_partials(g.numel()))
+        .sum();
     let partials = Tensor::empty(gpu, &[total])?;
     let mut offset = 0;
     for g in grads {
