@@ -666,9 +666,15 @@ fn profile_label(
     constants: &[(&str, f64)],
     params: &[u32],
 ) -> String {
+    // Constants left at 0 are omitted and flags set to 1 show by name, so
+    // specialized kernels keep short names.
     let mut s = format!("{}::{entry}", shader.name);
     for (k, v) in constants {
-        s.push_str(&format!(" {k}={v}"));
+        match *v {
+            0.0 => {}
+            1.0 => s.push_str(&format!(" {k}")),
+            _ => s.push_str(&format!(" {k}={v}")),
+        }
     }
     if std::env::var_os("CLIP_WGPU_PROFILE_PARAMS").is_some() {
         s.push_str(&format!(" {params:?}"));
