@@ -150,8 +150,10 @@ fn attention_padded_to_multiple_of_four_matches_reference() {
 }
 
 /// The fused kernels (one per generated head size): causal and not, with
-/// and without key padding, lengths not multiples of the 4 rows a thread
-/// takes, a single token, and a query row whose every key is masked.
+/// and without key padding, lengths not multiples of the rows a thread
+/// takes, a single token, and a query row whose every key is masked. The
+/// subgroup kernels take 3 rows a thread at lengths 1..13 and 37 (fewer
+/// padded rows) and 4 at 29.
 #[test]
 fn fused_attention_matches_reference() {
     for path in [Path::Fused, Path::FusedSubgroup] {
@@ -160,6 +162,7 @@ fn fused_attention_matches_reference() {
             check(13, 2, dh, false, true, path);
             check(10, 1, dh, true, true, path);
             check(9, 1, dh, false, false, path);
+            check(29, 1, dh, true, true, path);
         }
         check(1, 2, 16, true, false, path);
         // More row blocks than a subgroup's 8 (loop bounds of the subgroup).

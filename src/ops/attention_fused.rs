@@ -18,8 +18,6 @@ const SHADER: Shader = shader!("attention_fused");
 const SHADER_SG: Shader = shader!("attention_sg");
 /// Head sizes with entry points.
 pub const HEAD_SIZES: [usize; 3] = [16, 32, 64];
-/// Rows a thread (the generator's R).
-const ROWS: usize = 4;
 
 /// The shape of one call: batch, tokens, heads, head size.
 #[derive(Clone, Copy, Debug)]
@@ -33,20 +31,39 @@ pub struct Dims {
 }
 
 impl Dims {
-    fn shader(&self, kernel: &str) -> (&'static Shader, String) {
+    /// Row blocks of one (batch, head) at `rows` rows a thread: with
+    /// subgroups padded to whole subgroups, so that a subgroup never spans
+    /// two (batch, head) pairs.
+    fn blocks(&self, rows: usize) -> usize {
+        let n = self.t.div_ceil(rows);
         if self.sg {
-            (&SHADER_SG, format!("{kernel}_sg_{}", self.dh))
+            n.next_multiple_of(8)
         } else {
-            (&SHADER, format!("{kernel}_{}", self.dh))
+            n
+        }
+    }
+
+    /// Rows a thread (the generator's R): 4, or 3 where that pads the
+    /// sequence to fewer rows (subgroup kernels, e.g. 65 tokens: 72 rows
+    /// instead of 96).
+    fn rows(&self) -> usize {
+        if self.sg && 3 * self.blocks(3) < 4 * self.blocks(4) {
+            3
+        } else {
+            4
+        }
+    }
+
+    fn shader(&self, kernel: &str) -> (&'static Shader, String) {
+        match (self.sg, self.rows()) {
+            (true, 3) => (&SHADER_SG, format!("{kernel}_sg_{}_r3", self.dh)),
+            (true, _) => (&SHADER_SG, format!("{kernel}_sg_{}", self.dh)),
+            _ => (&SHADER, format!("{kernel}_{}", self.dh)),
         }
     }
 
     fn params(&self, mask: &Mask) -> ([u32; 12], usize) {
-        let mut nblk = self.t.div_ceil(ROWS);
-        if self.sg {
-            // A subgroup never spans two (batch, head) pairs.
-            nblk = nblk.next_multiple_of(8);
-        }
+        let nblk = self.blocks(self.rows());
         let total = self.b * self.h * nblk;
         let p = [
             u(self.b),
