@@ -1,7 +1,7 @@
 mod common;
 use clip_wgpu::ops::layernorm::{
-    backward_dx, backward_params, forward_with, layernorm, layernorm_backward_ref, layernorm_ref,
-    Rows,
+    backward_dx, backward_dx_into, backward_params, forward_with, layernorm,
+    layernorm_backward_ref, layernorm_ref, Rows,
 };
 use clip_wgpu::Tape;
 use common::*;
@@ -43,6 +43,12 @@ fn check(rows: usize, cols: usize, layout: Rows, seed: u64) {
     let (dg, db) = backward_params(&dyt, &xt, &mean, &rstd).unwrap();
     let (dx_ref, dg_ref, db_ref) = layernorm_backward_ref(&dy, &x, &gamma, cols, EPS);
     assert_close(&format!("{name} dx"), &download(&dx), &dx_ref, 5e-5);
+    // Added into a pending gradient (the tape's in-place accumulation).
+    let pending = r.vec(rows * cols, 1.0);
+    let pt = upload(&gpu, &pending, &[rows, cols]);
+    let sum = backward_dx_into(&dyt, &xt, &gt, &mean, &rstd, Some(layout), Some(pt)).unwrap();
+    let want: Vec<f64> = dx_ref.iter().zip(&pending).map(|(a, b)| a + b).collect();
+    assert_close(&format!("{name} dx added"), &download(&sum), &want, 5e-5);
     let tol = 1e-5 * (rows as f64).sqrt().max(1.0);
     assert_close(&format!("{name} dgamma"), &download(&dg), &dg_ref, tol);
     assert_close(&format!("{name} dbeta"), &download(&db), &db_ref, tol);
