@@ -44,6 +44,20 @@ pub fn pooled_positions(ids: &[u32], batch: usize, len: usize, eos: u32) -> Vec<
         .collect()
 }
 
+/// The first `keep` positions of each row of a [batch, len] host array.
+pub(crate) fn keep_prefix<T: Copy>(x: &[T], batch: usize, len: usize, keep: usize) -> Vec<T> {
+    (0..batch)
+        .flat_map(|b| x[b * len..b * len + keep].iter().copied())
+        .collect()
+}
+
+/// Whether text runs at its padded length (`CLIP_WGPU_FULL_TEXT=1`, for
+/// comparing kernel speed with frameworks that do) instead of stopping at
+/// the last position the output depends on.
+pub(crate) fn full_text() -> bool {
+    std::env::var_os("CLIP_WGPU_FULL_TEXT").is_some_and(|v| v != "0")
+}
+
 impl ClipTextTower {
     pub fn new(l: &mut Layout, prefix: &str, cfg: &ClipTextConfig) -> Result<ClipTextTower> {
         let d = cfg.hidden_size;
@@ -94,6 +108,19 @@ impl ClipTextTower {
             "text length {len} exceeds max_position_embeddings {}",
             c.max_position_embeddings
         );
+        // Attention is causal, so positions after the last pooled token feed
+        // nothing the output depends on: run only the prefix up to it (the
+        // same pooled states and gradients; less work on padded batches).
+        let pooled = pooled_positions(ids, batch, len, c.eos_token_id);
+        let keep = match pooled.iter().max() {
+            Some(&m) if !full_text() => m + 1,
+            _ => len,
+        };
+        let (ids, mask) = (
+            &keep_prefix(ids, batch, len, keep)[..],
+            &keep_prefix(mask, batch, len, keep)[..],
+        );
+        let len = keep;
         let tok = embedding(tape, &p[self.tok], ids, &[batch, len])?;
         let positions: Vec<u32> = (0..len as u32).collect();
         let pos = embedding(tape, &p[self.pos], &positions, &[len])?;
@@ -108,7 +135,7 @@ impl ClipTextTower {
             x = layer.forward(tape, p, &x, &m)?;
         }
         x = self.final_ln.forward(tape, p, &x)?;
-        let rows: Vec<u32> = pooled_positions(ids, batch, len, c.eos_token_id)
+        let rows: Vec<u32> = pooled
             .into_iter()
             .enumerate()
             .map(|(b, t)| (b * len + t) as u32)

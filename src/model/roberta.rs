@@ -2,6 +2,7 @@
 //! run_clip.py): post-LN encoder, erf GELU, position ids counted over
 //! non-padding tokens from padding_idx + 1, pooled = tanh(dense(h[<s>])).
 
+use super::clip_text::{full_text, keep_prefix};
 use super::config::RobertaConfig;
 use super::layers::{LayerNorm, Linear};
 use super::params::{Layout, ParamVars};
@@ -131,6 +132,20 @@ impl RobertaTower {
                 c.max_position_embeddings
             );
         }
+        // Positions after every row's last attended token are masked keys
+        // and their outputs unused (pooled at the first token): run only the
+        // prefix up to the last one (same outputs and gradients).
+        let keep = (0..len)
+            .rev()
+            .find(|&t| (0..batch).any(|b| mask[b * len + t] != 0.0))
+            .map_or(len, |t| t + 1);
+        let keep = if full_text() { len } else { keep };
+        let (ids, mask, pos_ids) = (
+            &keep_prefix(ids, batch, len, keep)[..],
+            &keep_prefix(mask, batch, len, keep)[..],
+            keep_prefix(&pos_ids, batch, len, keep),
+        );
+        let len = keep;
         let w = embedding(tape, &p[self.word], ids, &[batch, len])?;
         let pe = embedding(tape, &p[self.pos], &pos_ids, &[batch, len])?;
         let tt = embedding(tape, &p[self.token_type], &[0], &[1])?;
