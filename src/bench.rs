@@ -534,6 +534,9 @@ pub struct StepTimes {
     pub step_submits: f64,
     /// GPU time per kernel over one more (profiled) step.
     pub kernels: Vec<KernelTime>,
+    /// Text positions in the batch (padded) and those the text tower runs.
+    pub text_len: usize,
+    pub text_run: usize,
 }
 
 /// One training step of a model on fixed inputs (deterministic filler
@@ -707,6 +710,8 @@ pub fn training_step(
         step_ms: med(whole) * 1e3,
         step_submits: whole_submits,
         kernels,
+        text_len: sb.b.ids.len() / batch,
+        text_run: sb.model.text_run_len(&sb.b),
     })
 }
 

@@ -294,6 +294,7 @@ fn bench(
                 "allocations_after_first_step": st.allocations_after_first_step,
                 "submits_per_step": st.submits_per_step,
                 "whole_step_ms": st.step_ms, "whole_step_submits": st.step_submits,
+                "text_len": st.text_len, "text_positions_run": st.text_run,
                 "kernels": kernels,
             })
         );
@@ -316,6 +317,11 @@ fn bench(
             st.step_ms,
             batch as f64 * 1e3 / st.step_ms,
             st.step_submits
+        );
+        println!(
+            "text padded to {} tokens; the text tower runs the first {} (through the last position its \
+             output depends on; CLIP_WGPU_FULL_TEXT=1 runs all)",
+            st.text_len, st.text_run
         );
         bench::print_kernel_times(&st.kernels, gpu.has_timestamps());
     }

@@ -180,6 +180,15 @@ impl ClipModel {
         self.text_projection.forward(tape, p, &pooled)
     }
 
+    /// How many of the batch's text positions the text tower runs (see the
+    /// towers' `run_len`).
+    pub fn text_run_len(&self, b: &Batch) -> usize {
+        match &self.text {
+            TextTower::Clip(t) => t.run_len(&b.ids, b.batch),
+            TextTower::Roberta(_) => RobertaTower::run_len(&b.mask, b.batch),
+        }
+    }
+
     /// Embeddings, logits and the symmetric contrastive loss.
     pub fn forward(&self, tape: &mut Tape, p: &ParamVars, b: &Batch) -> Result<ClipOutput> {
         ensure!(

@@ -92,6 +92,19 @@ impl ClipTextTower {
         })
     }
 
+    /// How many positions of ids [B, T] the tower runs: through the last
+    /// pooled token (all T with `CLIP_WGPU_FULL_TEXT=1`).
+    pub fn run_len(&self, ids: &[u32], batch: usize) -> usize {
+        let len = ids.len() / batch.max(1);
+        match pooled_positions(ids, batch, len, self.cfg.eos_token_id)
+            .iter()
+            .max()
+        {
+            Some(&m) if !full_text() => m + 1,
+            _ => len,
+        }
+    }
+
     /// ids and mask [B, T] (host) -> pooled [B, D].
     pub fn forward(
         &self,
@@ -112,10 +125,7 @@ impl ClipTextTower {
         // nothing the output depends on: run only the prefix up to it (the
         // same pooled states and gradients; less work on padded batches).
         let pooled = pooled_positions(ids, batch, len, c.eos_token_id);
-        let keep = match pooled.iter().max() {
-            Some(&m) if !full_text() => m + 1,
-            _ => len,
-        };
+        let keep = self.run_len(ids, batch);
         let (ids, mask) = (
             &keep_prefix(ids, batch, len, keep)[..],
             &keep_prefix(mask, batch, len, keep)[..],

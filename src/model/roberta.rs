@@ -113,6 +113,19 @@ impl RobertaTower {
         })
     }
 
+    /// How many positions of mask [B, T] the tower runs: through the last
+    /// attended one (all T with `CLIP_WGPU_FULL_TEXT=1`).
+    pub fn run_len(mask: &[f32], batch: usize) -> usize {
+        let len = mask.len() / batch.max(1);
+        if full_text() {
+            return len;
+        }
+        (0..len)
+            .rev()
+            .find(|&t| (0..batch).any(|b| mask[b * len + t] != 0.0))
+            .map_or(len, |t| t + 1)
+    }
+
     /// ids and mask [B, T] (host) -> pooled [B, D].
     pub fn forward(
         &self,
@@ -135,11 +148,7 @@ impl RobertaTower {
         // Positions after every row's last attended token are masked keys
         // and their outputs unused (pooled at the first token): run only the
         // prefix up to the last one (same outputs and gradients).
-        let keep = (0..len)
-            .rev()
-            .find(|&t| (0..batch).any(|b| mask[b * len + t] != 0.0))
-            .map_or(len, |t| t + 1);
-        let keep = if full_text() { len } else { keep };
+        let keep = Self::run_len(mask, batch);
         let (ids, mask, pos_ids) = (
             &keep_prefix(ids, batch, len, keep)[..],
             &keep_prefix(mask, batch, len, keep)[..],
