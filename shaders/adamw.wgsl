@@ -17,13 +17,11 @@ struct Params {
 @group(0) @binding(4) var<storage, read_write> v: array<f32>;     // exp_avg_sq
 @group(0) @binding(5) var<storage, read> clip: array<f32>;        // [total_norm, coef] (optional)
 
-// w = [sqrt(sum of the n partial sums of squares), min(1, max_norm /
-// (total + 1e-6))], summed in order by one thread.
+// w = [sqrt(g[0]), min(1, max_norm / (total + 1e-6))] from the sum of
+// squares of every gradient in g[0].
 @compute @workgroup_size(1, 1, 1)
 fn norm() {
-    var s = 0.0;
-    for (var k = 0u; k < p.n; k++) { s += g[k]; }
-    let total = sqrt(s);
+    let total = sqrt(g[0]);
     w[0] = total;
     w[1] = min(1.0, p.max_norm / (total + 1e-6));
 }

@@ -23,12 +23,12 @@
 // d(pre-activation) in the same pass). ACT_KIND: an activation of
 // activation.wgsl. BIAS_GRAD (TRANS_A only): aux[i] = sum_k op(A)[i, k] as
 // well, from the A loads the product makes anyway (with A = dY of a linear
-// layer, its bias gradient). The Params fields of the same names are unused.
+// layer, its bias gradient). Params has_bias / accumulate (matmul.wgsl's
+// runtime switches) are unused here.
 struct Params {
     m: u32, n: u32, k: u32, lda: u32,
     ldb: u32, ldc: u32, a_bs: u32, b_bs: u32,
     c_bs: u32, has_bias: u32, accumulate: u32, alpha: f32,
-    act: u32, act_mode: u32, _b: u32, _c: u32,
 }
 
 override TRANS_A: bool = false;

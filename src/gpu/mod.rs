@@ -676,7 +676,8 @@ fn profile_label(
             _ => s.push_str(&format!(" {k}={v}")),
         }
     }
-    if std::env::var_os("CLIP_WGPU_PROFILE_PARAMS").is_some() {
+    static WITH_PARAMS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    if *WITH_PARAMS.get_or_init(|| std::env::var_os("CLIP_WGPU_PROFILE_PARAMS").is_some()) {
         s.push_str(&format!(" {params:?}"));
     }
     s

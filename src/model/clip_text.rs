@@ -51,6 +51,14 @@ pub(crate) fn keep_prefix<T: Copy>(x: &[T], batch: usize, len: usize, keep: usiz
         .collect()
 }
 
+/// Positions run for `pooled` tokens of rows of `len`: through the last.
+fn keep_len(pooled: &[usize], len: usize) -> usize {
+    match pooled.iter().max() {
+        Some(&m) if !full_text() => m + 1,
+        _ => len,
+    }
+}
+
 /// Whether text runs at its padded length (`CLIP_WGPU_FULL_TEXT=1`, for
 /// comparing kernel speed with frameworks that do) instead of stopping at
 /// the last position the output depends on.
@@ -96,13 +104,10 @@ impl ClipTextTower {
     /// pooled token (all T with `CLIP_WGPU_FULL_TEXT=1`).
     pub fn run_len(&self, ids: &[u32], batch: usize) -> usize {
         let len = ids.len() / batch.max(1);
-        match pooled_positions(ids, batch, len, self.cfg.eos_token_id)
-            .iter()
-            .max()
-        {
-            Some(&m) if !full_text() => m + 1,
-            _ => len,
-        }
+        keep_len(
+            &pooled_positions(ids, batch, len, self.cfg.eos_token_id),
+            len,
+        )
     }
 
     /// ids and mask [B, T] (host) -> pooled [B, D].
@@ -125,7 +130,7 @@ impl ClipTextTower {
         // nothing the output depends on: run only the prefix up to it (the
         // same pooled states and gradients; less work on padded batches).
         let pooled = pooled_positions(ids, batch, len, c.eos_token_id);
-        let keep = self.run_len(ids, batch);
+        let keep = keep_len(&pooled, len);
         let (ids, mask) = (
             &keep_prefix(ids, batch, len, keep)[..],
             &keep_prefix(mask, batch, len, keep)[..],

@@ -56,7 +56,6 @@ pub fn grad_norm(grads: &[&Tensor], max_norm: f32) -> Result<Tensor> {
     let sum = reduce::colsum(&partials, total, 1)?;
     let out = Tensor::empty(gpu, &[2])?;
     let mut params = [0u32; 12];
-    params[0] = 1;
     params[9] = f(max_norm);
     gpu.dispatch(
         &SHADER,

@@ -213,10 +213,6 @@ pub fn gemm_act_into(
         bias.is_some() as u32,
         g.accumulate as u32,
         f(g.alpha),
-        0,
-        0,
-        0,
-        0,
     ];
     let constants = [
         ("TRANS_A", g.ta as u32 as f64),
