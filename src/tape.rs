@@ -82,6 +82,12 @@ impl Grads {
     pub fn take(&mut self, v: &Var) -> Option<Tensor> {
         v.id.and_then(|id| self.map.remove(&id))
     }
+    /// Give leaf `v` a gradient to add into (ignored when `v` gets none).
+    pub fn insert(&mut self, v: &Var, g: Tensor) {
+        if let Some(id) = v.id {
+            self.map.insert(id, g);
+        }
+    }
     pub fn len(&self) -> usize {
         self.map.len()
     }
@@ -182,15 +188,25 @@ impl Tape {
 
     /// Backpropagate `grad` from `out`. Consumes the recorded nodes.
     pub fn backward_with(&mut self, out: &Var, grad: Tensor) -> Result<Grads> {
-        ensure!(
-            grad.shape() == out.t.shape(),
-            "seed gradient shape {:?} does not match output {:?}",
-            grad.shape(),
-            out.t.shape()
-        );
-        let mut grads: HashMap<VarId, Tensor> = HashMap::new();
-        if let Some(id) = out.id {
-            grads.insert(id, grad);
+        self.backward_seeded(vec![(out, grad)], Grads::default())
+    }
+
+    /// Backpropagate from several outputs at once, each seeded with its
+    /// gradient, adding into `into`: gradients the leaves already hold (from
+    /// earlier micro-batches), so each new contribution is summed into them
+    /// as it is made and no second set of gradients is ever held.
+    pub fn backward_seeded(&mut self, seeds: Vec<(&Var, Tensor)>, into: Grads) -> Result<Grads> {
+        let mut grads = into.map;
+        for (out, grad) in seeds {
+            ensure!(
+                grad.shape() == out.t.shape(),
+                "seed gradient shape {:?} does not match output {:?}",
+                grad.shape(),
+                out.t.shape()
+            );
+            if let Some(id) = out.id {
+                accumulate(&mut grads, id, grad)?;
+            }
         }
         while let Some(node) = self.nodes.pop() {
             let Some(g) = grads.remove(&node.out) else {

@@ -96,6 +96,55 @@ impl Tensor {
         Ok(t)
     }
 
+    /// Rows `start..start + count` of the leading dimension, copied into a
+    /// fresh tensor.
+    pub fn rows_copy(&self, start: usize, count: usize) -> Result<Tensor> {
+        let (n, row) = self.row_dims()?;
+        ensure!(
+            start + count <= n,
+            "rows {start}..{} of a tensor of {n} rows",
+            start + count
+        );
+        let mut shape = self.shape.clone();
+        shape[0] = count;
+        let t = Self::empty(self.gpu(), &shape)?;
+        self.gpu().copy_at(
+            self.buffer(),
+            (start * row * 4) as u64,
+            t.buffer(),
+            0,
+            (count * row * 4) as u64,
+        );
+        Ok(t)
+    }
+
+    /// Write `src` into rows `start..` of the leading dimension.
+    pub fn write_rows(&self, start: usize, src: &Tensor) -> Result<()> {
+        let (n, row) = self.row_dims()?;
+        let (m, src_row) = src.row_dims()?;
+        ensure!(
+            row == src_row && start + m <= n,
+            "cannot write {:?} at row {start} of {:?}",
+            src.shape,
+            self.shape
+        );
+        self.gpu().copy_at(
+            src.buffer(),
+            0,
+            self.buffer(),
+            (start * row * 4) as u64,
+            (m * row * 4) as u64,
+        );
+        Ok(())
+    }
+
+    /// (leading dimension, elements per leading index).
+    fn row_dims(&self) -> Result<(usize, usize)> {
+        ensure!(!self.shape.is_empty(), "a scalar has no rows");
+        let n = self.shape[0];
+        Ok((n, self.numel() / n.max(1)))
+    }
+
     /// Same buffer, new shape with the same element count.
     pub fn reshape(&self, shape: &[usize]) -> Result<Tensor> {
         let n: usize = shape.iter().product();

@@ -507,9 +507,22 @@ impl Gpu {
 
     /// Record a copy of `bytes` bytes from `src` at `offset` to the start of `dst`.
     pub fn copy_range(&self, src: &wgpu::Buffer, offset: u64, dst: &wgpu::Buffer, bytes: u64) {
+        self.copy_at(src, offset, dst, 0, bytes);
+    }
+
+    /// Record a copy of `bytes` bytes from `src` at `src_offset` to `dst` at
+    /// `dst_offset` (offsets and size multiples of 4).
+    pub fn copy_at(
+        &self,
+        src: &wgpu::Buffer,
+        src_offset: u64,
+        dst: &wgpu::Buffer,
+        dst_offset: u64,
+        bytes: u64,
+    ) {
         let mut rec = self.rec.lock().unwrap();
         self.encoder(&mut rec)
-            .copy_buffer_to_buffer(src, offset, dst, 0, bytes);
+            .copy_buffer_to_buffer(src, src_offset, dst, dst_offset, bytes);
     }
 
     /// Submit everything recorded so far (does not wait).

@@ -159,9 +159,61 @@ impl ClipModel {
         }
     }
 
+    /// Turn gradient checkpointing on or off in both towers (transformers'
+    /// `gradient_checkpointing_enable`): each encoder layer keeps only its
+    /// input and recomputes its activations in the backward.
+    pub fn set_gradient_checkpointing(&mut self, on: bool) {
+        self.vision.gradient_checkpointing = on;
+        match &mut self.text {
+            TextTower::Clip(t) => t.gradient_checkpointing = on,
+            TextTower::Roberta(t) => t.gradient_checkpointing = on,
+        }
+    }
+
+    /// Whether no parameter of the tower under `prefix` (`vision_model.` or
+    /// `text_model.`) trains.
+    pub fn tower_frozen(&self, prefix: &str) -> bool {
+        self.params
+            .params
+            .iter()
+            .filter(|p| p.name.starts_with(prefix))
+            .all(|p| !p.trainable)
+    }
+
+    /// The vision tower's pooled output [B, D] (before the projection).
+    pub fn image_pooled(&self, tape: &mut Tape, p: &ParamVars, pixels: &Tensor) -> Result<Var> {
+        self.vision.forward(tape, p, &Var::constant(pixels.clone()))
+    }
+
+    /// The text tower's pooled output [B, D] (before the projection).
+    pub fn text_pooled(
+        &self,
+        tape: &mut Tape,
+        p: &ParamVars,
+        ids: &[u32],
+        mask: &[f32],
+        batch: usize,
+    ) -> Result<Var> {
+        match &self.text {
+            TextTower::Clip(t) => t.forward(tape, p, ids, mask, batch),
+            TextTower::Roberta(t) => t.forward(tape, p, ids, mask, batch),
+        }
+    }
+
+    /// L2-normalised image embeddings from the vision tower's pooled output.
+    pub fn image_embeds(&self, tape: &mut Tape, p: &ParamVars, pooled: &Var) -> Result<Var> {
+        let f = self.visual_projection.forward(tape, p, pooled)?;
+        l2_normalize(tape, &f)
+    }
+
+    /// L2-normalised text embeddings from the text tower's pooled output.
+    pub fn text_embeds(&self, tape: &mut Tape, p: &ParamVars, pooled: &Var) -> Result<Var> {
+        let f = self.text_projection.forward(tape, p, pooled)?;
+        l2_normalize(tape, &f)
+    }
+
     pub fn image_features(&self, tape: &mut Tape, p: &ParamVars, pixels: &Tensor) -> Result<Var> {
-        let px = Var::constant(pixels.clone());
-        let pooled = self.vision.forward(tape, p, &px)?;
+        let pooled = self.image_pooled(tape, p, pixels)?;
         self.visual_projection.forward(tape, p, &pooled)
     }
 
@@ -173,10 +225,7 @@ impl ClipModel {
         mask: &[f32],
         batch: usize,
     ) -> Result<Var> {
-        let pooled = match &self.text {
-            TextTower::Clip(t) => t.forward(tape, p, ids, mask, batch)?,
-            TextTower::Roberta(t) => t.forward(tape, p, ids, mask, batch)?,
-        };
+        let pooled = self.text_pooled(tape, p, ids, mask, batch)?;
         self.text_projection.forward(tape, p, &pooled)
     }
 
@@ -189,8 +238,8 @@ impl ClipModel {
         }
     }
 
-    /// Embeddings, logits and the symmetric contrastive loss.
-    pub fn forward(&self, tape: &mut Tape, p: &ParamVars, b: &Batch) -> Result<ClipOutput> {
+    /// Both towers' L2-normalised embeddings of a batch, [B, E] each.
+    pub fn embeds(&self, tape: &mut Tape, p: &ParamVars, b: &Batch) -> Result<(Var, Var)> {
         ensure!(
             b.ids.len() == b.mask.len() && b.batch > 0 && b.ids.len().is_multiple_of(b.batch),
             "batch: {} ids and {} mask values for {} rows",
@@ -198,10 +247,16 @@ impl ClipModel {
             b.mask.len(),
             b.batch
         );
-        let img = self.image_features(tape, p, &b.pixels)?;
-        let txt = self.text_features(tape, p, &b.ids, &b.mask, b.batch)?;
-        let image_embeds = l2_normalize(tape, &img)?;
-        let text_embeds = l2_normalize(tape, &txt)?;
+        let img = self.image_pooled(tape, p, &b.pixels)?;
+        let img = self.image_embeds(tape, p, &img)?;
+        let txt = self.text_pooled(tape, p, &b.ids, &b.mask, b.batch)?;
+        let txt = self.text_embeds(tape, p, &txt)?;
+        Ok((img, txt))
+    }
+
+    /// Embeddings, logits and the symmetric contrastive loss.
+    pub fn forward(&self, tape: &mut Tape, p: &ParamVars, b: &Batch) -> Result<ClipOutput> {
+        let (image_embeds, text_embeds) = self.embeds(tape, p, b)?;
         let out = clip_loss(tape, &image_embeds, &text_embeds, &p[self.logit_scale])?;
         Ok(ClipOutput {
             image_embeds,

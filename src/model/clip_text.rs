@@ -19,6 +19,8 @@ pub struct ClipTextTower {
     pos: usize,
     layers: Vec<ClipEncoderLayer>,
     final_ln: LayerNorm,
+    /// Recompute each encoder layer's activations in the backward.
+    pub gradient_checkpointing: bool,
 }
 
 /// The token whose hidden state is pooled, per transformers: with the legacy
@@ -97,6 +99,7 @@ impl ClipTextTower {
                 cfg.layer_norm_eps,
             ),
             cfg: cfg.clone(),
+            gradient_checkpointing: false,
         })
     }
 
@@ -147,7 +150,7 @@ impl ClipTextTower {
             keys: None,
         };
         for layer in &self.layers {
-            x = layer.forward(tape, p, &x, &m)?;
+            x = layer.forward_ckpt(tape, p, &x, &m, self.gradient_checkpointing)?;
         }
         x = self.final_ln.forward(tape, p, &x)?;
         let rows: Vec<u32> = pooled

@@ -2,6 +2,7 @@
 //! pre-LN encoder layer, as indices into the parameter store.
 
 use super::params::{Layout, ParamVars};
+use super::recompute::checkpointed;
 use crate::ops::activation::Act;
 use crate::ops::attention::attention;
 use crate::ops::elementwise::add_var;
@@ -62,6 +63,7 @@ impl LayerNorm {
 }
 
 /// CLIPEncoderLayer: x += attn(ln1(x)); x += fc2(act(fc1(ln2(x)))).
+#[derive(Clone)]
 pub struct ClipEncoderLayer {
     ln1: LayerNorm,
     q: Linear,
@@ -98,6 +100,34 @@ impl ClipEncoderLayer {
             heads,
             act,
         }
+    }
+
+    /// Store indices of the layer's parameters.
+    pub fn params(&self) -> Vec<usize> {
+        let norms = [self.ln1, self.ln2].into_iter().flat_map(|l| [l.g, l.b]);
+        let linears = [self.q, self.k, self.v, self.o, self.fc1, self.fc2]
+            .into_iter()
+            .flat_map(|l| std::iter::once(l.w).chain(l.b));
+        norms.chain(linears).collect()
+    }
+
+    /// `forward`, its activations recomputed in the backward
+    /// (gradient checkpointing) when `checkpoint`.
+    pub fn forward_ckpt(
+        &self,
+        tape: &mut Tape,
+        p: &ParamVars,
+        x: &Var,
+        mask: &Mask,
+        checkpoint: bool,
+    ) -> Result<Var> {
+        if !checkpoint {
+            return self.forward(tape, p, x, mask);
+        }
+        let (layer, mask) = (self.clone(), mask.clone());
+        checkpointed(tape, p, &self.params(), x, move |t, p, x| {
+            layer.forward(t, p, x, &mask)
+        })
     }
 
     pub fn forward(&self, tape: &mut Tape, p: &ParamVars, x: &Var, mask: &Mask) -> Result<Var> {

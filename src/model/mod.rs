@@ -7,6 +7,7 @@ pub mod init;
 pub mod layers;
 pub mod params;
 pub mod prepare;
+pub mod recompute;
 pub mod roberta;
 pub mod vision;
 pub mod weights;

@@ -145,6 +145,19 @@ impl ParamStore {
         vars.0.iter().map(|v| grads.take(v)).collect()
     }
 
+    /// Gradients held so far (store order, from `grads` of an earlier
+    /// tape) as pending gradients of this tape's variables, for
+    /// `Tape::backward_seeded` to add into.
+    pub fn pending(&self, vars: &ParamVars, held: Vec<Option<Tensor>>) -> Grads {
+        let mut g = Grads::default();
+        for (v, t) in vars.0.iter().zip(held) {
+            if let Some(t) = t {
+                g.insert(v, t);
+            }
+        }
+        g
+    }
+
     pub fn index_of(&self, name: &str) -> Option<usize> {
         self.params.iter().position(|p| p.name == name)
     }

@@ -6,6 +6,7 @@ use super::clip_text::{full_text, keep_prefix};
 use super::config::RobertaConfig;
 use super::layers::{LayerNorm, Linear};
 use super::params::{Layout, ParamVars};
+use super::recompute::checkpointed;
 use crate::ops::activation::{act, Act};
 use crate::ops::attention::attention;
 use crate::ops::elementwise::add_var;
@@ -15,6 +16,7 @@ use crate::tape::{Tape, Var};
 use crate::tensor::Tensor;
 use anyhow::{ensure, Result};
 
+#[derive(Clone)]
 struct RobertaLayer {
     q: Linear,
     k: Linear,
@@ -24,6 +26,54 @@ struct RobertaLayer {
     inter: Linear,
     out: Linear,
     out_ln: LayerNorm,
+    heads: usize,
+    act: Act,
+}
+
+impl RobertaLayer {
+    fn params(&self) -> Vec<usize> {
+        let norms = [self.attn_ln, self.out_ln]
+            .into_iter()
+            .flat_map(|l| [l.g, l.b]);
+        let linears = [self.q, self.k, self.v, self.attn_out, self.inter, self.out]
+            .into_iter()
+            .flat_map(|l| std::iter::once(l.w).chain(l.b));
+        norms.chain(linears).collect()
+    }
+
+    /// Post-LN: h = LN(x + attn(x)); LN(h + out(act(inter(h)))).
+    fn forward(&self, tape: &mut Tape, p: &ParamVars, x: &Var, m: &Mask) -> Result<Var> {
+        let q = self.q.forward(tape, p, x)?;
+        let k = self.k.forward(tape, p, x)?;
+        let v = self.v.forward(tape, p, x)?;
+        let a = attention(tape, &q, &k, &v, self.heads, m)?;
+        let a = self.attn_out.forward(tape, p, &a)?;
+        let h = add_var(tape, &a, x)?;
+        let h = self.attn_ln.forward(tape, p, &h)?;
+        let i = self.inter.forward(tape, p, &h)?;
+        let i = act(tape, &i, self.act)?;
+        let o = self.out.forward(tape, p, &i)?;
+        let o = add_var(tape, &o, &h)?;
+        self.out_ln.forward(tape, p, &o)
+    }
+
+    /// `forward`, recomputed in the backward when `checkpoint`.
+    fn forward_ckpt(
+        &self,
+        tape: &mut Tape,
+        p: &ParamVars,
+        x: &Var,
+        m: &Mask,
+        checkpoint: bool,
+    ) -> Result<Var> {
+        if !checkpoint {
+            return self.forward(tape, p, x, m);
+        }
+        let (layer, m) = (self.clone(), m.clone());
+        checkpointed(tape, p, &self.params(), x, move |t, p, x| {
+            layer.forward(t, p, x, &m)
+        })
+    }
 }
 
 pub struct RobertaTower {
@@ -34,7 +84,8 @@ pub struct RobertaTower {
     emb_ln: LayerNorm,
     layers: Vec<RobertaLayer>,
     pooler: Linear,
-    act: Act,
+    /// Recompute each encoder layer's activations in the backward.
+    pub gradient_checkpointing: bool,
 }
 
 /// transformers' create_position_ids_from_input_ids: padding tokens keep
@@ -57,6 +108,7 @@ impl RobertaTower {
     pub fn new(l: &mut Layout, prefix: &str, cfg: &RobertaConfig) -> Result<RobertaTower> {
         let d = cfg.hidden_size;
         let eps = cfg.layer_norm_eps;
+        let act = Act::from_hf(&cfg.hidden_act)?;
         let e = format!("{prefix}.embeddings");
         Ok(RobertaTower {
             word: l.add(format!("{e}.word_embeddings.weight"), &[cfg.vocab_size, d]),
@@ -104,12 +156,14 @@ impl RobertaTower {
                             true,
                         ),
                         out_ln: LayerNorm::new(l, &format!("{p}.output.LayerNorm"), d, eps),
+                        heads: cfg.num_attention_heads,
+                        act,
                     }
                 })
                 .collect(),
             pooler: Linear::new(l, &format!("{prefix}.pooler.dense"), d, d, true),
-            act: Act::from_hf(&cfg.hidden_act)?,
             cfg: cfg.clone(),
+            gradient_checkpointing: false,
         })
     }
 
@@ -168,18 +222,7 @@ impl RobertaTower {
             keys: None,
         };
         for layer in &self.layers {
-            let q = layer.q.forward(tape, p, &x)?;
-            let k = layer.k.forward(tape, p, &x)?;
-            let v = layer.v.forward(tape, p, &x)?;
-            let a = attention(tape, &q, &k, &v, c.num_attention_heads, &m)?;
-            let a = layer.attn_out.forward(tape, p, &a)?;
-            let h = add_var(tape, &a, &x)?;
-            let h = layer.attn_ln.forward(tape, p, &h)?;
-            let i = layer.inter.forward(tape, p, &h)?;
-            let i = act(tape, &i, self.act)?;
-            let o = layer.out.forward(tape, p, &i)?;
-            let o = add_var(tape, &o, &h)?;
-            x = layer.out_ln.forward(tape, p, &o)?;
+            x = layer.forward_ckpt(tape, p, &x, &m, self.gradient_checkpointing)?;
         }
         let first: Vec<u32> = (0..batch).map(|b| (b * len) as u32).collect();
         let h0 = embedding(tape, &x, &first, &[batch])?;

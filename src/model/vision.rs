@@ -20,6 +20,8 @@ pub struct VisionTower {
     pre_ln: LayerNorm,
     layers: Vec<ClipEncoderLayer>,
     post_ln: LayerNorm,
+    /// Recompute each encoder layer's activations in the backward.
+    pub gradient_checkpointing: bool,
 }
 
 impl VisionTower {
@@ -59,6 +61,7 @@ impl VisionTower {
                 cfg.layer_norm_eps,
             ),
             cfg: cfg.clone(),
+            gradient_checkpointing: false,
         })
     }
 
@@ -83,7 +86,7 @@ impl VisionTower {
             keys: None,
         };
         for layer in &self.layers {
-            x = layer.forward(tape, p, &x, &none)?;
+            x = layer.forward_ckpt(tape, p, &x, &none, self.gradient_checkpointing)?;
         }
         // Token 0 of each image: rows b*T of the hidden states viewed [B*T, D].
         let t = x.shape()[1];

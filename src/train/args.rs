@@ -52,6 +52,7 @@
 //! Paths are not touched while parsing; [`TrainArgs::check_paths`] checks
 //! them and explains the no-Hub situation for names that are not local.
 
+use super::accumulate::AccumulationLoss;
 use super::schedule::Schedule;
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use serde_json::{json, Map, Value};
@@ -144,6 +145,11 @@ pub struct TrainArgs {
     pub per_device_train_batch_size: usize,
     pub per_device_eval_batch_size: usize,
     pub gradient_accumulation_steps: usize,
+    /// What the loss of an accumulation group is: one contrastive loss over
+    /// all its pairs (default), or each micro-batch's own (the Trainer's).
+    pub accumulation_loss: AccumulationLoss,
+    /// Recompute each encoder layer's activations in the backward.
+    pub gradient_checkpointing: bool,
     pub learning_rate: f64,
     pub weight_decay: f64,
     pub adam_beta1: f64,
@@ -238,6 +244,8 @@ impl Default for TrainArgs {
             per_device_train_batch_size: 8,
             per_device_eval_batch_size: 8,
             gradient_accumulation_steps: 1,
+            accumulation_loss: AccumulationLoss::Full,
+            gradient_checkpointing: false,
             learning_rate: 5e-5,
             weight_decay: 0.0,
             adam_beta1: 0.9,
@@ -567,6 +575,8 @@ impl TrainArgs {
             "gradient_accumulation_steps",
             json!(self.gradient_accumulation_steps),
         );
+        put("accumulation_loss", json!(self.accumulation_loss.as_str()));
+        put("gradient_checkpointing", json!(self.gradient_checkpointing));
         put("learning_rate", json!(self.learning_rate));
         put("weight_decay", json!(self.weight_decay));
         put("adam_beta1", json!(self.adam_beta1));
@@ -745,7 +755,7 @@ const PIPELINE: &str =
     "batches are built directly from the image and caption columns, decoded on the fly";
 const DEVICE: &str = "the device is a wgpu adapter: pick it with --backend and --adapter";
 const MEMORY: &str =
-    "activations are kept for the backward pass; nothing is recomputed or offloaded";
+    "memory is managed by the buffer pool; see --gradient_checkpointing and --gradient_accumulation_steps";
 const BEST: &str = "it only matters with --load_best_model_at_end or --save_strategy best, which are not supported";
 
 use Takes::{Bool, One};
@@ -815,7 +825,9 @@ static SPECS: &[Spec] = &[
         "Evaluation batch size. Default 8."),
     alias("per_gpu_eval_batch_size", One, "per_device_eval_batch_size"),
     set("gradient_accumulation_steps", One, |a, v| { a.gradient_accumulation_steps = parse_usize(v)?; Ok(()) },
-        "Batches per optimizer step. Default 1."),
+        "Batches per optimizer step; with --accumulation_loss full (the default) their contrastive loss is one over all of them, exactly as one batch of N x the batch size. Default 1."),
+    set("accumulation_loss", One, |a, v| { a.accumulation_loss = AccumulationLoss::parse(v)?; Ok(()) },
+        "full: one contrastive loss over every pair of the accumulated batches (gradient caching: one extra forward per batch); micro: each batch's own loss, averaged (the Hugging Face Trainer's meaning, negatives only within a batch). Default full."),
     set("learning_rate", One, |a, v| { a.learning_rate = parse_f64(v)?; Ok(()) },
         "Peak AdamW learning rate. Default 5e-5."),
     set("weight_decay", One, |a, v| { a.weight_decay = parse_f64(v)?; Ok(()) },
@@ -1010,10 +1022,11 @@ static SPECS: &[Spec] = &[
     note("use_liger_kernel", NO_COMPILE),
     note("liger_kernel_config", NO_COMPILE),
     // memory
-    note("gradient_checkpointing", MEMORY),
-    note("gradient_checkpointing_kwargs", MEMORY),
-    note("activation_checkpointing", MEMORY),
-    note("activation_checkpointing_kwargs", MEMORY),
+    set("gradient_checkpointing", Bool, |a, v| { a.gradient_checkpointing = parse_bool(v)?; Ok(()) },
+        "Keep only each encoder layer's input in the forward and recompute the layer in the backward: less activation memory for about one more forward. Default false."),
+    alias("activation_checkpointing", Bool, "gradient_checkpointing"),
+    note("gradient_checkpointing_kwargs", "checkpointing is per encoder layer, with no options"),
+    note("activation_checkpointing_kwargs", "checkpointing is per encoder layer, with no options"),
     note("torch_empty_cache_steps", MEMORY),
     // checkpoints and the rest
     note("save_safetensors", "weights are always saved as safetensors"),

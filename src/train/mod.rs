@@ -6,9 +6,12 @@
 //!   `TrainingArguments`), plus this tool's own flags.
 //! - [`schedule`]: learning rate per optimizer step, as
 //!   `transformers.get_scheduler` computes it.
+//! - [`accumulate`]: a step's gradients from several micro-batches, with
+//!   one contrastive loss over all of them (gradient caching).
 //! - [`metrics`]: retrieval recall@K, the JSON-lines metrics log and the loss
 //!   chart.
 
+pub mod accumulate;
 pub mod args;
 pub mod checkpoint;
 pub mod metrics;

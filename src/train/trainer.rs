@@ -47,6 +47,7 @@ use crate::ops::clamp::clamp_inplace;
 use crate::ops::reduce::sumsq;
 use crate::tape::Tape;
 use crate::tensor::Tensor;
+use crate::train::accumulate::{group_grads, AccumulationLoss};
 use crate::train::args::{DataSource, Resume, TrainArgs};
 use crate::train::checkpoint::{self, ProcessingFiles, RunState};
 use crate::train::metrics::{loss_curve_png, recall_at_k, MetricsLog};
@@ -848,6 +849,9 @@ pub fn run(args: &TrainArgs, gpu: &Arc<Gpu>) -> Result<Value> {
             .model
             .freeze(args.freeze_vision_model, args.freeze_text_model);
     }
+    setup
+        .model
+        .set_gradient_checkpointing(args.gradient_checkpointing);
     let mut results = serde_json::Map::new();
     let mut before = None;
     let max_len = setup.max_len;
@@ -1053,12 +1057,27 @@ fn train_loop(
         "gradient_accumulation_steps": accum,
         "max_steps": total,
     });
+    let contrastive = match (accum, args.accumulation_loss) {
+        (1, _) => String::new(),
+        (_, AccumulationLoss::Full) => format!(
+            " (one contrastive loss over all {} pairs of a step: --accumulation_loss full)",
+            bs * accum
+        ),
+        (_, AccumulationLoss::Micro) => {
+            format!(" (a contrastive loss per batch of {bs}, averaged: --accumulation_loss micro)")
+        }
+    };
     log(&format!(
-        "training: {} examples, batch {bs}, {accum} accumulation step(s), {total} optimizer steps, warmup {warmup}, \
-         {} schedule, lr {}",
+        "training: {} examples, batch {bs}, {accum} accumulation step(s){contrastive}, {total} optimizer steps, \
+         warmup {warmup}, {} schedule, lr {}{}",
         examples.len(),
         args.lr_scheduler_type,
-        args.learning_rate
+        args.learning_rate,
+        if args.gradient_checkpointing {
+            ", gradient checkpointing"
+        } else {
+            ""
+        }
     ));
     let mut metrics = MetricsLog::open(&metrics_path)?;
     let s = setup.model.config.vision.image_size;
@@ -1085,6 +1104,7 @@ fn train_loop(
     let mut total_loss = 0.0f64;
     let mut loss_steps = 0usize;
     let mut steps_run = 0usize;
+    let mut examples_run = 0usize;
     // From here on SIGINT / SIGTERM mean: checkpoint at the step's end, stop.
     arm_interrupts();
     at.started = true;
@@ -1100,65 +1120,47 @@ fn train_loop(
             args,
             args.dataloader_drop_last,
         )?;
-        let mut acc: Option<Vec<Option<Tensor>>> = None;
-        let mut micro = 0usize;
-        let mut step_loss = 0.0f64;
-        // Micro-batch losses, read after the gradient norm so that a step
-        // waits for the GPU once (forward, backward and norm in one submit).
-        let mut losses: Vec<Tensor> = Vec::new();
         loop {
-            let b = ld.next_batch()?;
-            let end_of_epoch = b.is_none();
+            // The next accumulation group: `accum` batches, fewer at the end
+            // of the epoch (kept on the host: full-batch accumulation runs
+            // each twice).
+            let mut group: Vec<LoadedBatch> = Vec::with_capacity(accum);
+            while group.len() < accum {
+                match ld.next_batch()? {
+                    Some(b) => group.push(b),
+                    None => break,
+                }
+            }
+            let end_of_epoch = group.len() < accum;
+            if group.is_empty() {
+                break;
+            }
             let step_no = state.global_step + 1;
-            if let Some(b) = &b {
+            for b in &group {
                 for (p, why) in &b.skipped {
                     skipped_total += 1;
                     if skipped_total <= 5 {
                         log(&format!("skipped {}: {why}", p.display()));
                     }
                 }
-                if micro == 0 {
-                    if faults.at("device_lost", step_no).is_some() {
-                        gpu.device.destroy();
-                    }
-                    if faults.at("oom", step_no).is_some() {
-                        // A real allocation failure: past the adapter's limit.
-                        let n = (gpu.limits.max_buffer_size / 4 + 1) as usize;
-                        Tensor::empty(&gpu, &[n])?;
-                    }
-                }
-                let mut tape = Tape::new();
-                let vars = setup.model.params.vars(&mut tape);
-                let out = setup
-                    .model
-                    .forward(&mut tape, &vars, &to_batch(&gpu, b, s)?)?;
-                // The Trainer divides the loss by the accumulation steps.
-                let seed = Tensor::scalar(&gpu, 1.0 / accum as f32)?;
-                let mut g = tape.backward_with(&out.loss, seed)?;
-                let grads = setup.model.params.grads(&vars, &mut g);
-                // A non-finite loss is judged with the gradients at the step.
-                losses.push(out.loss.tensor().clone());
                 images_since += b.batch;
-                acc = Some(match acc.take() {
-                    None => grads,
-                    Some(mut a) => {
-                        for (x, y) in a.iter_mut().zip(grads) {
-                            match (x.as_ref(), y) {
-                                (Some(x), Some(y)) => crate::ops::elementwise::add_assign(x, &y)?,
-                                (None, Some(y)) => *x = Some(y),
-                                _ => {}
-                            }
-                        }
-                        a
-                    }
-                });
-                micro += 1;
             }
-            // Step when the accumulation is full, or on the last partial
-            // group of an epoch (as the Trainer does).
-            if micro > 0 && (micro == accum || end_of_epoch) {
+            if faults.at("device_lost", step_no).is_some() {
+                gpu.device.destroy();
+            }
+            if faults.at("oom", step_no).is_some() {
+                // A real allocation failure: past the adapter's limit.
+                let n = (gpu.limits.max_buffer_size / 4 + 1) as usize;
+                Tensor::empty(&gpu, &[n])?;
+            }
+            let step_examples: usize = group.iter().map(|b| b.batch).sum();
+            let out = group_grads(&setup.model, args.accumulation_loss, group.len(), |i| {
+                to_batch(&gpu, &group[i], s)
+            })?;
+            drop(group);
+            {
                 let lr = schedule.lr_at(state.global_step) as f32;
-                let grads = acc.take().unwrap();
+                let grads = out.grads;
                 if let Some(name) = faults.at("nan_grad", step_no) {
                     let (p, g) = setup
                         .model
@@ -1174,11 +1176,13 @@ fn train_loop(
                     log(&format!("injecting NaN into the gradient of {}", p.name));
                     g.write(&vec![f32::NAN; g.numel()])?;
                 }
-                // The step's readback: [norm, coef] (then the losses).
+                // The step's readback: [norm, coef] (then the losses, read
+                // after the norm so that a step waits for the GPU once).
                 let norm = opt.grad_norm(&setup.model.params, &grads)?;
                 let nv = norm.to_vec()?;
-                for l in losses.drain(..) {
-                    step_loss += l.to_vec()?[0] as f64 / accum as f64;
+                let mut step_loss = 0.0f64;
+                for l in &out.losses {
+                    step_loss += l.to_vec()?[0] as f64 * out.loss_weight;
                 }
                 let finite = step_loss.is_finite() && nv[0].is_finite();
                 if finite {
@@ -1224,6 +1228,7 @@ fn train_loop(
                 }
                 drop(grads);
                 steps_run += 1;
+                examples_run += step_examples;
                 state.global_step += 1;
                 at.step = state.global_step;
                 state.data_position = ld.position();
@@ -1234,9 +1239,7 @@ fn train_loop(
                     window.0 += step_loss;
                     window.1 += 1;
                 }
-                progress.step(state.global_step, step_loss, lr as f64, bs * accum);
-                micro = 0;
-                step_loss = 0.0;
+                progress.step(state.global_step, step_loss, lr as f64, step_examples);
                 let step = state.global_step as usize;
                 if log_every > 0 && (step.is_multiple_of(log_every) || step == total) {
                     let dt = last_log.elapsed().as_secs_f64();
@@ -1345,7 +1348,7 @@ fn train_loop(
         "epoch": state.epoch,
         "train_loss": total_loss / loss_steps.max(1) as f64,
         "train_runtime": runtime,
-        "train_samples_per_second": (steps_run * bs * accum) as f64 / runtime.max(1e-9),
+        "train_samples_per_second": examples_run as f64 / runtime.max(1e-9),
         "train_steps_per_second": steps_run as f64 / runtime.max(1e-9),
         "train_skipped_images": skipped_total,
         "train_skipped_nonfinite_steps": state.skipped_nonfinite_steps,

@@ -1,0 +1,199 @@
+//! One optimizer step's gradients from a group of micro-batches.
+//!
+//! A contrastive loss is not a sum over examples: every other caption of
+//! the batch is a negative. So K micro-batches of B accumulated the way the
+//! Hugging Face Trainer does (a loss per micro-batch, gradients summed) is
+//! not a batch of K x B. [`AccumulationLoss::Full`] (the default) computes
+//! the gradient of the whole group's loss exactly, by gradient caching (Gao
+//! et al. 2021, "Scaling Deep Contrastive Learning Batch Size under Memory
+//! Limited Setup"):
+//! 1. each micro-batch forward without a tape, keeping only its L2-normalised
+//!    embeddings (the rows of an [N, E] matrix per tower);
+//! 2. the symmetric contrastive loss over all N x N pairs, and its gradient
+//!    with respect to the embeddings and logit_scale, once;
+//! 3. each micro-batch forward again with the tape, its backward seeded with
+//!    its rows of the embedding gradient; parameter gradients accumulate.
+//!
+//! Step 3 recomputes exactly what step 1 computed (no dropout here, and the
+//! kernels are deterministic), so the result is the gradient of one batch of
+//! N, at the cost of one more forward per micro-batch. A frozen tower's
+//! pooled output is kept from step 1 instead of being recomputed (only its
+//! projection trains). [`AccumulationLoss::Micro`] keeps the Trainer's
+//! meaning: the mean of the micro-batches' own losses.
+
+use crate::model::clip::{Batch, ClipModel};
+use crate::ops::loss::clip_loss;
+use crate::tape::{Tape, Var};
+use crate::tensor::Tensor;
+use anyhow::{bail, Context, Result};
+
+/// What a loss over an accumulation group means.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AccumulationLoss {
+    /// One contrastive loss over all the group's pairs (gradient caching).
+    Full,
+    /// The mean of each micro-batch's own loss (the Trainer's meaning).
+    Micro,
+}
+
+impl AccumulationLoss {
+    pub fn parse(s: &str) -> Result<AccumulationLoss> {
+        match s.to_ascii_lowercase().as_str() {
+            "full" => Ok(AccumulationLoss::Full),
+            "micro" => Ok(AccumulationLoss::Micro),
+            _ => bail!("{s:?} is not an accumulation loss: expected full or micro"),
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AccumulationLoss::Full => "full",
+            AccumulationLoss::Micro => "micro",
+        }
+    }
+}
+
+/// The gradients of one optimizer step and the loss they are of.
+pub struct GroupGrads {
+    /// In store order; `None` for frozen parameters.
+    pub grads: Vec<Option<Tensor>>,
+    /// Loss scalars on the GPU (read after the step's one wait): the step's
+    /// loss is their sum times `loss_weight`.
+    pub losses: Vec<Tensor>,
+    pub loss_weight: f64,
+}
+
+/// Gradients of a group of `count` micro-batches; `batch(i)` gives
+/// micro-batch `i` (called twice per micro-batch in `Full` mode, so pixels
+/// need not stay on the GPU between the passes). A group of one is an
+/// ordinary step in either mode. A shorter group (the end of an epoch) is
+/// weighted by its real size: `Full` is the loss over its rows; `Micro`
+/// divides by the micro-batches it has, as recent Trainers do.
+pub fn group_grads(
+    model: &ClipModel,
+    mode: AccumulationLoss,
+    count: usize,
+    mut batch: impl FnMut(usize) -> Result<Batch>,
+) -> Result<GroupGrads> {
+    if count == 0 {
+        bail!("an accumulation group needs at least one micro-batch");
+    }
+    if mode == AccumulationLoss::Micro || count == 1 {
+        micro_losses(model, count, &mut batch)
+    } else {
+        full_batch(model, count, &mut batch)
+    }
+}
+
+fn micro_losses(
+    model: &ClipModel,
+    count: usize,
+    batch: &mut impl FnMut(usize) -> Result<Batch>,
+) -> Result<GroupGrads> {
+    let gpu = model.params.params[0].tensor.gpu().clone();
+    let mut acc = vec![None; model.params.params.len()];
+    let mut losses = Vec::with_capacity(count);
+    for i in 0..count {
+        let b = batch(i)?;
+        let mut tape = Tape::new();
+        let p = model.params.vars(&mut tape);
+        let out = model.forward(&mut tape, &p, &b)?;
+        let seed = Tensor::scalar(&gpu, 1.0 / count as f32)?;
+        let into = model.params.pending(&p, acc);
+        let mut g = tape.backward_seeded(vec![(&out.loss, seed)], into)?;
+        acc = model.params.grads(&p, &mut g);
+        losses.push(out.loss.into_tensor());
+    }
+    Ok(GroupGrads {
+        grads: acc,
+        losses,
+        loss_weight: 1.0 / count as f64,
+    })
+}
+
+fn full_batch(
+    model: &ClipModel,
+    count: usize,
+    batch: &mut impl FnMut(usize) -> Result<Batch>,
+) -> Result<GroupGrads> {
+    let keep_image = model.tower_frozen("vision_model.");
+    let keep_text = model.tower_frozen("text_model.");
+    // Pass 1: embeddings only, nothing recorded. A frozen tower's pooled
+    // output is kept for pass 2.
+    let (mut image_parts, mut text_parts) = (Vec::new(), Vec::new());
+    let (mut image_pooled, mut text_pooled) = (Vec::new(), Vec::new());
+    for i in 0..count {
+        let b = batch(i)?;
+        let mut tape = Tape::no_grad();
+        let p = model.params.vars(&mut tape);
+        let pi = model.image_pooled(&mut tape, &p, &b.pixels)?;
+        image_parts.push(model.image_embeds(&mut tape, &p, &pi)?.into_tensor());
+        image_pooled.push(keep_image.then(|| pi.into_tensor()));
+        let pt = model.text_pooled(&mut tape, &p, &b.ids, &b.mask, b.batch)?;
+        text_parts.push(model.text_embeds(&mut tape, &p, &pt)?.into_tensor());
+        text_pooled.push(keep_text.then(|| pt.into_tensor()));
+    }
+    // The loss over all pairs, and its gradient for the embeddings and
+    // logit_scale.
+    let (all_i, all_t) = (concat_rows(image_parts)?, concat_rows(text_parts)?);
+    let mut tape = Tape::new();
+    let (iv, tv) = (tape.param(all_i), tape.param(all_t));
+    let ls = &model.params.params[model.logit_scale];
+    let sv = if ls.trainable {
+        tape.param(ls.tensor.clone())
+    } else {
+        Var::constant(ls.tensor.clone())
+    };
+    let out = clip_loss(&mut tape, &iv, &tv, &sv)?;
+    drop(out.logits_per_text);
+    let mut g = tape.backward(&out.loss)?;
+    let d_image = g
+        .take(&iv)
+        .context("no gradient for the image embeddings")?;
+    let d_text = g.take(&tv).context("no gradient for the text embeddings")?;
+    let mut acc = vec![None; model.params.params.len()];
+    acc[model.logit_scale] = g.take(&sv);
+    drop((iv, tv, g));
+    // Pass 2: each micro-batch again with the tape, seeded with its rows.
+    let mut row = 0;
+    for (i, (img, txt)) in image_pooled.into_iter().zip(text_pooled).enumerate() {
+        let b = batch(i)?;
+        let mut tape = Tape::new();
+        let p = model.params.vars(&mut tape);
+        let pi = match img {
+            Some(t) => Var::constant(t),
+            None => model.image_pooled(&mut tape, &p, &b.pixels)?,
+        };
+        let ie = model.image_embeds(&mut tape, &p, &pi)?;
+        let pt = match txt {
+            Some(t) => Var::constant(t),
+            None => model.text_pooled(&mut tape, &p, &b.ids, &b.mask, b.batch)?,
+        };
+        let te = model.text_embeds(&mut tape, &p, &pt)?;
+        let seeds = vec![
+            (&ie, d_image.rows_copy(row, b.batch)?),
+            (&te, d_text.rows_copy(row, b.batch)?),
+        ];
+        let into = model.params.pending(&p, acc);
+        let mut g = tape.backward_seeded(seeds, into)?;
+        acc = model.params.grads(&p, &mut g);
+        row += b.batch;
+    }
+    Ok(GroupGrads {
+        grads: acc,
+        losses: vec![out.loss.into_tensor()],
+        loss_weight: 1.0,
+    })
+}
+
+/// Tensors [n_i, E] stacked into one [sum n_i, E].
+fn concat_rows(parts: Vec<Tensor>) -> Result<Tensor> {
+    let n = parts.iter().map(Tensor::rows).sum::<usize>();
+    let all = Tensor::empty(parts[0].gpu(), &[n, parts[0].cols()])?;
+    let mut row = 0;
+    for t in parts {
+        all.write_rows(row, &t)?;
+        row += t.rows();
+    }
+    Ok(all)
+}
