@@ -15,7 +15,8 @@ use crate::ops::softmax::{self, Mask};
 use crate::ops::{attention, calibrate, elementwise, layernorm, loss};
 use crate::tape::Tape;
 use crate::tensor::Tensor;
-use anyhow::Result;
+use crate::train::accumulate::{group_grads, AccumulationLoss};
+use anyhow::{ensure, Result};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -519,11 +520,15 @@ fn clip_arch(name: &str, v: [usize; 6], t: [usize; 4], proj: usize) -> ModelConf
 }
 
 pub struct StepTimes {
+    /// With accumulation (K > 1): 0, the gradients of both passes are in
+    /// `backward_ms`.
     pub forward_ms: f64,
     pub backward_ms: f64,
     pub optimizer_ms: f64,
     pub images_per_s: f64,
     pub peak_pool_mib: f64,
+    /// The most pooled bytes in use at once (what the step needed).
+    pub live_peak_mib: f64,
     pub allocations_after_first_step: u64,
     /// Command-buffer submits per step (the phases are waited for here, so
     /// at least 3).
@@ -539,19 +544,52 @@ pub struct StepTimes {
     pub text_run: usize,
 }
 
+/// How a benchmarked step makes its gradients.
+#[derive(Clone, Copy, Debug)]
+pub struct StepMode {
+    /// Micro-batches per optimizer step (`--gradient_accumulation_steps`).
+    pub accum: usize,
+    pub loss: AccumulationLoss,
+    pub gradient_checkpointing: bool,
+}
+
+impl Default for StepMode {
+    fn default() -> Self {
+        StepMode {
+            accum: 1,
+            loss: AccumulationLoss::Full,
+            gradient_checkpointing: false,
+        }
+    }
+}
+
 /// One training step of a model on fixed inputs (deterministic filler
 /// weights; text padded to 77): forward, backward, global-norm clipping and
-/// AdamW, as the trainer runs them.
+/// AdamW, as the trainer runs them (pixels uploaded from the host each
+/// step, as the trainer's loader hands them over).
 pub struct StepBench {
     gpu: Arc<Gpu>,
     model: ClipModel,
-    b: Batch,
+    /// One host batch per micro-batch: pixels, ids, mask.
+    micro: Vec<(Vec<f32>, Vec<u32>, Vec<f32>)>,
+    batch: usize,
+    mode: StepMode,
     state: Vec<(Tensor, Tensor)>,
     step: u64,
 }
 
 impl StepBench {
     pub fn new(gpu: &Arc<Gpu>, config: ModelConfig, batch: usize) -> Result<StepBench> {
+        Self::with_mode(gpu, config, batch, StepMode::default())
+    }
+
+    pub fn with_mode(
+        gpu: &Arc<Gpu>,
+        config: ModelConfig,
+        batch: usize,
+        mode: StepMode,
+    ) -> Result<StepBench> {
+        ensure!(mode.accum > 0, "accumulation steps must be at least 1");
         let mut w = Weights::default();
         for (name, shape) in ClipModel::expected_tensors(&config)? {
             let n: usize = shape.iter().product();
@@ -564,28 +602,30 @@ impl StepBench {
             };
             w.tensors.insert(name, HostTensor::new(&shape, data));
         }
-        let model = ClipModel::from_weights(gpu, config, &w, "benchmark weights")?;
+        let mut model = ClipModel::from_weights(gpu, config, &w, "benchmark weights")?;
+        model.set_gradient_checkpointing(mode.gradient_checkpointing);
         let s = model.config.vision.image_size;
         let len = model.config.text.max_positions().min(77);
-        let pixels = Tensor::from_slice(gpu, &filler(batch * 3 * s * s), &[batch, 3, s, s])?;
-        let ids: Vec<u32> = (0..batch * len)
-            .map(|i| {
-                if i % len == len / 2 {
-                    49407
-                } else {
-                    (i * 37 % 40000) as u32
-                }
+        // Micro-batch k: other pixels and tokens (k = 0 is the plain
+        // step's batch), the same text lengths.
+        let micro = (0..mode.accum)
+            .map(|k| {
+                let px = filler(batch * 3 * s * s + k)[k..].to_vec();
+                let ids: Vec<u32> = (0..batch * len)
+                    .map(|i| {
+                        if i % len == len / 2 {
+                            49407
+                        } else {
+                            ((i + k * 7919) * 37 % 40000) as u32
+                        }
+                    })
+                    .collect();
+                let mask: Vec<f32> = (0..batch * len)
+                    .map(|i| (i % len <= len / 2) as u8 as f32)
+                    .collect();
+                (px, ids, mask)
             })
             .collect();
-        let mask: Vec<f32> = (0..batch * len)
-            .map(|i| (i % len <= len / 2) as u8 as f32)
-            .collect();
-        let b = Batch {
-            pixels,
-            ids,
-            mask,
-            batch,
-        };
         let state: Vec<(Tensor, Tensor)> = model
             .params
             .params
@@ -600,14 +640,29 @@ impl StepBench {
         Ok(StepBench {
             gpu: gpu.clone(),
             model,
-            b,
+            micro,
+            batch,
+            mode,
             state,
             step: 0,
         })
     }
 
+    /// Micro-batch `k` uploaded.
+    fn upload(&self, k: usize) -> Result<Batch> {
+        let s = self.model.config.vision.image_size;
+        let (px, ids, mask) = &self.micro[k];
+        Ok(Batch {
+            pixels: Tensor::from_slice(&self.gpu, px, &[self.batch, 3, s, s])?,
+            ids: ids.clone(),
+            mask: mask.clone(),
+            batch: self.batch,
+        })
+    }
+
     /// Run one step; seconds spent in forward, backward and the optimizer
-    /// (each phase waited for).
+    /// (each phase waited for; with accumulation the forward is 0 and the
+    /// backward holds both passes).
     pub fn run(&mut self) -> Result<[f64; 3]> {
         self.run_with(true)
     }
@@ -620,23 +675,30 @@ impl StepBench {
     }
 
     fn run_with(&mut self, phases: bool) -> Result<[f64; 3]> {
-        let (gpu, model) = (&self.gpu, &self.model);
         let wait = |gpu: &Gpu| if phases { gpu.sync() } else { Ok(()) };
         self.step += 1;
         let t0 = Instant::now();
-        let mut tape = Tape::new();
-        let vars = model.params.vars(&mut tape);
-        let out = model.forward(&mut tape, &vars, &self.b)?;
-        wait(gpu)?;
-        let t1 = Instant::now();
-        let mut grads = tape.backward(&out.loss)?;
-        let grads = model.params.grads(&vars, &mut grads);
-        wait(gpu)?;
+        let (t1, grads) = if self.mode.accum > 1 {
+            let g = group_grads(&self.model, self.mode.loss, self.mode.accum, |k| {
+                self.upload(k)
+            })?;
+            (t0, g.grads)
+        } else {
+            let b = self.upload(0)?;
+            let mut tape = Tape::new();
+            let vars = self.model.params.vars(&mut tape);
+            let out = self.model.forward(&mut tape, &vars, &b)?;
+            wait(&self.gpu)?;
+            let t1 = Instant::now();
+            let mut grads = tape.backward(&out.loss)?;
+            (t1, self.model.params.grads(&vars, &mut grads))
+        };
+        wait(&self.gpu)?;
         let t2 = Instant::now();
         let present: Vec<&Tensor> = grads.iter().flatten().collect();
         let clip = adamw::grad_norm(&present, 1.0)?;
         let hp = AdamW::default();
-        for ((p, g), (m, v)) in model.params.params.iter().zip(&grads).zip(&self.state) {
+        for ((p, g), (m, v)) in self.model.params.params.iter().zip(&grads).zip(&self.state) {
             if let Some(g) = g {
                 adamw::adamw_step(
                     &p.tensor,
@@ -650,9 +712,8 @@ impl StepBench {
                 )?;
             }
         }
-        drop(out);
-        drop(vars);
-        gpu.sync()?;
+        drop(grads);
+        self.gpu.sync()?;
         let t3 = Instant::now();
         Ok([
             (t1 - t0).as_secs_f64(),
@@ -663,19 +724,20 @@ impl StepBench {
 }
 
 /// Median forward / backward / AdamW times of one training step of `config`
-/// at `batch` over `reps` steps after a warm-up step, then one more step
-/// profiled per kernel.
+/// at `batch` (x `mode.accum` micro-batches) over `reps` steps after a
+/// warm-up step, then one more step profiled per kernel.
 pub fn training_step(
     gpu: &Arc<Gpu>,
     config: ModelConfig,
     batch: usize,
     reps: usize,
+    mode: StepMode,
 ) -> Result<StepTimes> {
     let med = |mut v: Vec<f64>| {
         v.sort_by(|a, b| a.total_cmp(b));
         v[v.len() / 2]
     };
-    let mut sb = StepBench::new(gpu, config, batch)?;
+    let mut sb = StepBench::with_mode(gpu, config, batch, mode)?;
     sb.run()?; // warm-up: pipelines compile, matmuls tune, the pool fills
     let allocs = gpu.pool_stats().allocations;
     let submits = gpu.submit_count();
@@ -699,20 +761,31 @@ pub fn training_step(
     let kernels = gpu.profile_stop()?;
     let (f, bk, o) = (med(fw), med(bw), med(op));
     let stats = gpu.pool_stats();
+    let b0 = sb.upload(0)?;
     Ok(StepTimes {
         forward_ms: f * 1e3,
         backward_ms: bk * 1e3,
         optimizer_ms: o * 1e3,
-        images_per_s: batch as f64 / (f + bk + o),
+        images_per_s: (batch * mode.accum) as f64 / (f + bk + o),
         peak_pool_mib: stats.peak_bytes as f64 / 1048576.0,
+        live_peak_mib: stats.live_peak_bytes as f64 / 1048576.0,
         allocations_after_first_step,
         submits_per_step,
         step_ms: med(whole) * 1e3,
         step_submits: whole_submits,
         kernels,
-        text_len: sb.b.ids.len() / batch,
-        text_run: sb.model.text_run_len(&sb.b),
+        text_len: b0.ids.len() / batch,
+        text_run: sb.model.text_run_len(&b0),
     })
+}
+
+/// The process's peak resident memory (VmHWM) in MiB, where the system
+/// reports it (Linux); on lavapipe GPU buffers are host memory and count.
+pub fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
 }
 
 pub fn print_table(rows: &[Measure]) {

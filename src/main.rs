@@ -101,6 +101,17 @@ enum Cmd {
         /// version, e.g. sg16x2 (env CLIP_WGPU_VEC4_TILE).
         #[arg(long)]
         tile: Option<String>,
+        /// Micro-batches of --batch per step (train's
+        /// --gradient_accumulation_steps).
+        #[arg(long, default_value_t = 1)]
+        accum: usize,
+        /// With --accum: full (one contrastive loss over every pair, the
+        /// default) or micro (a loss per micro-batch).
+        #[arg(long, alias = "accumulation_loss", default_value = "full")]
+        accumulation_loss: String,
+        /// Recompute each encoder layer's activations in the backward.
+        #[arg(long, alias = "gradient_checkpointing")]
+        gradient_checkpointing: bool,
     },
 }
 
@@ -168,9 +179,19 @@ fn run() -> Result<()> {
             step_only,
             matmul,
             tile,
+            accum,
+            accumulation_loss,
+            gradient_checkpointing,
         } => {
             force_kernels(matmul, tile)?;
-            bench(&req, &config, batch, reps, json, step_only)
+            anyhow::ensure!(accum > 0, "--accum must be at least 1");
+            let mode = clip_wgpu::bench::StepMode {
+                accum,
+                loss: clip_wgpu::train::accumulate::AccumulationLoss::parse(&accumulation_loss)
+                    .map_err(|e| anyhow::anyhow!("--accumulation-loss: {e}"))?,
+                gradient_checkpointing,
+            };
+            bench(&req, &config, batch, reps, json, step_only, mode)
         }
     }
 }
@@ -245,6 +266,7 @@ fn bench(
     reps: usize,
     json: bool,
     step_only: bool,
+    mode: clip_wgpu::bench::StepMode,
 ) -> Result<()> {
     use clip_wgpu::bench;
     anyhow::ensure!(batch > 0, "--batch must be at least 1");
@@ -277,7 +299,9 @@ fn bench(
             bench::print_table(&rows);
         }
     }
-    let st = bench::training_step(&gpu, cfg, batch, reps)?;
+    let st = bench::training_step(&gpu, cfg, batch, reps, mode)?;
+    let rss = bench::peak_rss_mib();
+    let accum = mode.accum;
     if json {
         let kernels: Vec<_> = st
             .kernels
@@ -287,10 +311,14 @@ fn bench(
         println!(
             "{}",
             serde_json::json!({
-                "step": config, "batch": batch, "forward_ms": st.forward_ms,
+                "step": config, "batch": batch, "accum": accum,
+                "accumulation_loss": mode.loss.as_str(),
+                "gradient_checkpointing": mode.gradient_checkpointing,
+                "forward_ms": st.forward_ms,
                 "backward_ms": st.backward_ms, "optimizer_ms": st.optimizer_ms,
                 "step_ms": st.forward_ms + st.backward_ms + st.optimizer_ms,
                 "images_per_s": st.images_per_s, "peak_pool_mib": st.peak_pool_mib,
+                "live_peak_mib": st.live_peak_mib, "peak_rss_mib": rss,
                 "allocations_after_first_step": st.allocations_after_first_step,
                 "submits_per_step": st.submits_per_step,
                 "whole_step_ms": st.step_ms, "whole_step_submits": st.step_submits,
@@ -299,23 +327,43 @@ fn bench(
             })
         );
     } else {
+        let how = match (accum, mode.gradient_checkpointing) {
+            (1, false) => String::new(),
+            (1, true) => ", gradient checkpointing".into(),
+            (k, c) => format!(
+                " x {k} accumulated ({} loss{})",
+                mode.loss.as_str(),
+                if c { ", gradient checkpointing" } else { "" }
+            ),
+        };
+        let phases = if accum > 1 {
+            format!(
+                "gradients of {accum} micro-batches {:.1} ms",
+                st.backward_ms
+            )
+        } else {
+            format!(
+                "forward {:.1} ms, backward {:.1} ms",
+                st.forward_ms, st.backward_ms
+            )
+        };
         println!(
-            "\ntraining step, {config} config, batch {batch}: forward {:.1} ms, backward {:.1} ms, AdamW {:.1} ms \
-             (step {:.1} ms), {:.1} images/s; buffer pool peak {:.1} MiB; {} buffer allocations after the first step; \
-             {:.1} submits per step (waiting after each phase)",
-            st.forward_ms,
-            st.backward_ms,
+            "\ntraining step, {config} config, batch {batch}{how}: {phases}, AdamW {:.1} ms \
+             (step {:.1} ms), {:.1} images/s; buffer pool peak {:.1} MiB (in use at once: {:.1} MiB){}; \
+             {} buffer allocations after the first step; {:.1} submits per step (waiting after each phase)",
             st.optimizer_ms,
             st.forward_ms + st.backward_ms + st.optimizer_ms,
             st.images_per_s,
             st.peak_pool_mib,
+            st.live_peak_mib,
+            rss.map_or(String::new(), |r| format!("; process peak RSS {r:.1} MiB")),
             st.allocations_after_first_step,
             st.submits_per_step
         );
         println!(
             "whole step recorded as one command buffer: {:.1} ms ({:.1} images/s), {:.1} submits per step",
             st.step_ms,
-            batch as f64 * 1e3 / st.step_ms,
+            (batch * accum) as f64 * 1e3 / st.step_ms,
             st.step_submits
         );
         println!(

@@ -4,6 +4,7 @@
 //! - `--accumulation_loss micro`: the mean of each micro-batch's own
 //!   gradients, divided by the micro-batches the group really has.
 //! - `--gradient_checkpointing`: the same gradients as without.
+//!
 //! Both model kinds, with and without frozen towers; and `train` end to end:
 //! 3 accumulated steps end at the weights of 3 steps of the whole batch.
 mod common;

@@ -535,9 +535,10 @@ fn out_of_memory_names_the_batch_size() {
     assert_eq!(o.status.code(), Some(1), "{e}");
     assert!(e.contains("--per_device_train_batch_size 2"), "{e}");
     assert!(
-        e.contains("--per_device_train_batch_size 1 with --gradient_accumulation_steps 2"),
+        e.contains("--per_device_train_batch_size 1 with --gradient_accumulation_steps 2: the contrastive loss stays one loss over all 2 pairs"),
         "{e}"
     );
+    assert!(e.contains("--gradient_checkpointing"), "{e}");
     assert!(e.contains("during training step 5"), "{e}");
     assert_loadable(&checkpoint::latest_checkpoint(&out).unwrap(), 3);
     std::fs::remove_dir_all(&root).unwrap();

@@ -20,6 +20,16 @@ pub struct PoolStats {
     pub peak_bytes: u64,
     /// Bytes sitting free in the pool.
     pub free_bytes: u64,
+    /// The most bytes ever in use at once (held minus free): what the work
+    /// needed, whatever the pool keeps besides.
+    pub live_peak_bytes: u64,
+}
+
+impl PoolStats {
+    fn note_live(&mut self) {
+        let live = self.held_bytes - self.free_bytes;
+        self.live_peak_bytes = self.live_peak_bytes.max(live);
+    }
 }
 
 #[derive(Default)]
@@ -46,6 +56,7 @@ impl Pool {
         let b = g.free.get_mut(&size).and_then(|v| v.pop());
         if b.is_some() {
             g.stats.free_bytes -= size;
+            g.stats.note_live();
         }
         b
     }
@@ -55,6 +66,7 @@ impl Pool {
         g.stats.allocations += 1;
         g.stats.held_bytes += size;
         g.stats.peak_bytes = g.stats.peak_bytes.max(g.stats.held_bytes);
+        g.stats.note_live();
     }
 
     pub fn give(&self, buf: wgpu::Buffer) {

@@ -384,21 +384,42 @@ fn resume_note(args: &TrainArgs) -> String {
     }
 }
 
-fn oom_advice(flag: &str, bs: usize, accum: usize, max_len: usize) -> String {
+/// What to do about an out-of-memory error at batch `bs` x `accum`. For
+/// training it names what keeps the contrastive batch: more accumulation
+/// steps (with the full-batch loss every pair of a step stays in the loss)
+/// and gradient checkpointing, rather than a smaller batch alone, which
+/// would silently change the loss.
+fn oom_advice(flag: &str, bs: usize, accum: usize, max_len: usize, args: &TrainArgs) -> String {
     let smaller = (bs / 2).max(1);
-    let keep = if flag == "per_device_train_batch_size" && bs > 1 {
-        format!(
-            " with --gradient_accumulation_steps {} to keep the effective batch of {}",
-            accum * bs.div_ceil(smaller),
-            bs * accum
-        )
-    } else {
-        String::new()
-    };
-    format!(
-        "the GPU ran out of memory at --{flag} {bs} (text length {max_len}): \
-         try --{flag} {smaller}{keep}, or a shorter --max_seq_length"
-    )
+    let at = format!("the GPU ran out of memory at --{flag} {bs} (text length {max_len})");
+    if flag != "per_device_train_batch_size" {
+        return format!("{at}: try --{flag} {smaller}, or a shorter --max_seq_length");
+    }
+    let mut ways = Vec::new();
+    if bs > 1 {
+        let keep = bs * accum;
+        let steps = accum * bs.div_ceil(smaller);
+        ways.push(match args.accumulation_loss {
+            AccumulationLoss::Full => format!(
+                "--{flag} {smaller} with --gradient_accumulation_steps {steps}: the contrastive loss \
+                 stays one loss over all {keep} pairs of a step (--accumulation_loss full)"
+            ),
+            AccumulationLoss::Micro => format!(
+                "--{flag} {smaller} with --gradient_accumulation_steps {steps} and --accumulation_loss full \
+                 (the default) to keep one contrastive loss over all {keep} pairs of a step; with \
+                 --accumulation_loss micro each loss would see only {smaller}"
+            ),
+        });
+    }
+    if !args.gradient_checkpointing {
+        ways.push(
+            "--gradient_checkpointing (each encoder layer's activations are recomputed in the \
+             backward instead of kept)"
+                .into(),
+        );
+    }
+    ways.push("a shorter --max_seq_length".into());
+    format!("{at}: try {}", ways.join("; or "))
 }
 
 /// An error that stopped training, with what it means and where to go on
@@ -435,6 +456,7 @@ fn explain_stop(
                 args.per_device_eval_batch_size,
                 1,
                 max_len,
+                args,
             )
         } else {
             oom_advice(
@@ -442,6 +464,7 @@ fn explain_stop(
                 args.per_device_train_batch_size,
                 args.gradient_accumulation_steps.max(1),
                 max_len,
+                args,
             )
         };
         format!("{advice} ({when}); {note}")
@@ -862,6 +885,7 @@ pub fn run(args: &TrainArgs, gpu: &Arc<Gpu>) -> Result<Value> {
                 args.per_device_eval_batch_size,
                 1,
                 max_len,
+                &args,
             );
             e.context(format!("evaluation: {advice}"))
         } else {
@@ -1243,14 +1267,16 @@ fn train_loop(
                 let step = state.global_step as usize;
                 if log_every > 0 && (step.is_multiple_of(log_every) || step == total) {
                     let dt = last_log.elapsed().as_secs_f64();
-                    let pool_mib = gpu.pool_stats().held_bytes as f64 / 1048576.0;
+                    let pool = gpu.pool_stats();
+                    let mib = |b: u64| b as f64 / 1048576.0;
                     let mut entry = json!({
                         "grad_norm": nv[0],
                         "learning_rate": lr,
                         "epoch": state.epoch,
                         "step": step,
                         "images_per_second": images_since as f64 / dt.max(1e-9),
-                        "pool_mib": pool_mib,
+                        "pool_mib": mib(pool.held_bytes),
+                        "pool_peak_mib": mib(pool.peak_bytes),
                     });
                     let loss = (window.1 > 0).then(|| window.0 / window.1 as f64);
                     if let Some(l) = loss {
@@ -1261,11 +1287,13 @@ fn train_loop(
                         entry["skipped_nonfinite_steps"] = json!(state.skipped_nonfinite_steps);
                     }
                     progress.log(&format!(
-                        "step {step}/{total}: loss {}, lr {:.3e}, grad_norm {:.3}, {:.1} images/s",
+                        "step {step}/{total}: loss {}, lr {:.3e}, grad_norm {:.3}, {:.1} images/s, \
+                         GPU pool peak {:.0} MiB",
                         loss.map_or("- (skipped)".into(), |l| format!("{l:.4}")),
                         lr,
                         nv[0],
-                        images_since as f64 / dt.max(1e-9)
+                        images_since as f64 / dt.max(1e-9),
+                        mib(pool.peak_bytes)
                     ));
                     metrics.write(&entry)?;
                     state.log_history.push(entry);
