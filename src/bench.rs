@@ -458,6 +458,29 @@ fn loss_and_optimizer_cases(
     Ok(out)
 }
 
+/// The contrastive loss alone over `n` pairs of `e`-dimensional
+/// embeddings, forward and backward as full-batch accumulation runs it
+/// (the one step whose memory grows as n^2): (median ms, the most pooled
+/// bytes in use at once, embeddings included; run it on a fresh `Gpu`).
+pub fn contrastive_loss(gpu: &Arc<Gpu>, n: usize, e: usize, reps: usize) -> Result<(f64, u64)> {
+    let (ie, te) = (tensor(gpu, &[n, e])?, tensor(gpu, &[n, e])?);
+    let scale = Tensor::scalar(gpu, 2.6592)?;
+    let ms = time(gpu, reps, || {
+        let mut tape = Tape::new();
+        let (iv, tv, sv) = (
+            tape.param(ie.clone()),
+            tape.param(te.clone()),
+            tape.param(scale.clone()),
+        );
+        let out = loss::clip_loss(&mut tape, &iv, &tv, &sv)?;
+        drop(out.logits_per_text);
+        let g = tape.backward(&out.loss)?;
+        drop(g);
+        Ok(())
+    })? * 1e3;
+    Ok((ms, gpu.pool_stats().live_peak_bytes))
+}
+
 /// `tiny`, `b32`, or a model folder / config.json path.
 pub fn bench_config(name: &str) -> Result<ModelConfig> {
     match name {

@@ -112,6 +112,11 @@ enum Cmd {
         /// Recompute each encoder layer's activations in the backward.
         #[arg(long, alias = "gradient_checkpointing")]
         gradient_checkpointing: bool,
+        /// Only the contrastive loss (forward + backward) over this many
+        /// pairs, with the config's projection size: its time and memory
+        /// (the part of an accumulated step that grows with the batch).
+        #[arg(long, alias = "loss_rows")]
+        loss_rows: Option<usize>,
     },
 }
 
@@ -182,8 +187,28 @@ fn run() -> Result<()> {
             accum,
             accumulation_loss,
             gradient_checkpointing,
+            loss_rows,
         } => {
             force_kernels(matmul, tile)?;
+            if let Some(n) = loss_rows {
+                anyhow::ensure!(n > 0, "--loss-rows must be at least 1");
+                let e = clip_wgpu::bench::bench_config(&config)?.projection_dim;
+                let gpu = clip_wgpu::Gpu::new(&req)?;
+                let (ms, live) = clip_wgpu::bench::contrastive_loss(&gpu, n, e, reps)?;
+                let mib = live as f64 / 1048576.0;
+                if json {
+                    println!(
+                        "{}",
+                        serde_json::json!({"contrastive_loss_rows": n, "dim": e, "median_ms": ms, "live_peak_mib": mib})
+                    );
+                } else {
+                    println!(
+                        "contrastive loss over {n} x {n} pairs ({config}: {e}-dim embeddings), forward + backward: \
+                         {ms:.1} ms, {mib:.1} MiB in use at most (embeddings included)"
+                    );
+                }
+                return Ok(());
+            }
             anyhow::ensure!(accum > 0, "--accum must be at least 1");
             let mode = clip_wgpu::bench::StepMode {
                 accum,

@@ -65,6 +65,8 @@ struct Recorder {
     profile: Option<Profiler>,
     /// Timestamp query set and buffers of the last profile, kept for reuse.
     spare_timestamps: Option<profile::Timestamps>,
+    /// The latest submission (for [`Gpu::flush_paced`]).
+    last_submission: Option<wgpu::SubmissionIndex>,
 }
 
 pub struct Gpu {
@@ -550,7 +552,7 @@ impl Gpu {
             if let Some(p) = &rec.profile {
                 p.resolve(&mut enc);
             }
-            self.queue.submit([enc.finish()]);
+            rec.last_submission = Some(self.queue.submit([enc.finish()]));
             rec.submits += 1;
             if let Some(p) = &mut rec.profile {
                 p.collect(&self.device)?;
@@ -560,6 +562,27 @@ impl Gpu {
         rec.offset = 0;
         rec.upload_chunk = 0;
         rec.upload_offset = 0;
+        self.check()
+    }
+
+    /// Submit what is recorded, then wait for the submission before it (not
+    /// this one): a long run of work split into pieces (the micro-batches of
+    /// an accumulated step) keeps the GPU busy while at most two pieces are
+    /// in flight, so the memory that recording holds (command buffers,
+    /// uniforms, staged uploads) stays that of a piece, not of the run.
+    pub fn flush_paced(&self) -> Result<()> {
+        let mut rec = self.rec.lock().unwrap();
+        let previous = rec.last_submission.take();
+        self.flush_locked(&mut rec)?;
+        drop(rec);
+        if let Some(index) = previous {
+            self.device
+                .poll(wgpu::PollType::Wait {
+                    submission_index: Some(index),
+                    timeout: None,
+                })
+                .map_err(|e| anyhow!("waiting for the GPU: {e}"))?;
+        }
         self.check()
     }
 

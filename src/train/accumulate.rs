@@ -103,6 +103,9 @@ fn micro_losses(
         let mut g = tape.backward_seeded(vec![(&out.loss, seed)], into)?;
         acc = model.params.grads(&p, &mut g);
         losses.push(out.loss.into_tensor());
+        if count > 1 {
+            gpu.flush_paced()?;
+        }
     }
     Ok(GroupGrads {
         grads: acc,
@@ -116,6 +119,7 @@ fn full_batch(
     count: usize,
     batch: &mut impl FnMut(usize) -> Result<Batch>,
 ) -> Result<GroupGrads> {
+    let gpu = model.params.params[0].tensor.gpu().clone();
     let keep_image = model.tower_frozen("vision_model.");
     let keep_text = model.tower_frozen("text_model.");
     // Pass 1: embeddings only, nothing recorded. A frozen tower's pooled
@@ -132,6 +136,7 @@ fn full_batch(
         let pt = model.text_pooled(&mut tape, &p, &b.ids, &b.mask, b.batch)?;
         text_parts.push(model.text_embeds(&mut tape, &p, &pt)?.into_tensor());
         text_pooled.push(keep_text.then(|| pt.into_tensor()));
+        gpu.flush_paced()?;
     }
     // The loss over all pairs, and its gradient for the embeddings and
     // logit_scale.
@@ -178,6 +183,7 @@ fn full_batch(
         let mut g = tape.backward_seeded(seeds, into)?;
         acc = model.params.grads(&p, &mut g);
         row += b.batch;
+        gpu.flush_paced()?;
     }
     Ok(GroupGrads {
         grads: acc,
