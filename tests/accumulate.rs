@@ -372,7 +372,8 @@ fn accumulated_training_matches_the_whole_batch() {
         ],
     );
     assert!(
-        log.contains("one contrastive loss over all 12 pairs"),
+        log.contains("one contrastive loss over all 12 pairs")
+            && log.contains("gradient checkpointing"),
         "{log}"
     );
     let a = Weights::load_dir(&whole).unwrap();

@@ -1,5 +1,9 @@
 mod common;
-use clip_wgpu::ops::loss::{clip_logits_ref, clip_loss, clip_loss_backward_ref, clip_loss_ref};
+use clip_wgpu::ops::loss::{
+    clip_logits_ref, clip_loss, clip_loss_backward_ref, clip_loss_ref, contrastive_loss,
+    BLOCKED_ABOVE,
+};
+use clip_wgpu::ops::loss_blocked::clip_loss_blocked;
 use clip_wgpu::{Tape, Tensor};
 use common::*;
 
@@ -152,5 +156,104 @@ fn clip_loss_reference_backward_matches_finite_differences() {
             let err = max_err(a, b);
             assert!(err < 1e-6, "clip_loss ref {what} N{n} vs fd: {err:.3e}");
         }
+    }
+}
+
+/// The blocked loss (logits made a block of text rows at a time, as the
+/// full-batch loss of accumulation runs above 1,024 pairs) against the CPU
+/// reference: loss and every gradient, for blocks that divide N, that do
+/// not (a short last block), of one row, and one block of all rows; the
+/// image gradient is accumulated over blocks and the text one written
+/// per block.
+#[test]
+fn blocked_clip_loss_matches_reference() {
+    let Some(gpu) = gpu() else { return };
+    let mut r = Rng::new(9);
+    for &(n, e, s, rows) in &[
+        (12, 7, 2.6592, 4),
+        (17, 33, 4.6052, 5),
+        (9, 8, 2.6592, 1),
+        (300, 33, 2.6592, 64),
+        (40, 16, 3.0, 40),
+    ] {
+        let s = s as f32 as f64;
+        let i = unit_rows(&mut r, n, e);
+        let t = unit_rows(&mut r, n, e);
+        let dy = 0.7;
+        let mut tape = Tape::new();
+        let iv = tape.param(upload(&gpu, &i, &[n, e]));
+        let tv = tape.param(upload(&gpu, &t, &[n, e]));
+        let sv = tape.param(upload(&gpu, &[s], &[1]));
+        let loss = clip_loss_blocked(&mut tape, &iv, &tv, &sv, rows).unwrap();
+        let g = tape
+            .backward_with(&loss, Tensor::from_slice(&gpu, &[dy as f32], &[1]).unwrap())
+            .unwrap();
+        let name = format!("blocked clip_loss N{n} E{e} s{s:.2} rows {rows}");
+        assert_close(
+            &format!("{name} loss"),
+            &download(loss.tensor()),
+            &[clip_loss_ref(&i, &t, s, n, e)],
+            2e-6,
+        );
+        let (di, dt, ds) = clip_loss_backward_ref(&i, &t, s, n, e, dy);
+        assert_close(
+            &format!("{name} dimage"),
+            &download(g.get(&iv).unwrap()),
+            &di,
+            1e-5,
+        );
+        assert_close(
+            &format!("{name} dtext"),
+            &download(g.get(&tv).unwrap()),
+            &dt,
+            1e-5,
+        );
+        assert_close(
+            &format!("{name} dscale"),
+            &download(g.get(&sv).unwrap()),
+            &[ds],
+            1e-5,
+        );
+    }
+}
+
+/// `contrastive_loss` takes the blocked path above 1,024 pairs: the same
+/// loss and gradients as the whole-logits one there.
+#[test]
+fn contrastive_loss_switches_to_blocks_with_the_same_result() {
+    let Some(gpu) = gpu() else { return };
+    let mut r = Rng::new(10);
+    let (n, e, s) = (BLOCKED_ABOVE + 37, 8, 2.6592f32 as f64);
+    let (i, t) = (unit_rows(&mut r, n, e), unit_rows(&mut r, n, e));
+    let grads = |blocked: bool| {
+        let mut tape = Tape::new();
+        let iv = tape.param(upload(&gpu, &i, &[n, e]));
+        let tv = tape.param(upload(&gpu, &t, &[n, e]));
+        let sv = tape.param(upload(&gpu, &[s], &[1]));
+        let loss = if blocked {
+            contrastive_loss(&mut tape, &iv, &tv, &sv).unwrap()
+        } else {
+            clip_loss(&mut tape, &iv, &tv, &sv).unwrap().loss
+        };
+        let g = tape.backward(&loss).unwrap();
+        [
+            download(loss.tensor()),
+            download(g.get(&iv).unwrap()),
+            download(g.get(&tv).unwrap()),
+            download(g.get(&sv).unwrap()),
+        ]
+    };
+    let (b, w) = (grads(true), grads(false));
+    // ds sums a million terms in another order: 1e-5 there.
+    for (k, (what, tol)) in [
+        ("loss", 1e-6),
+        ("dimage", 1e-6),
+        ("dtext", 1e-6),
+        ("dscale", 1e-5),
+    ]
+    .iter()
+    .enumerate()
+    {
+        assert_close(&format!("N{n} blocked vs whole {what}"), &b[k], &w[k], *tol);
     }
 }

@@ -207,23 +207,43 @@ impl Gpu {
                 self.limits.max_buffer_size >> 20
             );
         }
-        let scope = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
-        let buf = self.device.create_buffer(&wgpu::BufferDescriptor {
-            label: None,
-            size,
-            usage: STORAGE_USAGE,
-            mapped_at_creation: false,
-        });
-        if let Some(e) = pollster::block_on(scope.pop()) {
+        let create = || {
+            let scope = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+            let buf = self.device.create_buffer(&wgpu::BufferDescriptor {
+                label: None,
+                size,
+                usage: STORAGE_USAGE,
+                mapped_at_creation: false,
+            });
+            match pollster::block_on(scope.pop()) {
+                Some(e) => Err(e),
+                None => Ok(buf),
+            }
+        };
+        let mut made = create();
+        if made.is_err() && self.pool.stats().free_bytes > 0 {
+            // The pool keeps free buffers by exact size, and a step that mixes
+            // shapes (accumulation's passes and its N x N loss) may hold many
+            // that fit nothing: release them and try once more.
             self.pool.trim();
-            bail!(
+            self.device
+                .poll(wgpu::PollType::wait_indefinitely())
+                .map_err(|e| anyhow!("waiting for the GPU: {e}"))?;
+            made = create();
+        }
+        let buf = match made {
+            Ok(buf) => buf,
+            Err(e) => {
+                self.pool.trim();
+                bail!(
                 "GPU out of memory allocating {:.1} MiB (pool holds {:.1} MiB): try a smaller batch \
                  ({})",
                 size as f64 / 1048576.0,
                 self.pool.stats().held_bytes as f64 / 1048576.0,
-                describe_error(&e)
-            );
-        }
+                    describe_error(&e)
+                );
+            }
+        };
         self.pool.note_alloc(size);
         Ok(buf)
     }
@@ -572,6 +592,9 @@ impl Gpu {
     /// uniforms, staged uploads) stays that of a piece, not of the run.
     pub fn flush_paced(&self) -> Result<()> {
         let mut rec = self.rec.lock().unwrap();
+        if rec.encoder.is_none() {
+            return Ok(()); // nothing recorded: the pace is unchanged
+        }
         let previous = rec.last_submission.take();
         self.flush_locked(&mut rec)?;
         drop(rec);

@@ -42,6 +42,22 @@ pub struct Batch {
     pub batch: usize,
 }
 
+impl Batch {
+    /// Ids and mask agree with the row count.
+    pub fn check(&self) -> Result<()> {
+        ensure!(
+            self.ids.len() == self.mask.len()
+                && self.batch > 0
+                && self.ids.len().is_multiple_of(self.batch),
+            "batch: {} ids and {} mask values for {} rows",
+            self.ids.len(),
+            self.mask.len(),
+            self.batch
+        );
+        Ok(())
+    }
+}
+
 pub struct ClipOutput {
     /// Projected, L2-normalized: [B, E].
     pub image_embeds: Var,
@@ -162,6 +178,10 @@ impl ClipModel {
     /// Turn gradient checkpointing on or off in both towers (transformers'
     /// `gradient_checkpointing_enable`): each encoder layer keeps only its
     /// input and recomputes its activations in the backward.
+    pub fn gradient_checkpointing(&self) -> bool {
+        self.vision.gradient_checkpointing
+    }
+
     pub fn set_gradient_checkpointing(&mut self, on: bool) {
         self.vision.gradient_checkpointing = on;
         match &mut self.text {
@@ -240,13 +260,7 @@ impl ClipModel {
 
     /// Both towers' L2-normalised embeddings of a batch, [B, E] each.
     pub fn embeds(&self, tape: &mut Tape, p: &ParamVars, b: &Batch) -> Result<(Var, Var)> {
-        ensure!(
-            b.ids.len() == b.mask.len() && b.batch > 0 && b.ids.len().is_multiple_of(b.batch),
-            "batch: {} ids and {} mask values for {} rows",
-            b.ids.len(),
-            b.mask.len(),
-            b.batch
-        );
+        b.check()?;
         let img = self.image_pooled(tape, p, &b.pixels)?;
         let img = self.image_embeds(tape, p, &img)?;
         let txt = self.text_pooled(tape, p, &b.ids, &b.mask, b.batch)?;

@@ -159,6 +159,28 @@ pub fn clip_loss(
     })
 }
 
+/// Batches above this many pairs take the blocked loss (ops::loss_blocked)
+/// in [`contrastive_loss`].
+pub const BLOCKED_ABOVE: usize = 1024;
+
+/// The loss alone (no logits), for a batch of any size: whole logits up to
+/// [`BLOCKED_ABOVE`] pairs, blocks of text rows above (the same loss and
+/// gradients; memory N x 1024 instead of N x N).
+pub fn contrastive_loss(
+    tape: &mut Tape,
+    image_embeds: &Var,
+    text_embeds: &Var,
+    logit_scale: &Var,
+) -> Result<Var> {
+    let n = image_embeds.shape().first().copied().unwrap_or(0);
+    if n > BLOCKED_ABOVE {
+        let rows = super::loss_blocked::block_rows(image_embeds.tensor().gpu(), n);
+        super::loss_blocked::clip_loss_blocked(tape, image_embeds, text_embeds, logit_scale, rows)
+    } else {
+        Ok(clip_loss(tape, image_embeds, text_embeds, logit_scale)?.loss)
+    }
+}
+
 /// CPU reference: logits_per_text = exp(s) T I^T, [n, n].
 pub fn clip_logits_ref(i: &[f64], t: &[f64], s: f64, n: usize, e: usize) -> Vec<f64> {
     let sc = s.exp();

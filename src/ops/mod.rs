@@ -14,6 +14,7 @@ pub mod embedding;
 pub mod l2norm;
 pub mod layernorm;
 pub mod loss;
+pub mod loss_blocked;
 pub mod matmul;
 pub mod mlp;
 pub mod patch;

@@ -10,7 +10,8 @@
 //! 1. each micro-batch forward without a tape, keeping only its L2-normalised
 //!    embeddings (the rows of an [N, E] matrix per tower);
 //! 2. the symmetric contrastive loss over all N x N pairs, and its gradient
-//!    with respect to the embeddings and logit_scale, once;
+//!    with respect to the embeddings and logit_scale, once (in blocks of
+//!    text rows above 1,024 pairs, so the N x N logits are never whole);
 //! 3. each micro-batch forward again with the tape, its backward seeded with
 //!    its rows of the embedding gradient; parameter gradients accumulate.
 //!
@@ -22,7 +23,7 @@
 //! meaning: the mean of the micro-batches' own losses.
 
 use crate::model::clip::{Batch, ClipModel};
-use crate::ops::loss::clip_loss;
+use crate::ops::loss::contrastive_loss;
 use crate::tape::{Tape, Var};
 use crate::tensor::Tensor;
 use anyhow::{bail, Context, Result};
@@ -128,6 +129,7 @@ fn full_batch(
     let (mut image_pooled, mut text_pooled) = (Vec::new(), Vec::new());
     for i in 0..count {
         let b = batch(i)?;
+        b.check()?;
         let mut tape = Tape::no_grad();
         let p = model.params.vars(&mut tape);
         let pi = model.image_pooled(&mut tape, &p, &b.pixels)?;
@@ -149,9 +151,8 @@ fn full_batch(
     } else {
         Var::constant(ls.tensor.clone())
     };
-    let out = clip_loss(&mut tape, &iv, &tv, &sv)?;
-    drop(out.logits_per_text);
-    let mut g = tape.backward(&out.loss)?;
+    let loss = contrastive_loss(&mut tape, &iv, &tv, &sv)?;
+    let mut g = tape.backward(&loss)?;
     let d_image = g
         .take(&iv)
         .context("no gradient for the image embeddings")?;
@@ -163,6 +164,7 @@ fn full_batch(
     let mut row = 0;
     for (i, (img, txt)) in image_pooled.into_iter().zip(text_pooled).enumerate() {
         let b = batch(i)?;
+        b.check()?;
         let mut tape = Tape::new();
         let p = model.params.vars(&mut tape);
         let pi = match img {
@@ -187,7 +189,7 @@ fn full_batch(
     }
     Ok(GroupGrads {
         grads: acc,
-        losses: vec![out.loss.into_tensor()],
+        losses: vec![loss.into_tensor()],
         loss_weight: 1.0,
     })
 }

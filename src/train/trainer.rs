@@ -1097,7 +1097,7 @@ fn train_loop(
         examples.len(),
         args.lr_scheduler_type,
         args.learning_rate,
-        if args.gradient_checkpointing {
+        if setup.model.gradient_checkpointing() {
             ", gradient checkpointing"
         } else {
             ""
