@@ -328,8 +328,9 @@ fn accumulated_training_matches_the_whole_batch() {
     }
     let root = temp("accumulate");
     let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/clip/model");
-    let run = |out: &Path, extra: &[&str]| {
+    let run = |out: &Path, extra: &[&str], host_mib: &str| {
         let o = bin()
+            .env("CLIP_WGPU_GROUP_HOST_MIB", host_mib)
             .arg("train")
             .args([
                 "--model_name_or_path",
@@ -359,7 +360,7 @@ fn accumulated_training_matches_the_whole_batch() {
         err
     };
     let whole = root.join("whole");
-    run(&whole, &["--per_device_train_batch_size", "12"]);
+    run(&whole, &["--per_device_train_batch_size", "12"], "1024");
     let acc = root.join("accumulated");
     let log = run(
         &acc,
@@ -370,6 +371,7 @@ fn accumulated_training_matches_the_whole_batch() {
             "3",
             "--gradient_checkpointing",
         ],
+        "1024",
     );
     assert!(
         log.contains("one contrastive loss over all 12 pairs")
@@ -403,6 +405,24 @@ fn accumulated_training_matches_the_whole_batch() {
         );
     }
     eprintln!("accumulated vs whole batch: worst relative weight difference {worst:e}");
+    // With no host memory for the group, pass 2 decodes the pictures again
+    // (a second loader from where they began): the very same run.
+    let replayed = root.join("replayed");
+    let accumulated = [
+        "--per_device_train_batch_size",
+        "4",
+        "--gradient_accumulation_steps",
+        "3",
+        "--gradient_checkpointing",
+    ];
+    run(&replayed, &accumulated, "0");
+    let c = Weights::load_dir(&replayed).unwrap();
+    for (k, t) in &b.tensors {
+        assert!(
+            t.data == c.tensors[k].data,
+            "{k}: pictures decoded again for pass 2 gave other weights"
+        );
+    }
     // The logged losses are the whole batch's.
     let losses = |dir: &Path| -> Vec<f64> {
         std::fs::read_to_string(dir.join("metrics.jsonl"))

@@ -64,6 +64,36 @@ pub struct GroupGrads {
     pub loss_weight: f64,
 }
 
+/// Where a full-batch group's micro-batches come from. Pass 1 pulls them
+/// one at a time (so a source may stream them from a loader, not hold the
+/// whole group); pass 2 asks for each again, in order.
+pub trait MicroBatches {
+    /// The group's next micro-batch (pass 1); `None` after its last.
+    fn next(&mut self) -> Result<Option<Batch>>;
+    /// Micro-batch `i` again (pass 2; `i` = 0, 1, ... in order).
+    fn again(&mut self, i: usize) -> Result<Batch>;
+}
+
+/// A group whose `count` micro-batches `batch(i)` makes at will.
+struct InHand<F> {
+    count: usize,
+    next: usize,
+    batch: F,
+}
+
+impl<F: FnMut(usize) -> Result<Batch>> MicroBatches for InHand<F> {
+    fn next(&mut self) -> Result<Option<Batch>> {
+        if self.next == self.count {
+            return Ok(None);
+        }
+        self.next += 1;
+        (self.batch)(self.next - 1).map(Some)
+    }
+    fn again(&mut self, i: usize) -> Result<Batch> {
+        (self.batch)(i)
+    }
+}
+
 /// Gradients of a group of `count` micro-batches; `batch(i)` gives
 /// micro-batch `i` (called twice per micro-batch in `Full` mode, so pixels
 /// need not stay on the GPU between the passes). A group of one is an
@@ -82,7 +112,14 @@ pub fn group_grads(
     if mode == AccumulationLoss::Micro || count == 1 {
         micro_losses(model, count, &mut batch)
     } else {
-        full_batch(model, count, &mut batch)
+        full_batch_grads(
+            model,
+            &mut InHand {
+                count,
+                next: 0,
+                batch,
+            },
+        )
     }
 }
 
@@ -115,11 +152,9 @@ fn micro_losses(
     })
 }
 
-fn full_batch(
-    model: &ClipModel,
-    count: usize,
-    batch: &mut impl FnMut(usize) -> Result<Batch>,
-) -> Result<GroupGrads> {
+/// `Full` mode's gradients for the micro-batches `src` gives (at least
+/// one; see the module doc).
+pub fn full_batch_grads(model: &ClipModel, src: &mut dyn MicroBatches) -> Result<GroupGrads> {
     let gpu = model.params.params[0].tensor.gpu().clone();
     let keep_image = model.tower_frozen("vision_model.");
     let keep_text = model.tower_frozen("text_model.");
@@ -127,8 +162,7 @@ fn full_batch(
     // output is kept for pass 2.
     let (mut image_parts, mut text_parts) = (Vec::new(), Vec::new());
     let (mut image_pooled, mut text_pooled) = (Vec::new(), Vec::new());
-    for i in 0..count {
-        let b = batch(i)?;
+    while let Some(b) = src.next()? {
         b.check()?;
         let mut tape = Tape::no_grad();
         let p = model.params.vars(&mut tape);
@@ -139,6 +173,9 @@ fn full_batch(
         text_parts.push(model.text_embeds(&mut tape, &p, &pt)?.into_tensor());
         text_pooled.push(keep_text.then(|| pt.into_tensor()));
         gpu.flush_paced()?;
+    }
+    if image_parts.is_empty() {
+        bail!("an accumulation group needs at least one micro-batch");
     }
     // The loss over all pairs, and its gradient for the embeddings and
     // logit_scale.
@@ -163,7 +200,7 @@ fn full_batch(
     // Pass 2: each micro-batch again with the tape, seeded with its rows.
     let mut row = 0;
     for (i, (img, txt)) in image_pooled.into_iter().zip(text_pooled).enumerate() {
-        let b = batch(i)?;
+        let b = src.again(i)?;
         b.check()?;
         let mut tape = Tape::new();
         let p = model.params.vars(&mut tape);

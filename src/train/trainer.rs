@@ -47,7 +47,7 @@ use crate::ops::clamp::clamp_inplace;
 use crate::ops::reduce::sumsq;
 use crate::tape::Tape;
 use crate::tensor::Tensor;
-use crate::train::accumulate::{group_grads, AccumulationLoss};
+use crate::train::accumulate::{full_batch_grads, group_grads, AccumulationLoss, MicroBatches};
 use crate::train::args::{DataSource, Resume, TrainArgs};
 use crate::train::checkpoint::{self, ProcessingFiles, RunState};
 use crate::train::metrics::{loss_curve_png, recall_at_k, MetricsLog};
@@ -641,6 +641,110 @@ fn to_batch(gpu: &Arc<Gpu>, b: &LoadedBatch, s: usize) -> Result<Batch> {
     })
 }
 
+/// Full-batch accumulation's micro-batches, pulled from the epoch's loader
+/// in pass 1. Their pictures wait on the host for pass 2 up to
+/// `CLIP_WGPU_GROUP_HOST_MIB` (default 1024 MiB); past it, the rest are
+/// decoded again for pass 2 by a second loader started where they began,
+/// so a group of any size needs no more host memory than that.
+struct GroupStream<'a> {
+    ld: &'a mut Loader,
+    first: Option<(LoadedBatch, usize)>,
+    max: usize,
+    /// The group's batches (pixels dropped from those not kept) and the
+    /// loader position each began at.
+    taken: Vec<LoadedBatch>,
+    starts: Vec<usize>,
+    kept: Vec<bool>,
+    room: usize,
+    replay: Option<Loader>,
+    reopen: &'a dyn Fn(usize) -> Result<Loader>,
+    gpu: &'a Arc<Gpu>,
+    s: usize,
+}
+
+impl<'a> GroupStream<'a> {
+    fn new(
+        ld: &'a mut Loader,
+        first: LoadedBatch,
+        first_start: usize,
+        max: usize,
+        gpu: &'a Arc<Gpu>,
+        s: usize,
+        reopen: &'a dyn Fn(usize) -> Result<Loader>,
+    ) -> GroupStream<'a> {
+        let mib = std::env::var("CLIP_WGPU_GROUP_HOST_MIB")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+            .unwrap_or(1024);
+        GroupStream {
+            ld,
+            first: Some((first, first_start)),
+            max,
+            taken: Vec::new(),
+            starts: Vec::new(),
+            kept: Vec::new(),
+            room: mib << 20,
+            replay: None,
+            reopen,
+            gpu,
+            s,
+        }
+    }
+}
+
+impl MicroBatches for GroupStream<'_> {
+    fn next(&mut self) -> Result<Option<Batch>> {
+        if self.taken.len() == self.max {
+            return Ok(None);
+        }
+        let (mut b, start) = match self.first.take() {
+            Some(f) => f,
+            None => {
+                let start = Loader::position(self.ld);
+                match self.ld.next_batch()? {
+                    Some(b) => (b, start),
+                    None => return Ok(None),
+                }
+            }
+        };
+        let batch = to_batch(self.gpu, &b, self.s)?;
+        // Keep a prefix of the group (the replay then starts at the first
+        // batch not kept and reads on from there).
+        let bytes = b.pixels.len() * 4;
+        let keep = self.kept.last().is_none_or(|&k| k) && bytes <= self.room;
+        if keep {
+            self.room -= bytes;
+        } else {
+            b.pixels = Vec::new();
+        }
+        self.kept.push(keep);
+        self.taken.push(b);
+        self.starts.push(start);
+        Ok(Some(batch))
+    }
+
+    fn again(&mut self, i: usize) -> Result<Batch> {
+        if self.kept[i] {
+            return to_batch(self.gpu, &self.taken[i], self.s);
+        }
+        if self.replay.is_none() {
+            self.replay = Some((self.reopen)(self.starts[i])?);
+        }
+        let r = self
+            .replay
+            .as_mut()
+            .unwrap()
+            .next_batch()?
+            .context("decoding a step's pictures again: the data ended early")?;
+        let b = &self.taken[i];
+        ensure!(
+            r.batch == b.batch && r.ids == b.ids,
+            "decoding a step's pictures again gave another batch (were the data files changed during training?)"
+        );
+        to_batch(self.gpu, &r, self.s)
+    }
+}
+
 fn loader(
     setup: &Setup,
     examples: &Arc<Vec<Example>>,
@@ -1146,20 +1250,52 @@ fn train_loop(
         )?;
         loop {
             // The next accumulation group: `accum` batches, fewer at the end
-            // of the epoch (kept on the host: full-batch accumulation runs
-            // each twice).
-            let mut group: Vec<LoadedBatch> = Vec::with_capacity(accum);
-            while group.len() < accum {
-                match ld.next_batch()? {
-                    Some(b) => group.push(b),
-                    None => break,
-                }
-            }
-            let end_of_epoch = group.len() < accum;
-            if group.is_empty() {
-                break;
-            }
+            // of the epoch.
             let step_no = state.global_step + 1;
+            let group_start = ld.position();
+            let Some(first) = ld.next_batch()? else {
+                break;
+            };
+            if faults.at("device_lost", step_no).is_some() {
+                gpu.device.destroy();
+            }
+            if faults.at("oom", step_no).is_some() {
+                // A real allocation failure: past the adapter's limit.
+                let n = (gpu.limits.max_buffer_size / 4 + 1) as usize;
+                Tensor::empty(&gpu, &[n])?;
+            }
+            let (out, group) = if accum > 1 && args.accumulation_loss == AccumulationLoss::Full {
+                // Streamed: pass 1 pulls the batches; pass 2 has them again.
+                let reopen = |start: usize| {
+                    let order = epoch_order(examples.len(), args.data_seed(), epoch);
+                    loader(
+                        setup,
+                        &examples,
+                        order,
+                        start,
+                        bs,
+                        args,
+                        args.dataloader_drop_last,
+                    )
+                };
+                let mut src =
+                    GroupStream::new(&mut ld, first, group_start, accum, &gpu, s, &reopen);
+                let out = full_batch_grads(&setup.model, &mut src)?;
+                (out, src.taken)
+            } else {
+                let mut group = vec![first];
+                while group.len() < accum {
+                    match ld.next_batch()? {
+                        Some(b) => group.push(b),
+                        None => break,
+                    }
+                }
+                let out = group_grads(&setup.model, args.accumulation_loss, group.len(), |i| {
+                    to_batch(&gpu, &group[i], s)
+                })?;
+                (out, group)
+            };
+            let end_of_epoch = group.len() < accum;
             for b in &group {
                 for (p, why) in &b.skipped {
                     skipped_total += 1;
@@ -1169,18 +1305,7 @@ fn train_loop(
                 }
                 images_since += b.batch;
             }
-            if faults.at("device_lost", step_no).is_some() {
-                gpu.device.destroy();
-            }
-            if faults.at("oom", step_no).is_some() {
-                // A real allocation failure: past the adapter's limit.
-                let n = (gpu.limits.max_buffer_size / 4 + 1) as usize;
-                Tensor::empty(&gpu, &[n])?;
-            }
             let step_examples: usize = group.iter().map(|b| b.batch).sum();
-            let out = group_grads(&setup.model, args.accumulation_loss, group.len(), |i| {
-                to_batch(&gpu, &group[i], s)
-            })?;
             drop(group);
             {
                 let lr = schedule.lr_at(state.global_step) as f32;
