@@ -5,6 +5,7 @@
 use super::config::ClipTextConfig;
 use super::layers::{ClipEncoderLayer, LayerNorm};
 use super::params::{Layout, ParamVars};
+use super::recompute::EncoderLayer;
 use crate::ops::activation::Act;
 use crate::ops::elementwise::add_var;
 use crate::ops::embedding::embedding;

@@ -2,7 +2,7 @@
 //! pre-LN encoder layer, as indices into the parameter store.
 
 use super::params::{Layout, ParamVars};
-use super::recompute::checkpointed;
+use super::recompute::EncoderLayer;
 use crate::ops::activation::Act;
 use crate::ops::attention::attention;
 use crate::ops::elementwise::add_var;
@@ -101,9 +101,10 @@ impl ClipEncoderLayer {
             act,
         }
     }
+}
 
-    /// Store indices of the layer's parameters.
-    pub fn params(&self) -> Vec<usize> {
+impl EncoderLayer for ClipEncoderLayer {
+    fn params(&self) -> Vec<usize> {
         let norms = [self.ln1, self.ln2].into_iter().flat_map(|l| [l.g, l.b]);
         let linears = [self.q, self.k, self.v, self.o, self.fc1, self.fc2]
             .into_iter()
@@ -111,26 +112,7 @@ impl ClipEncoderLayer {
         norms.chain(linears).collect()
     }
 
-    /// `forward`, its activations recomputed in the backward
-    /// (gradient checkpointing) when `checkpoint`.
-    pub fn forward_ckpt(
-        &self,
-        tape: &mut Tape,
-        p: &ParamVars,
-        x: &Var,
-        mask: &Mask,
-        checkpoint: bool,
-    ) -> Result<Var> {
-        if !checkpoint {
-            return self.forward(tape, p, x, mask);
-        }
-        let (layer, mask) = (self.clone(), mask.clone());
-        checkpointed(tape, p, &self.params(), x, move |t, p, x| {
-            layer.forward(t, p, x, &mask)
-        })
-    }
-
-    pub fn forward(&self, tape: &mut Tape, p: &ParamVars, x: &Var, mask: &Mask) -> Result<Var> {
+    fn forward(&self, tape: &mut Tape, p: &ParamVars, x: &Var, mask: &Mask) -> Result<Var> {
         let h = self.ln1.forward(tape, p, x)?;
         let q = self.q.forward(tape, p, &h)?;
         let k = self.k.forward(tape, p, &h)?;

@@ -6,6 +6,7 @@
 //! kernels are deterministic, so the recomputed forward is the same.
 
 use super::params::ParamVars;
+use crate::ops::softmax::Mask;
 use crate::tape::{Tape, Var};
 use crate::tensor::Tensor;
 use anyhow::Result;
@@ -60,4 +61,30 @@ where
             Ok(grads)
         }),
     ))
+}
+
+/// An encoder layer, as the towers run it with or without checkpointing.
+pub trait EncoderLayer: Clone + 'static {
+    /// Store indices of the layer's parameters (all it reads).
+    fn params(&self) -> Vec<usize>;
+    fn forward(&self, tape: &mut Tape, p: &ParamVars, x: &Var, mask: &Mask) -> Result<Var>;
+
+    /// `forward`, its activations recomputed in the backward (gradient
+    /// checkpointing) when `checkpoint`.
+    fn forward_ckpt(
+        &self,
+        tape: &mut Tape,
+        p: &ParamVars,
+        x: &Var,
+        mask: &Mask,
+        checkpoint: bool,
+    ) -> Result<Var> {
+        if !checkpoint {
+            return self.forward(tape, p, x, mask);
+        }
+        let (layer, mask) = (self.clone(), mask.clone());
+        checkpointed(tape, p, &self.params(), x, move |t, p, x| {
+            layer.forward(t, p, x, &mask)
+        })
+    }
 }

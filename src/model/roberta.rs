@@ -6,7 +6,7 @@ use super::clip_text::{full_text, keep_prefix};
 use super::config::RobertaConfig;
 use super::layers::{LayerNorm, Linear};
 use super::params::{Layout, ParamVars};
-use super::recompute::checkpointed;
+use super::recompute::EncoderLayer;
 use crate::ops::activation::{act, Act};
 use crate::ops::attention::attention;
 use crate::ops::elementwise::add_var;
@@ -30,7 +30,7 @@ struct RobertaLayer {
     act: Act,
 }
 
-impl RobertaLayer {
+impl EncoderLayer for RobertaLayer {
     fn params(&self) -> Vec<usize> {
         let norms = [self.attn_ln, self.out_ln]
             .into_iter()
@@ -55,24 +55,6 @@ impl RobertaLayer {
         let o = self.out.forward(tape, p, &i)?;
         let o = add_var(tape, &o, &h)?;
         self.out_ln.forward(tape, p, &o)
-    }
-
-    /// `forward`, recomputed in the backward when `checkpoint`.
-    fn forward_ckpt(
-        &self,
-        tape: &mut Tape,
-        p: &ParamVars,
-        x: &Var,
-        m: &Mask,
-        checkpoint: bool,
-    ) -> Result<Var> {
-        if !checkpoint {
-            return self.forward(tape, p, x, m);
-        }
-        let (layer, m) = (self.clone(), m.clone());
-        checkpointed(tape, p, &self.params(), x, move |t, p, x| {
-            layer.forward(t, p, x, &m)
-        })
     }
 }
 

@@ -5,6 +5,7 @@
 use super::config::VisionConfig;
 use super::layers::{ClipEncoderLayer, LayerNorm};
 use super::params::{Layout, ParamVars};
+use super::recompute::EncoderLayer;
 use crate::ops::activation::Act;
 use crate::ops::embedding::{class_pos, embedding};
 use crate::ops::patch::patch_embed;

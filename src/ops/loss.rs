@@ -41,7 +41,8 @@ pub fn logits_per_image(logits_per_text: &Tensor) -> Result<Tensor> {
     permute::transpose(logits_per_text, 1, n, n)?.reshape(&[n, n])
 }
 
-fn dims(i: &Tensor, t: &Tensor, s: &Tensor) -> Result<(usize, usize)> {
+/// (N, E) of image and text embeddings [N, E] and a scalar logit scale.
+pub(crate) fn dims(i: &Tensor, t: &Tensor, s: &Tensor) -> Result<(usize, usize)> {
     let (is, ts) = (i.shape(), t.shape());
     ensure!(
         is.len() == 2 && is == ts,

@@ -25,19 +25,8 @@ pub fn block_rows(gpu: &crate::Gpu, n: usize) -> usize {
 }
 
 fn dims(i: &Tensor, t: &Tensor, s: &Tensor, rows: usize) -> Result<(usize, usize)> {
-    let (is, ts) = (i.shape(), t.shape());
-    ensure!(
-        is.len() == 2 && is == ts,
-        "clip_loss: image embeds {is:?} and text embeds {ts:?} must both be [N, E]"
-    );
-    ensure!(is[0] > 0, "clip_loss: empty batch");
-    ensure!(
-        s.numel() == 1,
-        "clip_loss: logit_scale {:?} is not a scalar",
-        s.shape()
-    );
     ensure!(rows > 0, "clip_loss: blocks need at least one row");
-    Ok((is[0], is[1]))
+    super::loss::dims(i, t, s)
 }
 
 /// Block `b` of `rows` text rows: (first row, rows, T_b I^T [rows, N]).
