@@ -641,6 +641,17 @@ fn to_batch(gpu: &Arc<Gpu>, b: &LoadedBatch, s: usize) -> Result<Batch> {
     })
 }
 
+/// Host bytes an accumulated step's pictures may keep for pass 2
+/// (`CLIP_WGPU_GROUP_HOST_MIB`, default 1024 MiB).
+fn group_host_bytes() -> Result<usize> {
+    match std::env::var("CLIP_WGPU_GROUP_HOST_MIB") {
+        Err(_) => Ok(1024 << 20),
+        Ok(v) => v.trim().parse::<usize>().map(|m| m << 20).map_err(|_| {
+            anyhow::anyhow!("CLIP_WGPU_GROUP_HOST_MIB={v:?} is not a whole number of MiB")
+        }),
+    }
+}
+
 /// Full-batch accumulation's micro-batches, pulled from the epoch's loader
 /// in pass 1. Their pictures wait on the host for pass 2 up to
 /// `CLIP_WGPU_GROUP_HOST_MIB` (default 1024 MiB); past it, the rest are
@@ -663,6 +674,7 @@ struct GroupStream<'a> {
 }
 
 impl<'a> GroupStream<'a> {
+    #[allow(clippy::too_many_arguments)]
     fn new(
         ld: &'a mut Loader,
         first: LoadedBatch,
@@ -671,11 +683,8 @@ impl<'a> GroupStream<'a> {
         gpu: &'a Arc<Gpu>,
         s: usize,
         reopen: &'a dyn Fn(usize) -> Result<Loader>,
+        room: usize,
     ) -> GroupStream<'a> {
-        let mib = std::env::var("CLIP_WGPU_GROUP_HOST_MIB")
-            .ok()
-            .and_then(|v| v.parse::<usize>().ok())
-            .unwrap_or(1024);
         GroupStream {
             ld,
             first: Some((first, first_start)),
@@ -683,7 +692,7 @@ impl<'a> GroupStream<'a> {
             taken: Vec::new(),
             starts: Vec::new(),
             kept: Vec::new(),
-            room: mib << 20,
+            room,
             replay: None,
             reopen,
             gpu,
@@ -1126,6 +1135,7 @@ fn train_loop(
     let accum = args.gradient_accumulation_steps.max(1);
     let warmup = args.warmup_steps_for(total);
     let faults = Faults::from_env()?;
+    let group_host = group_host_bytes()?;
     let schedule = Schedule::new(
         &args.lr_scheduler_type,
         args.learning_rate,
@@ -1278,8 +1288,16 @@ fn train_loop(
                         args.dataloader_drop_last,
                     )
                 };
-                let mut src =
-                    GroupStream::new(&mut ld, first, group_start, accum, &gpu, s, &reopen);
+                let mut src = GroupStream::new(
+                    &mut ld,
+                    first,
+                    group_start,
+                    accum,
+                    &gpu,
+                    s,
+                    &reopen,
+                    group_host,
+                );
                 let out = full_batch_grads(&setup.model, &mut src)?;
                 (out, src.taken)
             } else {
