@@ -4,13 +4,13 @@
 //! GPU, so the times are submit-to-finish. `clip-wgpu bench` gives the full
 //! table with GPU timestamps and shares of the adapter's peak.
 
-use clip_wgpu::bench::{tiny_config, StepBench};
+use clip_wgpu::bench::{tiny_config, StepBench, StepMode};
 use clip_wgpu::gpu::AdapterRequest;
 use clip_wgpu::ops::activation::{self, Act};
 use clip_wgpu::ops::adamw::{self, AdamW};
 use clip_wgpu::ops::matmul::{gemm_into, Gemm};
 use clip_wgpu::ops::softmax::{self, Mask};
-use clip_wgpu::ops::{layernorm, loss};
+use clip_wgpu::ops::{layernorm, loss, loss_blocked};
 use clip_wgpu::{Gpu, Tensor};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use std::sync::Arc;
@@ -123,6 +123,17 @@ fn row_kernels(c: &mut Criterion) {
             })
         })
     });
+    // The full-batch loss of accumulation: 2,048 pairs in blocks of 1,024
+    // text rows, forward and backward.
+    let (ib, tb) = (filled(&gpu, &[2048, 128]), filled(&gpu, &[2048, 128]));
+    g.bench_function("blocked contrastive loss fwd+bwd 2048x128", |b| {
+        b.iter_custom(|n| {
+            gpu_iters(&gpu, n, || {
+                let (l, stats) = loss_blocked::forward(&ib, &tb, &scale, 1024).unwrap();
+                loss_blocked::backward(&l, &ib, &tb, &scale, &stats, 1024, [true; 3]).unwrap();
+            })
+        })
+    });
     let len = 49408 * 128;
     let (p, gr, m, v) = (
         filled(&gpu, &[len]),
@@ -149,18 +160,31 @@ fn training_step(c: &mut Criterion) {
     g.sample_size(10);
     g.measurement_time(Duration::from_secs(20));
     let batch = 32;
-    let mut sb = StepBench::new(&gpu, tiny_config(), batch).unwrap();
-    sb.run().unwrap(); // warm-up
-    g.throughput(Throughput::Elements(batch as u64));
-    g.bench_function("tiny training step, batch 32", |b| {
-        b.iter_custom(|n| {
-            let t = Instant::now();
-            for _ in 0..n {
-                sb.run().unwrap();
-            }
-            t.elapsed()
-        })
-    });
+    let modes = [
+        ("tiny training step, batch 32", StepMode::default()),
+        (
+            "tiny training step, 4 x 32 accumulated, checkpointing",
+            StepMode {
+                accum: 4,
+                gradient_checkpointing: true,
+                ..StepMode::default()
+            },
+        ),
+    ];
+    for (name, mode) in modes {
+        let mut sb = StepBench::with_mode(&gpu, tiny_config(), batch, mode).unwrap();
+        sb.run().unwrap(); // warm-up
+        g.throughput(Throughput::Elements((batch * mode.accum) as u64));
+        g.bench_function(name, |b| {
+            b.iter_custom(|n| {
+                let t = Instant::now();
+                for _ in 0..n {
+                    sb.run().unwrap();
+                }
+                t.elapsed()
+            })
+        });
+    }
     g.finish();
 }
 
