@@ -255,12 +255,27 @@ fn a_second_ctrl_c_stops_at_once() {
     let out = root.join("out");
     let argv = args(&csv, &out, 200, 4);
     let err = root.join("log");
-    let mut child = spawn(&argv, &err);
+    // The run holds at the step boundary after the first signal (a test
+    // fault that logs when it does), so the second arrives while the first
+    // is being handled, however loaded the machine.
+    let mut child = bin()
+        .args(&argv)
+        .env("CLIP_WGPU_FAULTS", "hold_at_interrupt@0")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&err).unwrap())
+        .spawn()
+        .unwrap();
     assert!(wait_for(&mut child, "checkpoint-4", || {
         out.join("checkpoint-4/trainer_state.json").exists()
     }));
     signal(&child, libc::SIGINT);
-    std::thread::sleep(Duration::from_millis(2));
+    assert!(wait_for(
+        &mut child,
+        "the run to hold after the first signal",
+        || {
+            std::fs::read_to_string(&err).is_ok_and(|l| l.contains("holding at the step boundary"))
+        }
+    ));
     signal(&child, libc::SIGINT);
     let status = child.wait().unwrap();
     let log = std::fs::read_to_string(&err).unwrap();

@@ -31,8 +31,10 @@
 //! comma-separated `KIND@STEP` with KIND one of `nan_grad` (optionally
 //! `nan_grad:NAME`, the first parameter whose name contains NAME), `oom` (an
 //! allocation past the adapter's buffer limit), `device_lost` (the device is
-//! destroyed at the start of that step) or `device_lost_at_save` (destroyed
-//! just before that step's checkpoint is written).
+//! destroyed at the start of that step), `device_lost_at_save` (destroyed
+//! just before that step's checkpoint is written) or `hold_at_interrupt` (any
+//! step: after SIGINT / SIGTERM, wait at the step boundary, having logged
+//! so, for a second signal).
 
 use crate::data::loader::{epoch_order, LoadedBatch, Loader, LoaderConfig};
 use crate::data::sources::{self, Dataset, Example, Split};
@@ -237,7 +239,14 @@ impl Faults {
                 .with_context(|| format!("CLIP_WGPU_FAULTS: bad step in {item:?}"))?;
             let (kind, arg) = what.split_once(':').unwrap_or((what, ""));
             ensure!(
-                ["nan_grad", "oom", "device_lost", "device_lost_at_save"].contains(&kind),
+                [
+                    "nan_grad",
+                    "oom",
+                    "device_lost",
+                    "device_lost_at_save",
+                    "hold_at_interrupt"
+                ]
+                .contains(&kind),
                 "CLIP_WGPU_FAULTS: unknown fault {kind:?}"
             );
             out.push((kind.to_string(), arg.to_string(), step));
@@ -246,6 +255,11 @@ impl Faults {
             log(&format!("injecting faults for a test: {spec}"));
         }
         Ok(Faults(out))
+    }
+
+    /// Whether fault `kind` is asked for at any step.
+    fn has(&self, kind: &str) -> bool {
+        self.0.iter().any(|(k, _, _)| k == kind)
     }
 
     /// The argument of fault `kind` at optimizer step `step`, if it strikes.
@@ -1481,6 +1495,15 @@ fn train_loop(
                     break 'epochs;
                 }
                 if let Some(signal) = interrupted() {
+                    if faults.has("hold_at_interrupt") {
+                        // For a test of the second signal: stay at this step
+                        // boundary (say so first) until it arrives.
+                        log("holding at the step boundary of an interrupt (test fault)");
+                        let t0 = Instant::now();
+                        while t0.elapsed().as_secs() < 600 {
+                            std::thread::sleep(std::time::Duration::from_millis(10));
+                        }
+                    }
                     let p = match saved {
                         Some(p) => p,
                         None => {
