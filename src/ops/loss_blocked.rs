@@ -29,14 +29,14 @@ fn dims(i: &Tensor, t: &Tensor, s: &Tensor, rows: usize) -> Result<(usize, usize
     super::loss::dims(i, t, s)
 }
 
-/// Block `b` of `rows` text rows: (first row, rows, T_b I^T [rows, N]).
-fn block(i: &Tensor, t: &Tensor, b: usize, rows: usize) -> Result<(usize, usize, Tensor)> {
+/// Block `b` of `rows` text rows: (first row, rows, T_b, T_b I^T [rows, N]).
+fn block(i: &Tensor, t: &Tensor, b: usize, rows: usize) -> Result<(usize, usize, Tensor, Tensor)> {
     let (n, e) = (t.rows(), t.cols());
     let r0 = b * rows;
     let r = rows.min(n - r0);
     let tb = t.rows_copy(r0, r)?;
     let zb = gemm(&tb, i, None, Gemm::new(1, r, n, e).tb(true))?;
-    Ok((r0, r, zb))
+    Ok((r0, r, tb, zb))
 }
 
 /// Forward with blocks of `rows` text rows: (loss [1], stats [3N + 1]:
@@ -48,7 +48,7 @@ pub fn forward(i: &Tensor, t: &Tensor, s: &Tensor, rows: usize) -> Result<(Tenso
     let stats = Tensor::empty(gpu, &[3 * n + 1])?;
     let cols = Tensor::empty(gpu, &[blocks, n])?;
     for b in 0..blocks {
-        let (r0, r, zb) = block(i, t, b, rows)?;
+        let (r0, r, _, zb) = block(i, t, b, rows)?;
         gpu.dispatch(
             &SHADER,
             "block_lse",
@@ -109,7 +109,7 @@ pub fn backward(
         None
     };
     for b in 0..blocks {
-        let (r0, r, zb) = block(i, t, b, rows)?;
+        let (r0, r, tb, zb) = block(i, t, b, rows)?;
         let dm = Tensor::empty(gpu, &[r, n])?;
         gpu.dispatch(
             &SHADER,
@@ -133,7 +133,6 @@ pub fn backward(
         }
         if let Some(di) = &di {
             // dI += dM_b^T T_b.
-            let tb = t.rows_copy(r0, r)?;
             let mut g = Gemm::new(1, n, e, r).ta(true);
             g.accumulate = b > 0;
             gemm_into(di, &dm, &tb, None, g)?;
