@@ -2,6 +2,7 @@
 //! case runs a kernel a few times and reports the median wall time around
 //! submit + wait, with its arithmetic rate.
 
+use crate::dist::World;
 use crate::gpu::{Gpu, KernelTime};
 use crate::model::clip::{Batch, ClipModel};
 use crate::model::config::{ModelConfig, TextConfig};
@@ -701,9 +702,13 @@ impl StepBench {
         self.step += 1;
         let t0 = Instant::now();
         let (t1, grads) = if self.mode.accum > 1 {
-            let g = group_grads(&self.model, self.mode.loss, self.mode.accum, |k| {
-                self.upload(k)
-            })?;
+            let g = group_grads(
+                &self.model,
+                self.mode.loss,
+                self.mode.accum,
+                |k| self.upload(k),
+                &World::single(),
+            )?;
             (t0, g.grads)
         } else {
             let b = self.upload(0)?;

@@ -3,6 +3,7 @@
 
 pub mod bench;
 pub mod data;
+pub mod dist;
 pub mod embed;
 pub mod gpu;
 pub mod model;

@@ -121,20 +121,63 @@ enum Cmd {
 }
 
 fn main() {
-    if let Err(e) = run() {
+    let world = match world() {
+        Ok(w) => w,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::exit(1);
+        }
+    };
+    let code = match run(&world) {
+        Ok(()) => 0,
         // SIGINT / SIGTERM during training: a checkpoint was saved; exit as a
         // signal-ended process would (130, 143) so that scripts and job
         // schedulers see the run as not finished.
-        if let Some(i) = e.downcast_ref::<clip_wgpu::train::trainer::Interrupted>() {
-            eprintln!("[clip-wgpu] {i}");
-            std::process::exit(i.exit_code());
-        }
-        eprintln!("error: {e:#}");
-        std::process::exit(1);
-    }
+        Err(e) => match e.downcast_ref::<clip_wgpu::train::trainer::Interrupted>() {
+            Some(i) => {
+                if world.is_main() {
+                    eprintln!("[clip-wgpu] {i}");
+                }
+                i.exit_code()
+            }
+            None if world.is_distributed() => {
+                // One rank's failure ends the job (MPI_Abort): the others
+                // would otherwise wait for it in their next collective.
+                eprintln!("error on rank {} of {}: {e:#}", world.rank(), world.size());
+                world.abort(1)
+            }
+            None => {
+                eprintln!("error: {e:#}");
+                1
+            }
+        },
+    };
+    drop(world);
+    std::process::exit(code);
 }
 
-fn run() -> Result<()> {
+/// This process's place in a data-parallel job: started by mpirun (or
+/// another MPI launcher) with the `mpi` feature, a rank of the job;
+/// otherwise a world of one.
+fn world() -> Result<clip_wgpu::dist::World> {
+    #[cfg(feature = "mpi")]
+    {
+        let launched = [
+            "OMPI_COMM_WORLD_SIZE",
+            "PMI_SIZE",
+            "PMIX_RANK",
+            "MPI_LOCALNRANKS",
+        ]
+        .iter()
+        .any(|v| std::env::var_os(v).is_some());
+        if launched {
+            return clip_wgpu::dist::mpi::init();
+        }
+    }
+    Ok(clip_wgpu::dist::World::single())
+}
+
+fn run(world: &clip_wgpu::dist::World) -> Result<()> {
     let cli = Cli::parse();
     let req = AdapterRequest {
         backend: cli.backend,
@@ -143,8 +186,8 @@ fn run() -> Result<()> {
     .with_env()?;
     match cli.cmd {
         Cmd::Info => info(&req),
-        Cmd::Train { args } => train(req, &args, false),
-        Cmd::Eval { args } => train(req, &args, true),
+        Cmd::Train { args } => train(req, &args, false, world),
+        Cmd::Eval { args } => train(req, &args, true, world),
         Cmd::PrepareDualEncoder {
             vision,
             text,
@@ -221,7 +264,12 @@ fn run() -> Result<()> {
     }
 }
 
-fn train(mut req: AdapterRequest, argv: &[String], eval_only: bool) -> Result<()> {
+fn train(
+    mut req: AdapterRequest,
+    argv: &[String],
+    eval_only: bool,
+    world: &clip_wgpu::dist::World,
+) -> Result<()> {
     use clip_wgpu::train::args;
     if args::wants_help(argv) {
         println!("{}", args::usage());
@@ -247,13 +295,30 @@ fn train(mut req: AdapterRequest, argv: &[String], eval_only: bool) -> Result<()
     if !eval_only {
         clip_wgpu::train::trainer::catch_interrupts();
     }
+    let mut who = String::new();
+    if world.is_distributed() {
+        // One adapter per rank on a machine, unless --adapter or
+        // CLIP_WGPU_ADAPTER names one.
+        if req.index.is_none() {
+            req.index = Some(adapter::index_for_local_rank(&req, world.local_rank())?);
+        }
+        who = format!(
+            "rank {} of {} (local rank {}, pid {}): ",
+            world.rank(),
+            world.size(),
+            world.local_rank(),
+            std::process::id()
+        );
+    }
     let gpu = clip_wgpu::Gpu::new(&req)?;
     eprintln!(
-        "[clip-wgpu] adapter: {} ({:?}, {:?})",
+        "[clip-wgpu] {who}adapter: {} ({:?}, {:?})",
         gpu.info.name, gpu.info.backend, gpu.info.device_type
     );
-    let all = clip_wgpu::train::trainer::run(&targs, &gpu)?;
-    println!("{}", serde_json::to_string_pretty(&all)?);
+    let all = clip_wgpu::train::trainer::run_on(&targs, &gpu, world)?;
+    if world.is_main() {
+        println!("{}", serde_json::to_string_pretty(&all)?);
+    }
     Ok(())
 }
 

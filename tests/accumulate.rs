@@ -8,6 +8,7 @@
 //! Both model kinds, with and without frozen towers; and `train` end to end:
 //! 3 accumulated steps end at the weights of 3 steps of the whole batch.
 mod common;
+use clip_wgpu::dist::World;
 use clip_wgpu::model::clip::{Batch, ClipModel};
 use clip_wgpu::model::config::ModelConfig;
 use clip_wgpu::model::init::init_weights;
@@ -113,15 +114,21 @@ fn host(grads: Vec<Option<clip_wgpu::Tensor>>) -> Vec<Vec<f64>> {
 
 /// Loss and gradients of a group through `group_grads`.
 fn grouped(model: &ClipModel, mode: AccumulationLoss, micro: &[Batch]) -> (f64, Vec<Vec<f64>>) {
-    let out = group_grads(model, mode, micro.len(), |i| {
-        let b = &micro[i];
-        Ok(Batch {
-            pixels: b.pixels.clone(),
-            ids: b.ids.clone(),
-            mask: b.mask.clone(),
-            batch: b.batch,
-        })
-    })
+    let out = group_grads(
+        model,
+        mode,
+        micro.len(),
+        |i| {
+            let b = &micro[i];
+            Ok(Batch {
+                pixels: b.pixels.clone(),
+                ids: b.ids.clone(),
+                mask: b.mask.clone(),
+                batch: b.batch,
+            })
+        },
+        &World::single(),
+    )
     .unwrap();
     let loss = out
         .losses

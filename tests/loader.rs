@@ -34,6 +34,7 @@ fn cfg(batch_size: usize, workers: usize) -> LoaderConfig {
         workers,
         prefetch: 2,
         drop_last: false,
+        refill: true,
     }
 }
 

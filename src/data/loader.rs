@@ -51,6 +51,12 @@ pub struct LoaderConfig {
     /// Drop a last batch smaller than `batch_size` (the HF Trainer's
     /// `dataloader_drop_last`, default false: it is kept).
     pub drop_last: bool,
+    /// Fill a batch past an unreadable picture with the next examples
+    /// (default). Off, each batch is exactly `batch_size` entries of the
+    /// order and a skipped picture makes it smaller: data-parallel ranks
+    /// read fixed slices of each global batch and must not drift into the
+    /// next one.
+    pub refill: bool,
 }
 
 impl Default for LoaderConfig {
@@ -63,6 +69,7 @@ impl Default for LoaderConfig {
                 .unwrap_or(2),
             prefetch: 2,
             drop_last: false,
+            refill: true,
         }
     }
 }
@@ -381,7 +388,15 @@ fn assemble(
         let mut pixels = Vec::with_capacity(cfg.batch_size * pixel_len);
         let mut positions = Vec::with_capacity(cfg.batch_size);
         let mut skipped = Vec::new();
-        while positions.len() < cfg.batch_size && pos < order.len() {
+        let batch_start = pos;
+        let filled = |positions: &Vec<usize>, pos: usize| {
+            if cfg.refill {
+                positions.len()
+            } else {
+                pos - batch_start
+            }
+        };
+        while filled(&positions, pos) < cfg.batch_size && pos < order.len() {
             let item = {
                 let mut st = shared.lock();
                 loop {
@@ -419,6 +434,15 @@ fn assemble(
                 }
             }
             pos += 1;
+        }
+        if !cfg.refill && positions.is_empty() && !skipped.is_empty() {
+            let _ = tx.send(Msg::Err(anyhow::anyhow!(
+                "every picture of a batch failed to load ({} of them; the first: {}: {})",
+                skipped.len(),
+                skipped[0].0.display(),
+                skipped[0].1
+            )));
+            return;
         }
         if positions.is_empty() || (cfg.drop_last && positions.len() < cfg.batch_size) {
             let msg = if !loaded_any && !failures.is_empty() {

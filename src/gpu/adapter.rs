@@ -115,6 +115,22 @@ pub fn choose(req: &AdapterRequest) -> Result<wgpu::Adapter> {
     Ok(adapters.swap_remove(best))
 }
 
+/// The adapter of the process with local rank `local_rank` (its index
+/// among the ranks on this machine): the best kind found (the default
+/// choice's backend and device type), one per rank in turn; ranks share
+/// them when there are more ranks than adapters. Index as `clip-wgpu info`
+/// lists them.
+pub fn index_for_local_rank(req: &AdapterRequest, local_rank: usize) -> Result<usize> {
+    let adapters = enumerate(req.backends()?);
+    let Some(best) = adapters.iter().map(rank).max() else {
+        bail!("no GPU adapter found (see `clip-wgpu info`)");
+    };
+    let same: Vec<usize> = (0..adapters.len())
+        .filter(|&i| rank(&adapters[i]) == best)
+        .collect();
+    Ok(same[local_rank % same.len()])
+}
+
 /// One human-readable paragraph for `clip-wgpu info`.
 pub fn describe(i: usize, a: &wgpu::Adapter) -> String {
     let info = a.get_info();

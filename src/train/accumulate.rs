@@ -22,9 +22,10 @@
 //! projection trains). [`AccumulationLoss::Micro`] keeps the Trainer's
 //! meaning: the mean of the micro-batches' own losses.
 
+use crate::dist::World;
 use crate::model::clip::{Batch, ClipModel};
 use crate::ops::loss::contrastive_loss;
-use crate::tape::{Tape, Var};
+use crate::tape::{Grads, Tape, Var};
 use crate::tensor::Tensor;
 use anyhow::{bail, Context, Result};
 
@@ -100,27 +101,52 @@ impl<F: FnMut(usize) -> Result<Batch>> MicroBatches for InHand<F> {
 /// ordinary step in either mode. A shorter group (the end of an epoch) is
 /// weighted by its real size: `Full` is the loss over its rows; `Micro`
 /// divides by the micro-batches it has, as recent Trainers do.
+///
+/// With several ranks in `world`, each micro-batch is this rank's part of a
+/// global one: the embeddings are gathered from every rank, so each loss
+/// is over the global rows (`Full`: the whole global group; `Micro`: each
+/// global micro-batch), and the gradients returned are this rank's share,
+/// to be summed over ranks.
 pub fn group_grads(
     model: &ClipModel,
     mode: AccumulationLoss,
     count: usize,
     mut batch: impl FnMut(usize) -> Result<Batch>,
+    world: &World,
 ) -> Result<GroupGrads> {
     if count == 0 {
         bail!("an accumulation group needs at least one micro-batch");
     }
-    if mode == AccumulationLoss::Micro || count == 1 {
-        micro_losses(model, count, &mut batch)
-    } else {
-        full_batch_grads(
-            model,
-            &mut InHand {
-                count,
-                next: 0,
-                batch,
-            },
-        )
+    if !world.is_distributed() && (mode == AccumulationLoss::Micro || count == 1) {
+        return micro_losses(model, count, &mut batch);
     }
+    if mode == AccumulationLoss::Full {
+        let mut src = InHand {
+            count,
+            next: 0,
+            batch,
+        };
+        return full_batch_grads(model, &mut src, world);
+    }
+    // Micro mode across ranks: one gathered loss per global micro-batch.
+    let mut acc = vec![None; model.params.params.len()];
+    let mut losses = Vec::with_capacity(count);
+    let weight = 1.0 / count as f32;
+    for i in 0..count {
+        let mut src = InHand {
+            count: 1,
+            next: 0,
+            batch: |_| batch(i),
+        };
+        let (a, loss) = cached_grads(model, &mut src, world, weight, acc)?;
+        acc = a;
+        losses.push(loss);
+    }
+    Ok(GroupGrads {
+        grads: acc,
+        losses,
+        loss_weight: 1.0 / count as f64,
+    })
 }
 
 fn micro_losses(
@@ -153,8 +179,31 @@ fn micro_losses(
 }
 
 /// `Full` mode's gradients for the micro-batches `src` gives (at least
-/// one; see the module doc).
-pub fn full_batch_grads(model: &ClipModel, src: &mut dyn MicroBatches) -> Result<GroupGrads> {
+/// one; see the module doc), the loss over every rank's rows of them.
+pub fn full_batch_grads(
+    model: &ClipModel,
+    src: &mut dyn MicroBatches,
+    world: &World,
+) -> Result<GroupGrads> {
+    let acc = vec![None; model.params.params.len()];
+    let (grads, loss) = cached_grads(model, src, world, 1.0, acc)?;
+    Ok(GroupGrads {
+        grads,
+        losses: vec![loss],
+        loss_weight: 1.0,
+    })
+}
+
+/// Gradient caching over `src`'s micro-batches (and, across ranks, every
+/// rank's): `weight` times the gradient of one contrastive loss over all
+/// their pairs, added into `acc`. Returns the gradients and the loss.
+fn cached_grads(
+    model: &ClipModel,
+    src: &mut dyn MicroBatches,
+    world: &World,
+    weight: f32,
+    mut acc: Vec<Option<Tensor>>,
+) -> Result<(Vec<Option<Tensor>>, Tensor)> {
     let gpu = model.params.params[0].tensor.gpu().clone();
     let keep_image = model.tower_frozen("vision_model.");
     let keep_text = model.tower_frozen("text_model.");
@@ -177,9 +226,11 @@ pub fn full_batch_grads(model: &ClipModel, src: &mut dyn MicroBatches) -> Result
     if image_parts.is_empty() {
         bail!("an accumulation group needs at least one micro-batch");
     }
+    // Every rank's rows, in rank order; ours begin at `row`.
+    let (all_i, mut row) = world.all_gather_rows(concat_rows(image_parts)?)?;
+    let (all_t, _) = world.all_gather_rows(concat_rows(text_parts)?)?;
     // The loss over all pairs, and its gradient for the embeddings and
     // logit_scale.
-    let (all_i, all_t) = (concat_rows(image_parts)?, concat_rows(text_parts)?);
     let mut tape = Tape::new();
     let (iv, tv) = (tape.param(all_i), tape.param(all_t));
     let ls = &model.params.params[model.logit_scale];
@@ -189,16 +240,19 @@ pub fn full_batch_grads(model: &ClipModel, src: &mut dyn MicroBatches) -> Result
         Var::constant(ls.tensor.clone())
     };
     let loss = contrastive_loss(&mut tape, &iv, &tv, &sv)?;
-    let mut g = tape.backward(&loss)?;
+    let mut into = Grads::default();
+    if let Some(held) = acc[model.logit_scale].take() {
+        into.insert(&sv, held);
+    }
+    let seed = Tensor::scalar(&gpu, weight)?.reshape(loss.tensor().shape())?;
+    let mut g = tape.backward_seeded(vec![(&loss, seed)], into)?;
     let d_image = g
         .take(&iv)
         .context("no gradient for the image embeddings")?;
     let d_text = g.take(&tv).context("no gradient for the text embeddings")?;
-    let mut acc = vec![None; model.params.params.len()];
     acc[model.logit_scale] = g.take(&sv);
     drop((iv, tv, g));
     // Pass 2: each micro-batch again with the tape, seeded with its rows.
-    let mut row = 0;
     for (i, (img, txt)) in image_pooled.into_iter().zip(text_pooled).enumerate() {
         let b = src.again(i)?;
         b.check()?;
@@ -224,11 +278,7 @@ pub fn full_batch_grads(model: &ClipModel, src: &mut dyn MicroBatches) -> Result
         row += b.batch;
         gpu.flush_paced()?;
     }
-    Ok(GroupGrads {
-        grads: acc,
-        losses: vec![loss.into_tensor()],
-        loss_weight: 1.0,
-    })
+    Ok((acc, loss.into_tensor()))
 }
 
 /// Tensors [n_i, E] stacked into one [sum n_i, E].

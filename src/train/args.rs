@@ -212,6 +212,9 @@ pub struct TrainArgs {
     /// row (a run that only skips would otherwise go on doing nothing);
     /// 0: no limit.
     pub max_consecutive_nonfinite_steps: usize,
+    /// Under mpirun: every this many optimizer steps, check that every rank
+    /// holds the same weights (one norm per rank); 0: never.
+    pub sync_check_steps: usize,
 }
 
 impl Default for TrainArgs {
@@ -282,6 +285,7 @@ impl Default for TrainArgs {
             no_progress: false,
             skip_nonfinite_steps: false,
             max_consecutive_nonfinite_steps: 10,
+            sync_check_steps: 0,
         }
     }
 }
@@ -616,6 +620,7 @@ impl TrainArgs {
             "max_consecutive_nonfinite_steps",
             json!(self.max_consecutive_nonfinite_steps),
         );
+        put("sync_check_steps", json!(self.sync_check_steps));
         Value::Object(m)
     }
 }
@@ -746,7 +751,8 @@ const HUB: &str =
     "there is no Hugging Face Hub access here; models and data are read from local paths";
 const PRECISION: &str = "training and evaluation run in f32";
 const ONE_DEVICE: &str =
-    "training runs in one process on one wgpu adapter (see --backend, --adapter)";
+    "each process trains on one wgpu adapter (see --backend, --adapter); for several, build with \
+     --features mpi and start the job with mpirun -n N (see the README)";
 const NO_COMPILE: &str =
     "the kernels are hand-written WGSL; there is nothing to compile or swap in";
 const REPORTING: &str =
@@ -1055,6 +1061,9 @@ static SPECS: &[Spec] = &[
     set("max_consecutive_nonfinite_steps", One, |a, v| { a.max_consecutive_nonfinite_steps = parse_usize(v)?; Ok(()) },
         "With --skip_nonfinite_steps: stop the run after this many skipped steps in a row (the latest \
          checkpoint is kept); 0 for no limit. Default 10."),
+    set("sync_check_steps", One, |a, v| { a.sync_check_steps = parse_usize(v)?; Ok(()) },
+        "Under mpirun: every N optimizer steps check that all ranks hold the same weights (a norm and \
+         logit_scale per rank, compared bit for bit); 0 never. Default 0."),
 ];
 
 fn spec(name: &str) -> Option<&'static Spec> {

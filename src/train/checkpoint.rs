@@ -120,6 +120,11 @@ pub fn save_model(dir: &Path, model: &ClipModel, processing: &ProcessingFiles) -
     processing.write_to(dir)
 }
 
+/// The folder of step `step`'s checkpoint.
+pub fn checkpoint_dir(output_dir: &Path, step: u64) -> PathBuf {
+    output_dir.join(format!("checkpoint-{step}"))
+}
+
 /// Write `output_dir/checkpoint-<step>` atomically.
 pub fn save_checkpoint(
     output_dir: &Path,
@@ -130,8 +135,8 @@ pub fn save_checkpoint(
     run: &Value,
     processing: &ProcessingFiles,
 ) -> Result<PathBuf> {
+    let final_dir = checkpoint_dir(output_dir, state.global_step);
     let name = format!("checkpoint-{}", state.global_step);
-    let final_dir = output_dir.join(&name);
     let tmp = output_dir.join(format!(".{name}.tmp-{}", std::process::id()));
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp)?;

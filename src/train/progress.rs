@@ -7,6 +7,8 @@ use std::io::IsTerminal;
 pub struct Progress {
     bar: Option<ProgressBar>,
     last: std::cell::Cell<Option<std::time::Instant>>,
+    /// No bar and no lines (data-parallel ranks other than 0).
+    silent: bool,
 }
 
 impl Progress {
@@ -15,6 +17,7 @@ impl Progress {
             return Progress {
                 bar: None,
                 last: Default::default(),
+                silent: false,
             };
         }
         let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
@@ -26,6 +29,15 @@ impl Progress {
         Progress {
             bar: Some(bar),
             last: Default::default(),
+            silent: false,
+        }
+    }
+
+    /// Neither a bar nor log lines.
+    pub fn silent(total: u64, start: u64) -> Progress {
+        Progress {
+            silent: true,
+            ..Progress::new(total, start, false)
         }
     }
 
@@ -47,6 +59,9 @@ impl Progress {
 
     /// A line above the bar (or a plain line without one).
     pub fn log(&self, msg: &str) {
+        if self.silent {
+            return;
+        }
         match &self.bar {
             Some(b) => b.println(format!("[clip-wgpu] {msg}")),
             None => eprintln!("[clip-wgpu] {msg}"),

@@ -32,13 +32,15 @@
 //! `nan_grad:NAME`, the first parameter whose name contains NAME), `oom` (an
 //! allocation past the adapter's buffer limit), `device_lost` (the device is
 //! destroyed at the start of that step), `device_lost_at_save` (destroyed
-//! just before that step's checkpoint is written) or `hold_at_interrupt` (any
+//! just before that step's checkpoint is written), `hold_at_interrupt` (any
 //! step: after SIGINT / SIGTERM, wait at the step boundary, having logged
-//! so, for a second signal).
+//! so, for a second signal) or `wait_for_signal` (after that step, log so
+//! and wait for SIGINT / SIGTERM: a test signals a job at a known step).
 
 use crate::data::loader::{epoch_order, LoadedBatch, Loader, LoaderConfig};
 use crate::data::sources::{self, Dataset, Example, Split};
 use crate::data::{demo, ImageProcessorConfig, TextTokenizer};
+use crate::dist::{self, EpochShards, World};
 use crate::model::clip::{Batch, ClipModel};
 use crate::model::config::ModelConfig;
 use crate::model::init::init_weights;
@@ -100,8 +102,13 @@ const DEMO_FILES: &[(&str, &[u8])] = &[
     ),
 ];
 
+/// Set on ranks other than 0: they train silently (rank 0 logs).
+static QUIET: AtomicBool = AtomicBool::new(false);
+
 fn log(msg: &str) {
-    eprintln!("[clip-wgpu] {msg}");
+    if !QUIET.load(Ordering::Relaxed) {
+        eprintln!("[clip-wgpu] {msg}");
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -145,6 +152,9 @@ extern "C" fn on_signal(sig: libc::c_int) {
     let first = SIGNAL
         .compare_exchange(0, sig, Ordering::SeqCst, Ordering::SeqCst)
         .is_ok();
+    if first && QUIET.load(Ordering::Relaxed) {
+        return; // rank 0 says so for the job
+    }
     let msg: &[u8] = if first {
         b"\n[clip-wgpu] interrupted: saving a checkpoint at the end of this step \
           (interrupt again to stop at once)\n"
@@ -244,7 +254,8 @@ impl Faults {
                     "oom",
                     "device_lost",
                     "device_lost_at_save",
-                    "hold_at_interrupt"
+                    "hold_at_interrupt",
+                    "wait_for_signal"
                 ]
                 .contains(&kind),
                 "CLIP_WGPU_FAULTS: unknown fault {kind:?}"
@@ -353,6 +364,38 @@ fn check_finite_weights(params: &ParamStore) -> Result<()> {
             list_names(&bad)
         }
     )
+}
+
+/// SIGTERM's number: a stop another rank was asked for (mpirun passes the
+/// job's SIGTERM to every rank; a scheduler may signal one).
+fn libc_sigterm() -> i32 {
+    15
+}
+
+/// Fail unless every rank holds the same weights after `step` steps: the
+/// norm of all weights and logit_scale, compared bit for bit (one small
+/// readback and one gather).
+fn check_replicas(world: &World, params: &ParamStore, step: u64) -> Result<()> {
+    let all: Vec<&Tensor> = params.params.iter().map(|p| &p.tensor).collect();
+    let norm = grad_norm(&all, f32::INFINITY)?.to_vec()?[0];
+    let ls = params
+        .index_of("logit_scale")
+        .map(|i| params.params[i].tensor.to_vec())
+        .transpose()?
+        .map_or(0.0, |v| v[0]);
+    let mine = [norm, ls];
+    for (r, theirs) in world.all_gather_f32(&mine).iter().enumerate() {
+        let same = theirs.len() == 2
+            && theirs[0].to_bits() == norm.to_bits()
+            && theirs[1].to_bits() == ls.to_bits();
+        ensure!(
+            same,
+            "the ranks' weights differ after step {step}: rank {} has weight norm {norm} and logit_scale {ls}, \
+             rank {r} has {theirs:?} (a rank computed something else: different data, adapter results or code)",
+            world.rank()
+        );
+    }
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------
@@ -776,6 +819,7 @@ fn loader(
     batch: usize,
     args: &TrainArgs,
     drop_last: bool,
+    refill: bool,
 ) -> Result<Loader> {
     Loader::new(
         examples.clone(),
@@ -787,6 +831,7 @@ fn loader(
             workers: args.workers.max(1),
             prefetch: 4,
             drop_last,
+            refill,
         },
         setup.processor.clone(),
         setup.tokenizer.clone(),
@@ -804,10 +849,20 @@ pub struct EvalResult {
 /// eval_loss (mean over examples of the per-batch contrastive loss, as the
 /// Trainer averages it) and retrieval recall@1/5/10 in both directions, an
 /// image counting once however many captions it has.
-pub fn evaluate(setup: &Setup, examples: &[Example], args: &TrainArgs) -> Result<EvalResult> {
+///
+/// Across ranks each evaluates a contiguous shard of the examples and the
+/// embeddings are gathered, so recall@K is over the whole set, as one
+/// process computes it (the loss is per batch of a rank's shard).
+pub fn evaluate(
+    setup: &Setup,
+    examples: &[Example],
+    args: &TrainArgs,
+    world: &World,
+) -> Result<EvalResult> {
     let t0 = Instant::now();
     let gpu = setup.model.params.params[0].tensor.gpu().clone();
-    let ex = Arc::new(examples.to_vec());
+    let mine = dist::shard(examples.len(), world.size(), world.rank());
+    let ex = Arc::new(examples[mine].to_vec());
     let mut ld = loader(
         setup,
         &ex,
@@ -816,6 +871,7 @@ pub fn evaluate(setup: &Setup, examples: &[Example], args: &TrainArgs) -> Result
         args.per_device_eval_batch_size,
         args,
         false,
+        true,
     )?;
     let s = setup.model.config.vision.image_size;
     let (mut loss_sum, mut n) = (0.0f64, 0usize);
@@ -825,7 +881,9 @@ pub fn evaluate(setup: &Setup, examples: &[Example], args: &TrainArgs) -> Result
     let mut texts: Vec<Vec<f32>> = Vec::new();
     let mut text_ids: Vec<u64> = Vec::new();
     while let Some(b) = ld.next_batch()? {
-        if let Some(signal) = interrupted() {
+        // Across ranks a stop is agreed at a step boundary instead: one
+        // rank leaving the evaluation early would leave the others waiting.
+        if let Some(signal) = interrupted().filter(|_| !world.is_distributed()) {
             return Err(Interrupted {
                 signal,
                 message: "the evaluation was cut short".into(),
@@ -854,6 +912,11 @@ pub fn evaluate(setup: &Setup, examples: &[Example], args: &TrainArgs) -> Result
             }
         }
     }
+    let (images, image_ids, texts, text_ids, loss_sum, n) = if world.is_distributed() {
+        gather_eval(world, images, image_ids, texts, text_ids, loss_sum, n)?
+    } else {
+        (images, image_ids, texts, text_ids, loss_sum, n)
+    };
     ensure!(n > 0, "the evaluation set has no usable examples");
     let r = recall_at_k(&images, &texts, &text_ids, &image_ids, &[1, 5, 10])?;
     let mut recall = Vec::new();
@@ -869,6 +932,56 @@ pub fn evaluate(setup: &Setup, examples: &[Example], args: &TrainArgs) -> Result
         samples: n,
         runtime_s: t0.elapsed().as_secs_f64(),
     })
+}
+
+type EvalParts = (Vec<Vec<f32>>, Vec<u64>, Vec<Vec<f32>>, Vec<u64>, f64, usize);
+
+/// Every rank's evaluation embeddings and ids, in rank order (the order of
+/// the examples), an image counted once over all shards; the loss sums and
+/// example counts added up.
+fn gather_eval(
+    world: &World,
+    images: Vec<Vec<f32>>,
+    image_ids: Vec<u64>,
+    texts: Vec<Vec<f32>>,
+    text_ids: Vec<u64>,
+    loss_sum: f64,
+    n: usize,
+) -> Result<EvalParts> {
+    let flat = |v: &[Vec<f32>]| v.concat();
+    let e = texts.first().or(images.first()).map_or(0, Vec::len);
+    let dims = world.all_gather_bytes(&(e as u64).to_le_bytes());
+    let e = dims
+        .iter()
+        .map(|b| u64::from_le_bytes(b[..8].try_into().unwrap()) as usize)
+        .max()
+        .unwrap_or(0);
+    let img = world.all_gather_f32(&flat(&images));
+    let txt = world.all_gather_f32(&flat(&texts));
+    let iid = world.all_gather_bytes(bytemuck::cast_slice(&image_ids));
+    let tid = world.all_gather_bytes(bytemuck::cast_slice(&text_ids));
+    let sums = world.all_gather_bytes(bytemuck::cast_slice(&[loss_sum, n as f64]));
+    let rows = |v: &[f32]| -> Vec<Vec<f32>> { v.chunks(e.max(1)).map(<[f32]>::to_vec).collect() };
+    let (mut images, mut image_ids, mut texts, mut text_ids) = (vec![], vec![], vec![], vec![]);
+    let mut seen = std::collections::HashSet::new();
+    for r in 0..world.size() {
+        let ids: Vec<u64> = bytemuck::pod_collect_to_vec(&iid[r]);
+        for (row, id) in rows(&img[r]).into_iter().zip(ids) {
+            if seen.insert(id) {
+                images.push(row);
+                image_ids.push(id);
+            }
+        }
+        texts.extend(rows(&txt[r]));
+        text_ids.extend(bytemuck::pod_collect_to_vec::<u8, u64>(&tid[r]));
+    }
+    let (mut loss, mut count) = (0.0, 0usize);
+    for b in &sums {
+        let v: Vec<f64> = bytemuck::pod_collect_to_vec(b);
+        loss += v[0];
+        count += v[1] as usize;
+    }
+    Ok((images, image_ids, texts, text_ids, loss, count))
 }
 
 fn eval_json(r: &EvalResult, epoch: f64, prefix: &str) -> Value {
@@ -903,7 +1016,7 @@ fn print_eval(label: &str, r: &EvalResult) {
 /// run_clip.py's output_dir rule: refuse a non-empty folder without a
 /// checkpoint unless --overwrite_output_dir; resume from the latest
 /// checkpoint when there is one.
-fn resolve_resume(args: &TrainArgs) -> Result<Option<PathBuf>> {
+fn resolve_resume(args: &TrainArgs, main: bool) -> Result<Option<PathBuf>> {
     let out = &args.output_dir;
     let explicit = match args.resume() {
         None => None,
@@ -942,7 +1055,9 @@ fn resolve_resume(args: &TrainArgs) -> Result<Option<PathBuf>> {
                 "{} holds only what an earlier run left before its first checkpoint: starting over",
                 out.display()
             ));
-            let _ = std::fs::remove_file(out.join("metrics.jsonl"));
+            if main {
+                let _ = std::fs::remove_file(out.join("metrics.jsonl"));
+            }
             return Ok(None);
         }
         let nonempty = !names.is_empty();
@@ -965,6 +1080,23 @@ fn resolve_resume(args: &TrainArgs) -> Result<Option<PathBuf>> {
 
 /// Train (and/or evaluate) as the arguments say. Returns all_results.
 pub fn run(args: &TrainArgs, gpu: &Arc<Gpu>) -> Result<Value> {
+    run_on(args, gpu, &World::single())
+}
+
+/// [`run`] as one rank of `world`: the global batch is `world` times the
+/// per-device one, each rank reading its slice; rank 0 alone writes the
+/// checkpoints, logs, metrics and results (see [`crate::dist`]).
+pub fn run_on(args: &TrainArgs, gpu: &Arc<Gpu>, world: &World) -> Result<Value> {
+    QUIET.store(!world.is_main(), Ordering::Relaxed);
+    let out = run_ranked(args, gpu, world)?;
+    // No rank leaves before rank 0 has written everything: mpirun ends the
+    // job when any process exits.
+    world.barrier();
+    Ok(out)
+}
+
+fn run_ranked(args: &TrainArgs, gpu: &Arc<Gpu>, world: &World) -> Result<Value> {
+    let main = world.is_main();
     let mut args = args.clone();
     let mut setup = setup(&args, gpu)?;
     if setup.demo && !args.do_train && !args.do_eval {
@@ -976,24 +1108,47 @@ pub fn run(args: &TrainArgs, gpu: &Arc<Gpu>) -> Result<Value> {
         "nothing to do: pass --do_train and/or --do_eval"
     );
     let resume = if args.do_train {
-        resolve_resume(&args)?
+        resolve_resume(&args, main)?
     } else {
         None
     };
-    if args.overwrite_output_dir && resume.is_none() && args.do_train && args.output_dir.is_dir() {
-        std::fs::remove_dir_all(&args.output_dir)
-            .with_context(|| format!("clearing {}", args.output_dir.display()))?;
+    if world.is_distributed() {
+        world.check_same(
+            "the run",
+            &format!(
+                "{} training and {} evaluation examples, batch {} x {} accumulation, {} parameters, resuming from {:?}",
+                setup.train.len(),
+                setup.eval.len(),
+                args.per_device_train_batch_size,
+                args.gradient_accumulation_steps,
+                setup.model.params.params.len(),
+                resume
+            ),
+        )?;
     }
-    std::fs::create_dir_all(&args.output_dir)
-        .with_context(|| format!("creating {}", args.output_dir.display()))?;
-    if args.do_train {
-        for p in checkpoint::remove_stale_temp(&args.output_dir) {
-            log(&format!(
-                "removed {}: a checkpoint save that an earlier run did not finish",
-                p.display()
-            ));
+    // Every rank has read the output folder before rank 0 changes it.
+    world.barrier();
+    if main {
+        if args.overwrite_output_dir
+            && resume.is_none()
+            && args.do_train
+            && args.output_dir.is_dir()
+        {
+            std::fs::remove_dir_all(&args.output_dir)
+                .with_context(|| format!("clearing {}", args.output_dir.display()))?;
+        }
+        std::fs::create_dir_all(&args.output_dir)
+            .with_context(|| format!("creating {}", args.output_dir.display()))?;
+        if args.do_train {
+            for p in checkpoint::remove_stale_temp(&args.output_dir) {
+                log(&format!(
+                    "removed {}: a checkpoint save that an earlier run did not finish",
+                    p.display()
+                ));
+            }
         }
     }
+    world.barrier();
     if args.freeze_vision_model || args.freeze_text_model {
         setup
             .model
@@ -1020,7 +1175,7 @@ pub fn run(args: &TrainArgs, gpu: &Arc<Gpu>) -> Result<Value> {
         }
     };
     if setup.demo && args.do_eval && !setup.eval.is_empty() {
-        let r = evaluate(&setup, &setup.eval, &args).map_err(eval_oom)?;
+        let r = evaluate(&setup, &setup.eval, &args, world).map_err(eval_oom)?;
         print_eval("before training", &r);
         before = Some(r);
     }
@@ -1028,14 +1183,23 @@ pub fn run(args: &TrainArgs, gpu: &Arc<Gpu>) -> Result<Value> {
     if args.do_train {
         ensure!(!setup.train.is_empty(), "the training set has no examples");
         let mut at = Whereabouts::default();
-        state = train_loop(&args, &mut setup, resume.as_deref(), &mut results, &mut at)
-            .map_err(|e| explain_stop(e, &args, gpu, &at, max_len))?;
+        state = train_loop(
+            &args,
+            &mut setup,
+            resume.as_deref(),
+            &mut results,
+            &mut at,
+            world,
+        )
+        .map_err(|e| explain_stop(e, &args, gpu, &at, max_len))?;
         check_finite_weights(&setup.model.params)?;
-        checkpoint::save_model(&args.output_dir, &setup.model, &setup.processing)?;
-        log(&format!("saved the model to {}", args.output_dir.display()));
+        if main {
+            checkpoint::save_model(&args.output_dir, &setup.model, &setup.processing)?;
+            log(&format!("saved the model to {}", args.output_dir.display()));
+        }
     }
     if args.do_eval && !setup.eval.is_empty() {
-        let r = match evaluate(&setup, &setup.eval, &args) {
+        let r = match evaluate(&setup, &setup.eval, &args, world) {
             Ok(r) => r,
             Err(e) => match e.downcast::<Interrupted>() {
                 Ok(i) => {
@@ -1064,7 +1228,9 @@ pub fn run(args: &TrainArgs, gpu: &Arc<Gpu>) -> Result<Value> {
             &r,
         );
         let ej = eval_json(&r, state.epoch, "eval_");
-        write_json(&args.output_dir.join("eval_results.json"), &ej)?;
+        if main {
+            write_json(&args.output_dir.join("eval_results.json"), &ej)?;
+        }
         if let Value::Object(m) = ej {
             results.extend(m);
         }
@@ -1085,7 +1251,9 @@ pub fn run(args: &TrainArgs, gpu: &Arc<Gpu>) -> Result<Value> {
         }
     }
     let all = Value::Object(results);
-    write_json(&args.output_dir.join("all_results.json"), &all)?;
+    if main {
+        write_json(&args.output_dir.join("all_results.json"), &all)?;
+    }
     Ok(all)
 }
 
@@ -1132,12 +1300,22 @@ fn train_loop(
     resume: Option<&Path>,
     results: &mut serde_json::Map<String, Value>,
     at: &mut Whereabouts,
+    world: &World,
 ) -> Result<RunState> {
     let gpu = setup.model.params.params[0].tensor.gpu().clone();
     let t0 = Instant::now();
     let examples = Arc::new(setup.train.clone());
     let bs = args.per_device_train_batch_size;
-    let batches_per_epoch = args.batches_per_epoch(examples.len());
+    let main = world.is_main();
+    let dist = world.is_distributed();
+    // Across ranks: global batches of world x bs, each rank reading its
+    // slice of each (one process: the loader's own batches).
+    let shards = EpochShards::new(examples.len(), world.size(), bs, args.dataloader_drop_last);
+    let batches_per_epoch = if dist {
+        shards.batches
+    } else {
+        args.batches_per_epoch(examples.len())
+    };
     let total = args.total_steps(batches_per_epoch);
     ensure!(
         total > 0,
@@ -1202,13 +1380,16 @@ fn train_loop(
         }
     }
     at.step = state.global_step;
-    let run_info = json!({
+    let mut run_info = json!({
         "seed": args.seed,
         "train_examples": examples.len(),
         "batch_size": bs,
         "gradient_accumulation_steps": accum,
         "max_steps": total,
     });
+    if dist {
+        run_info["world_size"] = json!(world.size());
+    }
     let contrastive = match (accum, args.accumulation_loss) {
         (1, _) => String::new(),
         (_, AccumulationLoss::Full) => format!(
@@ -1219,8 +1400,17 @@ fn train_loop(
             format!(" (a contrastive loss per batch of {bs}, averaged: --accumulation_loss micro)")
         }
     };
+    let ranks = if dist {
+        format!(
+            " on each of {} ranks (global batch {} per step)",
+            world.size(),
+            world.size() * bs * accum
+        )
+    } else {
+        String::new()
+    };
     log(&format!(
-        "training: {} examples, batch {bs}, {accum} accumulation step(s){contrastive}, {total} optimizer steps, \
+        "training: {} examples, batch {bs}{ranks}, {accum} accumulation step(s){contrastive}, {total} optimizer steps, \
          warmup {warmup}, {} schedule, lr {}{}",
         examples.len(),
         args.lr_scheduler_type,
@@ -1231,7 +1421,11 @@ fn train_loop(
             ""
         }
     ));
-    let mut metrics = MetricsLog::open(&metrics_path)?;
+    let mut metrics = if main {
+        Some(MetricsLog::open(&metrics_path)?)
+    } else {
+        None
+    };
     let s = setup.model.config.vision.image_size;
     let ls_index = setup.model.logit_scale;
     // Finite losses summed and counted since the last log line.
@@ -1251,8 +1445,31 @@ fn train_loop(
     let mut skipped_total = 0usize;
     // Non-finite steps skipped in a row (--max_consecutive_nonfinite_steps).
     let mut skipped_in_a_row = 0usize;
-    let progress =
-        crate::train::progress::Progress::new(total as u64, state.global_step, !args.no_progress);
+    let progress = if main {
+        crate::train::progress::Progress::new(total as u64, state.global_step, !args.no_progress)
+    } else {
+        crate::train::progress::Progress::silent(total as u64, state.global_step)
+    };
+    let trainable: Vec<bool> = setup
+        .model
+        .params
+        .params
+        .iter()
+        .map(|p| p.trainable)
+        .collect();
+    let shapes: Vec<Vec<usize>> = setup
+        .model
+        .params
+        .params
+        .iter()
+        .map(|p| p.tensor.shape().to_vec())
+        .collect();
+    if dist {
+        check_replicas(world, &setup.model.params, state.global_step)?;
+    }
+    world.take_stats();
+    let mut comm_total = dist::CommStats::default();
+    let mut steps_since = 0usize;
     let mut total_loss = 0.0f64;
     let mut loss_steps = 0usize;
     let mut steps_run = 0usize;
@@ -1262,15 +1479,27 @@ fn train_loop(
     at.started = true;
     'epochs: while (state.global_step as usize) < total {
         let epoch = state.data_epoch;
-        let order = epoch_order(examples.len(), args.data_seed(), epoch);
+        let mut order = epoch_order(examples.len(), args.data_seed(), epoch);
+        let mut start = state.data_position;
+        // Global batches of this epoch done (across ranks).
+        let mut global_done = state.data_position / shards.global_batch;
+        if dist {
+            order = shards.rank_order(&order, world.size(), world.rank());
+            start = shards.rank_start(state.data_position, world.size(), world.rank());
+        }
+        let order = Arc::new(order);
+        // Ranks read fixed slices (no refill past a bad picture, no
+        // drop_last: their orders hold whole global batches only).
+        let (drop_last, refill) = (args.dataloader_drop_last && !dist, !dist);
         let mut ld = loader(
             setup,
             &examples,
-            order,
-            state.data_position,
+            order.to_vec(),
+            start,
             bs,
             args,
-            args.dataloader_drop_last,
+            drop_last,
+            refill,
         )?;
         loop {
             // The next accumulation group: `accum` batches, fewer at the end
@@ -1291,15 +1520,15 @@ fn train_loop(
             let (out, group) = if accum > 1 && args.accumulation_loss == AccumulationLoss::Full {
                 // Streamed: pass 1 pulls the batches; pass 2 has them again.
                 let reopen = |start: usize| {
-                    let order = epoch_order(examples.len(), args.data_seed(), epoch);
                     loader(
                         setup,
                         &examples,
-                        order,
+                        order.to_vec(),
                         start,
                         bs,
                         args,
-                        args.dataloader_drop_last,
+                        drop_last,
+                        refill,
                     )
                 };
                 let mut src = GroupStream::new(
@@ -1312,7 +1541,7 @@ fn train_loop(
                     &reopen,
                     group_host,
                 );
-                let out = full_batch_grads(&setup.model, &mut src)?;
+                let out = full_batch_grads(&setup.model, &mut src, world)?;
                 (out, src.taken)
             } else {
                 let mut group = vec![first];
@@ -1322,9 +1551,13 @@ fn train_loop(
                         None => break,
                     }
                 }
-                let out = group_grads(&setup.model, args.accumulation_loss, group.len(), |i| {
-                    to_batch(&gpu, &group[i], s)
-                })?;
+                let out = group_grads(
+                    &setup.model,
+                    args.accumulation_loss,
+                    group.len(),
+                    |i| to_batch(&gpu, &group[i], s),
+                    world,
+                )?;
                 (out, group)
             };
             let end_of_epoch = group.len() < accum;
@@ -1335,13 +1568,13 @@ fn train_loop(
                         log(&format!("skipped {}: {why}", p.display()));
                     }
                 }
-                images_since += b.batch;
             }
-            let step_examples: usize = group.iter().map(|b| b.batch).sum();
+            let mut step_examples: usize = group.iter().map(|b| b.batch).sum();
+            let group_len = group.len();
             drop(group);
             {
                 let lr = schedule.lr_at(state.global_step) as f32;
-                let grads = out.grads;
+                let mut grads = out.grads;
                 if let Some(name) = faults.at("nan_grad", step_no) {
                     let (p, g) = setup
                         .model
@@ -1357,6 +1590,24 @@ fn train_loop(
                     log(&format!("injecting NaN into the gradient of {}", p.name));
                     g.write(&vec![f32::NAN; g.numel()])?;
                 }
+                // Across ranks: sum the gradients (logit_scale's is whole on
+                // every rank: counted once), and agree on a stop request.
+                let mut stop = interrupted();
+                if dist {
+                    let asked = f32::from(u8::from(stop.is_some()));
+                    let flags = dist::all_reduce_grads(
+                        world,
+                        &trainable,
+                        &mut grads,
+                        &shapes,
+                        &[ls_index],
+                        &[asked, step_examples as f32],
+                    )?;
+                    stop = (flags[0] > 0.0).then(|| interrupted().unwrap_or(libc_sigterm()));
+                    step_examples = flags[1] as usize;
+                }
+                images_since += step_examples;
+                steps_since += 1;
                 // The step's readback: [norm, coef] (then the losses, read
                 // after the norm so that a step waits for the GPU once).
                 let norm = opt.grad_norm(&setup.model.params, &grads)?;
@@ -1412,7 +1663,12 @@ fn train_loop(
                 examples_run += step_examples;
                 state.global_step += 1;
                 at.step = state.global_step;
-                state.data_position = ld.position();
+                state.data_position = if dist {
+                    global_done += group_len;
+                    shards.global_position(global_done)
+                } else {
+                    ld.position()
+                };
                 state.epoch = epoch as f64 + state.data_position as f64 / examples.len() as f64;
                 if finite {
                     total_loss += step_loss;
@@ -1443,16 +1699,35 @@ fn train_loop(
                     if state.skipped_nonfinite_steps > 0 {
                         entry["skipped_nonfinite_steps"] = json!(state.skipped_nonfinite_steps);
                     }
+                    let mut comm = String::new();
+                    if dist {
+                        // Collectives of this rank (rank 0's, as it logs).
+                        let c = world.take_stats();
+                        let per = steps_since.max(1) as f64;
+                        entry["mpi_seconds_per_step"] = json!(c.seconds / per);
+                        entry["mpi_mib_sent_per_step"] = json!(mib(c.bytes_sent) / per);
+                        comm = format!(
+                            ", MPI {:.1} ms and {:.2} MiB sent per step",
+                            c.seconds * 1e3 / per,
+                            mib(c.bytes_sent) / per
+                        );
+                        comm_total.calls += c.calls;
+                        comm_total.seconds += c.seconds;
+                        comm_total.bytes_sent += c.bytes_sent;
+                    }
+                    steps_since = 0;
                     progress.log(&format!(
                         "step {step}/{total}: loss {}, lr {:.3e}, grad_norm {:.3}, {:.1} images/s, \
-                         GPU pool peak {:.0} MiB",
+                         GPU pool peak {:.0} MiB{comm}",
                         loss.map_or("- (skipped)".into(), |l| format!("{l:.4}")),
                         lr,
                         nv[0],
                         images_since as f64 / dt.max(1e-9),
                         mib(pool.peak_bytes)
                     ));
-                    metrics.write(&entry)?;
+                    if let Some(m) = metrics.as_mut() {
+                        m.write(&entry)?;
+                    }
                     state.log_history.push(entry);
                     window = (0.0, 0);
                     images_since = 0;
@@ -1465,14 +1740,16 @@ fn train_loop(
                     && !setup.eval.is_empty()
                 {
                     at.evaluating = true;
-                    let r = evaluate(setup, &setup.eval, args);
+                    let r = evaluate(setup, &setup.eval, args, world);
                     at.evaluating = false;
                     match r {
                         Ok(r) => {
                             let mut entry = eval_json(&r, state.epoch, "eval_");
                             entry["step"] = json!(step);
                             eval_losses.push((step as f64, r.loss));
-                            metrics.write(&entry)?;
+                            if let Some(m) = metrics.as_mut() {
+                                m.write(&entry)?;
+                            }
                             progress.log(&format!("step {step}: eval_loss {:.4}", r.loss));
                             state.log_history.push(entry);
                         }
@@ -1484,17 +1761,31 @@ fn train_loop(
                     }
                 }
                 let mut saved = None;
-                if save_every > 0 && step.is_multiple_of(save_every) && step < total {
+                if save_every > 0 && step.is_multiple_of(save_every) && step < total && main {
                     at.saving = true;
                     let p = save(args, setup, &opt, &state, &schedule, &run_info, &faults)?;
                     at.saving = false;
                     progress.log(&format!("saved {}", p.display()));
                     saved = Some(p);
                 }
+                if dist && args.sync_check_steps > 0 && step.is_multiple_of(args.sync_check_steps) {
+                    check_replicas(world, &setup.model.params, state.global_step)?;
+                }
                 if step >= total {
                     break 'epochs;
                 }
-                if let Some(signal) = interrupted() {
+                if faults.at("wait_for_signal", step as u64).is_some() && interrupted().is_none() {
+                    log(&format!(
+                        "waiting for a signal after step {step} (test fault)"
+                    ));
+                    while interrupted().is_none() {
+                        std::thread::sleep(std::time::Duration::from_millis(5));
+                    }
+                    if !dist {
+                        stop = interrupted();
+                    }
+                }
+                if let Some(signal) = stop {
                     if faults.has("hold_at_interrupt") {
                         // For a test of the second signal: stay at this step
                         // boundary (say so first) until it arrives.
@@ -1506,12 +1797,16 @@ fn train_loop(
                     }
                     let p = match saved {
                         Some(p) => p,
-                        None => {
+                        None if main => {
                             at.saving = true;
                             save(args, setup, &opt, &state, &schedule, &run_info, &faults)?
                         }
+                        None => checkpoint::checkpoint_dir(&args.output_dir, state.global_step),
                     };
                     progress.finish();
+                    // The other ranks wait for rank 0's save: mpirun ends the
+                    // job when the first process exits.
+                    world.barrier();
                     return Err(Interrupted {
                         signal,
                         message: format!(
@@ -1534,11 +1829,13 @@ fn train_loop(
     progress.finish();
     gpu.sync()?;
     // The final state as a checkpoint too, so a finished run can be extended.
-    at.saving = true;
-    save(args, setup, &opt, &state, &schedule, &run_info, &faults)?;
-    at.saving = false;
+    if main {
+        at.saving = true;
+        save(args, setup, &opt, &state, &schedule, &run_info, &faults)?;
+        at.saving = false;
+    }
     let runtime = t0.elapsed().as_secs_f64();
-    let train = json!({
+    let mut train = json!({
         "epoch": state.epoch,
         "train_loss": total_loss / loss_steps.max(1) as f64,
         "train_runtime": runtime,
@@ -1547,19 +1844,29 @@ fn train_loop(
         "train_skipped_images": skipped_total,
         "train_skipped_nonfinite_steps": state.skipped_nonfinite_steps,
     });
-    write_json(&args.output_dir.join("train_results.json"), &train)?;
-    write_json(
-        &args.output_dir.join("trainer_state.json"),
-        &state.to_json(&run_info),
-    )?;
+    if dist {
+        let c = world.take_stats();
+        comm_total.seconds += c.seconds;
+        comm_total.bytes_sent += c.bytes_sent;
+        train["world_size"] = json!(world.size());
+        train["mpi_seconds"] = json!(comm_total.seconds);
+        train["mpi_mib_sent"] = json!(comm_total.bytes_sent as f64 / 1048576.0);
+    }
+    if main {
+        write_json(&args.output_dir.join("train_results.json"), &train)?;
+        write_json(
+            &args.output_dir.join("trainer_state.json"),
+            &state.to_json(&run_info),
+        )?;
+        loss_curve_png(
+            &args.output_dir.join("loss_curve.png"),
+            &train_losses,
+            &eval_losses,
+        )?;
+    }
     if let Value::Object(m) = train {
         results.extend(m);
     }
-    loss_curve_png(
-        &args.output_dir.join("loss_curve.png"),
-        &train_losses,
-        &eval_losses,
-    )?;
     if skipped_total > 0 {
         log(&format!(
             "skipped {skipped_total} unreadable image(s) in total"
