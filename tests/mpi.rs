@@ -210,8 +210,14 @@ fn two_ranks_train_as_one_process_with_twice_the_batch() {
     // 40 examples: global batches of 16, 16 and a short 8 (4 per rank).
     let data = csv(&root, 40);
     let dual = dual_encoder(&root);
-    for kind in ["clip", "clip_roberta"] {
-        for accum in [1usize, 2] {
+    for (kind, accum, loss) in [
+        ("clip", 1usize, "full"),
+        ("clip", 2, "full"),
+        ("clip", 2, "micro"),
+        ("clip_roberta", 1, "full"),
+        ("clip_roberta", 2, "full"),
+    ] {
+        {
             let model = if kind == "clip" {
                 fixture(kind)
             } else {
@@ -223,11 +229,13 @@ fn two_ranks_train_as_one_process_with_twice_the_batch() {
                 "4",
                 "--gradient_accumulation_steps",
                 &a,
+                "--accumulation_loss",
+                loss,
                 "--sync_check_steps",
                 "1",
             ];
-            let one = root.join(format!("{kind}-{accum}-one"));
-            let two = root.join(format!("{kind}-{accum}-two"));
+            let one = root.join(format!("{kind}-{accum}-{loss}-one"));
+            let two = root.join(format!("{kind}-{accum}-{loss}-two"));
             ok(
                 bin()
                     .args(train_args(&model, &data, &one, 16, &common))
@@ -245,7 +253,7 @@ fn two_ranks_train_as_one_process_with_twice_the_batch() {
             let err = stderr(&o);
             assert!(err.contains("global batch"), "{err}");
             let worst = relative_diff(&two, &one, 1e-5, &ZERO_GRADIENT);
-            eprintln!("{kind}, accumulation {accum}: worst relative difference {worst:e}");
+            eprintln!("{kind}, accumulation {accum} ({loss}): worst relative difference {worst:e}");
             // Rank 0 alone wrote: one metrics line per step, one checkpoint.
             let m = std::fs::read_to_string(two.join("metrics.jsonl")).unwrap();
             assert_eq!(m.lines().count(), 4, "{m}");
@@ -317,28 +325,60 @@ fn a_failing_rank_ends_the_job_naming_it() {
     std::fs::create_dir_all(&other).unwrap();
     let bad = other.join("train.csv");
     std::fs::copy(&data, &bad).unwrap();
-    let out = root.join("missing");
+    // Rank 1 (MPMD: its own command line or environment) without its
+    // pictures, with an adapter that does not exist, out of memory at step 2.
     let extra = ["--max_steps", "50"];
-    let mut c = Command::new("mpirun");
-    c.args([
-        "--allow-run-as-root",
-        "--oversubscribe",
-        "--bind-to",
-        "none",
-    ]);
-    c.args(["-n", "1", env!("CARGO_BIN_EXE_clip-wgpu")]);
-    c.args(&train_args(&model, &data, &out, 4, &extra)[..]);
-    c.args([":", "-n", "1", env!("CARGO_BIN_EXE_clip-wgpu")]);
-    c.args(&train_args(&model, &bad, &out, 4, &extra)[..]);
-    let err = root.join("missing.err");
-    let mut job = spawn(c, &err);
-    let status = wait_bounded(&mut job, 300, "a rank without its pictures");
-    let text = std::fs::read_to_string(&err).unwrap();
-    assert!(!status.success(), "{text}");
-    assert!(text.contains("error on rank 1 of 2"), "{text}");
-    assert!(text.contains("imgs/"), "{text}");
+    let cases: [(&str, Vec<String>, Option<&str>, &str); 3] = [
+        (
+            "missing",
+            train_args(&model, &bad, &root.join("missing"), 4, &extra),
+            None,
+            "imgs/",
+        ),
+        (
+            "adapter",
+            ["--adapter".to_string(), "99".to_string()]
+                .into_iter()
+                .chain(train_args(&model, &data, &root.join("adapter"), 4, &extra))
+                .collect(),
+            None,
+            "adapter index 99",
+        ),
+        (
+            "oom",
+            train_args(&model, &data, &root.join("oom"), 4, &extra),
+            Some("CLIP_WGPU_FAULTS=oom@2"),
+            "ran out of memory",
+        ),
+    ];
+    for (name, rank1, env, says) in cases {
+        let out = root.join(name);
+        let mut c = Command::new("mpirun");
+        c.args([
+            "--allow-run-as-root",
+            "--oversubscribe",
+            "--bind-to",
+            "none",
+        ]);
+        c.args(["-n", "1", env!("CARGO_BIN_EXE_clip-wgpu")]);
+        c.args(&train_args(&model, &data, &out, 4, &extra)[..]);
+        c.args([":", "-n", "1"]);
+        if let Some(e) = env {
+            c.args(["-x", e]);
+        }
+        c.arg(env!("CARGO_BIN_EXE_clip-wgpu"));
+        c.args(&rank1[..]);
+        let err = root.join(format!("{name}.err"));
+        let mut job = spawn(c, &err);
+        let status = wait_bounded(&mut job, 300, name);
+        let text = std::fs::read_to_string(&err).unwrap();
+        assert!(!status.success(), "{name}: {text}");
+        assert!(text.contains("error on rank 1 of 2"), "{name}: {text}");
+        assert!(text.contains(says), "{name}: {text}");
+    }
 
     // A rank killed mid-run: mpirun ends the job and names it.
+    let extra = ["--max_steps", "50"];
     let out = root.join("killed");
     let err = root.join("killed.err");
     let mut job = spawn(

@@ -120,6 +120,15 @@ pub fn group_grads(
     if !world.is_distributed() && (mode == AccumulationLoss::Micro || count == 1) {
         return micro_losses(model, count, &mut batch);
     }
+    if count == 1 {
+        let acc = vec![None; model.params.params.len()];
+        let (grads, loss) = gathered_batch_grads(model, &batch(0)?, world, 1.0, acc)?;
+        return Ok(GroupGrads {
+            grads,
+            losses: vec![loss],
+            loss_weight: 1.0,
+        });
+    }
     if mode == AccumulationLoss::Full {
         let mut src = InHand {
             count,
@@ -133,14 +142,10 @@ pub fn group_grads(
     let mut losses = Vec::with_capacity(count);
     let weight = 1.0 / count as f32;
     for i in 0..count {
-        let mut src = InHand {
-            count: 1,
-            next: 0,
-            batch: |_| batch(i),
-        };
-        let (a, loss) = cached_grads(model, &mut src, world, weight, acc)?;
+        let (a, loss) = gathered_batch_grads(model, &batch(i)?, world, weight, acc)?;
         acc = a;
         losses.push(loss);
+        model.params.params[0].tensor.gpu().flush_paced()?;
     }
     Ok(GroupGrads {
         grads: acc,
@@ -226,33 +231,10 @@ fn cached_grads(
     if image_parts.is_empty() {
         bail!("an accumulation group needs at least one micro-batch");
     }
-    // Every rank's rows, in rank order; ours begin at `row`.
-    let (all_i, mut row) = world.all_gather_rows(concat_rows(image_parts)?)?;
-    let (all_t, _) = world.all_gather_rows(concat_rows(text_parts)?)?;
-    // The loss over all pairs, and its gradient for the embeddings and
-    // logit_scale.
-    let mut tape = Tape::new();
-    let (iv, tv) = (tape.param(all_i), tape.param(all_t));
-    let ls = &model.params.params[model.logit_scale];
-    let sv = if ls.trainable {
-        tape.param(ls.tensor.clone())
-    } else {
-        Var::constant(ls.tensor.clone())
-    };
-    let loss = contrastive_loss(&mut tape, &iv, &tv, &sv)?;
-    let mut into = Grads::default();
-    if let Some(held) = acc[model.logit_scale].take() {
-        into.insert(&sv, held);
-    }
-    let seed = Tensor::scalar(&gpu, weight)?.reshape(loss.tensor().shape())?;
-    let mut g = tape.backward_seeded(vec![(&loss, seed)], into)?;
-    let d_image = g
-        .take(&iv)
-        .context("no gradient for the image embeddings")?;
-    let d_text = g.take(&tv).context("no gradient for the text embeddings")?;
-    acc[model.logit_scale] = g.take(&sv);
-    drop((iv, tv, g));
+    let (image, text) = (concat_rows(image_parts)?, concat_rows(text_parts)?);
+    let global = global_loss(model, world, image, text, weight, &mut acc)?;
     // Pass 2: each micro-batch again with the tape, seeded with its rows.
+    let mut row = global.row;
     for (i, (img, txt)) in image_pooled.into_iter().zip(text_pooled).enumerate() {
         let b = src.again(i)?;
         b.check()?;
@@ -269,8 +251,8 @@ fn cached_grads(
         };
         let te = model.text_embeds(&mut tape, &p, &pt)?;
         let seeds = vec![
-            (&ie, d_image.rows_copy(row, b.batch)?),
-            (&te, d_text.rows_copy(row, b.batch)?),
+            (&ie, global.d_image.rows_copy(row, b.batch)?),
+            (&te, global.d_text.rows_copy(row, b.batch)?),
         ];
         let into = model.params.pending(&p, acc);
         let mut g = tape.backward_seeded(seeds, into)?;
@@ -278,7 +260,87 @@ fn cached_grads(
         row += b.batch;
         gpu.flush_paced()?;
     }
-    Ok((acc, loss.into_tensor()))
+    Ok((acc, global.loss))
+}
+
+/// One batch whose loss is over every rank's rows: a single forward with
+/// the tape, the embeddings gathered, and the backward seeded with this
+/// rank's rows of the loss's gradient (no second forward, as there is
+/// nothing to free between the passes). `weight` and `acc` as in
+/// [`cached_grads`].
+fn gathered_batch_grads(
+    model: &ClipModel,
+    b: &Batch,
+    world: &World,
+    weight: f32,
+    mut acc: Vec<Option<Tensor>>,
+) -> Result<(Vec<Option<Tensor>>, Tensor)> {
+    b.check()?;
+    let mut tape = Tape::new();
+    let p = model.params.vars(&mut tape);
+    let pi = model.image_pooled(&mut tape, &p, &b.pixels)?;
+    let ie = model.image_embeds(&mut tape, &p, &pi)?;
+    let pt = model.text_pooled(&mut tape, &p, &b.ids, &b.mask, b.batch)?;
+    let te = model.text_embeds(&mut tape, &p, &pt)?;
+    let (image, text) = (ie.tensor().clone(), te.tensor().clone());
+    let global = global_loss(model, world, image, text, weight, &mut acc)?;
+    let seeds = vec![
+        (&ie, global.d_image.rows_copy(global.row, b.batch)?),
+        (&te, global.d_text.rows_copy(global.row, b.batch)?),
+    ];
+    let into = model.params.pending(&p, acc);
+    let mut g = tape.backward_seeded(seeds, into)?;
+    Ok((model.params.grads(&p, &mut g), global.loss))
+}
+
+/// The contrastive loss over every rank's rows and its gradient for them.
+struct GlobalLoss {
+    loss: Tensor,
+    d_image: Tensor,
+    d_text: Tensor,
+    /// Where this rank's rows begin.
+    row: usize,
+}
+
+/// Gather this rank's embeddings [n, E] from every rank, compute the loss
+/// over all pairs and, scaled by `weight`, its gradient for the embeddings
+/// and logit_scale (added into `acc`).
+fn global_loss(
+    model: &ClipModel,
+    world: &World,
+    image: Tensor,
+    text: Tensor,
+    weight: f32,
+    acc: &mut [Option<Tensor>],
+) -> Result<GlobalLoss> {
+    let (all_i, row) = world.all_gather_rows(image)?;
+    let (all_t, _) = world.all_gather_rows(text)?;
+    let mut tape = Tape::new();
+    let (iv, tv) = (tape.param(all_i), tape.param(all_t));
+    let ls = &model.params.params[model.logit_scale];
+    let sv = if ls.trainable {
+        tape.param(ls.tensor.clone())
+    } else {
+        Var::constant(ls.tensor.clone())
+    };
+    let loss = contrastive_loss(&mut tape, &iv, &tv, &sv)?;
+    let mut into = Grads::default();
+    if let Some(held) = acc[model.logit_scale].take() {
+        into.insert(&sv, held);
+    }
+    let seed = Tensor::scalar(ls.tensor.gpu(), weight)?.reshape(loss.tensor().shape())?;
+    let mut g = tape.backward_seeded(vec![(&loss, seed)], into)?;
+    let d_image = g
+        .take(&iv)
+        .context("no gradient for the image embeddings")?;
+    let d_text = g.take(&tv).context("no gradient for the text embeddings")?;
+    acc[model.logit_scale] = g.take(&sv);
+    Ok(GlobalLoss {
+        loss: loss.into_tensor(),
+        d_image,
+        d_text,
+        row,
+    })
 }
 
 /// Tensors [n_i, E] stacked into one [sum n_i, E].

@@ -811,16 +811,27 @@ impl MicroBatches for GroupStream<'_> {
     }
 }
 
+/// How a loader cuts its order into batches (see [`LoaderConfig`]).
+#[derive(Clone, Copy)]
+struct Batching {
+    size: usize,
+    drop_last: bool,
+    refill: bool,
+}
+
 fn loader(
     setup: &Setup,
     examples: &Arc<Vec<Example>>,
     order: Vec<usize>,
     start: usize,
-    batch: usize,
     args: &TrainArgs,
-    drop_last: bool,
-    refill: bool,
+    how: Batching,
 ) -> Result<Loader> {
+    let Batching {
+        size: batch,
+        drop_last,
+        refill,
+    } = how;
     Loader::new(
         examples.clone(),
         order,
@@ -868,10 +879,12 @@ pub fn evaluate(
         &ex,
         (0..ex.len()).collect(),
         0,
-        args.per_device_eval_batch_size,
         args,
-        false,
-        true,
+        Batching {
+            size: args.per_device_eval_batch_size,
+            drop_last: false,
+            refill: true,
+        },
     )?;
     let s = setup.model.config.vision.image_size;
     let (mut loss_sum, mut n) = (0.0f64, 0usize);
@@ -1490,17 +1503,12 @@ fn train_loop(
         let order = Arc::new(order);
         // Ranks read fixed slices (no refill past a bad picture, no
         // drop_last: their orders hold whole global batches only).
-        let (drop_last, refill) = (args.dataloader_drop_last && !dist, !dist);
-        let mut ld = loader(
-            setup,
-            &examples,
-            order.to_vec(),
-            start,
-            bs,
-            args,
-            drop_last,
-            refill,
-        )?;
+        let how = Batching {
+            size: bs,
+            drop_last: args.dataloader_drop_last && !dist,
+            refill: !dist,
+        };
+        let mut ld = loader(setup, &examples, order.to_vec(), start, args, how)?;
         loop {
             // The next accumulation group: `accum` batches, fewer at the end
             // of the epoch.
@@ -1519,18 +1527,8 @@ fn train_loop(
             }
             let (out, group) = if accum > 1 && args.accumulation_loss == AccumulationLoss::Full {
                 // Streamed: pass 1 pulls the batches; pass 2 has them again.
-                let reopen = |start: usize| {
-                    loader(
-                        setup,
-                        &examples,
-                        order.to_vec(),
-                        start,
-                        bs,
-                        args,
-                        drop_last,
-                        refill,
-                    )
-                };
+                let reopen =
+                    |start: usize| loader(setup, &examples, order.to_vec(), start, args, how);
                 let mut src = GroupStream::new(
                     &mut ld,
                     first,
