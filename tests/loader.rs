@@ -317,3 +317,56 @@ fn demo_pictures_go_through_the_processor() {
     let img = image::DynamicImage::ImageRgb8(demo::render(s, 224).0);
     assert_eq!(px, preprocess(&img, &p).unwrap());
 }
+
+#[test]
+fn without_refill_each_batch_is_its_own_slice_of_the_order() {
+    // Data-parallel ranks: a bad picture makes its batch smaller instead of
+    // pulling in the next slice's example.
+    let d = temp_dir("no-refill");
+    let ex = Arc::new(mixed_examples(&d));
+    let order: Vec<usize> = (0..ex.len()).collect();
+    let mut c = cfg(8, 2);
+    c.refill = false;
+    let mut loader = Loader::new(ex.clone(), order, 0, c, processor(), tokenizer()).unwrap();
+    let batches = all_batches(&mut loader);
+    // 45 entries in slices of 8; example 3 is in slice 0, example 20 in slice 2.
+    assert_eq!(
+        batches.iter().map(|b| b.batch).collect::<Vec<_>>(),
+        [7, 8, 7, 8, 8, 5]
+    );
+    for (k, b) in batches.iter().enumerate() {
+        let slice: Vec<usize> = (k * 8..((k + 1) * 8).min(ex.len()))
+            .filter(|&i| i != 3 && i != 20)
+            .collect();
+        assert_eq!(b.positions, slice, "batch {k}");
+    }
+    assert_eq!(loader.position(), ex.len());
+    // A slice with no readable picture is an error, not an early end.
+    let bad: Vec<Example> = (0..4)
+        .map(|i| Example {
+            image: ImageSource::File(d.join(format!("gone{i}.png"))),
+            caption: "gone".into(),
+            image_id: 3000 + i,
+        })
+        .collect();
+    let mut ex2: Vec<Example> = demo::examples(4, 1);
+    ex2.extend(bad);
+    ex2.extend(demo::examples(4, 2));
+    let mut c = cfg(4, 1);
+    c.refill = false;
+    let mut loader = Loader::new(
+        Arc::new(ex2),
+        (0..12).collect(),
+        0,
+        c,
+        processor(),
+        tokenizer(),
+    )
+    .unwrap();
+    assert_eq!(loader.next_batch().unwrap().unwrap().batch, 4);
+    let e = loader.next_batch().unwrap_err();
+    assert!(
+        format!("{e:#}").contains("every picture of a batch"),
+        "{e:#}"
+    );
+}

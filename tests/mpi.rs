@@ -377,6 +377,29 @@ fn a_failing_rank_ends_the_job_naming_it() {
         assert!(text.contains(says), "{name}: {text}");
     }
 
+    // A NaN gradient on rank 1 alone: the summed gradient is NaN on both,
+    // so both stop at that step, naming it (no rank waits for the other).
+    let out = root.join("nan");
+    let mut c = Command::new("mpirun");
+    c.args([
+        "--allow-run-as-root",
+        "--oversubscribe",
+        "--bind-to",
+        "none",
+    ]);
+    c.args(["-n", "1", env!("CARGO_BIN_EXE_clip-wgpu")]);
+    c.args(&train_args(&model, &data, &out, 4, &extra)[..]);
+    c.args([":", "-n", "1", "-x", "CLIP_WGPU_FAULTS=nan_grad@2"]);
+    c.arg(env!("CARGO_BIN_EXE_clip-wgpu"));
+    c.args(&train_args(&model, &data, &out, 4, &extra)[..]);
+    let err = root.join("nan.err");
+    let mut job = spawn(c, &err);
+    let status = wait_bounded(&mut job, 300, "a NaN on one rank");
+    let text = std::fs::read_to_string(&err).unwrap();
+    assert!(!status.success(), "{text}");
+    assert!(text.contains("training step 2: "), "{text}");
+    assert!(text.contains("NaN"), "{text}");
+
     // A rank killed mid-run: mpirun ends the job and names it.
     let extra = ["--max_steps", "50"];
     let out = root.join("killed");

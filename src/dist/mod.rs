@@ -369,13 +369,21 @@ impl EpochShards {
     /// Where in its rank order a rank starts when `global` examples of the
     /// epoch are done (a multiple of the global batch, or the end).
     pub fn rank_start(&self, global: usize, world: usize, rank: usize) -> usize {
-        let done = (global / self.global_batch).min(self.batches);
-        (0..done)
+        (0..self.batches_done(global))
             .map(|b| {
                 let len = self.global_batch.min(self.used - b * self.global_batch);
                 shard(len, world, rank).len()
             })
             .sum()
+    }
+
+    /// Global batches done when `global` examples of the epoch are.
+    pub fn batches_done(&self, global: usize) -> usize {
+        if global >= self.used {
+            self.batches
+        } else {
+            global / self.global_batch
+        }
     }
 
     /// Examples of the epoch in global batches `0..b`.

@@ -1495,7 +1495,7 @@ fn train_loop(
         let mut order = epoch_order(examples.len(), args.data_seed(), epoch);
         let mut start = state.data_position;
         // Global batches of this epoch done (across ranks).
-        let mut global_done = state.data_position / shards.global_batch;
+        let mut global_done = shards.batches_done(state.data_position);
         if dist {
             order = shards.rank_order(&order, world.size(), world.rank());
             start = shards.rank_start(state.data_position, world.size(), world.rank());
