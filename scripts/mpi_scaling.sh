@@ -5,6 +5,9 @@
 #
 #   scripts/mpi_scaling.sh [RANKS] [GLOBAL_BATCH] [STEPS] [-- extra train flags]
 #
+# GLOBAL_BATCH is per micro-batch (world x per-device); with
+# --gradient_accumulation_steps K among the extra flags a step trains K of them.
+#
 # Needs `cargo build --release --features mpi` and mpirun. With no model
 # flags it trains the built-in demo model on demo pictures.
 set -euo pipefail
@@ -22,19 +25,26 @@ mpi+=(--oversubscribe)
 "$bin" train --output_dir "$out/one" --per_device_train_batch_size "$global" "${common[@]}" >/dev/null 2>"$out/one.log"
 "${mpi[@]}" -n "$ranks" "$bin" train --output_dir "$out/many" \
     --per_device_train_batch_size $((global / ranks)) "${common[@]}" >/dev/null 2>"$out/many.log"
-python3 - "$out" "$ranks" "$global" <<'PY'
+accum=1
+prev=""
+for a in "$@"; do
+    [ "$prev" = "--gradient_accumulation_steps" ] && accum=$a
+    prev=$a
+done
+python3 - "$out" "$ranks" "$global" "$accum" <<'PY'
 import json, statistics, sys
-out, ranks, g = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+out, ranks, g, k = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 def rows(name):
     return [json.loads(l) for l in open(f"{out}/{name}/metrics.jsonl") if '"images_per_second"' in l][2:]
 one, many = rows("one"), rows("many")
-t1 = statistics.median(g / r["images_per_second"] for r in one)
-tn = statistics.median(g / r["images_per_second"] for r in many)
+t1 = statistics.median(g * k / r["images_per_second"] for r in one)
+tn = statistics.median(g * k / r["images_per_second"] for r in many)
 mpi = statistics.median(r["mpi_seconds_per_step"] for r in many)
 mib = statistics.median(r["mpi_mib_sent_per_step"] for r in many)
-print(f"global batch {g}, medians of {len(one)} steps:")
-print(f"  1 process x batch {g}: {t1*1e3:.0f} ms per step")
-print(f"  {ranks} ranks x batch {g//ranks}: {tn*1e3:.0f} ms per step ({tn/t1:.2f}x), "
+acc = f" x {k} accumulated" if k > 1 else ""
+print(f"global batch {g}{acc}, medians of {len(one)} steps:")
+print(f"  1 process x batch {g}{acc}: {t1*1e3:.0f} ms per step")
+print(f"  {ranks} ranks x batch {g//ranks}{acc}: {tn*1e3:.0f} ms per step ({tn/t1:.2f}x), "
       f"of which MPI calls {mpi*1e3:.0f} ms ({mpi/tn*100:.0f}%), {mib:.1f} MiB sent per rank")
 PY
 rm -rf "$out"
