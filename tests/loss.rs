@@ -4,6 +4,7 @@ use clip_wgpu::ops::loss::{
     BLOCKED_ABOVE,
 };
 use clip_wgpu::ops::loss_blocked::clip_loss_blocked;
+use clip_wgpu::ops::loss_local::{row_ce, row_ce_ref};
 use clip_wgpu::{Tape, Tensor};
 use common::*;
 
@@ -255,5 +256,128 @@ fn contrastive_loss_switches_to_blocks_with_the_same_result() {
     .enumerate()
     {
         assert_close(&format!("N{n} blocked vs whole {what}"), &b[k], &w[k], *tol);
+    }
+}
+
+/// One rank's half of the local loss (rows against every column, labels
+/// at an offset): its value against the CPU reference, and its gradients
+/// for the rows, the columns and the scale against finite differences of
+/// that reference.
+#[test]
+fn local_row_loss_matches_reference_and_finite_differences() {
+    let Some(gpu) = gpu() else { return };
+    let mut r = Rng::new(21);
+    for &(rows, n, e, off, s) in &[
+        (1, 1, 3, 0, 2.6592),
+        (3, 7, 5, 4, 2.6592),
+        (5, 9, 6, 2, 4.6052),
+    ] {
+        let s = s as f32 as f64;
+        let a = unit_rows(&mut r, rows, e);
+        let b = unit_rows(&mut r, n, e);
+        let (denom, dy) = (2.0 * n as f64, 0.7);
+        let mut tape = Tape::new();
+        let av = tape.param(upload(&gpu, &a, &[rows, e]));
+        let bv = tape.param(upload(&gpu, &b, &[n, e]));
+        let sv = tape.param(upload(&gpu, &[s], &[1]));
+        let loss = row_ce(&mut tape, &av, &bv, &sv, off, denom as f32).unwrap();
+        let g = tape
+            .backward_with(&loss, Tensor::from_slice(&gpu, &[dy as f32], &[1]).unwrap())
+            .unwrap();
+        let name = format!("local rows {rows} of N{n} at {off}");
+        assert_close(
+            &format!("{name} loss"),
+            &download(loss.tensor()),
+            &[row_ce_ref(&a, &b, s, e, off, denom)],
+            2e-6,
+        );
+        let na = numeric_grad(&a, |x| dy * row_ce_ref(x, &b, s, e, off, denom));
+        let nb = numeric_grad(&b, |x| dy * row_ce_ref(&a, x, s, e, off, denom));
+        let ns = numeric_grad(&[s], |x| dy * row_ce_ref(&a, &b, x[0], e, off, denom));
+        assert_close(
+            &format!("{name} da"),
+            &download(g.get(&av).unwrap()),
+            &na,
+            1e-4,
+        );
+        assert_close(
+            &format!("{name} db"),
+            &download(g.get(&bv).unwrap()),
+            &nb,
+            1e-4,
+        );
+        assert_close(
+            &format!("{name} ds"),
+            &download(g.get(&sv).unwrap()),
+            &ns,
+            1e-4,
+        );
+    }
+}
+
+/// OpenCLIP's local loss with gradients through the gather: ranks' local
+/// losses (each its own rows against every column) sum to the contrastive
+/// loss over all pairs, and each rank's rows' gradient (from its own rows,
+/// plus what every rank's loss sends to those rows as columns) and the
+/// scale's gradient summed over ranks are the whole loss's. Split 3 + 4, and
+/// 1,100 + 1,101 rows (two blocks of rows each; the whole loss blocked).
+#[test]
+fn local_losses_over_ranks_are_the_whole_contrastive_loss() {
+    let Some(gpu) = gpu() else { return };
+    let mut r = Rng::new(22);
+    for parts in [vec![3usize, 4], vec![1100, 1101]] {
+        let (n, e, s) = (parts.iter().sum::<usize>(), 8, 2.6592f32 as f64);
+        let (i, t) = (unit_rows(&mut r, n, e), unit_rows(&mut r, n, e));
+        // The whole loss.
+        let mut tape = Tape::new();
+        let iv = tape.param(upload(&gpu, &i, &[n, e]));
+        let tv = tape.param(upload(&gpu, &t, &[n, e]));
+        let sv = tape.param(upload(&gpu, &[s], &[1]));
+        let loss = contrastive_loss(&mut tape, &iv, &tv, &sv).unwrap();
+        let g = tape.backward(&loss).unwrap();
+        let want = [
+            download(loss.tensor()),
+            download(g.get(&iv).unwrap()),
+            download(g.get(&tv).unwrap()),
+            download(g.get(&sv).unwrap()),
+        ];
+        // The ranks'.
+        let mut got = [vec![0.0], vec![0.0; n * e], vec![0.0; n * e], vec![0.0]];
+        let mut off = 0;
+        for &rows in &parts {
+            let mut tape = Tape::new();
+            let il = tape.param(upload(&gpu, &i[off * e..(off + rows) * e], &[rows, e]));
+            let tl = tape.param(upload(&gpu, &t[off * e..(off + rows) * e], &[rows, e]));
+            let ia = tape.param(upload(&gpu, &i, &[n, e]));
+            let ta = tape.param(upload(&gpu, &t, &[n, e]));
+            let sv = tape.param(upload(&gpu, &[s], &[1]));
+            let denom = 2.0 * n as f32;
+            let li = row_ce(&mut tape, &il, &ta, &sv, off, denom).unwrap();
+            let lt = row_ce(&mut tape, &tl, &ia, &sv, off, denom).unwrap();
+            got[0][0] += download(li.tensor())[0] + download(lt.tensor())[0];
+            let one = || Tensor::scalar(&gpu, 1.0).unwrap();
+            let g = tape
+                .backward_seeded(vec![(&li, one()), (&lt, one())], Default::default())
+                .unwrap();
+            for (k, (own, all)) in [(1, (&il, &ia)), (2, (&tl, &ta))] {
+                let (own, all) = (download(g.get(own).unwrap()), download(g.get(all).unwrap()));
+                for (x, v) in got[k].iter_mut().zip(&all) {
+                    *x += v;
+                }
+                for (x, v) in got[k][off * e..(off + rows) * e].iter_mut().zip(&own) {
+                    *x += v;
+                }
+            }
+            got[3][0] += download(g.get(&sv).unwrap())[0];
+            off += rows;
+        }
+        for (k, what) in ["loss", "dimage", "dtext", "dscale"].iter().enumerate() {
+            assert_close(
+                &format!("N{n} local vs whole {what}"),
+                &got[k],
+                &want[k],
+                1e-5,
+            );
+        }
     }
 }

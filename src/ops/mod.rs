@@ -15,6 +15,7 @@ pub mod l2norm;
 pub mod layernorm;
 pub mod loss;
 pub mod loss_blocked;
+pub mod loss_local;
 pub mod matmul;
 pub mod mlp;
 pub mod patch;
