@@ -2,8 +2,9 @@
 //! `apt-get install libopenmpi-dev openmpi-bin libclang-dev`). Both ranks
 //! share the one adapter here, as on CI. Checked against one process:
 //! - 2 ranks x batch 8 train to the weights of 1 process x batch 16, for
-//!   both model kinds, with and without accumulation (and with an epoch's
-//!   short last global batch, split 4 + 4);
+//!   both model kinds, with and without accumulation, with the whole loss
+//!   on every rank or the local loss (and with an epoch's short last
+//!   global batch, split 4 + 4);
 //! - SIGTERM of the job: a checkpoint at an agreed step, and the rerun
 //!   resumes to the weights of an uninterrupted 2-rank run;
 //! - one rank failing (its pictures missing, or killed): the job ends with
@@ -210,12 +211,15 @@ fn two_ranks_train_as_one_process_with_twice_the_batch() {
     // 40 examples: global batches of 16, 16 and a short 8 (4 per rank).
     let data = csv(&root, 40);
     let dual = dual_encoder(&root);
-    for (kind, accum, loss) in [
-        ("clip", 1usize, "full"),
-        ("clip", 2, "full"),
-        ("clip", 2, "micro"),
-        ("clip_roberta", 1, "full"),
-        ("clip_roberta", 2, "full"),
+    for (kind, accum, loss, local) in [
+        ("clip", 1usize, "full", false),
+        ("clip", 2, "full", false),
+        ("clip", 2, "micro", false),
+        ("clip_roberta", 1, "full", false),
+        ("clip_roberta", 2, "full", false),
+        ("clip", 1, "full", true),
+        ("clip", 2, "full", true),
+        ("clip_roberta", 2, "micro", true),
     ] {
         {
             let model = if kind == "clip" {
@@ -233,9 +237,11 @@ fn two_ranks_train_as_one_process_with_twice_the_batch() {
                 loss,
                 "--sync_check_steps",
                 "1",
+                "--local_loss",
+                if local { "true" } else { "false" },
             ];
-            let one = root.join(format!("{kind}-{accum}-{loss}-one"));
-            let two = root.join(format!("{kind}-{accum}-{loss}-two"));
+            let one = root.join(format!("{kind}-{accum}-{loss}-{local}-one"));
+            let two = root.join(format!("{kind}-{accum}-{loss}-{local}-two"));
             ok(
                 bin()
                     .args(train_args(&model, &data, &one, 16, &common))
@@ -253,11 +259,29 @@ fn two_ranks_train_as_one_process_with_twice_the_batch() {
             let err = stderr(&o);
             assert!(err.contains("global batch"), "{err}");
             let worst = relative_diff(&two, &one, 1e-5, &ZERO_GRADIENT);
-            eprintln!("{kind}, accumulation {accum} ({loss}): worst relative difference {worst:e}");
+            eprintln!(
+                "{kind}, accumulation {accum} ({loss}{}): worst relative difference {worst:e}",
+                if local { ", local loss" } else { "" }
+            );
             // Rank 0 alone wrote: one metrics line per step, one checkpoint.
             let m = std::fs::read_to_string(two.join("metrics.jsonl")).unwrap();
             assert_eq!(m.lines().count(), 4, "{m}");
             assert!(m.contains("mpi_seconds_per_step"));
+            // The logged loss is the global batch's (a local loss summed).
+            let losses = |d: &Path| -> Vec<f64> {
+                std::fs::read_to_string(d.join("metrics.jsonl"))
+                    .unwrap()
+                    .lines()
+                    .map(|l| {
+                        serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"]
+                            .as_f64()
+                            .unwrap()
+                    })
+                    .collect()
+            };
+            for (a, b) in losses(&two).iter().zip(losses(&one)) {
+                assert!((a - b).abs() <= 1e-5 * b.abs(), "loss {a} vs {b}");
+            }
         }
     }
 }

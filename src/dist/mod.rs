@@ -53,6 +53,7 @@ pub struct World {
     local_rank: usize,
     transport: Option<Box<dyn Transport>>,
     stats: Cell<CommStats>,
+    local_loss: Cell<bool>,
 }
 
 impl World {
@@ -64,6 +65,7 @@ impl World {
             local_rank: 0,
             transport: None,
             stats: Cell::new(CommStats::default()),
+            local_loss: Cell::new(false),
         }
     }
 
@@ -81,6 +83,7 @@ impl World {
             local_rank,
             transport: (size > 1).then_some(transport),
             stats: Cell::new(CommStats::default()),
+            local_loss: Cell::new(false),
         }
     }
 
@@ -103,6 +106,17 @@ impl World {
 
     pub fn is_distributed(&self) -> bool {
         self.transport.is_some()
+    }
+
+    /// OpenCLIP's `--local_loss`: each rank computes the contrastive loss of
+    /// its own rows against all gathered columns (n x N) instead of the
+    /// whole N x N, with the same gradient (see ops::loss_local).
+    pub fn set_local_loss(&self, on: bool) {
+        self.local_loss.set(on);
+    }
+
+    pub fn local_loss(&self) -> bool {
+        self.local_loss.get() && self.is_distributed()
     }
 
     fn count(&self, t0: Instant, bytes: u64) {

@@ -25,6 +25,7 @@
 use crate::dist::World;
 use crate::model::clip::{Batch, ClipModel};
 use crate::ops::loss::contrastive_loss;
+use crate::ops::loss_local::row_ce;
 use crate::tape::{Grads, Tape, Var};
 use crate::tensor::Tensor;
 use anyhow::{bail, Context, Result};
@@ -298,13 +299,13 @@ struct GlobalLoss {
     loss: Tensor,
     d_image: Tensor,
     d_text: Tensor,
-    /// Where this rank's rows begin.
+    /// Where this rank's rows begin in `d_image` and `d_text`.
     row: usize,
 }
 
 /// Gather this rank's embeddings [n, E] from every rank, compute the loss
 /// over all pairs and, scaled by `weight`, its gradient for the embeddings
-/// and logit_scale (added into `acc`).
+/// and logit_scale (added into `acc`; every rank gets the whole of both).
 fn global_loss(
     model: &ClipModel,
     world: &World,
@@ -313,6 +314,9 @@ fn global_loss(
     weight: f32,
     acc: &mut [Option<Tensor>],
 ) -> Result<GlobalLoss> {
+    if world.local_loss() {
+        return local_loss(model, world, image, text, weight, acc);
+    }
     let (all_i, row) = world.all_gather_rows(image)?;
     let (all_t, _) = world.all_gather_rows(text)?;
     let mut tape = Tape::new();
@@ -340,6 +344,79 @@ fn global_loss(
         d_image,
         d_text,
         row,
+    })
+}
+
+/// [`global_loss`] as OpenCLIP's local loss: this rank's rows against all
+/// gathered columns (ops::loss_local), n x N instead of N x N. The
+/// gradients that reach the gathered columns, logit_scale's and the loss are
+/// summed over ranks (one all-reduce: what a gather with gradient does), so
+/// the result is the same as the whole loss's. Returns this rank's rows
+/// only (`row` 0).
+fn local_loss(
+    model: &ClipModel,
+    world: &World,
+    image: Tensor,
+    text: Tensor,
+    weight: f32,
+    acc: &mut [Option<Tensor>],
+) -> Result<GlobalLoss> {
+    let gpu = image.gpu().clone();
+    let (n, e) = (image.rows(), image.cols());
+    let (all_i, row) = world.all_gather_rows(image.clone())?;
+    let (all_t, _) = world.all_gather_rows(text.clone())?;
+    let total = all_i.rows();
+    let mut tape = Tape::new();
+    let (il, tl) = (tape.param(image), tape.param(text));
+    let (ia, ta) = (tape.param(all_i), tape.param(all_t));
+    let ls = &model.params.params[model.logit_scale];
+    let sv = if ls.trainable {
+        tape.param(ls.tensor.clone())
+    } else {
+        Var::constant(ls.tensor.clone())
+    };
+    let denom = 2.0 * total as f32;
+    let li = row_ce(&mut tape, &il, &ta, &sv, row, denom)?;
+    let lt = row_ce(&mut tape, &tl, &ia, &sv, row, denom)?;
+    let seed = || Tensor::scalar(&gpu, weight);
+    let mut g = tape.backward_seeded(vec![(&li, seed()?), (&lt, seed()?)], Grads::default())?;
+    let take = |g: &mut Grads, v: &Var, what: &str| {
+        g.take(v)
+            .with_context(|| format!("no gradient for the {what} embeddings"))
+    };
+    let (d_il, d_tl) = (take(&mut g, &il, "image")?, take(&mut g, &tl, "text")?);
+    let (d_ia, d_ta) = (take(&mut g, &ia, "image")?, take(&mut g, &ta, "text")?);
+    // [d columns of I | d columns of T | d logit_scale | loss], summed.
+    let mut host = d_ia.to_vec()?;
+    host.extend(d_ta.to_vec()?);
+    let ds = g.take(&sv);
+    host.push(ds.as_ref().map_or(Ok(0.0), |t| t.to_vec().map(|v| v[0]))?);
+    host.push(li.tensor().to_vec()?[0] + lt.tensor().to_vec()?[0]);
+    world.all_reduce_sum(&mut host);
+    let mine = |from: usize, local: &Tensor| -> Result<Tensor> {
+        let cols = &host[from + row * e..from + (row + n) * e];
+        let own = local.to_vec()?;
+        let sum: Vec<f32> = own.iter().zip(cols).map(|(a, b)| a + b).collect();
+        Tensor::from_slice(&gpu, &sum, &[n, e])
+    };
+    let d_image = mine(0, &d_il)?;
+    let d_text = mine(total * e, &d_tl)?;
+    let (ds_sum, loss) = (host[2 * total * e], host[2 * total * e + 1]);
+    if ds.is_some() {
+        let held = acc[model.logit_scale]
+            .take()
+            .map_or(Ok(0.0), |t| t.to_vec().map(|v| v[0]))?;
+        acc[model.logit_scale] = Some(Tensor::from_slice(
+            &gpu,
+            &[held + ds_sum],
+            ls.tensor.shape(),
+        )?);
+    }
+    Ok(GlobalLoss {
+        loss: Tensor::scalar(&gpu, loss)?,
+        d_image,
+        d_text,
+        row: 0,
     })
 }
 

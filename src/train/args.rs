@@ -215,6 +215,9 @@ pub struct TrainArgs {
     /// Under mpirun: every this many optimizer steps, check that every rank
     /// holds the same weights (one norm per rank); 0: never.
     pub sync_check_steps: usize,
+    /// Under mpirun: OpenCLIP's local loss (each rank's rows against all
+    /// columns; the same gradient, n x N work instead of N x N).
+    pub local_loss: bool,
 }
 
 impl Default for TrainArgs {
@@ -286,6 +289,7 @@ impl Default for TrainArgs {
             skip_nonfinite_steps: false,
             max_consecutive_nonfinite_steps: 10,
             sync_check_steps: 0,
+            local_loss: false,
         }
     }
 }
@@ -621,6 +625,7 @@ impl TrainArgs {
             json!(self.max_consecutive_nonfinite_steps),
         );
         put("sync_check_steps", json!(self.sync_check_steps));
+        put("local_loss", json!(self.local_loss));
         Value::Object(m)
     }
 }
@@ -1064,6 +1069,10 @@ static SPECS: &[Spec] = &[
     set("sync_check_steps", One, |a, v| { a.sync_check_steps = parse_usize(v)?; Ok(()) },
         "Under mpirun: every N optimizer steps check that all ranks hold the same weights (a norm and \
          logit_scale per rank, compared bit for bit); 0 never. Default 0."),
+    set("local_loss", Bool, |a, v| { a.local_loss = parse_bool(v)?; Ok(()) },
+        "Under mpirun: each rank computes the contrastive loss of its own rows against every rank's \
+         (OpenCLIP's --local-loss; the gradients reaching the gathered columns are summed over ranks, \
+         so the step is the same) instead of the whole loss on every rank. Default false."),
 ];
 
 fn spec(name: &str) -> Option<&'static Spec> {

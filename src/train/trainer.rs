@@ -1101,6 +1101,7 @@ pub fn run(args: &TrainArgs, gpu: &Arc<Gpu>) -> Result<Value> {
 /// checkpoints, logs, metrics and results (see [`crate::dist`]).
 pub fn run_on(args: &TrainArgs, gpu: &Arc<Gpu>, world: &World) -> Result<Value> {
     QUIET.store(!world.is_main(), Ordering::Relaxed);
+    world.set_local_loss(args.local_loss);
     let out = run_ranked(args, gpu, world)?;
     // No rank leaves before rank 0 has written everything: mpirun ends the
     // job when any process exits.
@@ -1415,9 +1416,14 @@ fn train_loop(
     };
     let ranks = if dist {
         format!(
-            " on each of {} ranks (global batch {} per step)",
+            " on each of {} ranks (global batch {} per step{})",
             world.size(),
-            world.size() * bs * accum
+            world.size() * bs * accum,
+            if world.local_loss() {
+                ", local loss"
+            } else {
+                ""
+            }
         )
     } else {
         String::new()
