@@ -10,7 +10,7 @@ use clip_wgpu::ops::activation::{self, Act};
 use clip_wgpu::ops::adamw::{self, AdamW};
 use clip_wgpu::ops::matmul::{gemm_into, Gemm};
 use clip_wgpu::ops::softmax::{self, Mask};
-use clip_wgpu::ops::{layernorm, loss, loss_blocked};
+use clip_wgpu::ops::{layernorm, loss, loss_blocked, loss_local};
 use clip_wgpu::{Gpu, Tensor};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use std::sync::Arc;
@@ -131,6 +131,20 @@ fn row_kernels(c: &mut Criterion) {
             gpu_iters(&gpu, n, || {
                 let (l, stats) = loss_blocked::forward(&ib, &tb, &scale, 1024).unwrap();
                 loss_blocked::backward(&l, &ib, &tb, &scale, &stats, 1024, [true; 3]).unwrap();
+            })
+        })
+    });
+    // The local loss of one of 8 ranks at that global batch: its 256 rows
+    // against all 2,048 columns, both halves (an eighth of the above).
+    let (il, tl) = (filled(&gpu, &[256, 128]), filled(&gpu, &[256, 128]));
+    g.bench_function("local contrastive loss fwd+bwd 256 of 2048x128", |b| {
+        b.iter_custom(|n| {
+            gpu_iters(&gpu, n, || {
+                for (rows, cols) in [(&il, &tb), (&tl, &ib)] {
+                    let (l, stats) = loss_local::forward(rows, cols, &scale, 768, 4096.0).unwrap();
+                    loss_local::backward(&l, rows, cols, &scale, &stats, 768, 4096.0, [true; 3])
+                        .unwrap();
+                }
             })
         })
     });
