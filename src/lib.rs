@@ -15,3 +15,14 @@ pub mod train;
 pub use gpu::Gpu;
 pub use tape::{Grads, Tape, Var};
 pub use tensor::Tensor;
+
+/// Print `line` and a newline to stderr in one write: several processes
+/// (mpirun's ranks) share one stderr, and `eprintln!` writes a formatted
+/// line in pieces that another process's output can land between.
+pub fn stderr_line(line: &str) {
+    use std::io::Write;
+    let mut buf = String::with_capacity(line.len() + 1);
+    buf.push_str(line);
+    buf.push('\n');
+    let _ = std::io::stderr().lock().write_all(buf.as_bytes());
+}

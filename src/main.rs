@@ -136,14 +136,18 @@ fn main() {
         Err(e) => match e.downcast_ref::<clip_wgpu::train::trainer::Interrupted>() {
             Some(i) => {
                 if world.is_main() {
-                    eprintln!("[clip-wgpu] {i}");
+                    clip_wgpu::stderr_line(&format!("[clip-wgpu] {i}"));
                 }
                 i.exit_code()
             }
             None if world.is_distributed() => {
                 // One rank's failure ends the job (MPI_Abort): the others
                 // would otherwise wait for it in their next collective.
-                eprintln!("error on rank {} of {}: {e:#}", world.rank(), world.size());
+                clip_wgpu::stderr_line(&format!(
+                    "error on rank {} of {}: {e:#}",
+                    world.rank(),
+                    world.size()
+                ));
                 world.abort(1)
             }
             None => {
@@ -311,10 +315,10 @@ fn train(
         );
     }
     let gpu = clip_wgpu::Gpu::new(&req)?;
-    eprintln!(
+    clip_wgpu::stderr_line(&format!(
         "[clip-wgpu] {who}adapter: {} ({:?}, {:?})",
         gpu.info.name, gpu.info.backend, gpu.info.device_type
-    );
+    ));
     let all = clip_wgpu::train::trainer::run_on(&targs, &gpu, world)?;
     if world.is_main() {
         println!("{}", serde_json::to_string_pretty(&all)?);

@@ -197,29 +197,46 @@ impl World {
         Ok(())
     }
 
-    /// An [N, E] tensor of every rank's rows of `local` [n_r, E] in rank
-    /// order, and where this rank's rows begin. One process: `local` itself.
-    pub fn all_gather_rows(&self, local: Tensor) -> Result<(Tensor, usize)> {
+    /// Every rank's rows of `image` and `text` (both [n_r, E]), each as an
+    /// [N, E] tensor in rank order, and where this rank's rows begin: one
+    /// readback and one gather for both. One process: the inputs.
+    pub fn all_gather_pair(&self, image: Tensor, text: Tensor) -> Result<(Tensor, Tensor, usize)> {
         if !self.is_distributed() {
-            return Ok((local, 0));
+            return Ok((image, text, 0));
         }
-        let e = local.cols();
-        let parts = self.all_gather_f32(&local.to_vec()?);
+        let (n, e) = (image.rows(), image.cols());
+        ensure!(
+            text.shape() == image.shape(),
+            "gathering embeddings: image {:?} and text {:?} differ",
+            image.shape(),
+            text.shape()
+        );
+        let both = Tensor::empty(image.gpu(), &[2 * n, e])?;
+        both.write_rows(0, &image)?;
+        both.write_rows(n, &text)?;
+        let parts = self.all_gather_f32(&both.to_vec()?);
+        let (mut all_i, mut all_t) = (Vec::new(), Vec::new());
         let mut offset = 0;
-        let mut all = Vec::with_capacity(parts.iter().map(Vec::len).sum());
         for (r, p) in parts.iter().enumerate() {
             ensure!(
-                p.len() % e == 0,
-                "rank {r} sent {} values, not rows of {e}",
+                p.len() % (2 * e) == 0,
+                "rank {r} sent {} values, not pairs of rows of {e}",
                 p.len()
             );
             if r == self.rank {
-                offset = all.len() / e;
+                offset = all_i.len() / e;
             }
-            all.extend_from_slice(p);
+            let (i, t) = p.split_at(p.len() / 2);
+            all_i.extend_from_slice(i);
+            all_t.extend_from_slice(t);
         }
-        let n = all.len() / e;
-        Ok((Tensor::from_slice(local.gpu(), &all, &[n, e])?, offset))
+        let rows = all_i.len() / e;
+        let gpu = image.gpu();
+        Ok((
+            Tensor::from_slice(gpu, &all_i, &[rows, e])?,
+            Tensor::from_slice(gpu, &all_t, &[rows, e])?,
+            offset,
+        ))
     }
 }
 

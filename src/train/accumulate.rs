@@ -317,8 +317,7 @@ fn global_loss(
     if world.local_loss() {
         return local_loss(model, world, image, text, weight, acc);
     }
-    let (all_i, row) = world.all_gather_rows(image)?;
-    let (all_t, _) = world.all_gather_rows(text)?;
+    let (all_i, all_t, row) = world.all_gather_pair(image, text)?;
     let mut tape = Tape::new();
     let (iv, tv) = (tape.param(all_i), tape.param(all_t));
     let ls = &model.params.params[model.logit_scale];
@@ -363,8 +362,7 @@ fn local_loss(
 ) -> Result<GlobalLoss> {
     let gpu = image.gpu().clone();
     let (n, e) = (image.rows(), image.cols());
-    let (all_i, row) = world.all_gather_rows(image.clone())?;
-    let (all_t, _) = world.all_gather_rows(text.clone())?;
+    let (all_i, all_t, row) = world.all_gather_pair(image.clone(), text.clone())?;
     let total = all_i.rows();
     let mut tape = Tape::new();
     let (il, tl) = (tape.param(image), tape.param(text));
@@ -386,31 +384,56 @@ fn local_loss(
     };
     let (d_il, d_tl) = (take(&mut g, &il, "image")?, take(&mut g, &tl, "text")?);
     let (d_ia, d_ta) = (take(&mut g, &ia, "image")?, take(&mut g, &ta, "text")?);
-    // [d columns of I | d columns of T | d logit_scale | loss], summed.
-    let mut host = d_ia.to_vec()?;
-    host.extend(d_ta.to_vec()?);
+    // One readback of [d columns of I | d columns of T | d logit_scale |
+    // the loss's halves], summed over ranks, then [d own rows of I | of T |
+    // logit_scale's gradient held so far], this rank's alone.
     let ds = g.take(&sv);
-    host.push(ds.as_ref().map_or(Ok(0.0), |t| t.to_vec().map(|v| v[0]))?);
-    host.push(li.tensor().to_vec()?[0] + lt.tensor().to_vec()?[0]);
-    world.all_reduce_sum(&mut host);
-    let mine = |from: usize, local: &Tensor| -> Result<Tensor> {
-        let cols = &host[from + row * e..from + (row + n) * e];
-        let own = local.to_vec()?;
-        let sum: Vec<f32> = own.iter().zip(cols).map(|(a, b)| a + b).collect();
+    let held = if ds.is_some() {
+        acc[model.logit_scale].take()
+    } else {
+        None
+    };
+    let (cols, own) = (total * e, n * e);
+    let summed = 2 * cols + 3;
+    let staging = Tensor::zeros(&gpu, &[summed + 2 * own + 1])?;
+    let put = |t: Option<&Tensor>, at: usize, len: usize| {
+        if let Some(t) = t {
+            gpu.copy_at(
+                t.buffer(),
+                0,
+                staging.buffer(),
+                (at * 4) as u64,
+                (len * 4) as u64,
+            );
+        }
+    };
+    put(Some(&d_ia), 0, cols);
+    put(Some(&d_ta), cols, cols);
+    put(ds.as_ref(), 2 * cols, 1);
+    put(Some(li.tensor()), 2 * cols + 1, 1);
+    put(Some(lt.tensor()), 2 * cols + 2, 1);
+    put(Some(&d_il), summed, own);
+    put(Some(&d_tl), summed + own, own);
+    put(held.as_ref(), summed + 2 * own, 1);
+    let mut host = staging.to_vec()?;
+    world.all_reduce_sum(&mut host[..summed]);
+    // This rank's rows: their gradient as rows plus what every rank's loss
+    // sent them as columns.
+    let mine = |cols_at: usize, own_at: usize| -> Result<Tensor> {
+        let from_cols = &host[cols_at + row * e..cols_at + (row + n) * e];
+        let sum: Vec<f32> = host[own_at..own_at + own]
+            .iter()
+            .zip(from_cols)
+            .map(|(a, b)| a + b)
+            .collect();
         Tensor::from_slice(&gpu, &sum, &[n, e])
     };
-    let d_image = mine(0, &d_il)?;
-    let d_text = mine(total * e, &d_tl)?;
-    let (ds_sum, loss) = (host[2 * total * e], host[2 * total * e + 1]);
+    let d_image = mine(0, summed)?;
+    let d_text = mine(cols, summed + own)?;
+    let loss = host[2 * cols + 1] + host[2 * cols + 2];
     if ds.is_some() {
-        let held = acc[model.logit_scale]
-            .take()
-            .map_or(Ok(0.0), |t| t.to_vec().map(|v| v[0]))?;
-        acc[model.logit_scale] = Some(Tensor::from_slice(
-            &gpu,
-            &[held + ds_sum],
-            ls.tensor.shape(),
-        )?);
+        let sum = host[summed + 2 * own] + host[2 * cols];
+        acc[model.logit_scale] = Some(Tensor::from_slice(&gpu, &[sum], ls.tensor.shape())?);
     }
     Ok(GlobalLoss {
         loss: Tensor::scalar(&gpu, loss)?,

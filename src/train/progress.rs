@@ -64,7 +64,7 @@ impl Progress {
         }
         match &self.bar {
             Some(b) => b.println(format!("[clip-wgpu] {msg}")),
-            None => eprintln!("[clip-wgpu] {msg}"),
+            None => crate::stderr_line(&format!("[clip-wgpu] {msg}")),
         }
     }
 

@@ -107,7 +107,7 @@ static QUIET: AtomicBool = AtomicBool::new(false);
 
 fn log(msg: &str) {
     if !QUIET.load(Ordering::Relaxed) {
-        eprintln!("[clip-wgpu] {msg}");
+        crate::stderr_line(&format!("[clip-wgpu] {msg}"));
     }
 }
 
