@@ -595,3 +595,44 @@ fn a_lost_device_stops_cleanly_and_the_run_resumes() {
     }
     std::fs::remove_dir_all(&root).unwrap();
 }
+
+/// Resume refuses a checkpoint whose run read the data in another order
+/// (another global batch or number of examples), naming both values;
+/// `--ignore_data_skip` takes its weights and optimizer anyway and reads
+/// the epoch from its start.
+#[test]
+fn resume_refuses_a_checkpoint_of_another_batch() {
+    if !have_gpu() {
+        return;
+    }
+    let root = temp("resume-batch");
+    let csv = mini_csv(&root);
+    let out = root.join("out");
+    let o = run(&args(&csv, &out, 2, 2), None);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let mut other = args(&csv, &out, 4, 2);
+    let at = other
+        .iter()
+        .position(|a| a == "--per_device_train_batch_size")
+        .unwrap();
+    other[at + 1] = "3".into();
+    let o = run(&other, None);
+    let e = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{e}");
+    assert!(
+        e.contains("checkpoint-2")
+            && e.contains("had 2 examples per global batch, this one has 3")
+            && e.contains("--ignore_data_skip"),
+        "{e}"
+    );
+    other.push("--ignore_data_skip".into());
+    let o = run(&other, None);
+    let e = stderr(&o);
+    assert!(o.status.success(), "{e}");
+    assert!(
+        e.contains("resumed from") && e.contains("--ignore_data_skip"),
+        "{e}"
+    );
+    assert_loadable(&out.join("checkpoint-4"), 4);
+    std::fs::remove_dir_all(&root).unwrap();
+}

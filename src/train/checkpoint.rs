@@ -162,13 +162,26 @@ pub fn save_checkpoint(
         p.tensor.gpu().sync()?;
     }
     sync_dir(&tmp);
-    if final_dir.exists() {
-        // Same step saved again (e.g. the final step after a periodic save).
-        std::fs::remove_dir_all(&final_dir)?;
+    // Same step saved again (e.g. the final step after a periodic save): the
+    // old one is renamed aside, the new one in, then the old one removed, so
+    // a kill at any moment leaves one of them (remove_stale_temp puts an
+    // old one left aside back when the new one never arrived).
+    let old = output_dir.join(format!(".{name}.old-{}", std::process::id()));
+    let replacing = final_dir.exists();
+    if replacing {
+        if old.exists() {
+            std::fs::remove_dir_all(&old)?;
+        }
+        std::fs::rename(&final_dir, &old)
+            .with_context(|| format!("renaming {} aside", final_dir.display()))?;
     }
     std::fs::rename(&tmp, &final_dir)
         .with_context(|| format!("renaming {} to {}", tmp.display(), final_dir.display()))?;
     sync_dir(output_dir);
+    if replacing {
+        std::fs::remove_dir_all(&old)
+            .with_context(|| format!("removing the replaced {}", old.display()))?;
+    }
     Ok(final_dir)
 }
 
@@ -178,21 +191,26 @@ fn sync_dir(dir: &Path) {
     }
 }
 
-/// Remove `.checkpoint-N.tmp-PID` folders that a killed run left behind (a
-/// save cut short; never a complete checkpoint). Folders of a live process
-/// other than this one are kept. Returns the folders removed.
-pub fn remove_stale_temp(output_dir: &Path) -> Vec<PathBuf> {
-    let mut removed = Vec::new();
+/// Tidy what a killed run left behind, saying what was done:
+/// `.checkpoint-N.tmp-PID` folders (a save cut short; never a complete
+/// checkpoint) are removed; a `.checkpoint-N.old-PID` folder (a complete
+/// checkpoint renamed aside while the same step was saved again) is put
+/// back as `checkpoint-N` if the new one never arrived, else removed.
+/// Folders of a live process other than this one are kept.
+pub fn remove_stale_temp(output_dir: &Path) -> Vec<String> {
+    let mut done = Vec::new();
     let Ok(rd) = std::fs::read_dir(output_dir) else {
-        return removed;
+        return done;
     };
     for e in rd.flatten() {
         let name = e.file_name().to_string_lossy().to_string();
         let Some(rest) = name.strip_prefix(".checkpoint-") else {
             continue;
         };
-        let Some((_, pid)) = rest.split_once(".tmp-") else {
-            continue;
+        let (step, pid, aside) = match (rest.split_once(".tmp-"), rest.split_once(".old-")) {
+            (Some((step, pid)), _) => (step, pid, false),
+            (_, Some((step, pid))) => (step, pid, true),
+            _ => continue,
         };
         let Ok(pid) = pid.parse::<u32>() else {
             continue;
@@ -200,11 +218,22 @@ pub fn remove_stale_temp(output_dir: &Path) -> Vec<PathBuf> {
         if pid != std::process::id() && process_alive(pid) {
             continue;
         }
-        if std::fs::remove_dir_all(e.path()).is_ok() {
-            removed.push(e.path());
+        let live = output_dir.join(format!("checkpoint-{step}"));
+        if aside && !live.exists() {
+            if std::fs::rename(e.path(), &live).is_ok() {
+                done.push(format!(
+                    "restored {}: an earlier run was killed while saving that step again",
+                    live.display()
+                ));
+            }
+        } else if std::fs::remove_dir_all(e.path()).is_ok() {
+            done.push(format!(
+                "removed {}: a checkpoint save that an earlier run did not finish",
+                e.path().display()
+            ));
         }
     }
-    removed
+    done
 }
 
 #[cfg(unix)]
@@ -260,6 +289,10 @@ pub fn rotate(output_dir: &Path, limit: usize) -> Result<()> {
 pub struct Loaded {
     pub optimizer: Weights,
     pub state: RunState,
+    /// What the run that saved it was (`trainer_state.json`'s "run": seed,
+    /// train_examples, batch_size, gradient_accumulation_steps, world_size
+    /// when above 1, max_steps); null in checkpoints older than that.
+    pub run: Value,
 }
 
 /// Read a checkpoint's optimizer state and run state (the model is loaded
@@ -279,5 +312,55 @@ pub fn load_checkpoint(dir: &Path) -> Result<Loaded> {
     Ok(Loaded {
         optimizer: Weights::load_file(&dir.join("optimizer.safetensors"))?,
         state: RunState::from_json(&v, &f)?,
+        run: v["run"].clone(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A process id that is not running (a child that has exited).
+    fn dead_pid() -> u32 {
+        let mut c = std::process::Command::new("true").spawn().unwrap();
+        let pid = c.id();
+        c.wait().unwrap();
+        pid
+    }
+
+    fn folder(dir: &Path, name: &str, mark: &str) {
+        std::fs::create_dir_all(dir.join(name)).unwrap();
+        std::fs::write(dir.join(name).join("mark"), mark).unwrap();
+    }
+
+    fn mark(dir: &Path, name: &str) -> String {
+        std::fs::read_to_string(dir.join(name).join("mark")).unwrap()
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_checkpoint_left_aside_by_a_killed_save_is_put_back() {
+        let dir = std::env::temp_dir().join(format!("clipwgpu-aside-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let pid = dead_pid();
+        // Killed between the two renames: the old step-4 aside, no new one.
+        folder(&dir, &format!(".checkpoint-4.old-{pid}"), "old 4");
+        // Killed after the new step-6 was renamed in: the old one is stale.
+        folder(&dir, "checkpoint-6", "new 6");
+        folder(&dir, &format!(".checkpoint-6.old-{pid}"), "old 6");
+        // A save cut short.
+        folder(&dir, &format!(".checkpoint-8.tmp-{pid}"), "part 8");
+        let done = remove_stale_temp(&dir);
+        assert_eq!(done.len(), 3, "{done:?}");
+        assert_eq!(mark(&dir, "checkpoint-4"), "old 4");
+        assert_eq!(mark(&dir, "checkpoint-6"), "new 6");
+        let mut left: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["checkpoint-4", "checkpoint-6"]);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

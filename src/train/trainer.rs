@@ -366,6 +366,27 @@ fn check_finite_weights(params: &ParamStore) -> Result<()> {
     )
 }
 
+/// How the run that saved a checkpoint (its recorded `run`) differs from
+/// this one in what fixes the data order: (what, now) pairs, compared with
+/// the checkpoint's train_examples, batch_size x world_size and
+/// gradient_accumulation_steps. Checkpoints that predate the record pass.
+fn resume_differences(run: &Value, now: &[(&str, usize); 3]) -> Vec<String> {
+    let get = |k: &str| run.get(k).and_then(Value::as_u64).map(|v| v as usize);
+    let world = get("world_size").unwrap_or(1);
+    let was = [
+        get("train_examples"),
+        get("batch_size").map(|b| b * world),
+        get("gradient_accumulation_steps"),
+    ];
+    was.iter()
+        .zip(now)
+        .filter_map(|(w, (what, n))| {
+            let w = (*w)?;
+            (w != *n).then(|| format!("the checkpoint's run had {w} {what}, this one has {n}"))
+        })
+        .collect()
+}
+
 /// SIGTERM's number: a stop another rank was asked for (mpirun passes the
 /// job's SIGTERM to every rank; a scheduler may signal one).
 fn libc_sigterm() -> i32 {
@@ -1121,6 +1142,14 @@ fn run_ranked(args: &TrainArgs, gpu: &Arc<Gpu>, world: &World) -> Result<Value> 
         args.do_train || args.do_eval,
         "nothing to do: pass --do_train and/or --do_eval"
     );
+    // What a killed run left (a save cut short, a checkpoint renamed aside)
+    // is tidied before the latest checkpoint is looked for.
+    if args.do_train && main {
+        for what in checkpoint::remove_stale_temp(&args.output_dir) {
+            log(&what);
+        }
+    }
+    world.barrier();
     let resume = if args.do_train {
         resolve_resume(&args, main)?
     } else {
@@ -1153,14 +1182,6 @@ fn run_ranked(args: &TrainArgs, gpu: &Arc<Gpu>, world: &World) -> Result<Value> 
         }
         std::fs::create_dir_all(&args.output_dir)
             .with_context(|| format!("creating {}", args.output_dir.display()))?;
-        if args.do_train {
-            for p in checkpoint::remove_stale_temp(&args.output_dir) {
-                log(&format!(
-                    "removed {}: a checkpoint save that an earlier run did not finish",
-                    p.display()
-                ));
-            }
-        }
     }
     world.barrier();
     if args.freeze_vision_model || args.freeze_text_model {
@@ -1374,6 +1395,32 @@ fn train_loop(
             &dir.display().to_string(),
         )?;
         state = loaded.state;
+        let now = [
+            ("training examples", examples.len()),
+            ("examples per global batch", world.size() * bs),
+            ("gradient accumulation steps", accum),
+        ];
+        let differs = resume_differences(&loaded.run, &now);
+        if !differs.is_empty() {
+            ensure!(
+                args.ignore_data_skip,
+                "cannot resume from {}: {}, so the data would not go on where it stopped. Pass \
+                 --ignore_data_skip to take its weights, optimizer and schedule anyway and read the \
+                 current epoch from its beginning",
+                dir.display(),
+                differs.join("; ")
+            );
+            log(&format!(
+                "resuming from {} although {} (--ignore_data_skip)",
+                dir.display(),
+                differs.join("; ")
+            ));
+        }
+        if args.ignore_data_skip {
+            // The Trainer's meaning: the epoch in progress is read again
+            // from its start instead of skipping what was seen.
+            state.data_position = 0;
+        }
         log(&format!(
             "resumed from {} at step {}",
             dir.display(),
