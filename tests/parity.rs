@@ -94,19 +94,22 @@ fn check_model(name: &str) {
         eprintln!("{name} {what}: max abs diff {e:.2e}");
         assert!(e <= tol, "{name} {what}: max abs diff {e:.2e} > {tol:.0e}");
     };
-    cmp("image_embeds", out.image_embeds.tensor(), 1e-4);
-    cmp("text_embeds", out.text_embeds.tensor(), 1e-4);
-    cmp("logits_per_text", &out.logits_per_text, 1e-4);
+    // Tolerances about 10x the largest measured on lavapipe (README:
+    // embeddings 1.6e-7, logits 1.9e-6, loss 8.4e-8 relative, gradients
+    // 7.3e-6 relative norm, one AdamW step 6e-8).
+    cmp("image_embeds", out.image_embeds.tensor(), 2e-6);
+    cmp("text_embeds", out.text_embeds.tensor(), 2e-6);
+    cmp("logits_per_text", &out.logits_per_text, 2e-5);
     cmp(
         "logits_per_image",
         &logits_per_image(&out.logits_per_text).unwrap(),
-        1e-4,
+        2e-5,
     );
     let loss = out.loss.tensor().to_vec().unwrap()[0];
     let loss_ref = want.get("loss").unwrap().data[0];
     let rel = ((loss - loss_ref) / loss_ref).abs() as f64;
     eprintln!("{name} loss: {loss} vs {loss_ref} (relative {rel:.2e})");
-    assert!(rel <= 1e-5, "{name} loss relative difference {rel:.2e}");
+    assert!(rel <= 1e-6, "{name} loss relative difference {rel:.2e}");
 
     let mut grads = tape.backward(&out.loss).unwrap();
     let grads = model.params.grads(&vars, &mut grads);
@@ -130,7 +133,7 @@ fn check_model(name: &str) {
             worst = (e, p.name.clone());
         }
         assert!(
-            e <= 1e-3,
+            e <= 1e-4,
             "{name}: gradient of {} off by {e:.2e} (relative norm)",
             p.name
         );
@@ -176,7 +179,7 @@ fn check_model(name: &str) {
             }
         };
         worst = worst.max(e);
-        assert!(e <= 1e-6, "{name}: {} after AdamW off by {e:.2e}", p.name);
+        assert!(e <= 6e-7, "{name}: {} after AdamW off by {e:.2e}", p.name);
     }
     eprintln!("{name}: largest difference after one AdamW step {worst:.2e}");
 }
