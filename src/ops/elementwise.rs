@@ -75,10 +75,3 @@ pub fn add_var(tape: &mut Tape, a: &Var, b: &Var) -> Result<Var> {
         }),
     ))
 }
-
-pub fn add_ref(a: &[f64], b: &[f64]) -> Vec<f64> {
-    a.iter()
-        .enumerate()
-        .map(|(i, x)| x + b[i % b.len()])
-        .collect()
-}

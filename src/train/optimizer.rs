@@ -36,19 +36,6 @@ impl Optimizer {
         })
     }
 
-    /// One update at learning rate `lr`: [`Optimizer::grad_norm`] then
-    /// [`Optimizer::apply`]. Returns [grad norm, clip coefficient] on the GPU.
-    pub fn update(
-        &mut self,
-        params: &ParamStore,
-        grads: &[Option<Tensor>],
-        lr: f32,
-    ) -> Result<Tensor> {
-        let norm = self.grad_norm(params, grads)?;
-        self.apply(params, grads, &norm, lr)?;
-        Ok(norm)
-    }
-
     /// [global gradient norm, clip coefficient] on the GPU, from the
     /// gradients present. The trainer reads these two numbers back to check
     /// them before [`Optimizer::apply`] (a non-finite norm means a NaN or
