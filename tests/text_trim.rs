@@ -1,6 +1,6 @@
 //! The text towers run only up to the last position their output depends on
 //! (CLIP: the last pooled end-of-text token, attention being causal;
-//! RoBERTa: the last attended token). Loss and every gradient must match a
+//! RoBERTa: the last attended token), rounded up to a multiple of 8. Loss and every gradient must match a
 //! run over the whole padded length (`CLIP_WGPU_FULL_TEXT=1`). One test in
 //! this binary, as it sets an environment variable.
 mod common;
@@ -36,7 +36,8 @@ fn trimmed_text_matches_the_padded_length() {
         let w = init_weights(&cfg, 7).unwrap();
         let model = ClipModel::from_weights(&gpu, cfg, &w, case).unwrap();
         let s = model.config.vision.image_size;
-        let (batch, len) = (3, 16);
+        // Rows end by position 9: 16 positions run (a multiple of 8) of 20.
+        let (batch, len) = (3, 20);
         let lens = [5, 9, 7];
         let mut r = Rng::new(11);
         let mut ids = vec![1u32; batch * len]; // pad

@@ -57,9 +57,18 @@ pub(crate) fn keep_prefix<T: Copy>(x: &[T], batch: usize, len: usize, keep: usiz
 /// Positions run for `pooled` tokens of rows of `len`: through the last.
 fn keep_len(pooled: &[usize], len: usize) -> usize {
     match pooled.iter().max() {
-        Some(&m) if !full_text() => m + 1,
+        Some(&m) if !full_text() => run_bucket(m + 1, len),
         _ => len,
     }
+}
+
+/// Positions run for a batch that needs `keep` of `len`: rounded up to a
+/// multiple of 8, so that captions of varied lengths make at most len / 8
+/// working sets (the buffer pool keeps each size it has seen) instead of
+/// one per length. The positions added change nothing (causal attention,
+/// masked keys; their outputs are not used).
+pub(crate) fn run_bucket(keep: usize, len: usize) -> usize {
+    (keep.div_ceil(8) * 8).min(len)
 }
 
 /// Whether text runs at its padded length (`CLIP_WGPU_FULL_TEXT=1`, for
@@ -105,7 +114,8 @@ impl ClipTextTower {
     }
 
     /// How many positions of ids [B, T] the tower runs: through the last
-    /// pooled token (all T with `CLIP_WGPU_FULL_TEXT=1`).
+    /// pooled token, rounded up to a multiple of 8 (all T with
+    /// `CLIP_WGPU_FULL_TEXT=1`).
     pub fn run_len(&self, ids: &[u32], batch: usize) -> usize {
         let len = ids.len() / batch.max(1);
         keep_len(

@@ -150,16 +150,18 @@ impl RobertaTower {
     }
 
     /// How many positions of mask [B, T] the tower runs: through the last
-    /// attended one (all T with `CLIP_WGPU_FULL_TEXT=1`).
+    /// attended one, rounded up to a multiple of 8 (all T with
+    /// `CLIP_WGPU_FULL_TEXT=1`).
     pub fn run_len(mask: &[f32], batch: usize) -> usize {
         let len = mask.len() / batch.max(1);
         if full_text() {
             return len;
         }
-        (0..len)
+        let keep = (0..len)
             .rev()
             .find(|&t| (0..batch).any(|b| mask[b * len + t] != 0.0))
-            .map_or(len, |t| t + 1)
+            .map_or(len, |t| t + 1);
+        super::clip_text::run_bucket(keep, len)
     }
 
     /// ids and mask [B, T] (host) -> pooled [B, D].

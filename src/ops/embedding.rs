@@ -44,7 +44,8 @@ pub fn gather_rows(table: &Tensor, ids: &Tensor, d: usize) -> Result<Tensor> {
 }
 
 /// Positions grouped by id on the host (CSR), uploaded as one u32 tensor
-/// `[ids (uniq) | offsets (uniq + 1) | positions (n)]` for `scatter_rows`.
+/// `[ids (uniq) | offsets (uniq + 1) | positions (n) | padding]` for
+/// `scatter_rows`.
 pub struct IdGroups {
     pub meta: Tensor,
     pub uniq: usize,
@@ -70,7 +71,11 @@ pub fn group_ids(gpu: &Arc<crate::Gpu>, ids: &[u32]) -> Result<IdGroups> {
     let mut meta = uniq;
     meta.extend_from_slice(&offsets);
     meta.extend_from_slice(&order);
-    let len = meta.len();
+    // Padded to its largest size (every id distinct), so that its buffer
+    // size depends on n alone, not on how many ids a batch repeats: the
+    // pool keeps one buffer per size it has seen.
+    let len = 3 * ids.len() + 1;
+    meta.resize(len, 0);
     Ok(IdGroups {
         meta: Tensor::from_u32(gpu, &meta, &[len])?,
         uniq: k,
