@@ -14,6 +14,11 @@
 # It prints both at steps 100, 500 and 1000. About 5 minutes on lavapipe
 # (2 cores); SOAK_TIMEOUT (default 600 s) bounds it.
 #
+# With SOAK_DATA=DIR it trains on a folder of captioned pictures instead
+# (e.g. /usr/share/tuxpaint/stamps from `apt-get install
+# tuxpaint-stamps-default`: real captions of varied lengths), with text
+# padded to 77 tokens, under the same limits.
+#
 # Usage: scripts/soak.sh            (uses target/release/clip-wgpu, building it if absent)
 #        CLIP_WGPU_BIN=path scripts/soak.sh
 #        SOAK_KEEP=dir scripts/soak.sh   (keeps the RSS samples, metrics and log there)
@@ -45,8 +50,15 @@ cleanup() {
 trap cleanup EXIT
 
 out="$work/run"
+if [ -n "${SOAK_DATA:-}" ]; then
+    data=(--data_dir "$SOAK_DATA" --max_seq_length 77)
+    what="$SOAK_DATA, text padded to 77"
+else
+    data=(--max_seq_length 16 --demo_train_samples 500)
+    what="demo model, text length 16"
+fi
 "$bin" train --output_dir "$out" --do_train \
-    --per_device_train_batch_size 2 --max_seq_length 16 --demo_train_samples 500 \
+    --per_device_train_batch_size 2 "${data[@]}" \
     --max_steps "$steps" --logging_steps 10 --save_steps 90 --save_total_limit 1 \
     --learning_rate 5e-4 --warmup_steps 50 --no_progress \
     >"$work/stdout" 2>"$work/stderr" &
@@ -90,7 +102,7 @@ pool_at() {
 }
 
 fail=0
-echo "soak: $steps steps in ${elapsed} s (demo model, batch 2, text length 16, a checkpoint every 90 steps)"
+echo "soak: $steps steps in ${elapsed} s ($what, batch 2, a checkpoint every 90 steps)"
 printf '%6s %10s %12s\n' step rss_mib pool_mib
 for s in 100 500 1000; do
     r=$(rss_at "$s")
@@ -108,7 +120,7 @@ growth=$((r1000 - r100))
 limit=$((20 * 1024))
 pct=$((r100 / 10))
 if [ "$pct" -lt "$limit" ]; then limit=$pct; fi
-echo "rss growth from step 100 to 1000: $((growth / 1024)) MiB (limit $((limit / 1024)) MiB)"
+echo "rss growth from step 100 to 1000: $((growth / 1024)) MiB, $(awk -v g="$growth" -v r="$r100" 'BEGIN { printf "%.2f", 100 * g / r }')% (limit $((limit / 1024)) MiB)"
 if [ "$growth" -gt "$limit" ]; then
     echo "soak: FAILED: resident memory grew by $((growth / 1024)) MiB" >&2
     fail=1
