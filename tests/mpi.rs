@@ -36,6 +36,20 @@ fn mpirun(n: usize) -> Command {
     c
 }
 
+/// A 2-rank job whose ranks have their own command lines (MPMD), rank 1
+/// with `env1` (`NAME=value`) set too.
+fn mpmd(rank0: &[String], rank1: &[String], env1: Option<&str>) -> Command {
+    let mut c = mpirun(1);
+    c.args(rank0);
+    c.args([":", "-n", "1"]);
+    if let Some(e) = env1 {
+        c.args(["-x", e]);
+    }
+    c.arg(env!("CARGO_BIN_EXE_clip-wgpu"));
+    c.args(rank1);
+    c
+}
+
 /// `n` small pictures with captions in `root/train.csv`.
 fn csv(root: &Path, n: usize) -> PathBuf {
     std::fs::create_dir_all(root.join("imgs")).unwrap();
@@ -376,22 +390,8 @@ fn a_failing_rank_ends_the_job_naming_it() {
         ),
     ];
     for (name, rank1, env, says) in cases {
-        let out = root.join(name);
-        let mut c = Command::new("mpirun");
-        c.args([
-            "--allow-run-as-root",
-            "--oversubscribe",
-            "--bind-to",
-            "none",
-        ]);
-        c.args(["-n", "1", env!("CARGO_BIN_EXE_clip-wgpu")]);
-        c.args(&train_args(&model, &data, &out, 4, &extra)[..]);
-        c.args([":", "-n", "1"]);
-        if let Some(e) = env {
-            c.args(["-x", e]);
-        }
-        c.arg(env!("CARGO_BIN_EXE_clip-wgpu"));
-        c.args(&rank1[..]);
+        let rank0 = train_args(&model, &data, &root.join(name), 4, &extra);
+        let c = mpmd(&rank0, &rank1, env);
         let err = root.join(format!("{name}.err"));
         let mut job = spawn(c, &err);
         let status = wait_bounded(&mut job, 300, name);
@@ -403,19 +403,8 @@ fn a_failing_rank_ends_the_job_naming_it() {
 
     // A NaN gradient on rank 1 alone: the summed gradient is NaN on both,
     // so both stop at that step, naming it (no rank waits for the other).
-    let out = root.join("nan");
-    let mut c = Command::new("mpirun");
-    c.args([
-        "--allow-run-as-root",
-        "--oversubscribe",
-        "--bind-to",
-        "none",
-    ]);
-    c.args(["-n", "1", env!("CARGO_BIN_EXE_clip-wgpu")]);
-    c.args(&train_args(&model, &data, &out, 4, &extra)[..]);
-    c.args([":", "-n", "1", "-x", "CLIP_WGPU_FAULTS=nan_grad@2"]);
-    c.arg(env!("CARGO_BIN_EXE_clip-wgpu"));
-    c.args(&train_args(&model, &data, &out, 4, &extra)[..]);
+    let both = train_args(&model, &data, &root.join("nan"), 4, &extra);
+    let c = mpmd(&both, &both, Some("CLIP_WGPU_FAULTS=nan_grad@2"));
     let err = root.join("nan.err");
     let mut job = spawn(c, &err);
     let status = wait_bounded(&mut job, 300, "a NaN on one rank");

@@ -294,6 +294,17 @@ fn gathered_batch_grads(
     Ok((model.params.grads(&p, &mut g), global.loss))
 }
 
+/// logit_scale and its variable on `tape` (a constant when frozen).
+fn scale_var<'m>(model: &'m ClipModel, tape: &mut Tape) -> (&'m crate::model::params::Param, Var) {
+    let ls = &model.params.params[model.logit_scale];
+    let sv = if ls.trainable {
+        tape.param(ls.tensor.clone())
+    } else {
+        Var::constant(ls.tensor.clone())
+    };
+    (ls, sv)
+}
+
 /// The contrastive loss over every rank's rows and its gradient for them.
 struct GlobalLoss {
     loss: Tensor,
@@ -320,12 +331,7 @@ fn global_loss(
     let (all_i, all_t, row) = world.all_gather_pair(image, text)?;
     let mut tape = Tape::new();
     let (iv, tv) = (tape.param(all_i), tape.param(all_t));
-    let ls = &model.params.params[model.logit_scale];
-    let sv = if ls.trainable {
-        tape.param(ls.tensor.clone())
-    } else {
-        Var::constant(ls.tensor.clone())
-    };
+    let (ls, sv) = scale_var(model, &mut tape);
     let loss = contrastive_loss(&mut tape, &iv, &tv, &sv)?;
     let mut into = Grads::default();
     if let Some(held) = acc[model.logit_scale].take() {
@@ -367,12 +373,7 @@ fn local_loss(
     let mut tape = Tape::new();
     let (il, tl) = (tape.param(image), tape.param(text));
     let (ia, ta) = (tape.param(all_i), tape.param(all_t));
-    let ls = &model.params.params[model.logit_scale];
-    let sv = if ls.trainable {
-        tape.param(ls.tensor.clone())
-    } else {
-        Var::constant(ls.tensor.clone())
-    };
+    let (ls, sv) = scale_var(model, &mut tape);
     let denom = 2.0 * total as f32;
     let li = row_ce(&mut tape, &il, &ta, &sv, row, denom)?;
     let lt = row_ce(&mut tape, &tl, &ia, &sv, row, denom)?;
