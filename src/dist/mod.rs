@@ -288,7 +288,7 @@ pub fn all_reduce_grads(
     let mut out_flags = Vec::new();
     for (bi, bucket) in buckets.iter().enumerate() {
         let total: usize = bucket.iter().map(|&i| numel(i)).sum();
-        let staging = Tensor::empty(&gpu, &[total.max(1)])?;
+        let staging = Tensor::empty(&gpu, &[total])?;
         let mut at = 0u64;
         for &i in bucket {
             if let Some(g) = &grads[i] {
@@ -297,7 +297,6 @@ pub fn all_reduce_grads(
             at += (numel(i) * 4) as u64;
         }
         let mut host = staging.to_vec()?;
-        host.truncate(total);
         let mut at = 0;
         for &i in bucket {
             let n = numel(i);
@@ -327,7 +326,7 @@ pub fn all_reduce_grads(
                 }
             }
         }
-        staging.write(&pad_to(values, staging.numel()))?;
+        staging.write(values)?;
         let mut at = 0u64;
         for &i in bucket {
             let bytes = (numel(i) * 4) as u64;
@@ -338,12 +337,6 @@ pub fn all_reduce_grads(
         }
     }
     Ok(out_flags)
-}
-
-fn pad_to(v: &[f32], n: usize) -> Vec<f32> {
-    let mut out = v.to_vec();
-    out.resize(n, 0.0);
-    out
 }
 
 // ---------------------------------------------------------------------------

@@ -389,9 +389,7 @@ fn resume_differences(run: &Value, now: &[(&str, usize); 3]) -> Vec<String> {
 
 /// SIGTERM's number: a stop another rank was asked for (mpirun passes the
 /// job's SIGTERM to every rank; a scheduler may signal one).
-fn libc_sigterm() -> i32 {
-    15
-}
+const SIGTERM: i32 = 15;
 
 /// Fail unless every rank holds the same weights after `step` steps: the
 /// norm of all weights and logit_scale, compared bit for bit (one small
@@ -1553,7 +1551,6 @@ fn train_loop(
             order = shards.rank_order(&order, world.size(), world.rank());
             start = shards.rank_start(state.data_position, world.size(), world.rank());
         }
-        let order = Arc::new(order);
         // Ranks read fixed slices (no refill past a bad picture, no
         // drop_last: their orders hold whole global batches only).
         let how = Batching {
@@ -1561,7 +1558,7 @@ fn train_loop(
             drop_last: args.dataloader_drop_last && !dist,
             refill: !dist,
         };
-        let mut ld = loader(setup, &examples, order.to_vec(), start, args, how)?;
+        let mut ld = loader(setup, &examples, order.clone(), start, args, how)?;
         loop {
             // The next accumulation group: `accum` batches, fewer at the end
             // of the epoch.
@@ -1581,7 +1578,7 @@ fn train_loop(
             let (out, group) = if accum > 1 && args.accumulation_loss == AccumulationLoss::Full {
                 // Streamed: pass 1 pulls the batches; pass 2 has them again.
                 let reopen =
-                    |start: usize| loader(setup, &examples, order.to_vec(), start, args, how);
+                    |start: usize| loader(setup, &examples, order.clone(), start, args, how);
                 let mut src = GroupStream::new(
                     &mut ld,
                     first,
@@ -1654,7 +1651,7 @@ fn train_loop(
                         &[ls_index],
                         &[asked, step_examples as f32],
                     )?;
-                    stop = (flags[0] > 0.0).then(|| interrupted().unwrap_or(libc_sigterm()));
+                    stop = (flags[0] > 0.0).then(|| interrupted().unwrap_or(SIGTERM));
                     step_examples = flags[1] as usize;
                 }
                 images_since += step_examples;
