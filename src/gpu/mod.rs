@@ -185,6 +185,17 @@ impl Gpu {
         self.tune.set(key, value)
     }
 
+    /// The kernel choices (tuning cache entries) this process has used.
+    pub fn kernel_choices(&self) -> std::collections::BTreeMap<String, String> {
+        self.tune.used()
+    }
+
+    /// Use these kernel choices wherever they name a kernel that runs here
+    /// (a resumed run's, from its checkpoint), whatever this machine measured.
+    pub fn pin_kernel_choices(&self, entries: &std::collections::BTreeMap<String, String>) {
+        self.tune.pin(entries)
+    }
+
     /// Where measured kernel choices are kept, if anywhere.
     pub fn tune_cache_path(&self) -> Option<&std::path::PathBuf> {
         self.tune.path()

@@ -11,6 +11,11 @@ use std::sync::Mutex;
 pub(crate) struct TuneCache {
     path: Option<PathBuf>,
     map: Mutex<BTreeMap<String, String>>,
+    /// Choices taken from a checkpoint: they win over the file's, so a run
+    /// resumed on another machine computes with the kernels it began with.
+    pinned: Mutex<BTreeMap<String, String>>,
+    /// Every choice this process looked up or made (what a checkpoint records).
+    used: Mutex<BTreeMap<String, String>>,
 }
 
 /// Whether kernel choices are measured on first use (`CLIP_WGPU_TUNE=0`
@@ -65,15 +70,35 @@ impl TuneCache {
         TuneCache {
             path,
             map: Mutex::new(map),
+            pinned: Mutex::default(),
+            used: Mutex::default(),
         }
     }
 
     pub(crate) fn get(&self, key: &str) -> Option<String> {
-        self.map.lock().unwrap().get(key).cloned()
+        let v = self.pinned.lock().unwrap().get(key).cloned();
+        let v = v.or_else(|| self.map.lock().unwrap().get(key).cloned())?;
+        self.used.lock().unwrap().insert(key.to_string(), v.clone());
+        Some(v)
+    }
+
+    /// Choices that override the file's from now on (not written to it).
+    pub(crate) fn pin(&self, entries: &BTreeMap<String, String>) {
+        let mut p = self.pinned.lock().unwrap();
+        p.extend(entries.iter().map(|(k, v)| (k.clone(), v.clone())));
+    }
+
+    /// The choices this process has used so far.
+    pub(crate) fn used(&self) -> BTreeMap<String, String> {
+        self.used.lock().unwrap().clone()
     }
 
     /// Remember a choice and rewrite the file (atomically: temp + rename).
     pub(crate) fn set(&self, key: &str, value: &str) {
+        self.used
+            .lock()
+            .unwrap()
+            .insert(key.to_string(), value.to_string());
         let text = {
             let mut m = self.map.lock().unwrap();
             m.insert(key.to_string(), value.to_string());

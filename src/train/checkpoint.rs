@@ -12,6 +12,7 @@ use crate::model::weights::{save_file, write_atomic, Weights};
 use crate::train::optimizer::Optimizer;
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 /// Tokenizer and processor files that travel with every saved model.
@@ -125,6 +126,11 @@ pub fn checkpoint_dir(output_dir: &Path, step: u64) -> PathBuf {
     output_dir.join(format!("checkpoint-{step}"))
 }
 
+/// The kernel choices (tuning cache entries) the saving run used, in its
+/// checkpoint: a resumed run takes them, so that it computes with the same
+/// kernels (the same rounding) even on another machine.
+pub const KERNEL_CHOICES: &str = "kernel_choices.json";
+
 /// Write `output_dir/checkpoint-<step>` atomically.
 pub fn save_checkpoint(
     output_dir: &Path,
@@ -155,6 +161,19 @@ pub fn save_checkpoint(
         &tmp.join("trainer_state.json"),
         serde_json::to_string_pretty(&state.to_json(run))?.as_bytes(),
     )?;
+    if let Some(p) = model.params.params.first() {
+        let gpu = p.tensor.gpu();
+        let choices = json!({
+            "adapter": gpu.info.name,
+            "driver": gpu.info.driver,
+            "backend": format!("{:?}", gpu.info.backend),
+            "choices": gpu.kernel_choices(),
+        });
+        write_atomic(
+            &tmp.join(KERNEL_CHOICES),
+            serde_json::to_string_pretty(&choices)?.as_bytes(),
+        )?;
+    }
     // Whatever the GPU reported meanwhile (a lost device, an error behind a
     // readback) stops the save here, before the rename: the previous
     // checkpoints stay the latest.
@@ -293,6 +312,9 @@ pub struct Loaded {
     /// train_examples, batch_size, gradient_accumulation_steps, world_size
     /// when above 1, max_steps); null in checkpoints older than that.
     pub run: Value,
+    /// The saving run's kernel choices and the adapter that made them
+    /// (absent in older checkpoints).
+    pub kernel_choices: Option<(BTreeMap<String, String>, String)>,
 }
 
 /// Read a checkpoint's optimizer state and run state (the model is loaded
@@ -313,7 +335,25 @@ pub fn load_checkpoint(dir: &Path) -> Result<Loaded> {
         optimizer: Weights::load_file(&dir.join("optimizer.safetensors"))?,
         state: RunState::from_json(&v, &f)?,
         run: v["run"].clone(),
+        kernel_choices: read_kernel_choices(&dir.join(KERNEL_CHOICES))?,
     })
+}
+
+fn read_kernel_choices(f: &Path) -> Result<Option<(BTreeMap<String, String>, String)>> {
+    if !f.exists() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
+    let v: Value = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not valid JSON", f.display()))?;
+    let choices = serde_json::from_value(v["choices"].clone()).with_context(|| {
+        format!(
+            "{}: \"choices\" is not an object of kernel names",
+            f.display()
+        )
+    })?;
+    let adapter = v["adapter"].as_str().unwrap_or("an unnamed adapter");
+    Ok(Some((choices, adapter.to_string())))
 }
 
 #[cfg(test)]

@@ -1393,6 +1393,17 @@ fn train_loop(
             &dir.display().to_string(),
         )?;
         state = loaded.state;
+        if let Some((choices, adapter)) = &loaded.kernel_choices {
+            gpu.pin_kernel_choices(choices);
+            if adapter != &gpu.info.name {
+                log(&format!(
+                    "taking the {} kernel choices {} recorded (measured on {adapter}), so the \
+                     resumed steps compute as the first ones did",
+                    choices.len(),
+                    dir.display()
+                ));
+            }
+        }
         let now = [
             ("training examples", examples.len()),
             ("examples per global batch", world.size() * bs),
