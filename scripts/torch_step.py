@@ -1,9 +1,10 @@
 """PyTorch reference for `clip-wgpu bench`: one training step of the `tiny`
-CLIP config (or b32) with transformers' CLIPModel + torch.optim.AdamW on the
-CPU (or CUDA when available), text padded to 77 tokens.
+CLIP config (or b32, or clip-roberta: ViT-B/32 vision + roberta-base text, run_clip.py's
+VisionTextDualEncoderModel) with transformers + torch.optim.AdamW on the CPU (or CUDA
+when available), text padded to 77 tokens.
 
 Run by hand with torch + transformers installed:
-  python scripts/torch_step.py [--config tiny|b32] [--batch 32] [--reps 5] [--threads N]
+  python scripts/torch_step.py [--config tiny|b32|clip-roberta] [--batch 32] [--reps 5] [--threads N]
 Prints the median forward, backward and optimizer times and images/s.
 """
 import argparse
@@ -11,10 +12,11 @@ import statistics
 import time
 
 import torch
-from transformers import CLIPConfig, CLIPModel
+from transformers import (CLIPConfig, CLIPModel, CLIPVisionConfig, RobertaConfig,
+                          VisionTextDualEncoderConfig, VisionTextDualEncoderModel)
 
 p = argparse.ArgumentParser()
-p.add_argument("--config", default="tiny", choices=["tiny", "b32"])
+p.add_argument("--config", default="tiny", choices=["tiny", "b32", "clip-roberta"])
 p.add_argument("--batch", type=int, default=32)
 p.add_argument("--reps", type=int, default=5)
 p.add_argument("--threads", type=int, default=0)
@@ -35,7 +37,17 @@ else:
     proj = 512
 dev = "cuda" if torch.cuda.is_available() else "cpu"
 torch.manual_seed(0)
-model = CLIPModel(CLIPConfig(vision_config=v, text_config=t, projection_dim=proj)).to(dev).train()
+if a.config == "clip-roberta":
+    # clip-wgpu bench's clip-roberta: roberta-base's sizes, no dropout (the
+    # kernels compared are the same; clip-wgpu has no dropout).
+    rob = RobertaConfig(vocab_size=50265, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                        intermediate_size=3072, max_position_embeddings=514, type_vocab_size=1,
+                        layer_norm_eps=1e-5, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    vis = CLIPVisionConfig(hidden_act="quick_gelu", **v)
+    cfg = VisionTextDualEncoderConfig.from_vision_text_configs(vis, rob, projection_dim=proj)
+    model = VisionTextDualEncoderModel(cfg).to(dev).train()
+else:
+    model = CLIPModel(CLIPConfig(vision_config=v, text_config=t, projection_dim=proj)).to(dev).train()
 opt = torch.optim.AdamW(model.parameters(), lr=5e-5)
 B, S, T = a.batch, v["image_size"], 77
 px = torch.randn(B, 3, S, S, device=dev)

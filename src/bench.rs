@@ -481,11 +481,12 @@ pub fn contrastive_loss(gpu: &Arc<Gpu>, n: usize, e: usize, reps: usize) -> Resu
     Ok((ms, gpu.pool_stats().live_peak_bytes))
 }
 
-/// `tiny`, `b32`, or a model folder / config.json path.
+/// `tiny`, `b32`, `clip-roberta`, or a model folder / config.json path.
 pub fn bench_config(name: &str) -> Result<ModelConfig> {
     match name {
         "tiny" => Ok(tiny_config()),
         "b32" => Ok(b32_config()),
+        "clip-roberta" => Ok(clip_roberta_config()),
         path => {
             let p = std::path::Path::new(path);
             let file = if p.is_dir() {
@@ -495,7 +496,8 @@ pub fn bench_config(name: &str) -> Result<ModelConfig> {
             };
             anyhow::ensure!(
                 file.is_file(),
-                "--config {path}: expected tiny, b32, a model folder with config.json, or a config.json file"
+                "--config {path}: expected tiny, b32, clip-roberta, a model folder with config.json, or a \
+                 config.json file"
             );
             ModelConfig::from_file(&file)
         }
@@ -512,6 +514,26 @@ pub fn b32_config() -> ModelConfig {
         [512, 2048, 12, 8],
         512,
     )
+}
+
+/// run_clip.py's model: VisionTextDualEncoderModel of openai/clip-vit-base-patch32's
+/// vision tower (ViT-B/32) and roberta-base (768 wide, 12 layers, 12 heads,
+/// MLP 3072, erf GELU, post-LN with eps 1e-5, vocab 50,265, 514 positions),
+/// projection 512.
+pub fn clip_roberta_config() -> ModelConfig {
+    let cfg = serde_json::json!({
+        "model_type": "vision-text-dual-encoder",
+        "projection_dim": 512,
+        "logit_scale_init_value": 2.6592,
+        "vision_config": {"model_type": "clip_vision_model", "hidden_size": 768,
+            "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
+            "image_size": 224, "patch_size": 32, "hidden_act": "quick_gelu"},
+        "text_config": {"model_type": "roberta", "hidden_size": 768, "intermediate_size": 3072,
+            "num_hidden_layers": 12, "num_attention_heads": 12, "max_position_embeddings": 514,
+            "vocab_size": 50265, "type_vocab_size": 1, "hidden_act": "gelu",
+            "layer_norm_eps": 1e-5, "pad_token_id": 1}
+    });
+    ModelConfig::from_value(cfg, "clip-roberta config").expect("valid built-in config")
 }
 
 /// The demo model of `clip-wgpu train` (issue: vision 64 px, patch 8, width

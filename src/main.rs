@@ -77,8 +77,9 @@ enum Cmd {
     /// Time each kernel at the shapes of a training step (median of runs),
     /// then whole training steps.
     Bench {
-        /// Model: tiny (the demo model), b32 (ViT-B/32's architecture), or a
-        /// model folder / config.json.
+        /// Model: tiny (the demo model), b32 (ViT-B/32's architecture),
+        /// clip-roberta (ViT-B/32 vision + roberta-base text, run_clip.py's
+        /// model), or a model folder / config.json.
         #[arg(long, default_value = "tiny")]
         config: String,
         /// Batch size of the training-step shapes.

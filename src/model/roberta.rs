@@ -11,6 +11,7 @@ use crate::ops::activation::{act, Act};
 use crate::ops::attention::attention;
 use crate::ops::elementwise::add_var;
 use crate::ops::embedding::embedding;
+use crate::ops::mlp::mlp;
 use crate::ops::softmax::Mask;
 use crate::tape::{Tape, Var};
 use crate::tensor::Tensor;
@@ -48,13 +49,14 @@ impl EncoderLayer for RobertaLayer {
         let v = self.v.forward(tape, p, x)?;
         let a = attention(tape, &q, &k, &v, self.heads, m)?;
         let a = self.attn_out.forward(tape, p, &a)?;
-        let h = add_var(tape, &a, x)?;
-        let h = self.attn_ln.forward(tape, p, &h)?;
-        let i = self.inter.forward(tape, p, &h)?;
-        let i = act(tape, &i, self.act)?;
-        let o = self.out.forward(tape, p, &i)?;
-        let o = add_var(tape, &o, &h)?;
-        self.out_ln.forward(tape, p, &o)
+        // The residual adds fold into the norms and the MLP runs as one op,
+        // as in CLIP's layers (post-LN keeps only the normalised sum).
+        let (_, h) = self.attn_ln.forward_add(tape, p, x, &a)?;
+        let inter = (&p[self.inter.w], self.inter.b.map(|b| &p[b]));
+        let out = (&p[self.out.w], self.out.b.map(|b| &p[b]));
+        let o = mlp(tape, &h, inter, out, self.act)?;
+        let (_, y) = self.out_ln.forward_add(tape, p, &h, &o)?;
+        Ok(y)
     }
 }
 
