@@ -49,7 +49,7 @@ override BIAS_GRAD: bool = false;
 @group(0) @binding(4) var<storage, read_write> c: array<vec4<f32>>;
 @group(0) @binding(5) var<storage, read_write> aux: array<vec4<f32>>;
 
-// Activation forward, copied from activation.wgsl by the generator.
+// Activation forward, copied from activation.wgsl by build.rs.
 {{ACTIVATION}}
 
 // C, bias and aux are vec4s too (n % 4 == 0): one per-lane load loop
