@@ -15,7 +15,7 @@ struct Params { n: u32, kind: u32, _a: u32, _b: u32 }
 @group(0) @binding(2) var<storage, read_write> out: array<f32>;
 @group(0) @binding(3) var<storage, read> dy: array<f32>;
 
-// BEGIN shared with the matmul epilogue (tools/gen_matmul_vec4.py copies it)
+// BEGIN shared with the matmul epilogue (build.rs copies it there)
 const FRAC_1_SQRT_2: f32 = 0.70710678118654752;
 const FRAC_1_SQRT_2PI: f32 = 0.39894228040143268;
 const SQRT_2_OVER_PI: f32 = 0.79788456080286536;

@@ -8,6 +8,7 @@ pub mod embed;
 pub mod gpu;
 pub mod model;
 pub mod ops;
+pub mod shaders;
 pub mod tape;
 pub mod tensor;
 pub mod train;

@@ -17,7 +17,8 @@ use pool::{bucket, Pool, STORAGE_USAGE};
 pub use profile::KernelTime;
 use profile::Profiler;
 
-/// One WGSL file: its name (for errors and the cache) and its source.
+/// One WGSL module: its name (for errors and the cache) and its source
+/// (see `crate::shaders`).
 pub struct Shader {
     pub name: &'static str,
     pub source: &'static str,
@@ -157,9 +158,9 @@ impl Gpu {
             tune: tune::TuneCache::open(
                 &info,
                 tune::fnv(&[
-                    include_str!("../../shaders/matmul.wgsl"),
-                    include_str!("../../shaders/matmul_vec4.wgsl"),
-                    include_str!("../../shaders/matmul_sg.wgsl"),
+                    crate::shaders::source("matmul"),
+                    crate::shaders::source("matmul_vec4"),
+                    crate::shaders::source("matmul_sg"),
                 ]),
             ),
             info,
@@ -302,7 +303,7 @@ impl Gpu {
             });
         if let Some(e) = pollster::block_on(scope.pop()) {
             bail!(
-                "compiling shaders/{}.wgsl entry point {entry}: {}",
+                "compiling shader {} entry point {entry}: {}",
                 shader.name,
                 describe_error(&e)
             );
@@ -378,7 +379,7 @@ impl Gpu {
         });
         if let Some(e) = pollster::block_on(scope.pop()) {
             bail!(
-                "binding {} buffer(s) to shaders/{}.wgsl entry point {entry}: {}",
+                "binding {} buffer(s) to shader {} entry point {entry}: {}",
                 buffers.len(),
                 shader.name,
                 describe_error(&e)

@@ -257,7 +257,7 @@ pub fn gemm_act_into(
     let (shader, entry, tile_m, tile_n) = match variant {
         Variant::Regs => (&SHADER, "matmul_regs", 32, 32),
         Variant::Vec4 => {
-            // 8x8 threads of rm rows x 4*rv columns (tools/gen_matmul_vec4.py).
+            // 8x8 threads of rm rows x 4*rv columns (build/matmul_gen.rs).
             let t = tile;
             if t.sg {
                 vec4_entry = format!("matmul_sg_{}x{}", t.rm, t.rv);
@@ -308,11 +308,12 @@ pub fn gemm_act_into(
 pub struct Tile {
     pub rm: usize,
     pub rv: usize,
-    /// The subgroup version (shaders/matmul_sg.wgsl).
+    /// The subgroup version (matmul_sg.wgsl).
     pub sg: bool,
 }
 
-/// The tiles tools/gen_matmul_vec4.py generates (its default list).
+/// The tiles of matmul_vec4 (build/matmul_gen.rs generates these;
+/// tests/shaders.rs checks).
 pub const VEC4_TILES: [Tile; 6] = [
     Tile {
         rm: 16,
@@ -346,7 +347,7 @@ pub const VEC4_TILES: [Tile; 6] = [
     },
 ];
 
-/// The tiles of matmul_sg (tools/gen_matmul_vec4.py --subgroup).
+/// The tiles of matmul_sg (likewise).
 pub const SG_TILES: [Tile; 6] = [
     Tile {
         rm: 16,

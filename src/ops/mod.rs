@@ -1,7 +1,7 @@
 //! Kernels. Each module holds one op family: the GPU launch of its forward
-//! and backward (WGSL in shaders/), its tape wrapper, and a plain-Rust f64
-//! CPU reference (`*_ref`) that the tests check the GPU and finite
-//! differences against.
+//! and backward (WGSL in `crate::shaders`), its tape wrapper, and a
+//! plain-Rust f64 CPU reference (`*_ref`) that the tests check the GPU and
+//! finite differences against.
 
 pub mod activation;
 pub mod adamw;
@@ -44,11 +44,12 @@ pub(crate) fn u(x: usize) -> u32 {
     u32::try_from(x).expect("size fits in u32")
 }
 
+/// The shader of that name in `crate::shaders` (looked up at compile time).
 macro_rules! shader {
     ($name:literal) => {
         $crate::gpu::Shader {
             name: $name,
-            source: include_str!(concat!("../../shaders/", $name, ".wgsl")),
+            source: const { $crate::shaders::source($name) },
         }
     };
 }

@@ -1,0 +1,63 @@
+//! Writes the unrolled WGSL kernels into OUT_DIR: the CPU-adapter matmul
+//! (matmul_vec4.wgsl, matmul_sg.wgsl) and fused attention
+//! (attention_fused.wgsl, attention_sg.wgsl). Their hand-written parts are
+//! templates in shaders/ (*.tmpl.wgsl); the generators only unroll.
+//!
+//! Why generated: llvmpipe keeps private arrays in memory and gathers every
+//! access unless all indexing is constant, and Mesa does not unroll loops of
+//! this size itself.
+
+use std::path::{Path, PathBuf};
+use std::{env, fs};
+
+/// Appends one formatted line (writing into a String cannot fail).
+macro_rules! w {
+    ($o:expr, $($fmt:tt)*) => {
+        writeln!($o, $($fmt)*).unwrap()
+    };
+}
+
+#[path = "build/attention_gen.rs"]
+mod attention_gen;
+#[path = "build/matmul_gen.rs"]
+mod matmul_gen;
+#[path = "build/template.rs"]
+mod template;
+
+fn main() {
+    let shaders = Path::new(env!("CARGO_MANIFEST_DIR")).join("shaders");
+    let out = PathBuf::from(env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
+    // The generators themselves are part of this build script, so cargo
+    // reruns it when they change; the shader inputs are declared here.
+    let read = |name: &str| {
+        let path = shaders.join(name);
+        println!("cargo:rerun-if-changed={}", path.display());
+        fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    };
+    let write = |name: &str, text: String| {
+        let path = out.join(name);
+        fs::write(&path, text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    };
+
+    let matmul = read("matmul_vec4.tmpl.wgsl");
+    let activation = read("activation.wgsl");
+    let activation = template::shared_block(&activation);
+    write(
+        "matmul_vec4.wgsl",
+        matmul_gen::generate(&matmul, activation, false),
+    );
+    write(
+        "matmul_sg.wgsl",
+        matmul_gen::generate(&matmul, activation, true),
+    );
+
+    let attention = read("attention_fused.tmpl.wgsl");
+    write(
+        "attention_fused.wgsl",
+        attention_gen::generate(&attention, false),
+    );
+    write(
+        "attention_sg.wgsl",
+        attention_gen::generate(&attention, true),
+    );
+}

@@ -1,0 +1,41 @@
+//! The shader templates of shaders/*.tmpl.wgsl: WGSL with `{{NAME}}`
+//! placeholders, and lines starting `//#` that explain the template and are
+//! left out of the output.
+
+/// `template` without its `//#` lines and with each `{{NAME}}` replaced by
+/// its value. Every placeholder must be given, and every value used.
+pub fn fill(template: &str, values: &[(&str, &str)]) -> String {
+    let mut out: String = template
+        .lines()
+        .filter(|line| !line.starts_with("//#"))
+        .flat_map(|line| [line, "\n"])
+        .collect();
+    for (name, value) in values {
+        let mark = format!("{{{{{name}}}}}");
+        assert!(out.contains(&mark), "template has no {mark}");
+        out = out.replace(&mark, value);
+    }
+    if let Some(at) = out.find("{{") {
+        let rest = &out[at..];
+        panic!(
+            "placeholder without a value: {}",
+            &rest[..rest.find("}}").map_or(rest.len(), |e| e + 2)]
+        );
+    }
+    out
+}
+
+/// The part of activation.wgsl that other kernels reuse: the lines between
+/// its `// BEGIN shared` and `// END shared` marker lines.
+pub fn shared_block(activation: &str) -> &str {
+    let (_, after) = activation
+        .split_once("// BEGIN shared")
+        .expect("activation.wgsl has a // BEGIN shared line");
+    let (_, block) = after
+        .split_once('\n')
+        .expect("a line after // BEGIN shared");
+    let (block, _) = block
+        .split_once("// END shared")
+        .expect("activation.wgsl has an // END shared line");
+    block.trim_end_matches('\n')
+}

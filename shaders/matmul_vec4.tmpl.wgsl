@@ -1,0 +1,73 @@
+//# Template of matmul_vec4.wgsl and matmul_sg.wgsl (lines starting //# are
+//# left out): build/matmul_gen.rs fills in the placeholders and appends one
+//# unrolled entry point per register tile; ACTIVATION is the part of
+//# activation.wgsl between its BEGIN shared / END shared markers.
+{{HEADER}}
+// Batched matmul for CPU adapters (lavapipe): register-blocked, no workgroup
+// memory, every load a vec4. Same Params and meaning as matmul.wgsl.
+// Needs n % 4 == 0, A 4-aligned along the loaded axis (k, or m when
+// TRANS_A) and, with TRANS_B, k % 4 == 0 and A not transposed (the host
+// transposes B first otherwise); the host falls back to matmul_regs when the
+// shapes do not allow vec4s.
+//
+// Why: llvmpipe (Mesa 22) turns each storage-buffer load into a loop over
+// the SIMD lanes with a bounds check per lane, and loads all components of a
+// vector inside one such loop. Loads, not FMAs, bound the speed, so each
+// thread loads vec4s of both operands and reuses each value many times.
+// Entry point matmul_vec4_RMxRV: each thread computes RM rows x 4*RV
+// columns (column groups strided by 8); 8x8 threads per workgroup.
+
+// The epilogue is chosen by override constants, so each pipeline holds only
+// the code it runs (a runtime switch over every activation, inlined into each
+// store, made the kernel several times larger and slower):
+// HAS_BIAS: C += bias; ACCUMULATE: C += old C; ACT 1: aux = act(C) as
+// well (a linear layer's bias + activation in one pass); ACT 2: C *= act'(x)
+// with x, the activation's input, in aux (the MLP backward's dH ->
+// d(pre-activation) in the same pass). ACT_KIND: an activation of
+// activation.wgsl. BIAS_GRAD (TRANS_A only): aux[i] = sum_k op(A)[i, k] as
+// well, from the A loads the product makes anyway (with A = dY of a linear
+// layer, its bias gradient). Params has_bias / accumulate (matmul.wgsl's
+// runtime switches) are unused here.
+struct Params {
+    m: u32, n: u32, k: u32, lda: u32,
+    ldb: u32, ldc: u32, a_bs: u32, b_bs: u32,
+    c_bs: u32, has_bias: u32, accumulate: u32, alpha: f32,
+}
+
+override TRANS_A: bool = false;
+override TRANS_B: bool = false;
+override HAS_BIAS: bool = false;
+override ACCUMULATE: bool = false;
+override ACT: u32 = 0u;
+override ACT_KIND: u32 = 0u;
+override BIAS_GRAD: bool = false;
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> a: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read> b: array<vec4<f32>>;
+@group(0) @binding(3) var<storage, read> bias: array<vec4<f32>>;
+@group(0) @binding(4) var<storage, read_write> c: array<vec4<f32>>;
+@group(0) @binding(5) var<storage, read_write> aux: array<vec4<f32>>;
+
+// Activation forward, copied from activation.wgsl by build.rs.
+{{ACTIVATION}}
+
+// C, bias and aux are vec4s too (n % 4 == 0): one per-lane load loop
+// per four values instead of four. `bq` is the bias of column group j4
+// (zero without one), loaded once per column group.
+fn store4(base: u32, i: u32, j4: u32, v: vec4<f32>, bq: vec4<f32>) {
+    if i >= p.m || j4 >= p.n / 4u { return; }
+    var out = p.alpha * v + bq;
+    let idx = base + i * (p.ldc / 4u) + j4;
+    if ACCUMULATE { out += c[idx]; }
+    if ACT == 2u {
+        let x = aux[idx];
+        out *= vec4(act_grad_kind(x.x, ACT_KIND), act_grad_kind(x.y, ACT_KIND),
+                    act_grad_kind(x.z, ACT_KIND), act_grad_kind(x.w, ACT_KIND));
+    }
+    c[idx] = out;
+    if ACT == 1u {
+        aux[idx] = vec4(act_kind(out.x, ACT_KIND), act_kind(out.y, ACT_KIND),
+                            act_kind(out.z, ACT_KIND), act_kind(out.w, ACT_KIND));
+    }
+}
