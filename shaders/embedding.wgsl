@@ -2,8 +2,11 @@
 // a gradient) and its backward, a scatter-add done without atomics: the host
 // groups the positions by id (CSR), so one thread owns one (id, column) of
 // the table gradient and sums its dy rows in position order (deterministic).
+// A table larger than the adapter binds is worked on in windows of rows: the
+// bound table (src of gather, dst of scatter_rows) holds rows
+// [row0, row0 + rows), and ids outside them are another dispatch's.
 
-struct Params { n: u32, d: u32, uniq: u32, _a: u32 }
+struct Params { n: u32, d: u32, uniq: u32, row0: u32, rows: u32, _a: u32, _b: u32, _c: u32 }
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> src: array<f32>;
@@ -17,7 +20,9 @@ fn gather(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups
     if i >= p.n * p.d { return; }
     let r = i / p.d;
     let c = i - r * p.d;
-    dst[i] = src[idx[r] * p.d + c];
+    let id = idx[r];
+    if id < p.row0 || id - p.row0 >= p.rows { return; }
+    dst[i] = src[(id - p.row0) * p.d + c];
 }
 
 // idx = [ids (uniq) | offsets (uniq + 1) | positions (n)]: the positions of
@@ -30,6 +35,8 @@ fn scatter_rows(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_work
     if i >= p.uniq * p.d { return; }
     let k = i / p.d;
     let c = i - k * p.d;
+    let id = idx[k];
+    if id < p.row0 || id - p.row0 >= p.rows { return; }
     let lo = idx[p.uniq + k];
     let hi = idx[p.uniq + k + 1u];
     let pos0 = 2u * p.uniq + 1u;
@@ -37,5 +44,5 @@ fn scatter_rows(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_work
     for (var j = lo; j < hi; j++) {
         s += src[idx[pos0 + j] * p.d + c];
     }
-    dst[idx[k] * p.d + c] = s;
+    dst[(id - p.row0) * p.d + c] = s;
 }

@@ -88,6 +88,47 @@ pub struct Gpu {
     /// read-only, one read-write) never share a buffer.
     dummies: Vec<wgpu::Buffer>,
     tune: tune::TuneCache,
+    /// Test override of the binding limit (see `window_bytes`).
+    binding_limit: std::sync::atomic::AtomicU64,
+}
+
+/// A byte range of a buffer bound to one slot of a dispatch.
+#[derive(Clone, Copy)]
+pub struct Window<'a> {
+    pub buffer: &'a wgpu::Buffer,
+    pub offset: u64,
+    pub size: u64,
+}
+
+impl<'a> Window<'a> {
+    pub fn whole(buffer: &'a wgpu::Buffer) -> Window<'a> {
+        Window {
+            buffer,
+            offset: 0,
+            size: buffer.size(),
+        }
+    }
+
+    /// f32 elements [first, first + count) of `buffer`, or all of it when
+    /// that is everything `all` holds (one window).
+    pub fn elems(buffer: &'a wgpu::Buffer, first: usize, count: usize, all: usize) -> Window<'a> {
+        if first == 0 && count == all {
+            return Window::whole(buffer);
+        }
+        Window {
+            buffer,
+            offset: (first * 4) as u64,
+            size: (count * 4) as u64,
+        }
+    }
+}
+
+fn gcd(a: u64, b: u64) -> u64 {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
 }
 
 impl Gpu {
@@ -166,6 +207,7 @@ impl Gpu {
             info,
             error,
             dummies,
+            binding_limit: std::sync::atomic::AtomicU64::new(u64::MAX),
         }))
     }
 
@@ -336,6 +378,42 @@ impl Gpu {
         buffers: &[Option<&wgpu::Buffer>],
         groups: [u32; 3],
     ) -> Result<()> {
+        let whole: Vec<Option<Window>> = buffers.iter().map(|b| b.map(Window::whole)).collect();
+        self.dispatch_windows(shader, entry, constants, params, &whole, groups)
+    }
+
+    /// Bytes of the largest binding window whose size and offsets are
+    /// multiples of `unit` bytes and of the adapter's offset alignment: a
+    /// tensor larger than the adapter's binding limit (lavapipe: 128 MiB,
+    /// e.g. roberta-base's 154 MB word embedding) is worked on in windows
+    /// of this size.
+    pub fn window_bytes(&self, unit: u64) -> u64 {
+        let align = (self.limits.min_storage_buffer_offset_alignment as u64).max(4);
+        let step = unit / gcd(unit, align) * align;
+        let limit = self
+            .binding_limit
+            .load(std::sync::atomic::Ordering::Relaxed)
+            .min(self.limits.max_storage_buffer_binding_size);
+        (limit / step).max(1) * step
+    }
+
+    /// Pretend the adapter binds at most `bytes` (tests of the windowed
+    /// paths with small tensors).
+    pub fn set_binding_limit(&self, bytes: u64) {
+        self.binding_limit
+            .store(bytes, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// `dispatch_with` binding byte ranges of the buffers.
+    pub fn dispatch_windows(
+        &self,
+        shader: &Shader,
+        entry: &str,
+        constants: &[(&str, f64)],
+        params: &[u32],
+        buffers: &[Option<Window>],
+        groups: [u32; 3],
+    ) -> Result<()> {
         assert!(
             params.len() <= MAX_PARAMS,
             "{}: too many params",
@@ -366,9 +444,17 @@ impl Gpu {
             }),
         });
         for (i, b) in buffers.iter().enumerate() {
+            let resource = match b {
+                Some(w) => wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                    buffer: w.buffer,
+                    offset: w.offset,
+                    size: wgpu::BufferSize::new(w.size),
+                }),
+                None => self.dummies[i].as_entire_binding(),
+            };
             entries.push(wgpu::BindGroupEntry {
                 binding: i as u32 + 1,
-                resource: b.unwrap_or(&self.dummies[i]).as_entire_binding(),
+                resource,
             });
         }
         let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);

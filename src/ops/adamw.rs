@@ -4,7 +4,7 @@
 //! training step never waits for a readback.
 
 use super::{by_vec4, f, reduce, shader, u};
-use crate::gpu::Shader;
+use crate::gpu::{Shader, Window};
 use crate::tensor::Tensor;
 use anyhow::{ensure, Result};
 
@@ -133,19 +133,27 @@ pub fn adamw_step(
     }
     let gpu = p.gpu();
     let (entry, lanes) = by_vec4(n.is_multiple_of(4), "step");
-    gpu.dispatch(
-        &SHADER,
-        &entry,
-        &step_params(n, step, hp, decay, clip.is_some()),
-        &[
-            Some(g.buffer()),
-            Some(p.buffer()),
-            Some(m.buffer()),
-            Some(v.buffer()),
-            clip.map(|c| c.buffer()),
-        ],
-        gpu.grid_1d(n / lanes, 256),
-    )
+    // Windows of the four tensors where they exceed the adapter's binding
+    // limit (elementwise, so any split gives the same bits).
+    let per = (gpu.window_bytes(4 * lanes as u64) / 4) as usize;
+    for e0 in (0..n).step_by(per) {
+        let len = per.min(n - e0);
+        gpu.dispatch_windows(
+            &SHADER,
+            &entry,
+            &[],
+            &step_params(len, step, hp, decay, clip.is_some()),
+            &[
+                Some(Window::elems(g.buffer(), e0, len, n)),
+                Some(Window::elems(p.buffer(), e0, len, n)),
+                Some(Window::elems(m.buffer(), e0, len, n)),
+                Some(Window::elems(v.buffer(), e0, len, n)),
+                clip.map(|c| Window::whole(c.buffer())),
+            ],
+            gpu.grid_1d(len / lanes, 256),
+        )?;
+    }
+    Ok(())
 }
 
 /// CPU reference of one step, in f64 (`coef` multiplies the gradient).

@@ -3,7 +3,7 @@
 //! vision tower's class token + position embedding.
 
 use super::{reduce, shader, u};
-use crate::gpu::Shader;
+use crate::gpu::{Shader, Window};
 use crate::tape::{Tape, Var};
 use crate::tensor::Tensor;
 use anyhow::{ensure, Result};
@@ -33,14 +33,43 @@ pub fn gather_rows(table: &Tensor, ids: &Tensor, d: usize) -> Result<Tensor> {
     let n = ids.numel();
     let gpu = table.gpu();
     let out = Tensor::empty(gpu, &[n, d])?;
-    gpu.dispatch(
-        &SHADER,
-        "gather",
-        &[u(n), u(d), 0, 0],
-        &[Some(table.buffer()), Some(ids.buffer()), Some(out.buffer())],
-        gpu.grid_1d(n * d, 256),
-    )?;
+    for (row0, rows, window) in row_windows(table, d) {
+        gpu.dispatch_windows(
+            &SHADER,
+            "gather",
+            &[],
+            &[u(n), u(d), 0, u(row0), u(rows), 0, 0, 0],
+            &[
+                Some(window),
+                Some(Window::whole(ids.buffer())),
+                Some(Window::whole(out.buffer())),
+            ],
+            gpu.grid_1d(n * d, 256),
+        )?;
+    }
     Ok(out)
+}
+
+/// The table [V, d] in windows of whole rows the adapter can bind: (first
+/// row, rows, the bytes bound). One window holding everything when it fits.
+fn row_windows(table: &Tensor, d: usize) -> Vec<(usize, usize, Window<'_>)> {
+    let v = table.numel() / d;
+    let per = (table.gpu().window_bytes(4 * d as u64) / (4 * d as u64)) as usize;
+    if v <= per {
+        return vec![(0, v, Window::whole(table.buffer()))];
+    }
+    (0..v)
+        .step_by(per)
+        .map(|r0| {
+            let rows = per.min(v - r0);
+            let w = Window {
+                buffer: table.buffer(),
+                offset: (r0 * d * 4) as u64,
+                size: (rows * d * 4) as u64,
+            };
+            (r0, rows, w)
+        })
+        .collect()
 }
 
 /// Positions grouped by id on the host (CSR), uploaded as one u32 tensor
@@ -94,17 +123,20 @@ pub fn scatter_rows(dy: &Tensor, groups: &IdGroups, rows: usize, d: usize) -> Re
     );
     let gpu = dy.gpu();
     let out = Tensor::zeros(gpu, &[rows, d])?;
-    gpu.dispatch(
-        &SHADER,
-        "scatter_rows",
-        &[u(groups.n), u(d), u(groups.uniq), 0],
-        &[
-            Some(dy.buffer()),
-            Some(groups.meta.buffer()),
-            Some(out.buffer()),
-        ],
-        gpu.grid_1d(groups.uniq * d, 256),
-    )?;
+    for (row0, n_rows, window) in row_windows(&out, d) {
+        gpu.dispatch_windows(
+            &SHADER,
+            "scatter_rows",
+            &[],
+            &[u(groups.n), u(d), u(groups.uniq), u(row0), u(n_rows), 0, 0, 0],
+            &[
+                Some(Window::whole(dy.buffer())),
+                Some(Window::whole(groups.meta.buffer())),
+                Some(window),
+            ],
+            gpu.grid_1d(groups.uniq * d, 256),
+        )?;
+    }
     Ok(out)
 }
 

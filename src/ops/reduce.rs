@@ -2,7 +2,7 @@
 //! gradients, broadcast backward) and sums of squares (gradient norm).
 
 use super::{by_vec4, shader, u};
-use crate::gpu::Shader;
+use crate::gpu::{Shader, Window};
 use crate::tensor::Tensor;
 use anyhow::{ensure, Result};
 
@@ -86,13 +86,23 @@ pub fn sumsq_partials_into(x: &Tensor, out: &Tensor, offset: usize) -> Result<()
         out.shape()
     );
     let (entry, _) = by_vec4(n.is_multiple_of(4), "sumsq");
-    x.gpu().dispatch(
-        &SHADER,
-        &entry,
-        &[u(n), u(offset), u(CHUNK * 4), 0],
-        &[Some(x.buffer()), Some(out.buffer())],
-        [u(chunks).div_ceil(64), 1, 1],
-    )
+    // Windows of whole chunks (a tensor beyond the adapter's binding
+    // limit): the same partials, each over the same elements.
+    let gpu = x.gpu();
+    let per = (gpu.window_bytes((CHUNK * 4 * 4) as u64) / 4) as usize;
+    for e0 in (0..n.max(1)).step_by(per) {
+        let len = per.min(n - e0.min(n));
+        let window = Window::elems(x.buffer(), e0, len, n);
+        gpu.dispatch_windows(
+            &SHADER,
+            &entry,
+            &[],
+            &[u(len), u(offset + e0 / (CHUNK * 4)), u(CHUNK * 4), 0],
+            &[Some(window), Some(Window::whole(out.buffer()))],
+            [u(sumsq_partials(len)).div_ceil(64), 1, 1],
+        )?;
+    }
+    Ok(())
 }
 
 pub fn colsum_ref(x: &[f64], rows: usize, cols: usize) -> Vec<f64> {
