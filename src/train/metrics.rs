@@ -869,7 +869,7 @@ pub fn loss_chart(data: &ChartData) -> Result<LossChart> {
             .y_desc("learning rate")
             .x_desc("step")
             .x_labels(8)
-            .y_labels(4)
+            .y_labels(6)
             .x_label_formatter(&tick_label)
             .y_label_formatter(&tick_label)
             .draw()
