@@ -4,6 +4,7 @@
 //! kill.
 mod common;
 use clip_wgpu::model::weights::Weights;
+use clip_wgpu::train::metrics::{loss_chart, ChartData, MetricsLog};
 use common::cli::{bin, have_gpu, temp};
 use std::path::{Path, PathBuf};
 use std::process::{Output, Stdio};
@@ -54,6 +55,21 @@ fn mini_coco(root: &Path) {
         )
         .unwrap();
     }
+}
+
+/// The chart series of a run's metrics.jsonl, after checking that its
+/// loss_curve.png is exactly the chart of them (losses and learning rates).
+fn check_chart(out: &Path) -> ChartData {
+    let records = MetricsLog::read(&out.join("metrics.jsonl")).unwrap();
+    let data = ChartData::from_records(&records);
+    assert!(!data.train_loss.is_empty(), "no training loss logged");
+    assert_eq!(data.learning_rate.len(), data.train_loss.len());
+    let png = image::open(out.join("loss_curve.png")).unwrap().to_rgb8();
+    assert!(
+        png == loss_chart(&data).unwrap().image,
+        "loss_curve.png is not the chart of metrics.jsonl"
+    );
+    data
 }
 
 fn run(args: &[&str]) -> Output {
@@ -144,7 +160,13 @@ fn coco_layout_with_the_seed_command_line() {
     ] {
         assert!(out.join(f).is_file(), "missing {f}");
     }
-    // 12 captions / batch 4 = 3 steps.
+    // 12 captions / batch 4 = 3 steps; logged at the last (logging_steps
+    // is 500 by default).
+    let chart = check_chart(&out);
+    assert_eq!(
+        chart.train_loss.iter().map(|p| p.0).collect::<Vec<_>>(),
+        [3.0]
+    );
     assert!(out.join("checkpoint-3/optimizer.safetensors").is_file());
     let all: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("all_results.json")).unwrap())
@@ -379,6 +401,12 @@ fn resume_after_kill_matches_uninterrupted_run() {
     }
     eprintln!("resume: max abs difference vs the uninterrupted run {worst:e}");
     assert!(worst <= 1e-6, "resumed run differs by {worst}");
+    // The resumed run's chart has the steps from before the kill too, under
+    // the same schedule.
+    let (a, b) = (check_chart(&full), check_chart(&killed));
+    let steps: Vec<f64> = (1..=8).map(f64::from).collect();
+    assert_eq!(b.train_loss.iter().map(|p| p.0).collect::<Vec<_>>(), steps);
+    assert_eq!(a.learning_rate, b.learning_rate);
     std::fs::remove_dir_all(&root).unwrap();
 }
 

@@ -1,8 +1,8 @@
 //! What a training run reports: image-text retrieval recall@K, a JSON-lines
-//! metrics log, and a PNG chart of the loss.
+//! metrics log, and a PNG chart of the loss and learning rate (plotters).
 
 use anyhow::{bail, ensure, Context, Result};
-use image::{Rgb, RgbImage};
+use image::RgbImage;
 use serde_json::{Map, Value};
 use std::collections::HashMap;
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -486,394 +486,431 @@ impl MetricsLog {
     }
 }
 
-/// The points of a loss chart from log records: `(step, loss)` of training
-/// events and `(step, eval_loss)` of evaluation events (null losses skipped).
-#[allow(clippy::type_complexity)]
-pub fn loss_points(records: &[Map<String, Value>]) -> (Vec<(f64, f64)>, Vec<(f64, f64)>) {
-    let mut train = Vec::new();
-    let mut eval = Vec::new();
-    for r in records {
-        let Some(step) = r.get("step").and_then(Value::as_f64) else {
-            continue;
-        };
-        if let Some(l) = r.get("loss").and_then(Value::as_f64) {
-            train.push((step, l));
+/// The series of the training chart, from log records (metrics.jsonl lines or
+/// the Trainer's `log_history` entries): `(step, value)` points of the
+/// training loss (`loss`), the evaluation loss (`eval_loss`) and the learning
+/// rate (`learning_rate`). Null or missing values are skipped.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ChartData {
+    pub train_loss: Vec<(f64, f64)>,
+    pub eval_loss: Vec<(f64, f64)>,
+    pub learning_rate: Vec<(f64, f64)>,
+}
+
+impl ChartData {
+    /// The points of every record, in order.
+    pub fn from_records<'a>(records: impl IntoIterator<Item = &'a Map<String, Value>>) -> Self {
+        let mut d = Self::default();
+        for r in records {
+            d.push_record(r);
         }
-        if let Some(l) = r.get("eval_loss").and_then(Value::as_f64) {
-            eval.push((step, l));
+        d
+    }
+
+    /// Add the points of one record (nothing when it has no `step`).
+    pub fn push_record(&mut self, r: &Map<String, Value>) {
+        let Some(step) = r.get("step").and_then(Value::as_f64) else {
+            return;
+        };
+        for (key, series) in [
+            ("loss", &mut self.train_loss),
+            ("eval_loss", &mut self.eval_loss),
+            ("learning_rate", &mut self.learning_rate),
+        ] {
+            if let Some(v) = r.get(key).and_then(Value::as_f64) {
+                series.push((step, v));
+            }
         }
     }
-    (train, eval)
 }
 
 // ---------------------------------------------------------------------------
-// Loss chart
+// Training chart (plotters, drawn into an RGB buffer)
 
 /// Chart size.
-pub const CHART_WIDTH: u32 = 800;
-pub const CHART_HEIGHT: u32 = 500;
-/// Colour of the training curve (blue).
+pub const CHART_WIDTH: u32 = 900;
+pub const CHART_HEIGHT: u32 = 700;
+/// Colour of the training loss curve (blue).
 pub const TRAIN_COLOR: [u8; 3] = [31, 119, 180];
-/// Colour of the evaluation points (orange).
+/// Colour of the evaluation loss points and line (orange).
 pub const EVAL_COLOR: [u8; 3] = [230, 110, 0];
+/// Colour of the learning-rate curve (green).
+pub const LR_COLOR: [u8; 3] = [44, 160, 44];
 
-const BG: Rgb<u8> = Rgb([255, 255, 255]);
-const INK: Rgb<u8> = Rgb([40, 40, 40]);
-const GRID: Rgb<u8> = Rgb([228, 228, 228]);
+/// Height of the loss panel; the learning-rate panel has the rest.
+const LOSS_PANEL_HEIGHT: u32 = 450;
+/// The family the chart's text asks for, served by the bundled font.
+const FONT: &str = "sans-serif";
 
-/// A 5x7 bitmap font: rows top to bottom, bit 4 the leftmost pixel.
-fn glyph(c: char) -> [u8; 7] {
-    match c {
-        '0' => [0x0E, 0x11, 0x13, 0x15, 0x19, 0x11, 0x0E],
-        '1' => [0x04, 0x0C, 0x04, 0x04, 0x04, 0x04, 0x0E],
-        '2' => [0x0E, 0x11, 0x01, 0x02, 0x04, 0x08, 0x1F],
-        '3' => [0x1F, 0x02, 0x04, 0x02, 0x01, 0x11, 0x0E],
-        '4' => [0x02, 0x06, 0x0A, 0x12, 0x1F, 0x02, 0x02],
-        '5' => [0x1F, 0x10, 0x1E, 0x01, 0x01, 0x11, 0x0E],
-        '6' => [0x06, 0x08, 0x10, 0x1E, 0x11, 0x11, 0x0E],
-        '7' => [0x1F, 0x01, 0x02, 0x04, 0x08, 0x08, 0x08],
-        '8' => [0x0E, 0x11, 0x11, 0x0E, 0x11, 0x11, 0x0E],
-        '9' => [0x0E, 0x11, 0x11, 0x0F, 0x01, 0x02, 0x0C],
-        '.' => [0, 0, 0, 0, 0, 0x0C, 0x0C],
-        '-' => [0, 0, 0, 0x1F, 0, 0, 0],
-        '+' => [0, 0x04, 0x04, 0x1F, 0x04, 0x04, 0],
-        ':' => [0, 0x0C, 0x0C, 0, 0x0C, 0x0C, 0],
-        '(' => [0x02, 0x04, 0x08, 0x08, 0x08, 0x04, 0x02],
-        ')' => [0x08, 0x04, 0x02, 0x02, 0x02, 0x04, 0x08],
-        'a' => [0, 0, 0x0E, 0x01, 0x0F, 0x11, 0x0F],
-        'b' => [0x10, 0x10, 0x16, 0x19, 0x11, 0x11, 0x1E],
-        'c' => [0, 0, 0x0E, 0x10, 0x10, 0x11, 0x0E],
-        'd' => [0x01, 0x01, 0x0D, 0x13, 0x11, 0x11, 0x0F],
-        'e' => [0, 0, 0x0E, 0x11, 0x1F, 0x10, 0x0E],
-        'f' => [0x06, 0x09, 0x08, 0x1C, 0x08, 0x08, 0x08],
-        'g' => [0, 0, 0x0F, 0x11, 0x0F, 0x01, 0x0E],
-        'h' => [0x10, 0x10, 0x16, 0x19, 0x11, 0x11, 0x11],
-        'i' => [0x04, 0, 0x0C, 0x04, 0x04, 0x04, 0x0E],
-        'k' => [0x10, 0x10, 0x12, 0x14, 0x18, 0x14, 0x12],
-        'l' => [0x0C, 0x04, 0x04, 0x04, 0x04, 0x04, 0x0E],
-        'm' => [0, 0, 0x1A, 0x15, 0x15, 0x11, 0x11],
-        'n' => [0, 0, 0x16, 0x19, 0x11, 0x11, 0x11],
-        'o' => [0, 0, 0x0E, 0x11, 0x11, 0x11, 0x0E],
-        'p' => [0, 0, 0x1E, 0x11, 0x1E, 0x10, 0x10],
-        'r' => [0, 0, 0x16, 0x19, 0x10, 0x10, 0x10],
-        's' => [0, 0, 0x0E, 0x10, 0x0E, 0x01, 0x1E],
-        't' => [0x08, 0x08, 0x1C, 0x08, 0x08, 0x09, 0x06],
-        'u' => [0, 0, 0x11, 0x11, 0x11, 0x13, 0x0D],
-        'v' => [0, 0, 0x11, 0x11, 0x11, 0x0A, 0x04],
-        'w' => [0, 0, 0x11, 0x11, 0x15, 0x15, 0x0A],
-        'x' => [0, 0, 0x11, 0x0A, 0x04, 0x0A, 0x11],
-        'y' => [0, 0, 0x11, 0x11, 0x0F, 0x01, 0x0E],
-        _ => [0; 7],
+/// DejaVu Sans 2.37 (Debian's fonts-dejavu-core), compiled in so that the
+/// chart needs no system fonts; licence: assets/fonts/LICENSE-DejaVuSans.txt.
+static DEJAVU_SANS: &[u8] = include_bytes!("../../assets/fonts/DejaVuSans.ttf");
+
+/// Register [`DEJAVU_SANS`] with plotters (once per process).
+fn register_chart_font() -> Result<()> {
+    static REGISTERED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let ok = *REGISTERED.get_or_init(|| {
+        plotters::style::register_font(FONT, plotters::style::FontStyle::Normal, DEJAVU_SANS)
+            .is_ok()
+    });
+    ensure!(ok, "the bundled chart font (DejaVu Sans) could not be read");
+    Ok(())
+}
+
+/// Where one panel of the chart maps data to pixels.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Panel {
+    /// Data range shown on x (steps).
+    pub x: std::ops::Range<f64>,
+    /// Data range shown on y.
+    pub y: std::ops::Range<f64>,
+    /// Pixel of the `(x.start, y.start)` corner (bottom left).
+    pub origin: (i32, i32),
+    /// Pixel of the `(x.end, y.end)` corner (top right).
+    pub corner: (i32, i32),
+}
+
+impl Panel {
+    /// The pixel of data point `(x, y)`, rounded as plotters rounds.
+    pub fn pixel(&self, x: f64, y: f64) -> (i32, i32) {
+        let fx = (x - self.x.start) / (self.x.end - self.x.start);
+        let fy = (y - self.y.start) / (self.y.end - self.y.start);
+        // Pixel rows grow downwards: y counts up from the bottom row.
+        (
+            self.origin.0 + ((self.corner.0 - self.origin.0) as f64 * fx + 1e-3).floor() as i32,
+            self.origin.1 + ((self.corner.1 - self.origin.1) as f64 * fy - 1e-3).ceil() as i32,
+        )
+    }
+
+    /// Whether pixel `(px, py)` lies in the plotting area (frame included).
+    pub fn contains(&self, px: i32, py: i32) -> bool {
+        px >= self.origin.0 && px <= self.corner.0 && py >= self.corner.1 && py <= self.origin.1
     }
 }
 
-fn text_width(s: &str, scale: u32) -> i64 {
-    let n = s.chars().count() as i64;
-    if n == 0 {
-        0
-    } else {
-        (n * 6 - 1) * scale as i64
-    }
+/// A drawn chart, with the panels' mappings (for tests and callers that
+/// annotate it).
+pub struct LossChart {
+    pub image: RgbImage,
+    /// Training and evaluation loss against step.
+    pub loss: Panel,
+    /// Learning rate against step.
+    pub learning_rate: Panel,
 }
 
-fn put(img: &mut RgbImage, x: i64, y: i64, c: Rgb<u8>) {
-    if x >= 0 && y >= 0 && (x as u32) < img.width() && (y as u32) < img.height() {
-        img.put_pixel(x as u32, y as u32, c);
-    }
-}
-
-fn draw_text(img: &mut RgbImage, s: &str, x: i64, y: i64, scale: u32, c: Rgb<u8>) {
-    let sc = scale as i64;
-    for (n, ch) in s.chars().enumerate() {
-        let g = glyph(ch);
-        let x0 = x + n as i64 * 6 * sc;
-        for (row, bits) in g.iter().enumerate() {
-            for col in 0..5 {
-                if bits & (0x10 >> col) != 0 {
-                    for dy in 0..sc {
-                        for dx in 0..sc {
-                            put(img, x0 + col * sc + dx, y + row as i64 * sc + dy, c);
-                        }
-                    }
-                }
-            }
-        }
-    }
-}
-
-fn fill_rect(img: &mut RgbImage, x0: i64, y0: i64, x1: i64, y1: i64, c: Rgb<u8>) {
-    for y in y0..=y1 {
-        for x in x0..=x1 {
-            put(img, x, y, c);
-        }
-    }
-}
-
-/// A line `thick` pixels wide, only inside `clip` (x0, y0, x1, y1).
-fn draw_line(
-    img: &mut RgbImage,
-    a: (i64, i64),
-    b: (i64, i64),
-    thick: i64,
-    c: Rgb<u8>,
-    clip: (i64, i64, i64, i64),
-) {
-    let (mut x, mut y) = a;
-    let dx = (b.0 - a.0).abs();
-    let dy = -(b.1 - a.1).abs();
-    let sx = if a.0 < b.0 { 1 } else { -1 };
-    let sy = if a.1 < b.1 { 1 } else { -1 };
-    let mut err = dx + dy;
-    let lo = -(thick - 1) / 2;
-    let hi = thick / 2;
-    loop {
-        for oy in lo..=hi {
-            for ox in lo..=hi {
-                let (px, py) = (x + ox, y + oy);
-                if px >= clip.0 && px <= clip.2 && py >= clip.1 && py <= clip.3 {
-                    put(img, px, py, c);
-                }
-            }
-        }
-        if x == b.0 && y == b.1 {
-            break;
-        }
-        let e2 = 2 * err;
-        if e2 >= dy {
-            err += dy;
-            x += sx;
-        }
-        if e2 <= dx {
-            err += dx;
-            y += sy;
-        }
-    }
-}
-
-fn fill_circle(img: &mut RgbImage, cx: i64, cy: i64, r: i64, c: Rgb<u8>) {
-    for y in -r..=r {
-        for x in -r..=r {
-            if x * x + y * y <= r * r + r {
-                put(img, cx + x, cy + y, c);
-            }
-        }
-    }
-}
-
-/// Tick positions for [lo, hi]: a 1-2-5 step giving about `target` ticks,
-/// the range widened to whole steps, and the decimals its labels need.
-fn nice_ticks(lo: f64, hi: f64, target: usize) -> (f64, f64, f64, usize) {
-    let span = (hi - lo).max(1e-12);
-    let raw = span / target.max(1) as f64;
-    let mag = 10f64.powf(raw.log10().floor());
-    let step = [1.0, 2.0, 5.0, 10.0]
+/// The finite points of a series.
+fn finite(points: &[(f64, f64)]) -> Vec<(f64, f64)> {
+    points
         .iter()
-        .map(|m| m * mag)
-        .find(|s| *s >= raw * 0.999)
-        .unwrap_or(10.0 * mag);
-    let start = (lo / step + 1e-9).floor() * step;
-    let end = (hi / step - 1e-9).ceil() * step;
-    let decimals = (-step.log10() - 1e-9).ceil().max(0.0) as usize;
-    (start, end.max(start + step), step, decimals)
+        .filter(|p| p.0.is_finite() && p.1.is_finite())
+        .copied()
+        .collect()
 }
 
-fn fmt_tick(v: f64, decimals: usize) -> String {
-    let s = format!("{v:.decimals$}");
-    if s.starts_with('-') && s[1..].chars().all(|c| c == '0' || c == '.') {
-        s[1..].to_string()
+/// Whether a series has points, all in one place (a line through them
+/// would show nothing, so it is drawn as a dot).
+fn one_place(points: &[(f64, f64)]) -> bool {
+    points
+        .first()
+        .is_some_and(|p| points.iter().all(|q| q == p))
+}
+
+/// The x (step) range of every point: from 0 (or the least step, when
+/// negative) to the last step, with 2% room either side (for the dots at
+/// the ends); -0.02..1.02 without points.
+fn step_range(points: &[(f64, f64)]) -> std::ops::Range<f64> {
+    let lo = points.iter().map(|p| p.0).fold(0.0, f64::min);
+    let hi = points.iter().map(|p| p.0).fold(f64::NEG_INFINITY, f64::max);
+    let span = if hi > lo { hi - lo } else { 1.0 };
+    lo - span * 0.02..lo + span * 1.02
+}
+
+/// The y range of the loss panel: the values with 5% margins; a flat series
+/// gets +-10% (at least 0.1).
+fn loss_range(points: &[(f64, f64)]) -> std::ops::Range<f64> {
+    if points.is_empty() {
+        return 0.0..1.0;
+    }
+    let lo = points.iter().map(|p| p.1).fold(f64::INFINITY, f64::min);
+    let hi = points.iter().map(|p| p.1).fold(f64::NEG_INFINITY, f64::max);
+    let pad = if hi - lo > 1e-12 * hi.abs().max(1.0) {
+        (hi - lo) * 0.05
     } else {
-        s
+        (lo.abs() * 0.1).max(0.1)
+    };
+    lo - pad..hi + pad
+}
+
+/// The y range of the learning-rate panel: from 0 (or the least rate, when
+/// negative) to the largest rate, with 3% below and 5% above.
+fn rate_range(points: &[(f64, f64)]) -> std::ops::Range<f64> {
+    let lo = points.iter().map(|p| p.1).fold(0.0, f64::min);
+    let hi = points.iter().map(|p| p.1).fold(0.0, f64::max);
+    if hi - lo > 0.0 {
+        lo - (hi - lo) * 0.03..hi + (hi - lo) * 0.05
+    } else {
+        -0.03..1.0
     }
 }
 
-/// Draw the loss chart ([`CHART_WIDTH`] x [`CHART_HEIGHT`]): training loss as
-/// a line ([`TRAIN_COLOR`]), evaluation loss as dots joined by a thin line
-/// ([`EVAL_COLOR`]), steps on x, loss on y, with tick labels, a legend and
-/// the title "loss". Non-finite points are left out.
-pub fn loss_curve_image(train: &[(f64, f64)], eval: &[(f64, f64)]) -> RgbImage {
-    let (w, h) = (CHART_WIDTH as i64, CHART_HEIGHT as i64);
-    let mut img = RgbImage::from_pixel(CHART_WIDTH, CHART_HEIGHT, BG);
-    let finite = |p: &&(f64, f64)| p.0.is_finite() && p.1.is_finite();
-    let train: Vec<(f64, f64)> = train.iter().filter(finite).copied().collect();
-    let eval: Vec<(f64, f64)> = eval.iter().filter(finite).copied().collect();
-    let all: Vec<(f64, f64)> = train.iter().chain(&eval).copied().collect();
-
-    // Data ranges.
-    let (mut x_lo, mut x_hi, mut y_lo, mut y_hi) = (0.0f64, 1.0f64, 0.0f64, 1.0f64);
-    if !all.is_empty() {
-        let xmin = all.iter().map(|p| p.0).fold(f64::INFINITY, f64::min);
-        x_hi = all.iter().map(|p| p.0).fold(f64::NEG_INFINITY, f64::max);
-        x_lo = if xmin >= 0.0 { 0.0 } else { xmin };
-        if x_hi <= x_lo {
-            x_hi = x_lo + 1.0;
-        }
-        y_lo = all.iter().map(|p| p.1).fold(f64::INFINITY, f64::min);
-        y_hi = all.iter().map(|p| p.1).fold(f64::NEG_INFINITY, f64::max);
-        let pad = if y_hi - y_lo > 1e-12 {
-            (y_hi - y_lo) * 0.05
-        } else {
-            (y_lo.abs() * 0.1).max(0.1)
-        };
-        y_lo -= pad;
-        y_hi += pad;
-        if y_lo < 0.0 && all.iter().all(|p| p.1 >= 0.0) {
-            y_lo = 0.0;
-        }
+/// Tick label of a step or a rate: scientific for small or large magnitudes
+/// ("5e-5", "2.5e-4"), otherwise plain without trailing zeros ("500",
+/// "0.25").
+fn tick_label(v: &f64) -> String {
+    let a = v.abs();
+    if a < 1e-9 {
+        "0".into()
+    } else if (1e-2..1e7).contains(&a) {
+        let s = format!("{v:.4}");
+        s.trim_end_matches('0').trim_end_matches('.').into()
+    } else {
+        let s = format!("{v:.2e}");
+        let (m, e) = s.split_once('e').unwrap_or((&s, "0"));
+        let m = m.trim_end_matches('0').trim_end_matches('.');
+        format!("{m}e{e}")
     }
-    let (xs, xe, xstep, xdec) = nice_ticks(x_lo, x_hi, 7);
-    let (ys, ye, ystep, ydec) = nice_ticks(y_lo, y_hi, 6);
+}
 
-    // Plot area; the left margin fits the widest y label.
-    let n_y = ((ye - ys) / ystep).round() as i64;
-    let y_labels: Vec<String> = (0..=n_y)
-        .map(|i| fmt_tick(ys + i as f64 * ystep, ydec))
-        .collect();
-    let label_w = y_labels.iter().map(|s| text_width(s, 2)).max().unwrap_or(0);
-    let (left, right, top, bottom) = ((label_w + 22).max(56), w - 36, 54i64, h - 62);
-    let px = |x: f64| left + ((x - xs) / (xe - xs) * (right - left) as f64).round() as i64;
-    let py = |y: f64| bottom - ((y - ys) / (ye - ys) * (bottom - top) as f64).round() as i64;
-    let clip = (left, top, right, bottom);
-
-    // Grid, ticks and labels.
-    for (i, label) in y_labels.iter().enumerate() {
-        let y = py(ys + i as f64 * ystep);
-        draw_line(&mut img, (left, y), (right, y), 1, GRID, (0, 0, w, h));
-        draw_line(&mut img, (left - 5, y), (left, y), 1, INK, (0, 0, w, h));
-        draw_text(
-            &mut img,
-            label,
-            left - 9 - text_width(label, 2),
-            y - 7,
-            2,
-            INK,
-        );
-    }
-    let n_x = ((xe - xs) / xstep).round() as i64;
-    for i in 0..=n_x {
-        let v = xs + i as f64 * xstep;
-        let x = px(v);
-        draw_line(&mut img, (x, top), (x, bottom), 1, GRID, (0, 0, w, h));
-        draw_line(&mut img, (x, bottom), (x, bottom + 5), 1, INK, (0, 0, w, h));
-        let label = fmt_tick(v, xdec);
-        draw_text(
-            &mut img,
-            &label,
-            x - text_width(&label, 2) / 2,
-            bottom + 10,
-            2,
-            INK,
-        );
-    }
-    // Frame.
-    for (a, b) in [
-        ((left, top), (right, top)),
-        ((left, bottom), (right, bottom)),
-        ((left, top), (left, bottom)),
-        ((right, top), (right, bottom)),
-    ] {
-        draw_line(&mut img, a, b, 1, INK, (0, 0, w, h));
-    }
-    // Title and axis name.
-    draw_text(
-        &mut img,
-        "loss",
-        (w - text_width("loss", 3)) / 2,
-        14,
-        3,
-        INK,
-    );
-    draw_text(
-        &mut img,
-        "step",
-        (left + right - text_width("step", 2)) / 2,
-        h - 26,
-        2,
-        INK,
-    );
-
-    // Curves.
-    let train_c = Rgb(TRAIN_COLOR);
-    let eval_c = Rgb(EVAL_COLOR);
-    let tp: Vec<(i64, i64)> = train.iter().map(|&(x, y)| (px(x), py(y))).collect();
-    match tp.len() {
-        0 => {}
-        1 => fill_circle(&mut img, tp[0].0, tp[0].1, 3, train_c),
-        _ => {
-            for s in tp.windows(2) {
-                draw_line(&mut img, s[0], s[1], 2, train_c, clip);
+/// The corner of the loss panel where the legend hides the fewest points of
+/// `series` (their lines sampled between points too), upper right first.
+fn legend_corner(
+    series: &[&[(f64, f64)]],
+    x: &std::ops::Range<f64>,
+    y: &std::ops::Range<f64>,
+) -> plotters::chart::SeriesLabelPosition {
+    use plotters::chart::SeriesLabelPosition as P;
+    // The legend covers about a quarter of the panel's width and height.
+    let corners = [
+        (P::UpperRight, true, true),
+        (P::UpperLeft, false, true),
+        (P::LowerRight, true, false),
+        (P::LowerLeft, false, false),
+    ];
+    let mut hidden = [0usize; 4];
+    for s in series {
+        let samples = s.iter().copied().chain(s.windows(2).flat_map(|w| {
+            (1..8).map(move |k| {
+                let t = k as f64 / 8.0;
+                (
+                    w[0].0 + (w[1].0 - w[0].0) * t,
+                    w[0].1 + (w[1].1 - w[0].1) * t,
+                )
+            })
+        }));
+        for (px, py) in samples {
+            let fx = (px - x.start) / (x.end - x.start);
+            let fy = (py - y.start) / (y.end - y.start);
+            for (n, &(_, right, upper)) in corners.iter().enumerate() {
+                let in_x = if right { fx > 0.7 } else { fx < 0.3 };
+                let in_y = if upper { fy > 0.72 } else { fy < 0.28 };
+                hidden[n] += (in_x && in_y) as usize;
             }
         }
     }
-    let ep: Vec<(i64, i64)> = eval.iter().map(|&(x, y)| (px(x), py(y))).collect();
-    for s in ep.windows(2) {
-        draw_line(&mut img, s[0], s[1], 1, eval_c, clip);
-    }
-    for &(x, y) in &ep {
-        fill_circle(&mut img, x, y, 4, eval_c);
-    }
-
-    // Legend, top right inside the plot.
-    let lx = right - 150;
-    let mut ly = top + 12;
-    if !tp.is_empty() {
-        fill_rect(
-            &mut img,
-            lx - 8,
-            ly - 6,
-            right - 8,
-            ly + 8 + if ep.is_empty() { 0 } else { 24 },
-            BG,
-        );
-        draw_line(
-            &mut img,
-            (lx, ly + 1),
-            (lx + 28, ly + 1),
-            2,
-            train_c,
-            (0, 0, w, h),
-        );
-        draw_text(&mut img, "train", lx + 38, ly - 6, 2, INK);
-        ly += 24;
-    }
-    if !ep.is_empty() {
-        if tp.is_empty() {
-            fill_rect(&mut img, lx - 8, ly - 6, right - 8, ly + 8, BG);
-        }
-        draw_line(
-            &mut img,
-            (lx, ly + 1),
-            (lx + 28, ly + 1),
-            1,
-            eval_c,
-            (0, 0, w, h),
-        );
-        fill_circle(&mut img, lx + 14, ly + 1, 4, eval_c);
-        draw_text(&mut img, "eval", lx + 38, ly - 6, 2, INK);
-    }
-    if all.is_empty() {
-        let msg = "(no data yet)";
-        draw_text(
-            &mut img,
-            msg,
-            (left + right - text_width(msg, 2)) / 2,
-            (top + bottom) / 2 - 7,
-            2,
-            INK,
-        );
-    }
-    img
+    let best = (0..4).min_by_key(|&n| hidden[n]).unwrap_or(0);
+    corners[best].0.clone()
 }
 
-/// Write [`loss_curve_image`] as a PNG at `path`, atomically (a `.tmp` file
+/// Draw the training chart ([`CHART_WIDTH`] x [`CHART_HEIGHT`]) with
+/// plotters: an upper panel of loss against step, the training loss as a
+/// line ([`TRAIN_COLOR`]) and the evaluation loss as dots joined by a thin
+/// line ([`EVAL_COLOR`]), and a lower panel of the learning rate
+/// ([`LR_COLOR`]) over the same steps; axes with tick labels and names, and
+/// a legend of the three series in the loss panel's emptiest corner.
+/// Non-finite points are left out; a series with all its points in one
+/// place is drawn as a dot, and a chart without losses says so.
+pub fn loss_chart(data: &ChartData) -> Result<LossChart> {
+    use plotters::prelude::*;
+
+    register_chart_font()?;
+    let train = finite(&data.train_loss);
+    let eval = finite(&data.eval_loss);
+    let lr = finite(&data.learning_rate);
+    let losses: Vec<(f64, f64)> = train.iter().chain(&eval).copied().collect();
+    let all: Vec<(f64, f64)> = losses.iter().chain(&lr).copied().collect();
+    let x = step_range(&all);
+    let y_loss = loss_range(&losses);
+    let y_lr = rate_range(&lr);
+
+    let (w, h) = (CHART_WIDTH, CHART_HEIGHT);
+    let mut buf = vec![255u8; (w * h * 3) as usize];
+    let err = |e: &dyn std::fmt::Display| anyhow::anyhow!("drawing the loss chart: {e}");
+    let (train_c, eval_c, lr_c) = (
+        RGBColor(TRAIN_COLOR[0], TRAIN_COLOR[1], TRAIN_COLOR[2]),
+        RGBColor(EVAL_COLOR[0], EVAL_COLOR[1], EVAL_COLOR[2]),
+        RGBColor(LR_COLOR[0], LR_COLOR[1], LR_COLOR[2]),
+    );
+    let ink = RGBColor(40, 40, 40);
+    let (grid, fine_grid) = (RGBColor(218, 218, 218), RGBColor(242, 242, 242));
+    let text = |size: u32| (FONT, size).into_font().color(&ink);
+
+    let (loss_panel, lr_panel) = {
+        let root = BitMapBackend::with_buffer(&mut buf, (w, h)).into_drawing_area();
+        let (top, bottom) = root.split_vertically(LOSS_PANEL_HEIGHT);
+
+        // Loss against step.
+        let mut chart = ChartBuilder::on(&top)
+            .caption("loss and learning rate", text(22))
+            .margin_left(12)
+            .margin_right(28)
+            .margin_top(8)
+            .x_label_area_size(34)
+            .y_label_area_size(70)
+            .build_cartesian_2d(x.clone(), y_loss.clone())
+            .map_err(|e| err(&e))?;
+        chart
+            .configure_mesh()
+            .light_line_style(fine_grid)
+            .bold_line_style(grid)
+            .axis_style(ink)
+            .label_style(text(15))
+            .axis_desc_style(text(17))
+            .y_desc("loss")
+            .x_labels(8)
+            .y_labels(7)
+            .x_label_formatter(&tick_label)
+            .draw()
+            .map_err(|e| err(&e))?;
+        if one_place(&train) {
+            chart
+                .draw_series(std::iter::once(Circle::new(train[0], 3, train_c.filled())))
+                .map_err(|e| err(&e))?;
+        }
+        if !train.is_empty() {
+            chart
+                .draw_series(LineSeries::new(
+                    train.iter().copied(),
+                    train_c.stroke_width(2),
+                ))
+                .map_err(|e| err(&e))?
+                .label("train loss")
+                .legend(move |(x, y)| {
+                    PathElement::new([(x, y), (x + 24, y)], train_c.stroke_width(2))
+                });
+        }
+        if !eval.is_empty() {
+            chart
+                .draw_series(LineSeries::new(
+                    eval.iter().copied(),
+                    eval_c.stroke_width(1),
+                ))
+                .map_err(|e| err(&e))?;
+            chart
+                .draw_series(eval.iter().map(|&p| Circle::new(p, 4, eval_c.filled())))
+                .map_err(|e| err(&e))?
+                .label("eval loss")
+                .legend(move |(x, y)| {
+                    EmptyElement::at((x, y))
+                        + PathElement::new([(0, 0), (24, 0)], eval_c.stroke_width(1))
+                        + Circle::new((12, 0), 4, eval_c.filled())
+                });
+        }
+        if !lr.is_empty() {
+            // The rate's entry in this legend (its curve is in the panel
+            // below).
+            chart
+                .draw_series(std::iter::empty::<PathElement<(f64, f64)>>())
+                .map_err(|e| err(&e))?
+                .label("learning rate (below)")
+                .legend(move |(x, y)| {
+                    PathElement::new([(x, y), (x + 24, y)], lr_c.stroke_width(2))
+                });
+        }
+        if losses.is_empty() {
+            let area = chart.plotting_area();
+            let (xr, yr) = area.get_pixel_range();
+            let msg = text(18).pos(plotters::style::text_anchor::Pos::new(
+                plotters::style::text_anchor::HPos::Center,
+                plotters::style::text_anchor::VPos::Center,
+            ));
+            top.draw_text(
+                "(no loss logged yet)",
+                &msg,
+                ((xr.start + xr.end) / 2, (yr.start + yr.end) / 2),
+            )
+            .map_err(|e| err(&e))?;
+        }
+        if !all.is_empty() {
+            chart
+                .configure_series_labels()
+                .position(legend_corner(&[&train, &eval], &x, &y_loss))
+                .margin(12)
+                .legend_area_size(34)
+                .background_style(WHITE)
+                .border_style(ink)
+                .label_font(text(15))
+                .draw()
+                .map_err(|e| err(&e))?;
+        }
+        let loss_panel = Panel {
+            x: x.clone(),
+            y: y_loss.clone(),
+            origin: chart.backend_coord(&(x.start, y_loss.start)),
+            corner: chart.backend_coord(&(x.end, y_loss.end)),
+        };
+
+        // Learning rate against step.
+        let mut chart = ChartBuilder::on(&bottom)
+            .margin_left(12)
+            .margin_right(28)
+            .margin_top(10)
+            .margin_bottom(6)
+            .x_label_area_size(52)
+            .y_label_area_size(70)
+            .build_cartesian_2d(x.clone(), y_lr.clone())
+            .map_err(|e| err(&e))?;
+        chart
+            .configure_mesh()
+            .light_line_style(fine_grid)
+            .bold_line_style(grid)
+            .axis_style(ink)
+            .label_style(text(15))
+            .axis_desc_style(text(17))
+            .y_desc("learning rate")
+            .x_desc("step")
+            .x_labels(8)
+            .y_labels(6)
+            .x_label_formatter(&tick_label)
+            .y_label_formatter(&tick_label)
+            .draw()
+            .map_err(|e| err(&e))?;
+        if one_place(&lr) {
+            chart
+                .draw_series(std::iter::once(Circle::new(lr[0], 3, lr_c.filled())))
+                .map_err(|e| err(&e))?;
+        }
+        chart
+            .draw_series(LineSeries::new(lr.iter().copied(), lr_c.stroke_width(2)))
+            .map_err(|e| err(&e))?;
+        let lr_panel = Panel {
+            x: x.clone(),
+            y: y_lr.clone(),
+            origin: chart.backend_coord(&(x.start, y_lr.start)),
+            corner: chart.backend_coord(&(x.end, y_lr.end)),
+        };
+        root.present().map_err(|e| err(&e))?;
+        (loss_panel, lr_panel)
+    };
+    let image = RgbImage::from_raw(w, h, buf).context("chart buffer size")?;
+    Ok(LossChart {
+        image,
+        loss: loss_panel,
+        learning_rate: lr_panel,
+    })
+}
+
+/// Write [`loss_chart`] as a PNG at `path`, atomically (a `.tmp` file
 /// renamed over it), creating the folder if needed.
-pub fn loss_curve_png(path: &Path, train: &[(f64, f64)], eval: &[(f64, f64)]) -> Result<()> {
-    let img = loss_curve_image(train, eval);
+pub fn loss_curve_png(path: &Path, data: &ChartData) -> Result<()> {
+    let chart = loss_chart(data)?;
     let mut bytes = Vec::new();
-    img.write_to(
-        &mut std::io::Cursor::new(&mut bytes),
-        image::ImageFormat::Png,
-    )
-    .context("encoding the loss chart")?;
+    chart
+        .image
+        .write_to(
+            &mut std::io::Cursor::new(&mut bytes),
+            image::ImageFormat::Png,
+        )
+        .context("encoding the loss chart")?;
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }

@@ -54,7 +54,7 @@ use crate::tensor::Tensor;
 use crate::train::accumulate::{full_batch_grads, group_grads, AccumulationLoss, MicroBatches};
 use crate::train::args::{DataSource, Resume, TrainArgs};
 use crate::train::checkpoint::{self, ProcessingFiles, RunState};
-use crate::train::metrics::{loss_curve_png, recall_at_k, MetricsLog};
+use crate::train::metrics::{loss_curve_png, recall_at_k, ChartData, MetricsLog};
 use crate::train::optimizer::Optimizer;
 use crate::train::schedule::Schedule;
 use crate::Gpu;
@@ -1507,16 +1507,8 @@ fn train_loop(
     let mut window = (0.0f64, 0usize);
     let mut last_log = Instant::now();
     let mut images_since = 0usize;
-    let mut train_losses: Vec<(f64, f64)> = state
-        .log_history
-        .iter()
-        .filter_map(|e| Some((e.get("step")?.as_f64()?, e.get("loss")?.as_f64()?)))
-        .collect();
-    let mut eval_losses: Vec<(f64, f64)> = state
-        .log_history
-        .iter()
-        .filter_map(|e| Some((e.get("step")?.as_f64()?, e.get("eval_loss")?.as_f64()?)))
-        .collect();
+    // The chart's series: the resumed history's, then each new log entry's.
+    let mut chart = ChartData::from_records(state.log_history.iter().filter_map(Value::as_object));
     let mut skipped_total = 0usize;
     // Non-finite steps skipped in a row (--max_consecutive_nonfinite_steps).
     let mut skipped_in_a_row = 0usize;
@@ -1753,7 +1745,6 @@ fn train_loop(
                     let loss = (window.1 > 0).then(|| window.0 / window.1 as f64);
                     if let Some(l) = loss {
                         entry["loss"] = json!(l);
-                        train_losses.push((step as f64, l));
                     }
                     if state.skipped_nonfinite_steps > 0 {
                         entry["skipped_nonfinite_steps"] = json!(state.skipped_nonfinite_steps);
@@ -1787,6 +1778,9 @@ fn train_loop(
                     if let Some(m) = metrics.as_mut() {
                         m.write(&entry)?;
                     }
+                    if let Some(m) = entry.as_object() {
+                        chart.push_record(m);
+                    }
                     state.log_history.push(entry);
                     window = (0.0, 0);
                     images_since = 0;
@@ -1805,11 +1799,13 @@ fn train_loop(
                         Ok(r) => {
                             let mut entry = eval_json(&r, state.epoch, "eval_");
                             entry["step"] = json!(step);
-                            eval_losses.push((step as f64, r.loss));
                             if let Some(m) = metrics.as_mut() {
                                 m.write(&entry)?;
                             }
                             progress.log(&format!("step {step}: eval_loss {:.4}", r.loss));
+                            if let Some(m) = entry.as_object() {
+                                chart.push_record(m);
+                            }
                             state.log_history.push(entry);
                         }
                         // Saved below; the evaluation is not in the log.
@@ -1917,11 +1913,7 @@ fn train_loop(
             &args.output_dir.join("trainer_state.json"),
             &state.to_json(&run_info),
         )?;
-        loss_curve_png(
-            &args.output_dir.join("loss_curve.png"),
-            &train_losses,
-            &eval_losses,
-        )?;
+        loss_curve_png(&args.output_dir.join("loss_curve.png"), &chart)?;
     }
     if let Value::Object(m) = train {
         results.extend(m);
