@@ -128,7 +128,16 @@ pub fn scatter_rows(dy: &Tensor, groups: &IdGroups, rows: usize, d: usize) -> Re
             &SHADER,
             "scatter_rows",
             &[],
-            &[u(groups.n), u(d), u(groups.uniq), u(row0), u(n_rows), 0, 0, 0],
+            &[
+                u(groups.n),
+                u(d),
+                u(groups.uniq),
+                u(row0),
+                u(n_rows),
+                0,
+                0,
+                0,
+            ],
             &[
                 Some(Window::whole(dy.buffer())),
                 Some(Window::whole(groups.meta.buffer())),
