@@ -3,10 +3,15 @@
 //! measuring: `$CLIP_WGPU_CACHE_DIR`, else `$XDG_CACHE_HOME/clip-wgpu`, else
 //! `~/.cache/clip-wgpu`. One file per adapter, driver and kernel source
 //! version; a file that cannot be read or written only costs a re-tune.
+//!
+//! Also [`time`], the timer the measuring (and `bench`) runs candidates with.
 
+use super::Gpu;
+use anyhow::Result;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Mutex;
+use std::time::Instant;
 
 pub(crate) struct TuneCache {
     path: Option<PathBuf>,
@@ -95,4 +100,28 @@ impl TuneCache {
     pub(crate) fn path(&self) -> Option<&PathBuf> {
         self.path.as_ref()
     }
+}
+
+/// Median seconds of `reps` timed runs after one warm-up run: GPU time
+/// from timestamp queries where the adapter has them, else wall time
+/// around submit + wait.
+pub fn time(gpu: &Gpu, reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    f()?;
+    gpu.sync()?;
+    let mut ts = Vec::with_capacity(reps);
+    for _ in 0..reps {
+        let t = Instant::now();
+        if gpu.has_timestamps() && !gpu.profiling() {
+            gpu.profile_start(true)?;
+            f()?;
+            let k = gpu.profile_stop()?;
+            ts.push(k.iter().map(|k| k.seconds).sum());
+        } else {
+            f()?;
+            gpu.sync()?;
+            ts.push(t.elapsed().as_secs_f64());
+        }
+    }
+    ts.sort_by(|a, b| a.total_cmp(b));
+    Ok(ts[ts.len() / 2])
 }

@@ -93,8 +93,8 @@ fn use_fused(q: &Var, k: &Var, v: &Var, d: Dims, mask: &Mask) -> Result<bool> {
         return Ok(v == "fused");
     }
     let (qt, kt, vt) = (q.tensor(), k.tensor(), v.tensor());
-    let tf = crate::bench::time(gpu, 3, || forward_backward(qt, kt, vt, d, mask, true))?;
-    let tu = crate::bench::time(gpu, 3, || forward_backward(qt, kt, vt, d, mask, false))?;
+    let tf = crate::gpu::tune::time(gpu, 3, || forward_backward(qt, kt, vt, d, mask, true))?;
+    let tu = crate::gpu::tune::time(gpu, 3, || forward_backward(qt, kt, vt, d, mask, false))?;
     let fused = tf <= tu;
     gpu.set_tuned(&key, if fused { "fused" } else { "unfused" });
     Ok(fused)

@@ -464,7 +464,7 @@ fn choose(
             accumulate: false,
             ..*g
         };
-        crate::bench::time(gpu, reps, || gemm_into(&scratch, a, b, None, trial))
+        crate::gpu::tune::time(gpu, reps, || gemm_into(&scratch, a, b, None, trial))
     };
     // Every candidate briefly, then the three fastest again for longer: the
     // choice is cached for good, so one noisy timing must not decide it.
