@@ -1,9 +1,11 @@
 //! The text towers run only up to the last position their output depends on
 //! (CLIP: the last pooled end-of-text token, attention being causal;
 //! RoBERTa: the last attended token), rounded up to a multiple of 8. Loss and every gradient must match a
-//! run over the whole padded length (`CLIP_WGPU_FULL_TEXT=1`). One test in
-//! this binary, as it sets an environment variable.
+//! run over the whole padded length (the settings' `full_text`, which
+//! `CLIP_WGPU_FULL_TEXT=1` sets). One test in this binary, as it changes the
+//! shared GPU's settings.
 mod common;
+use clip_wgpu::gpu::Settings;
 use clip_wgpu::model::clip::{Batch, ClipModel};
 use clip_wgpu::model::config::ModelConfig;
 use clip_wgpu::model::init::init_weights;
@@ -62,11 +64,19 @@ fn trimmed_text_matches_the_padded_length() {
             mask,
             batch,
         };
-        std::env::remove_var("CLIP_WGPU_FULL_TEXT");
+        let full_text = |on: bool| {
+            gpu.set_settings(Settings {
+                full_text: on,
+                ..(*gpu.settings()).clone()
+            })
+        };
+        full_text(false);
+        assert_eq!(model.text_run_len(&b), 16, "{case}: trimmed");
         let (loss_t, grads_t) = step(&model, &b);
-        std::env::set_var("CLIP_WGPU_FULL_TEXT", "1");
+        full_text(true);
+        assert_eq!(model.text_run_len(&b), len, "{case}: full length");
         let (loss_f, grads_f) = step(&model, &b);
-        std::env::remove_var("CLIP_WGPU_FULL_TEXT");
+        full_text(false);
         assert_close(&format!("{case} loss"), &[loss_t], &[loss_f], 1e-6);
         for ((p, gt), gf) in model.params.params.iter().zip(&grads_t).zip(&grads_f) {
             assert_close(&format!("{case} grad {}", p.name), gt, gf, 1e-6);
