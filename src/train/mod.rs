@@ -13,9 +13,16 @@
 
 pub mod accumulate;
 pub mod args;
+mod batches;
 pub mod checkpoint;
+mod evaluate;
+mod faults;
 pub mod metrics;
 pub mod optimizer;
 pub mod progress;
+mod record;
+mod save;
 pub mod schedule;
+mod setup;
+mod step;
 pub mod trainer;
