@@ -673,29 +673,6 @@ pub fn linear(tape: &mut Tape, x: &Var, w: &Var, b: Option<&Var>) -> Result<Var>
     Ok(record_linear(tape, y, x, w, b, g))
 }
 
-/// act(linear(x)) with the activation in the matmul's epilogue where the
-/// kernel has one; recorded as the linear node and the activation node.
-pub fn linear_act(tape: &mut Tape, x: &Var, w: &Var, b: Option<&Var>, act: Act) -> Result<Var> {
-    let (g, ys) = linear_shape(x, w)?;
-    let gpu = x.tensor().gpu();
-    let pre = Tensor::empty(gpu, &ys)?;
-    let y = Tensor::empty(gpu, &ys)?;
-    gemm_act_into(
-        &pre,
-        x.tensor(),
-        w.tensor(),
-        b.map(|b| b.tensor()),
-        g,
-        Some(Epilogue::Act(act, &y)),
-    )?;
-    let pre_var = record_linear(tape, pre.clone(), x, w, b, g);
-    Ok(tape.record(
-        y,
-        &[&pre_var],
-        Box::new(move |dy, _| Ok(vec![Some(super::activation::backward(&pre, dy, act)?)])),
-    ))
-}
-
 /// The matmul of nn.Linear for x [.., in] and w [out, in], and y's shape.
 fn linear_shape(x: &Var, w: &Var) -> Result<(Gemm, Vec<usize>)> {
     let xs = x.shape().to_vec();
