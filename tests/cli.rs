@@ -2,11 +2,7 @@
 //! clear errors for bad input.
 mod common;
 use common::cli::{bin, have_gpu};
-use std::path::Path;
-
-fn fixtures() -> &'static Path {
-    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures"))
-}
+use common::fixtures;
 
 fn matrix(v: &serde_json::Value) -> Vec<Vec<f64>> {
     v.as_array()
