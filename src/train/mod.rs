@@ -10,6 +10,9 @@
 //!   one contrastive loss over all of them (gradient caching).
 //! - [`metrics`]: retrieval recall@K, the JSON-lines metrics log and the loss
 //!   chart.
+//! - [`trainer`]: the run and the training loop's outline, with its parts in
+//!   private modules: `setup`, `batches`, `step`, `record`, `evaluate`,
+//!   `save` and `faults`.
 
 pub mod accumulate;
 pub mod args;
