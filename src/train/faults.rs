@@ -38,7 +38,7 @@
 use super::accumulate::AccumulationLoss;
 use super::args::TrainArgs;
 use super::checkpoint;
-use super::trainer::{log, QUIET};
+use super::progress::{log, QUIET};
 use crate::model::params::ParamStore;
 use crate::tensor::Tensor;
 use crate::Gpu;

@@ -4,7 +4,7 @@
 
 use super::args::{DataSource, TrainArgs};
 use super::checkpoint::ProcessingFiles;
-use super::trainer::log;
+use super::progress::log;
 use crate::data::sources::{self, Dataset, Example, Split};
 use crate::data::{demo, ImageProcessorConfig, TextTokenizer};
 use crate::model::clip::ClipModel;

@@ -26,6 +26,7 @@ use super::evaluate::{eval_json, print_eval};
 use super::faults::{arm_interrupts, explain_stop, is_oom, oom_advice, Faults, Whereabouts};
 use super::metrics::MetricsLog;
 use super::optimizer::Optimizer;
+use super::progress::{log, QUIET};
 use super::record::Record;
 use super::save::{save_checkpoint, save_model, training_results, write_json};
 use super::step::{check_replicas, Stepper};
@@ -36,22 +37,13 @@ use crate::Gpu;
 use anyhow::{bail, ensure, Context, Result};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
 pub use super::evaluate::{evaluate, EvalResult};
 pub use super::faults::{catch_interrupts, interrupted, Interrupted, NonFinite};
 pub use super::setup::{setup, Setup};
-
-/// Set on ranks other than 0: they train silently (rank 0 logs).
-pub(super) static QUIET: AtomicBool = AtomicBool::new(false);
-
-pub(super) fn log(msg: &str) {
-    if !QUIET.load(Ordering::Relaxed) {
-        crate::stderr_line(&format!("[clip-wgpu] {msg}"));
-    }
-}
 
 /// run_clip.py's output_dir rule: refuse a non-empty folder without a
 /// checkpoint unless --overwrite_output_dir; resume from the latest
