@@ -1,6 +1,6 @@
 //! Progress: a bar with step, loss, learning rate, images/s and ETA when
 //! stderr is a terminal; plain log lines otherwise. Also the training run's
-//! log lines outside the step loop ([`log`]).
+//! log lines outside the step loop (`log`).
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use std::io::IsTerminal;
