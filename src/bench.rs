@@ -3,6 +3,7 @@
 //! submit + wait, with its arithmetic rate.
 
 use crate::dist::World;
+use crate::gpu::tune::time;
 use crate::gpu::{Gpu, KernelTime};
 use crate::model::clip::{Batch, ClipModel};
 use crate::model::config::{ModelConfig, TextConfig};
@@ -44,30 +45,6 @@ impl Measure {
         })
         .to_string()
     }
-}
-
-/// Median seconds of `reps` timed runs after one warm-up run: GPU time
-/// from timestamp queries where the adapter has them, else wall time
-/// around submit + wait.
-pub fn time(gpu: &Gpu, reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
-    f()?;
-    gpu.sync()?;
-    let mut ts = Vec::with_capacity(reps);
-    for _ in 0..reps {
-        let t = Instant::now();
-        if gpu.has_timestamps() && !gpu.profiling() {
-            gpu.profile_start(true)?;
-            f()?;
-            let k = gpu.profile_stop()?;
-            ts.push(k.iter().map(|k| k.seconds).sum());
-        } else {
-            f()?;
-            gpu.sync()?;
-            ts.push(t.elapsed().as_secs_f64());
-        }
-    }
-    ts.sort_by(|a, b| a.total_cmp(b));
-    Ok(ts[ts.len() / 2])
 }
 
 /// Deterministic filler in [-1, 1).

@@ -1,6 +1,7 @@
 //! clip-wgpu: train CLIP-style image-text models on any GPU wgpu reaches,
 //! with every kernel (forward and backward) hand-written in WGSL.
 
+pub mod arith;
 pub mod bench;
 pub mod data;
 pub mod dist;

@@ -1,6 +1,6 @@
 use anyhow::Result;
 use clap::{Parser, Subcommand};
-use clip_wgpu::gpu::{adapter, AdapterRequest};
+use clip_wgpu::gpu::{adapter, AdapterRequest, Settings};
 use std::path::PathBuf;
 
 #[derive(Parser)]
@@ -238,11 +238,11 @@ fn run(world: &clip_wgpu::dist::World) -> Result<()> {
             gradient_checkpointing,
             loss_rows,
         } => {
-            force_kernels(matmul, tile)?;
+            let settings = forced_kernels(matmul, tile)?;
             if let Some(n) = loss_rows {
                 anyhow::ensure!(n > 0, "--loss-rows must be at least 1");
                 let e = clip_wgpu::bench::bench_config(&config)?.projection_dim;
-                let gpu = clip_wgpu::Gpu::new(&req)?;
+                let gpu = clip_wgpu::Gpu::with_settings(&req, settings)?;
                 let (ms, live) = clip_wgpu::bench::contrastive_loss(&gpu, n, e, reps)?;
                 let mib = live as f64 / 1048576.0;
                 if json {
@@ -265,7 +265,7 @@ fn run(world: &clip_wgpu::dist::World) -> Result<()> {
                     .map_err(|e| anyhow::anyhow!("--accumulation-loss: {e}"))?,
                 gradient_checkpointing,
             };
-            bench(&req, &config, batch, reps, json, step_only, mode)
+            bench(&req, settings, &config, batch, reps, json, step_only, mode)
         }
     }
 }
@@ -328,15 +328,15 @@ fn train(
     Ok(())
 }
 
-/// `--matmul` / `--tile`: checked, then passed on as the environment
-/// variables the kernels read (before any GPU work starts).
-fn force_kernels(matmul: Option<String>, tile: Option<String>) -> Result<()> {
+/// The environment's settings with `--matmul` / `--tile` (checked) in
+/// place of CLIP_WGPU_MATMUL / CLIP_WGPU_VEC4_TILE.
+fn forced_kernels(matmul: Option<String>, tile: Option<String>) -> Result<Settings> {
+    let mut settings = Settings::from_env()?;
     if let Some(m) = matmul {
-        anyhow::ensure!(
-            matches!(m.as_str(), "regs" | "vec4" | "tiled"),
-            "--matmul {m:?}: expected regs, vec4 or tiled"
+        settings.matmul = Some(
+            clip_wgpu::ops::matmul::Variant::parse(&m)
+                .ok_or_else(|| anyhow::anyhow!("--matmul {m:?}: expected regs, vec4 or tiled"))?,
         );
-        std::env::set_var("CLIP_WGPU_MATMUL", m);
     }
     if let Some(t) = tile {
         use clip_wgpu::ops::matmul::{parse_tile, tile_name, SG_TILES, VEC4_TILES};
@@ -345,18 +345,17 @@ fn force_kernels(matmul: Option<String>, tile: Option<String>) -> Result<()> {
             .chain(&SG_TILES)
             .map(|t| tile_name(*t))
             .collect();
-        anyhow::ensure!(
-            parse_tile(&t).is_some(),
-            "--tile {t:?}: expected one of {}",
-            names.join(", ")
-        );
-        std::env::set_var("CLIP_WGPU_VEC4_TILE", t);
+        settings.vec4_tile = Some(parse_tile(&t).ok_or_else(|| {
+            anyhow::anyhow!("--tile {t:?}: expected one of {}", names.join(", "))
+        })?);
     }
-    Ok(())
+    Ok(settings)
 }
 
+#[allow(clippy::too_many_arguments)]
 fn bench(
     req: &AdapterRequest,
+    settings: Settings,
     config: &str,
     batch: usize,
     reps: usize,
@@ -368,7 +367,7 @@ fn bench(
     anyhow::ensure!(batch > 0, "--batch must be at least 1");
     anyhow::ensure!(reps > 0, "--reps must be at least 1");
     let cfg = bench::bench_config(config)?;
-    let gpu = clip_wgpu::Gpu::new(req)?;
+    let gpu = clip_wgpu::Gpu::with_settings(req, settings)?;
     if !json {
         println!(
             "adapter: {} ({:?}, {:?}); kernel times from {}; config {config}, batch {batch}",

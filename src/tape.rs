@@ -4,7 +4,7 @@
 //! than once are summed. Closures own the tensors they saved, so those go
 //! back to the pool as soon as their node has run.
 
-use crate::ops::elementwise;
+use crate::arith;
 use crate::tensor::Tensor;
 use anyhow::{ensure, Result};
 use std::collections::HashMap;
@@ -261,10 +261,10 @@ fn accumulate(grads: &mut HashMap<VarId, Tensor>, id: VarId, g: Tensor) -> Resul
             // Sum in place only into a buffer nobody else holds (a backward
             // may hand the same tensor to two inputs, e.g. a residual add).
             let sum = if prev.is_unique() {
-                elementwise::add_assign(&prev, &g)?;
+                arith::add_assign(&prev, &g)?;
                 prev
             } else {
-                elementwise::add(&prev, &g)?
+                arith::add(&prev, &g)?
             };
             grads.insert(id, sum);
         }

@@ -88,14 +88,6 @@ impl Tensor {
         Ok(bytemuck::pod_collect_to_vec(&bytes))
     }
 
-    /// A copy in a fresh buffer (recorded, ordered with other GPU work).
-    pub fn deep_clone(&self) -> Result<Tensor> {
-        let t = Self::empty(self.gpu(), &self.shape)?;
-        self.gpu()
-            .copy(self.buffer(), t.buffer(), (self.numel() * 4) as u64);
-        Ok(t)
-    }
-
     /// Rows `start..start + count` of the leading dimension, copied into a
     /// fresh tensor.
     pub fn rows_copy(&self, start: usize, count: usize) -> Result<Tensor> {

@@ -10,24 +10,15 @@
 mod common;
 use clip_wgpu::dist::World;
 use clip_wgpu::model::clip::{Batch, ClipModel};
-use clip_wgpu::model::config::ModelConfig;
-use clip_wgpu::model::init::init_weights;
 use clip_wgpu::model::weights::Weights;
 use clip_wgpu::train::accumulate::{group_grads, AccumulationLoss};
 use clip_wgpu::{Gpu, Tape};
-use common::cli::{bin, have_gpu, temp};
+use common::cli::{bin, have_gpu, temp, QUICK_RUN};
 use common::*;
 use std::path::Path;
 use std::sync::Arc;
 
 const CASES: [&str; 2] = ["clip", "dual_roberta"];
-
-fn model(gpu: &Arc<Gpu>, case: &str) -> ClipModel {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/init");
-    let cfg = ModelConfig::from_file(&dir.join(case).join("config.json")).unwrap();
-    let w = init_weights(&cfg, 5).unwrap();
-    ClipModel::from_weights(gpu, cfg, &w, case).unwrap()
-}
 
 /// `n` rows of pixels, ids and mask on the host: captions of random
 /// lengths (so micro-batches run different text lengths), padded to 16.
@@ -46,16 +37,8 @@ fn rows(case: &str, n: usize, s: usize, seed: u64) -> Rows {
     let mut mask = vec![0f32; n * len];
     for b in 0..n {
         let l = 3 + r.below(len - 3);
-        for t in 0..l {
-            // CLIP rows end with end-of-text (199); RoBERTa's are <s> .. </s>.
-            ids[b * len + t] = match (case, t) {
-                ("clip", t) if t == l - 1 => 199,
-                ("dual_roberta", 0) => 0,
-                ("dual_roberta", t) if t == l - 1 => 2,
-                _ => 3 + r.below(190) as u32,
-            };
-            mask[b * len + t] = 1.0;
-        }
+        let row = b * len..(b + 1) * len;
+        caption(case, &mut ids[row.clone()], &mut mask[row], l, &mut r);
     }
     let px = 3 * s * s;
     Rows {
@@ -94,24 +77,6 @@ impl Rows {
     }
 }
 
-/// Loss and gradients (store order; empty where a parameter gets none) of
-/// one ordinary step on `b`: the independent reference.
-fn plain_step(model: &ClipModel, b: &Batch) -> (f64, Vec<Vec<f64>>) {
-    let mut tape = Tape::new();
-    let vars = model.params.vars(&mut tape);
-    let out = model.forward(&mut tape, &vars, b).unwrap();
-    let loss = download(out.loss.tensor())[0];
-    let mut g = tape.backward(&out.loss).unwrap();
-    (loss, host(model.params.grads(&vars, &mut g)))
-}
-
-fn host(grads: Vec<Option<clip_wgpu::Tensor>>) -> Vec<Vec<f64>> {
-    grads
-        .iter()
-        .map(|t| t.as_ref().map_or(Vec::new(), download))
-        .collect()
-}
-
 /// Loss and gradients of a group through `group_grads`.
 fn grouped(model: &ClipModel, mode: AccumulationLoss, micro: &[Batch]) -> (f64, Vec<Vec<f64>>) {
     let out = group_grads(
@@ -135,7 +100,7 @@ fn grouped(model: &ClipModel, mode: AccumulationLoss, micro: &[Batch]) -> (f64, 
         .iter()
         .map(|l| download(l)[0] * out.loss_weight)
         .sum();
-    (loss, host(out.grads))
+    (loss, host_grads(out.grads))
 }
 
 /// Attention key biases: their exact gradient is zero (adding one vector
@@ -205,7 +170,7 @@ fn frozen_name(f: (bool, bool)) -> &'static str {
 fn full_accumulation_equals_one_batch_of_all_rows() {
     let Some(gpu) = gpu() else { return };
     for case in CASES {
-        let mut m = model(&gpu, case);
+        let mut m = init_model(&gpu, case, 5);
         let s = m.config.vision.image_size;
         // K = 2 of 4; K = 3 with a shorter last micro-batch.
         for sizes in [&[4, 4][..], &[4, 4, 2][..]] {
@@ -216,7 +181,7 @@ fn full_accumulation_equals_one_batch_of_all_rows() {
             for f in FREEZE {
                 m.freeze(f.0, f.1);
                 let what = format!("{case}, micro-batches {sizes:?}, {}", frozen_name(f));
-                let (loss_ref, grads_ref) = plain_step(&m, &whole);
+                let (loss_ref, grads_ref) = loss_and_grads(&m, &whole);
                 let (loss, grads) = grouped(&m, AccumulationLoss::Full, &micro);
                 assert_close(&format!("{what}: loss"), &[loss], &[loss_ref], 1e-6);
                 assert!(
@@ -236,7 +201,7 @@ fn full_accumulation_equals_one_batch_of_all_rows() {
 fn micro_accumulation_is_the_mean_of_micro_batch_gradients() {
     let Some(gpu) = gpu() else { return };
     for case in CASES {
-        let m = model(&gpu, case);
+        let m = init_model(&gpu, case, 5);
         let s = m.config.vision.image_size;
         // A group of three (a shorter last group of K = 4 at an epoch's end
         // has three too): divided by 3, not by 4.
@@ -246,7 +211,7 @@ fn micro_accumulation_is_the_mean_of_micro_batch_gradients() {
         let mut loss_ref = 0.0;
         let mut grads_ref: Vec<Vec<f64>> = Vec::new();
         for b in &micro {
-            let (l, g) = plain_step(&m, b);
+            let (l, g) = loss_and_grads(&m, b);
             loss_ref += l / 3.0;
             if grads_ref.is_empty() {
                 grads_ref = vec![Vec::new(); g.len()];
@@ -277,7 +242,7 @@ fn micro_accumulation_is_the_mean_of_micro_batch_gradients() {
 fn gradient_checkpointing_gives_the_same_gradients() {
     let Some(gpu) = gpu() else { return };
     for case in CASES {
-        let mut m = model(&gpu, case);
+        let mut m = init_model(&gpu, case, 5);
         let s = m.config.vision.image_size;
         let data = rows(case, 6, s, 33);
         let whole = data.batch(&gpu, 0, 6);
@@ -285,11 +250,11 @@ fn gradient_checkpointing_gives_the_same_gradients() {
         for f in FREEZE {
             m.freeze(f.0, f.1);
             m.set_gradient_checkpointing(false);
-            let (loss_ref, grads_ref) = plain_step(&m, &whole);
+            let (loss_ref, grads_ref) = loss_and_grads(&m, &whole);
             let (_, acc_ref) = grouped(&m, AccumulationLoss::Full, &micro);
             m.set_gradient_checkpointing(true);
             let what = format!("{case}, checkpointed, {}", frozen_name(f));
-            let (loss, grads) = plain_step(&m, &whole);
+            let (loss, grads) = loss_and_grads(&m, &whole);
             assert_close(&format!("{what}: loss"), &[loss], &[loss_ref], 1e-7);
             assert_grads_close(&what, &m, &grads, &grads_ref, 1e-6);
             let (_, acc) = grouped(&m, AccumulationLoss::Full, &micro);
@@ -305,7 +270,7 @@ fn gradient_checkpointing_gives_the_same_gradients() {
 #[test]
 fn gradient_checkpointing_keeps_only_layer_inputs() {
     let Some(gpu) = gpu() else { return };
-    let mut m = model(&gpu, "clip");
+    let mut m = init_model(&gpu, "clip", 5);
     let s = m.config.vision.image_size;
     let data = rows("clip", 2, s, 5);
     let b = data.batch(&gpu, 0, 2);
@@ -334,7 +299,7 @@ fn accumulated_training_matches_the_whole_batch() {
         return;
     }
     let root = temp("accumulate");
-    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/clip/model");
+    let model = fixture_model("clip");
     let run = |out: &Path, extra: &[&str], host_mib: &str| {
         let o = bin()
             .env("CLIP_WGPU_GROUP_HOST_MIB", host_mib)
@@ -349,16 +314,8 @@ fn accumulated_training_matches_the_whole_batch() {
                 "20",
                 "--max_steps",
                 "3",
-                "--learning_rate",
-                "1e-3",
-                "--weight_decay",
-                "0.1",
-                "--logging_steps",
-                "1",
-                "--max_seq_length",
-                "16",
-                "--no_progress",
             ])
+            .args(QUICK_RUN)
             .args(extra)
             .output()
             .unwrap();

@@ -4,7 +4,8 @@
 //! committed fixtures (tests/fixtures/clip/model, tests/fixtures/clip_roberta/model).
 mod common;
 use clip_wgpu::model::weights::{save_file, HostTensor, Weights};
-use common::cli::{bin, have_gpu, temp};
+use common::cli::{bin, have_gpu, picture_csv, temp};
+use common::{copy_dir, fixture_model};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -12,31 +13,14 @@ use std::time::{Duration, Instant};
 /// A case that takes longer than this is taken for an endless loop.
 const TIMEOUT: Duration = Duration::from_secs(180);
 
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
-}
-
-fn clip_model() -> PathBuf {
-    fixtures().join("clip/model")
-}
-
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
-}
-
-/// Copy the files of a model folder.
-fn copy_model(src: &Path, dst: &Path) {
-    std::fs::create_dir_all(dst).unwrap();
-    for e in std::fs::read_dir(src).unwrap() {
-        let e = e.unwrap();
-        std::fs::copy(e.path(), dst.join(e.file_name())).unwrap();
-    }
 }
 
 /// The CLIP fixture model copied into `root/model`.
 fn model_copy(root: &Path) -> PathBuf {
     let m = root.join("model");
-    copy_model(&clip_model(), &m);
+    copy_dir(&fixture_model("clip"), &m);
     m
 }
 
@@ -47,31 +31,6 @@ fn edit_config(model: &Path, f: impl FnOnce(&mut serde_json::Value)) {
         serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
     f(&mut v);
     std::fs::write(&p, serde_json::to_string_pretty(&v).unwrap()).unwrap();
-}
-
-/// A small picture whose colour depends on `i`.
-fn write_image(path: &Path, i: usize) {
-    let img = image::RgbImage::from_fn(40, 34, |x, y| {
-        image::Rgb([
-            (i * 60 % 256) as u8,
-            ((x as usize * 5 + i * 30) % 256) as u8,
-            ((y * 7) % 256) as u8,
-        ])
-    });
-    img.save(path).unwrap();
-}
-
-/// `n` pictures in `root/imgs` and a `root/train.csv` listing them.
-fn csv_data(root: &Path, n: usize) -> PathBuf {
-    std::fs::create_dir_all(root.join("imgs")).unwrap();
-    let mut csv = String::from("image_path,caption\n");
-    for i in 0..n {
-        write_image(&root.join(format!("imgs/{i}.png")), i);
-        csv += &format!("imgs/{i}.png,picture number {i}\n");
-    }
-    let f = root.join("train.csv");
-    std::fs::write(&f, csv).unwrap();
-    f
 }
 
 struct Run {
@@ -194,7 +153,7 @@ fn broken_model_fails_in(name: &str, breakit: impl FnOnce(&Path), needles: &[&st
     let root = temp(name);
     let model = model_copy(&root);
     breakit(&model);
-    let csv = csv_data(&root, 2);
+    let csv = picture_csv(&root, 2);
     let out = root.join("out");
     fails(&train_args(s(&model), s(&csv), s(&out)), needles);
     // The same model through `embed`.
@@ -212,7 +171,7 @@ fn missing_model_folder() {
         return;
     }
     let root = temp("nomodel");
-    let csv = csv_data(&root, 2);
+    let csv = picture_csv(&root, 2);
     let model = root.join("no-such-model");
     let out = root.join("out");
     fails(
@@ -310,7 +269,7 @@ fn roberta_config_with_too_few_positions() {
     }
     let root = temp("robertapos");
     let model = root.join("model");
-    copy_model(&fixtures().join("clip_roberta/model"), &model);
+    copy_dir(&fixture_model("clip_roberta"), &model);
     edit_config(&model, |v| {
         v["text_config"]["max_position_embeddings"] = 2.into();
     });
@@ -323,7 +282,7 @@ fn roberta_config_with_too_few_positions() {
     edit_config(&model, |v| {
         v["text_config"]["max_position_embeddings"] = 1.into();
     });
-    let csv = csv_data(&root, 2);
+    let csv = picture_csv(&root, 2);
     let cfg = model.join("config.json");
     let out = root.join("out");
     fails(
@@ -332,9 +291,9 @@ fn roberta_config_with_too_few_positions() {
             "--config_name",
             s(&cfg),
             "--tokenizer_name",
-            s(&clip_model()),
+            s(&fixture_model("clip")),
             "--image_processor_name",
-            s(&clip_model()),
+            s(&fixture_model("clip")),
             "--train_file",
             s(&csv),
             "--output_dir",
@@ -360,7 +319,7 @@ fn config_name_too_large_to_build() {
         v["text_config"]["vocab_size"] = serde_json::json!(1 << 24);
         v["text_config"]["hidden_size"] = serde_json::json!(1 << 16);
     });
-    let csv = csv_data(&root, 2);
+    let csv = picture_csv(&root, 2);
     let cfg = model.join("config.json");
     let out = root.join("out");
     fails(
@@ -578,8 +537,8 @@ fn max_seq_length_shorter_than_the_special_tokens() {
         return;
     }
     let root = temp("maxlen");
-    let csv = csv_data(&root, 2);
-    let model = clip_model();
+    let csv = picture_csv(&root, 2);
+    let model = fixture_model("clip");
     let out = root.join("out");
     let mut a = train_args(s(&model), s(&csv), s(&out));
     a.extend(["--max_seq_length", "1"]);
@@ -601,15 +560,15 @@ fn tokenizer_of_another_model() {
     }
     let root = temp("tokvocab");
     let model = root.join("model");
-    copy_model(&fixtures().join("clip_roberta/model"), &model);
+    copy_dir(&fixture_model("clip_roberta"), &model);
     for f in [
         "tokenizer.json",
         "tokenizer_config.json",
         "processor_config.json",
     ] {
-        std::fs::copy(clip_model().join(f), model.join(f)).unwrap();
+        std::fs::copy(fixture_model("clip").join(f), model.join(f)).unwrap();
     }
-    let csv = csv_data(&root, 2);
+    let csv = picture_csv(&root, 2);
     let out = root.join("out");
     // The id that does not fit and the table size are named. (Checking the
     // tokenizer against the model when both are loaded, naming the
@@ -660,11 +619,11 @@ fn bad_table(name: &str, file_name: &str, text: &str, needles: &[&str]) {
         return;
     }
     let root = temp(name);
-    csv_data(&root, 2);
+    picture_csv(&root, 2);
     let f = root.join(file_name);
     std::fs::write(&f, text).unwrap();
     let out = root.join("out");
-    let model = clip_model();
+    let model = fixture_model("clip");
     fails(&train_args(s(&model), s(&f), s(&out)), needles);
     std::fs::remove_dir_all(&root).unwrap();
 }
@@ -723,11 +682,11 @@ fn table_not_utf8() {
         return;
     }
     let root = temp("csvlatin1");
-    csv_data(&root, 1);
+    picture_csv(&root, 1);
     let f = root.join("t.csv");
     std::fs::write(&f, b"image_path,caption\nimgs/0.png,caf\xe9\n").unwrap();
     let out = root.join("out");
-    let model = clip_model();
+    let model = fixture_model("clip");
     fails(
         &train_args(s(&model), s(&f), s(&out)),
         &["t.csv:2", "UTF-8"],
@@ -771,7 +730,7 @@ fn coco_without_image_folder() {
     let data = root.join("coco");
     coco_without_images(&data);
     let out = root.join("out");
-    let model = clip_model();
+    let model = fixture_model("clip");
     let coco_args = |extra: &[&'static str]| -> Vec<String> {
         let mut v: Vec<String> = [
             "train",
@@ -818,7 +777,7 @@ fn no_usable_images() {
         return;
     }
     let root = temp("noimages");
-    let model = clip_model();
+    let model = fixture_model("clip");
     let out = root.join("out");
     // A few pictures, none readable: missing files and a text file.
     std::fs::write(root.join("corrupt.png"), "not a picture").unwrap();
@@ -912,8 +871,8 @@ fn batch_larger_than_the_dataset() {
         return;
     }
     let root = temp("bigbatch");
-    let csv = csv_data(&root, 3);
-    let model = clip_model();
+    let csv = picture_csv(&root, 3);
+    let model = fixture_model("clip");
     let out = root.join("out");
     // As the Trainer: one smaller batch per epoch.
     let r = run(&[
@@ -975,14 +934,14 @@ fn drop_last_with_too_few_readable_images() {
         return;
     }
     let root = temp("droplast");
-    csv_data(&root, 3);
+    picture_csv(&root, 3);
     let f = root.join("t.csv");
     std::fs::write(
         &f,
         "image_path,caption\nimgs/0.png,a\nimgs/1.png,b\nimgs/gone.png,c\nimgs/2.png,d\n",
     )
     .unwrap();
-    let model = clip_model();
+    let model = fixture_model("clip");
     let out = root.join("out");
     fails(
         &[
@@ -1010,8 +969,8 @@ fn output_dir_with_a_previous_run() {
         return;
     }
     let root = temp("outdir");
-    let csv = csv_data(&root, 2);
-    let model = clip_model();
+    let csv = picture_csv(&root, 2);
+    let model = fixture_model("clip");
     let out = root.join("out");
     // A folder holding a previous run's files but no checkpoint.
     std::fs::create_dir_all(&out).unwrap();

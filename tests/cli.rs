@@ -2,11 +2,7 @@
 //! clear errors for bad input.
 mod common;
 use common::cli::{bin, have_gpu};
-use std::path::Path;
-
-fn fixtures() -> &'static Path {
-    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures"))
-}
+use common::fixtures;
 
 fn matrix(v: &serde_json::Value) -> Vec<Vec<f64>> {
     v.as_array()
@@ -67,7 +63,11 @@ fn embed_matches_transformers() {
 }
 
 fn fails_with(args: &[&str], needle: &str) {
-    let out = bin().args(args).output().unwrap();
+    fails_with_env(args, &[], needle)
+}
+
+fn fails_with_env(args: &[&str], env: &[(&str, &str)], needle: &str) {
+    let out = bin().args(args).envs(env.iter().copied()).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{args:?} succeeded");
     assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
@@ -114,4 +114,26 @@ fn embed_reports_bad_input_clearly() {
 #[test]
 fn bad_backend_is_an_error() {
     fails_with(&["info", "--backend", "cuda"], "unknown backend");
+}
+
+/// A `CLIP_WGPU_*` setting that does not parse stops the command with an
+/// error naming the variable and the value (before any GPU work), as do
+/// bench's --matmul and --tile.
+#[test]
+fn bad_settings_are_errors() {
+    let bench = ["bench", "--step-only", "--batch", "1", "--reps", "1"];
+    for (var, value) in [
+        ("CLIP_WGPU_MATMUL", "fast"),
+        ("CLIP_WGPU_VEC4_TILE", "big"),
+        ("CLIP_WGPU_TUNE", "maybe"),
+    ] {
+        fails_with_env(&bench, &[(var, value)], &format!("{var}=\"{value}\""));
+    }
+    fails_with_env(
+        &["embed", "--model", "/no/such/dir", "--text", "x"],
+        &[("CLIP_WGPU_ROWS", "columns")],
+        "CLIP_WGPU_ROWS=\"columns\"",
+    );
+    fails_with(&["bench", "--matmul", "fast"], "--matmul \"fast\"");
+    fails_with(&["bench", "--tile", "3x3"], "--tile \"3x3\"");
 }

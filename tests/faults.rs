@@ -12,69 +12,31 @@ mod common;
 use clip_wgpu::model::weights::Weights;
 use clip_wgpu::train::checkpoint;
 use clip_wgpu::train::metrics::MetricsLog;
-use common::cli::{bin, have_gpu, temp};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Output, Stdio};
+use common::cli::{bin, have_gpu, picture_csv, quick_train, spawn, stderr, temp};
+use common::fixture_model;
+use std::path::Path;
+use std::process::{Child, Output};
 use std::time::{Duration, Instant};
-
-const COLOURS: [&str; 6] = ["red", "green", "blue", "yellow", "purple", "orange"];
-
-/// 12 small pictures with captions in `root/train.csv`.
-fn mini_csv(root: &Path) -> PathBuf {
-    std::fs::create_dir_all(root.join("imgs")).unwrap();
-    let mut csv = String::from("image_path,caption\n");
-    for i in 0..12usize {
-        let img = image::RgbImage::from_fn(40, 34, |x, y| {
-            image::Rgb([
-                (i * 60 % 256) as u8,
-                ((x as usize * 5 + i * 30) % 256) as u8,
-                ((y * 7) % 256) as u8,
-            ])
-        });
-        img.save(root.join(format!("imgs/{i}.png"))).unwrap();
-        csv += &format!("imgs/{i}.png,a {} picture number {i}\n", COLOURS[i % 6]);
-    }
-    let f = root.join("train.csv");
-    std::fs::write(&f, csv).unwrap();
-    f
-}
 
 /// The training command: 12 examples, batch 2, `steps` steps, a checkpoint
 /// every `save` steps.
 fn args(csv: &Path, out: &Path, steps: usize, save: usize) -> Vec<String> {
-    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/clip/model");
-    [
-        "train",
-        "--model_name_or_path",
-        model.to_str().unwrap(),
-        "--train_file",
-        csv.to_str().unwrap(),
-        "--output_dir",
-        out.to_str().unwrap(),
-        "--do_train",
-        "--per_device_train_batch_size",
-        "2",
-        "--learning_rate",
-        "1e-3",
-        "--weight_decay",
-        "0.1",
-        "--warmup_steps",
-        "2",
-        "--max_seq_length",
-        "16",
-        "--logging_steps",
-        "1",
-        "--no_progress",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .chain([
-        "--max_steps".into(),
-        steps.to_string(),
-        "--save_steps".into(),
-        save.to_string(),
-    ])
-    .collect()
+    let (steps, save) = (steps.to_string(), save.to_string());
+    quick_train(
+        &fixture_model("clip"),
+        csv,
+        out,
+        &[
+            "--per_device_train_batch_size",
+            "2",
+            "--warmup_steps",
+            "2",
+            "--max_steps",
+            &steps,
+            "--save_steps",
+            &save,
+        ],
+    )
 }
 
 fn run(argv: &[String], faults: Option<&str>) -> Output {
@@ -84,19 +46,6 @@ fn run(argv: &[String], faults: Option<&str>) -> Output {
         c.env("CLIP_WGPU_FAULTS", f);
     }
     c.output().unwrap()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).to_string()
-}
-
-fn spawn(argv: &[String], err: &Path) -> Child {
-    bin()
-        .args(argv)
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(err).unwrap())
-        .spawn()
-        .unwrap()
 }
 
 fn signal(child: &Child, sig: i32) {
@@ -205,7 +154,7 @@ fn sigterm_saves_at_the_step_boundary_and_the_rerun_resumes_exactly() {
         return;
     }
     let root = temp("sigterm");
-    let csv = mini_csv(&root);
+    let csv = picture_csv(&root, 12);
     let full = root.join("full");
     let o = run(&args(&csv, &full, 24, 4), None);
     assert!(o.status.success(), "{}", stderr(&o));
@@ -213,7 +162,7 @@ fn sigterm_saves_at_the_step_boundary_and_the_rerun_resumes_exactly() {
     let out = root.join("term");
     let argv = args(&csv, &out, 24, 4);
     let err = root.join("term.log");
-    let mut child = spawn(&argv, &err);
+    let mut child = spawn(bin().args(&argv), &err);
     let appeared = wait_for(&mut child, "checkpoint-4", || {
         out.join("checkpoint-4/trainer_state.json").exists()
     });
@@ -251,20 +200,19 @@ fn a_second_ctrl_c_stops_at_once() {
         return;
     }
     let root = temp("twice");
-    let csv = mini_csv(&root);
+    let csv = picture_csv(&root, 12);
     let out = root.join("out");
     let argv = args(&csv, &out, 200, 4);
     let err = root.join("log");
     // The run holds at the step boundary after the first signal (a test
     // fault that logs when it does), so the second arrives while the first
     // is being handled, however loaded the machine.
-    let mut child = bin()
-        .args(&argv)
-        .env("CLIP_WGPU_FAULTS", "hold_at_interrupt@0")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&err).unwrap())
-        .spawn()
-        .unwrap();
+    let mut child = spawn(
+        bin()
+            .args(&argv)
+            .env("CLIP_WGPU_FAULTS", "hold_at_interrupt@0"),
+        &err,
+    );
     assert!(wait_for(&mut child, "checkpoint-4", || {
         out.join("checkpoint-4/trainer_state.json").exists()
     }));
@@ -298,7 +246,7 @@ fn kill_9_at_several_moments_leaves_a_resumable_run() {
         return;
     }
     let root = temp("kill");
-    let csv = mini_csv(&root);
+    let csv = picture_csv(&root, 12);
     let full = root.join("full");
     let o = run(&args(&csv, &full, 16, 2), None);
     assert!(o.status.success(), "{}", stderr(&o));
@@ -306,7 +254,7 @@ fn kill_9_at_several_moments_leaves_a_resumable_run() {
     // 1. Before the first checkpoint: after the first logged step.
     let out = root.join("early");
     let argv = args(&csv, &out, 16, 8);
-    let mut child = spawn(&argv, &root.join("early.log"));
+    let mut child = spawn(bin().args(&argv), &root.join("early.log"));
     let metrics = out.join("metrics.jsonl");
     assert!(wait_for(&mut child, "a logged step", || {
         std::fs::read_to_string(&metrics).is_ok_and(|s| s.contains("\"step\""))
@@ -327,7 +275,7 @@ fn kill_9_at_several_moments_leaves_a_resumable_run() {
     let mut caught = None;
     for attempt in 0..3 {
         let _ = std::fs::remove_dir_all(&out);
-        let mut child = spawn(&argv, &root.join("mid-save.log"));
+        let mut child = spawn(bin().args(&argv), &root.join("mid-save.log"));
         let pid = child.id() as libc::pid_t;
         loop {
             let seen = wait_for(&mut child, "a save", || {
@@ -379,7 +327,7 @@ fn kill_9_at_several_moments_leaves_a_resumable_run() {
     // 3. Right after the final checkpoint, before the model is saved.
     let out = root.join("late");
     let argv = args(&csv, &out, 16, 4);
-    let mut child = spawn(&argv, &root.join("late.log"));
+    let mut child = spawn(bin().args(&argv), &root.join("late.log"));
     assert!(wait_for(&mut child, "checkpoint-16", || {
         out.join("checkpoint-16/trainer_state.json").exists()
     }));
@@ -399,7 +347,7 @@ fn a_nan_gradient_stops_with_its_name_or_is_skipped() {
         return;
     }
     let root = temp("nan");
-    let csv = mini_csv(&root);
+    let csv = picture_csv(&root, 12);
     let out = root.join("stop");
     let argv = args(&csv, &out, 12, 3);
     let o = run(&argv, Some("nan_grad:text_projection@5"));
@@ -451,7 +399,7 @@ fn skipping_stops_after_too_many_nonfinite_steps_in_a_row() {
         return;
     }
     let root = temp("nan-streak");
-    let csv = mini_csv(&root);
+    let csv = picture_csv(&root, 12);
     let out = root.join("default");
     let mut argv = args(&csv, &out, 24, 3);
     argv.push("--skip_nonfinite_steps".into());
@@ -513,7 +461,7 @@ fn a_nan_loss_from_a_huge_learning_rate_stops_the_run() {
         return;
     }
     let root = temp("lr");
-    let csv = mini_csv(&root);
+    let csv = picture_csv(&root, 12);
     let out = root.join("out");
     let mut argv = args(&csv, &out, 12, 3);
     argv.extend(
@@ -543,7 +491,7 @@ fn out_of_memory_names_the_batch_size() {
         return;
     }
     let root = temp("oom");
-    let csv = mini_csv(&root);
+    let csv = picture_csv(&root, 12);
     let out = root.join("out");
     let o = run(&args(&csv, &out, 12, 3), Some("oom@5"));
     let e = stderr(&o);
@@ -568,7 +516,7 @@ fn a_lost_device_stops_cleanly_and_the_run_resumes() {
         return;
     }
     let root = temp("lost");
-    let csv = mini_csv(&root);
+    let csv = picture_csv(&root, 12);
     let full = root.join("full");
     let o = run(&args(&csv, &full, 12, 3), None);
     assert!(o.status.success(), "{}", stderr(&o));
@@ -606,7 +554,7 @@ fn resume_refuses_a_checkpoint_of_another_batch() {
         return;
     }
     let root = temp("resume-batch");
-    let csv = mini_csv(&root);
+    let csv = picture_csv(&root, 12);
     let out = root.join("out");
     let o = run(&args(&csv, &out, 2, 2), None);
     assert!(o.status.success(), "{}", stderr(&o));

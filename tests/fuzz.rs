@@ -16,11 +16,14 @@
 //! see how deep the mutations reach). A failing input is written to
 //! `target/fuzz-failures/` and the message gives the seed and iteration.
 //! `scripts/fuzz.sh` runs them long.
+mod common;
 use clip_wgpu::data::image::{decode_image, preprocess, ImageProcessorConfig};
 use clip_wgpu::data::sources::{self, mix64, parse_csv, Split, SplitMix64};
 use clip_wgpu::model::clip::ClipModel;
 use clip_wgpu::model::config::ModelConfig;
 use clip_wgpu::model::weights::{save_file, Weights};
+use common::cli::temp;
+use common::fixtures;
 use serde_json::{json, Map, Value};
 use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -40,19 +43,8 @@ fn env_u64(name: &str) -> Option<u64> {
     Some(parsed.unwrap_or_else(|| panic!("{name}={v:?} is not a number")))
 }
 
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
-}
-
 fn read(rel: &str) -> Vec<u8> {
     std::fs::read(fixtures().join(rel)).unwrap_or_else(|e| panic!("{rel}: {e}"))
-}
-
-fn temp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("clipwgpu-fuzz-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
 }
 
 /// One fuzz target's run: seed, iteration budget, time budget.
@@ -620,7 +612,7 @@ fn check_config(c: &Case, cfg: &ModelConfig, input: &[u8]) {
 #[test]
 fn fuzz_config() {
     let bases = config_bases();
-    let dir = temp("config");
+    let dir = temp("fuzz-config");
     let mut accepted = 0;
     Fuzz::new("config", 15000).run(|c| {
         let base = c.pick(&bases).clone();
@@ -852,7 +844,7 @@ fn fuzz_safetensors() {
     .iter()
     .map(|f| read(f))
     .collect();
-    let dir = temp("safetensors");
+    let dir = temp("fuzz-safetensors");
     Fuzz::new("safetensors", 20000).run(|c| {
         let bytes = match c.below(5) {
             // Bytes anywhere (mostly the header).
@@ -908,7 +900,7 @@ fn fuzz_safetensors() {
 #[test]
 fn fuzz_safetensors_index() {
     // Two shards of the RoBERTa fixture and their index.
-    let dir = temp("index");
+    let dir = temp("fuzz-index");
     let w = Weights::load_file(&fixtures().join("clip_roberta/model/model.safetensors")).unwrap();
     let all: Vec<_> = w.tensors.into_iter().collect();
     let (a, b) = all.split_at(all.len() / 2);
@@ -981,7 +973,7 @@ fn coco_base() -> Value {
 
 #[test]
 fn fuzz_coco() {
-    let dir = temp("coco");
+    let dir = temp("fuzz-coco");
     std::fs::create_dir_all(dir.join("annotations")).unwrap();
     std::fs::create_dir_all(dir.join("train2017")).unwrap();
     let file = dir.join("annotations/captions_train2017.json");
@@ -1191,7 +1183,7 @@ fn fuzz_csv_round_trip() {
 
 #[test]
 fn fuzz_table() {
-    let dir = temp("table");
+    let dir = temp("fuzz-table");
     let jsonl = jsonl_base();
     let array = {
         let rows: Vec<Value> = jsonl
@@ -1262,7 +1254,7 @@ fn fuzz_table() {
 fn fuzz_sidecar_folder() {
     // Random trees of pictures and caption files (names, case, empty or
     // binary captions, nested folders).
-    let root = temp("sidecar");
+    let root = temp("fuzz-sidecar");
     Fuzz::new("sidecar", 1000).run(|c| {
         let dir = root.join(format!("{}", c.iter));
         std::fs::create_dir_all(&dir).unwrap();
@@ -1473,7 +1465,7 @@ const TOK_KEYS: &[&str] = &[
 fn fuzz_tokenizer_files() {
     // The small RoBERTa tokenizer of the prepare fixtures: its
     // tokenizer.json and tokenizer_config.json mutated, then used.
-    let dir = temp("tokenizer");
+    let dir = temp("fuzz-tokenizer");
     let tok: Value = serde_json::from_slice(&read("prepare/roberta_mlm/tokenizer.json")).unwrap();
     let cfg: Value =
         serde_json::from_slice(&read("prepare/roberta_mlm/tokenizer_config.json")).unwrap();

@@ -11,15 +11,13 @@ use clip_wgpu::{Tape, Tensor};
 use common::*;
 use serde_json::Value;
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 const CASES: [&str; 3] = ["clip", "dual_roberta", "dual_clip_text"];
 const SEEDS: u64 = 40;
 
 fn fixture(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/init")
-        .join(rel)
+    fixtures().join("init").join(rel)
 }
 
 fn config(case: &str) -> ModelConfig {

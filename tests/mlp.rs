@@ -1,7 +1,7 @@
 //! The fused MLP op (activation in fc1's matmul epilogue, its derivative in
 //! the epilogue of the dH matmul) against linear -> act -> linear, forward
-//! and every gradient; 4-aligned sizes (fused) and not (fallback), with and
-//! without biases.
+//! and every gradient, for each activation the epilogues have; 4-aligned
+//! sizes (fused) and not (fallback), with and without biases.
 mod common;
 use clip_wgpu::ops::activation::{act, Act};
 use clip_wgpu::ops::matmul::linear;
@@ -14,7 +14,12 @@ fn mlp_matches_separate_ops() {
     let Some(gpu) = gpu() else { return };
     let mut r = Rng::new(41);
     for (rows, d, f, d2) in [(70, 32, 64, 32), (13, 7, 9, 5)] {
-        for (a, bias) in [(Act::QuickGelu, true), (Act::Gelu, false)] {
+        for (a, bias) in [
+            (Act::QuickGelu, true),
+            (Act::Gelu, false),
+            (Act::Tanh, false),
+            (Act::GeluTanh, true),
+        ] {
             let x = r.vec(rows * d, 1.0);
             let (w1, b1) = (r.vec(f * d, 0.5), r.vec(f, 0.5));
             let (w2, b2) = (r.vec(d2 * f, 0.5), r.vec(d2, 0.5));

@@ -14,12 +14,11 @@
 mod common;
 use clip_wgpu::model::weights::Weights;
 use clip_wgpu::train::checkpoint;
-use common::cli::{bin, have_gpu, temp};
+use common::cli::{bin, have_gpu, quick_train, spawn, stderr, temp, COLOURS};
+use common::{fixture_model, fixtures};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Output};
 use std::time::{Duration, Instant};
-
-const COLOURS: [&str; 6] = ["red", "green", "blue", "yellow", "purple", "orange"];
 
 fn mpirun(n: usize) -> Command {
     let mut c = Command::new("mpirun");
@@ -70,14 +69,10 @@ fn csv(root: &Path, n: usize) -> PathBuf {
     f
 }
 
-fn fixture(kind: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("tests/fixtures/{kind}/model"))
-}
-
 /// A VisionTextDualEncoder (CLIP vision + RoBERTa text) made from the tiny
 /// fixtures, as a user makes one.
 fn dual_encoder(root: &Path) -> PathBuf {
-    let fx = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let fx = fixtures();
     let out = root.join("dual");
     ok(
         bin()
@@ -95,38 +90,20 @@ fn dual_encoder(root: &Path) -> PathBuf {
 }
 
 fn train_args(model: &Path, csv: &Path, out: &Path, batch: usize, extra: &[&str]) -> Vec<String> {
-    let mut v: Vec<String> = [
-        "train",
-        "--model_name_or_path",
-        model.to_str().unwrap(),
-        "--train_file",
-        csv.to_str().unwrap(),
-        "--output_dir",
-        out.to_str().unwrap(),
-        "--do_train",
-        "--learning_rate",
-        "1e-3",
-        "--weight_decay",
-        "0.1",
-        "--warmup_steps",
-        "1",
-        "--max_seq_length",
-        "16",
-        "--logging_steps",
-        "1",
-        "--no_progress",
-        "--per_device_train_batch_size",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    v.push(batch.to_string());
+    let batch = batch.to_string();
+    let mut v = quick_train(
+        model,
+        csv,
+        out,
+        &[
+            "--warmup_steps",
+            "1",
+            "--per_device_train_batch_size",
+            &batch,
+        ],
+    );
     v.extend(extra.iter().map(|s| s.to_string()));
     v
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).to_string()
 }
 
 fn ok(o: Output, what: &str) -> Output {
@@ -209,13 +186,6 @@ fn wait_for_line(child: &mut Child, file: &Path, needle: &str) -> bool {
     }
 }
 
-fn spawn(mut c: Command, err: &Path) -> Child {
-    c.stdout(Stdio::null())
-        .stderr(std::fs::File::create(err).unwrap())
-        .spawn()
-        .unwrap()
-}
-
 #[test]
 fn two_ranks_train_as_one_process_with_twice_the_batch() {
     if !have_gpu() {
@@ -237,7 +207,7 @@ fn two_ranks_train_as_one_process_with_twice_the_batch() {
     ] {
         {
             let model = if kind == "clip" {
-                fixture(kind)
+                fixture_model(kind)
             } else {
                 dual.clone()
             };
@@ -307,7 +277,7 @@ fn sigterm_of_the_job_resumes_to_the_uninterrupted_weights() {
     }
     let root = temp("mpi-term");
     let data = csv(&root, 24);
-    let model = fixture("clip");
+    let model = fixture_model("clip");
     let extra = ["--max_steps", "6", "--save_steps", "2"];
     let full = root.join("full");
     ok(
@@ -323,7 +293,7 @@ fn sigterm_of_the_job_resumes_to_the_uninterrupted_weights() {
     let mut c = mpirun(2);
     c.args(&args[..])
         .env("CLIP_WGPU_FAULTS", "wait_for_signal@3");
-    let mut job = spawn(c, &err);
+    let mut job = spawn(&mut c, &err);
     assert!(
         wait_for_line(&mut job, &err, "waiting for a signal after step 3"),
         "{}",
@@ -357,7 +327,7 @@ fn a_failing_rank_ends_the_job_naming_it() {
     }
     let root = temp("mpi-fail");
     let data = csv(&root, 24);
-    let model = fixture("clip");
+    let model = fixture_model("clip");
     // Rank 1's copy of the table has no picture folder beside it.
     let other = root.join("elsewhere");
     std::fs::create_dir_all(&other).unwrap();
@@ -391,9 +361,9 @@ fn a_failing_rank_ends_the_job_naming_it() {
     ];
     for (name, rank1, env, says) in cases {
         let rank0 = train_args(&model, &data, &root.join(name), 4, &extra);
-        let c = mpmd(&rank0, &rank1, env);
+        let mut c = mpmd(&rank0, &rank1, env);
         let err = root.join(format!("{name}.err"));
-        let mut job = spawn(c, &err);
+        let mut job = spawn(&mut c, &err);
         let status = wait_bounded(&mut job, 300, name);
         let text = std::fs::read_to_string(&err).unwrap();
         assert!(!status.success(), "{name}: {text}");
@@ -404,9 +374,9 @@ fn a_failing_rank_ends_the_job_naming_it() {
     // A NaN gradient on rank 1 alone: the summed gradient is NaN on both,
     // so both stop at that step, naming it (no rank waits for the other).
     let both = train_args(&model, &data, &root.join("nan"), 4, &extra);
-    let c = mpmd(&both, &both, Some("CLIP_WGPU_FAULTS=nan_grad@2"));
+    let mut c = mpmd(&both, &both, Some("CLIP_WGPU_FAULTS=nan_grad@2"));
     let err = root.join("nan.err");
-    let mut job = spawn(c, &err);
+    let mut job = spawn(&mut c, &err);
     let status = wait_bounded(&mut job, 300, "a NaN on one rank");
     let text = std::fs::read_to_string(&err).unwrap();
     assert!(!status.success(), "{text}");
@@ -418,11 +388,7 @@ fn a_failing_rank_ends_the_job_naming_it() {
     let out = root.join("killed");
     let err = root.join("killed.err");
     let mut job = spawn(
-        {
-            let mut c = mpirun(2);
-            c.args(&train_args(&model, &data, &out, 4, &extra)[..]);
-            c
-        },
+        mpirun(2).args(&train_args(&model, &data, &out, 4, &extra)[..]),
         &err,
     );
     assert!(wait_for_line(&mut job, &err, "step 1/"));
@@ -453,7 +419,7 @@ fn sharded_evaluation_gives_the_recall_of_one_process() {
     let root = temp("mpi-eval");
     // 13 examples: shards of 6 and 7, in batches of 4.
     let data = csv(&root, 13);
-    let model = fixture("clip");
+    let model = fixture_model("clip");
     let run = |mut c: Command, out: &Path| -> serde_json::Value {
         c.args([
             "eval",

@@ -11,13 +11,7 @@ use clip_wgpu::ops::adamw::{adamw_step, AdamW};
 use clip_wgpu::ops::loss::logits_per_image;
 use clip_wgpu::{Tape, Tensor};
 use common::*;
-use std::path::{Path, PathBuf};
-
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name)
-}
+use std::path::PathBuf;
 
 fn max_abs(a: &[f32], b: &[f32]) -> f64 {
     assert_eq!(a.len(), b.len());
@@ -72,7 +66,7 @@ fn sparse_rows_err(
 
 fn check_model(name: &str) {
     let Some(gpu) = gpu() else { return };
-    let dir = fixture(name);
+    let dir = fixtures().join(name);
     let model = ClipModel::load(&gpu, &dir.join("model")).unwrap();
     let inputs = Weights::load_file(&dir.join("inputs.safetensors")).unwrap();
     let want = Weights::load_file(&dir.join("outputs.safetensors")).unwrap();
@@ -309,7 +303,7 @@ fn aligned_fixtures_with_the_environments_kernels() {
 fn save_load_round_trip_is_exact() {
     let Some(gpu) = gpu() else { return };
     for name in ["clip", "clip_roberta"] {
-        let src = fixture(name).join("model");
+        let src = fixtures().join(name).join("model");
         let model = ClipModel::load(&gpu, &src).unwrap();
         // CLIP_WGPU_KEEP_SAVED=DIR keeps the saved folders for
         // tests/fixtures/embed_reference.py, which loads them in transformers.

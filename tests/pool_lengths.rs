@@ -4,11 +4,8 @@
 //! the GPU is this test's own, so no other test's buffers count.
 mod common;
 use clip_wgpu::model::clip::{Batch, ClipModel};
-use clip_wgpu::model::config::ModelConfig;
-use clip_wgpu::model::init::init_weights;
 use clip_wgpu::Tape;
 use common::*;
-use std::path::Path;
 
 /// A forward and backward at batch 3 whose longest caption has `n` tokens
 /// (of `len` padded).
@@ -19,15 +16,8 @@ fn step(model: &ClipModel, case: &str, len: usize, n: usize, r: &mut Rng) {
     let mut mask = vec![0f32; batch * len];
     for b in 0..batch {
         let m = if b == 0 { n } else { 1 + r.below(n) };
-        for t in 0..m {
-            ids[b * len + t] = match (case, t) {
-                ("clip", t) if t == m - 1 => 199,
-                ("dual_roberta", 0) => 0,
-                ("dual_roberta", t) if t == m - 1 => 2,
-                _ => 3 + r.below(190) as u32,
-            };
-            mask[b * len + t] = 1.0;
-        }
+        let row = b * len..(b + 1) * len;
+        caption(case, &mut ids[row.clone()], &mut mask[row], m, r);
     }
     let b = Batch {
         pixels: upload(&gpu, &r.vec(batch * 3 * s * s, 1.0), &[batch, 3, s, s]),
@@ -47,10 +37,7 @@ fn step(model: &ClipModel, case: &str, len: usize, n: usize, r: &mut Rng) {
 fn varied_caption_lengths_allocate_nothing_after_each_multiple_of_8() {
     let Some(gpu) = own_gpu() else { return };
     for (case, len) in [("clip", 20), ("dual_roberta", 28)] {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/init");
-        let cfg = ModelConfig::from_file(&dir.join(case).join("config.json")).unwrap();
-        let w = init_weights(&cfg, 3).unwrap();
-        let model = ClipModel::from_weights(&gpu, cfg, &w, case).unwrap();
+        let model = init_model(&gpu, case, 3);
         let mut r = Rng::new(5);
         // Each run length once (8, 16, ..., and the padded length), twice
         // so that the second pass sees the pool in its steady state.

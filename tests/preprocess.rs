@@ -5,17 +5,15 @@
 //! made by make.py there). Differences are reported in 1/255 units before
 //! normalization.
 
+mod common;
 use clip_wgpu::data::image::{
     center_crop, load_image, preprocess, resize_and_crop, shortest_edge_hw, to_rgb, ConfigSource,
     ImageProcessorConfig,
 };
 use clip_wgpu::model::weights::Weights;
+use common::fixtures;
 use image::{DynamicImage, RgbImage};
 use std::path::{Path, PathBuf};
-
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
-}
 
 /// HWC u8 -> CHW as f32, the layout the processor returns.
 fn chw(rgb: &RgbImage) -> Vec<f32> {

@@ -5,28 +5,11 @@
 mod common;
 use clip_wgpu::model::weights::Weights;
 use clip_wgpu::train::metrics::{loss_chart, ChartData, MetricsLog};
-use common::cli::{bin, have_gpu, temp};
-use std::path::{Path, PathBuf};
+use common::cli::{bin, have_gpu, temp, write_image, COLOURS};
+use common::fixture_model;
+use std::path::Path;
 use std::process::{Output, Stdio};
 use std::time::{Duration, Instant};
-
-fn fixture_model() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/clip/model")
-}
-
-/// A small picture whose colour depends on `i`.
-fn write_image(path: &Path, i: usize) {
-    let img = image::RgbImage::from_fn(40, 34, |x, y| {
-        image::Rgb([
-            (i * 60 % 256) as u8,
-            ((x as usize * 5 + i * 30) % 256) as u8,
-            ((y * 7) % 256) as u8,
-        ])
-    });
-    img.save(path).unwrap();
-}
-
-const COLOURS: [&str; 6] = ["red", "green", "blue", "yellow", "purple", "orange"];
 
 fn mini_coco(root: &Path) {
     std::fs::create_dir_all(root.join("annotations")).unwrap();
@@ -111,7 +94,7 @@ fn coco_layout_with_the_seed_command_line() {
     let data = root.join("coco");
     mini_coco(&data);
     let out = root.join("out");
-    let model = fixture_model();
+    let model = fixture_model("clip");
     // The seed's command line, pointed at local folders.
     let o = run(&[
         "--output_dir",
@@ -242,7 +225,7 @@ fn csv_and_jsonl_with_bad_images_skipped_and_reported() {
     }
     std::fs::write(root.join("val.jsonl"), jsonl).unwrap();
     let out = root.join("out");
-    let model = fixture_model();
+    let model = fixture_model("clip");
     let (m, o) = (model.to_str().unwrap(), out.to_str().unwrap());
     let mut args = common(m, o);
     let train = root.join("train.csv");
@@ -314,7 +297,7 @@ fn resume_after_kill_matches_uninterrupted_run() {
     let root = temp("resume");
     let data = root.join("coco");
     mini_coco(&data);
-    let model = fixture_model();
+    let model = fixture_model("clip");
     let args = |out: &Path| -> Vec<String> {
         [
             "--model_name_or_path",
@@ -416,7 +399,7 @@ fn output_dir_rules_and_bad_flags() {
     let out = root.join("out");
     std::fs::create_dir_all(&out).unwrap();
     std::fs::write(out.join("something.txt"), "x").unwrap();
-    let model = fixture_model();
+    let model = fixture_model("clip");
     let o = bin()
         .args([
             "train",

@@ -3,19 +3,9 @@
 mod common;
 use clip_wgpu::model::clip::ClipModel;
 use clip_wgpu::model::weights::{save_file, HostTensor, Weights};
+use common::cli::temp;
 use common::*;
-use std::path::{Path, PathBuf};
-
-fn fixture_model() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/clip_roberta/model")
-}
-
-fn temp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("clipwgpu-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
+use std::path::Path;
 
 fn write_shards(dir: &Path, w: &Weights, shards: usize) {
     let names: Vec<&String> = w.tensors.keys().collect();
@@ -39,7 +29,7 @@ fn write_shards(dir: &Path, w: &Weights, shards: usize) {
 
 #[test]
 fn sharded_checkpoint_loads_like_a_single_file() {
-    let src = fixture_model();
+    let src = fixture_model("clip_roberta");
     let single = Weights::load_dir(&src).unwrap();
     let dir = temp("shards");
     std::fs::copy(src.join("config.json"), dir.join("config.json")).unwrap();
@@ -81,7 +71,7 @@ fn half_precision_tensors_upcast() {
 #[test]
 fn mismatched_checkpoint_names_every_problem() {
     let Some(gpu) = gpu() else { return };
-    let src = fixture_model();
+    let src = fixture_model("clip_roberta");
     let mut w = Weights::load_dir(&src).unwrap();
     w.tensors.remove("visual_projection.weight");
     w.tensors
@@ -124,7 +114,7 @@ fn mismatched_checkpoint_names_every_problem() {
 #[test]
 fn transformers4_nested_dual_encoder_names_load() {
     let Some(gpu) = gpu() else { return };
-    let src = fixture_model();
+    let src = fixture_model("clip_roberta");
     let w = Weights::load_dir(&src).unwrap();
     let renamed: Vec<(String, HostTensor)> = w
         .tensors

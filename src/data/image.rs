@@ -29,7 +29,7 @@
 //! upload u8 pixels and normalize later.
 
 use anyhow::{bail, ensure, Context, Result};
-use image::{DynamicImage, ImageDecoder, ImageFormat, ImageReader, RgbImage};
+use image::{DynamicImage, ImageFormat, ImageReader, RgbImage};
 use serde_json::{Map, Value};
 use std::fmt;
 use std::io::Cursor;
@@ -433,25 +433,6 @@ pub fn decode_image(bytes: &[u8]) -> Result<DynamicImage> {
         }
     }
     Ok(ImageReader::with_format(Cursor::new(bytes), format).decode()?)
-}
-
-/// transformers' `image_utils.load_image(path)`: applies the EXIF orientation
-/// and converts to RGB by dropping alpha (PIL `convert("RGB")`, no white
-/// background). Use this where transformers code calls `load_image`.
-pub fn load_image_upright(path: &Path) -> Result<DynamicImage> {
-    let bytes = std::fs::read(path).with_context(|| format!("reading image {}", path.display()))?;
-    let orientation = ImageReader::new(Cursor::new(&bytes))
-        .with_guessed_format()
-        .ok()
-        .and_then(|r| r.into_decoder().ok())
-        .and_then(|mut d| d.orientation().ok());
-    let mut img =
-        decode_image(&bytes).with_context(|| format!("decoding image {}", path.display()))?;
-    if let Some(o) = orientation {
-        img.apply_orientation(o);
-    }
-    let rgb = to_rgb_with(&img, |c, _a| c);
-    Ok(DynamicImage::ImageRgb8(rgb))
 }
 
 /// PIL's `Image.alpha_composite(white, px)` for one channel (uint8 math of

@@ -171,7 +171,6 @@ pub struct Loader {
     shared: Arc<Shared>,
     threads: Vec<JoinHandle<()>>,
     position: usize,
-    len: usize,
     finished: bool,
     failed: bool,
     skipped: Vec<(PathBuf, String)>,
@@ -254,7 +253,6 @@ impl Loader {
             shared,
             threads,
             position: start,
-            len: order.len(),
             finished: false,
             failed: false,
             skipped: Vec::new(),
@@ -296,11 +294,6 @@ impl Loader {
     /// `start`); pass it as `start` to continue exactly here.
     pub fn position(&self) -> usize {
         self.position
-    }
-
-    /// Length of the order.
-    pub fn order_len(&self) -> usize {
-        self.len
     }
 
     /// Every picture skipped in the batches returned so far.

@@ -5,17 +5,19 @@
 pub mod adapter;
 pub mod pool;
 pub mod profile;
+pub mod settings;
 pub mod tune;
 
 use anyhow::{anyhow, bail, Context, Result};
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 
 pub use adapter::AdapterRequest;
 pub use pool::PoolStats;
 use pool::{bucket, Pool, STORAGE_USAGE};
 pub use profile::KernelTime;
 use profile::Profiler;
+pub use settings::Settings;
 
 /// One WGSL module: its name (for errors and the cache) and its source
 /// (see `crate::shaders`).
@@ -87,7 +89,9 @@ pub struct Gpu {
     /// binding slot, so that two absent inputs of one dispatch (one
     /// read-only, one read-write) never share a buffer.
     dummies: Vec<wgpu::Buffer>,
-    tune: tune::TuneCache,
+    /// The user's settings (kernel choices, tuning, text length, profiles).
+    settings: RwLock<Arc<Settings>>,
+    tune: RwLock<tune::TuneCache>,
     /// Test override of the binding limit (see `window_bytes`).
     binding_limit: std::sync::atomic::AtomicU64,
 }
@@ -134,12 +138,23 @@ fn gcd(a: u64, b: u64) -> u64 {
 impl Gpu {
     /// Open the adapter the request names (or the best one) with its own
     /// limits: CLIP activations exceed wgpu's 128 MiB default binding size.
+    /// Settings come from the environment ([`Settings::from_env`]).
     pub fn new(req: &AdapterRequest) -> Result<Arc<Gpu>> {
-        let adapter = adapter::choose(req)?;
-        Self::from_adapter(adapter)
+        Self::with_settings(req, Settings::from_env()?)
     }
 
+    /// `new` with the given settings (the environment's are not read).
+    pub fn with_settings(req: &AdapterRequest, settings: Settings) -> Result<Arc<Gpu>> {
+        let adapter = adapter::choose(req)?;
+        Self::from_adapter_with(adapter, settings)
+    }
+
+    /// A context on `adapter`, with settings from the environment.
     pub fn from_adapter(adapter: wgpu::Adapter) -> Result<Arc<Gpu>> {
+        Self::from_adapter_with(adapter, Settings::from_env()?)
+    }
+
+    pub fn from_adapter_with(adapter: wgpu::Adapter, settings: Settings) -> Result<Arc<Gpu>> {
         let info = adapter.get_info();
         let limits = adapter.limits();
         let wanted = wgpu::Features::TIMESTAMP_QUERY
@@ -196,14 +211,16 @@ impl Gpu {
             modules: Mutex::default(),
             pipelines: Mutex::default(),
             rec: Mutex::default(),
-            tune: tune::TuneCache::open(
+            tune: RwLock::new(tune::TuneCache::open(
                 &info,
                 tune::fnv(&[
                     crate::shaders::source("matmul"),
                     crate::shaders::source("matmul_vec4"),
                     crate::shaders::source("matmul_sg"),
                 ]),
-            ),
+                settings.cache_dir.as_deref(),
+            )),
+            settings: RwLock::new(Arc::new(settings)),
             info,
             error,
             dummies,
@@ -219,29 +236,46 @@ impl Gpu {
         Ok(())
     }
 
+    /// The user's settings: what ops and models read instead of the
+    /// environment.
+    pub fn settings(&self) -> Arc<Settings> {
+        self.settings.read().unwrap().clone()
+    }
+
+    /// Replace the settings (work already recorded keeps its choices; a new
+    /// `cache_dir` moves the measured choices' file there, re-reading it).
+    pub fn set_settings(&self, settings: Settings) {
+        let mut cur = self.settings.write().unwrap();
+        if settings.cache_dir != cur.cache_dir {
+            let mut tune = self.tune.write().unwrap();
+            *tune = tune.moved_to(settings.cache_dir.as_deref());
+        }
+        *cur = Arc::new(settings);
+    }
+
     /// A kernel choice measured earlier on this adapter (see `tune`).
     pub fn tuned(&self, key: &str) -> Option<String> {
-        self.tune.get(key)
+        self.tune.read().unwrap().get(key)
     }
 
     pub fn set_tuned(&self, key: &str, value: &str) {
-        self.tune.set(key, value)
+        self.tune.read().unwrap().set(key, value)
     }
 
     /// The kernel choices (tuning cache entries) this process has used.
     pub fn kernel_choices(&self) -> std::collections::BTreeMap<String, String> {
-        self.tune.used()
+        self.tune.read().unwrap().used()
     }
 
     /// Use these kernel choices wherever they name a kernel that runs here
     /// (a resumed run's, from its checkpoint), whatever this machine measured.
     pub fn pin_kernel_choices(&self, entries: &std::collections::BTreeMap<String, String>) {
-        self.tune.pin(entries)
+        self.tune.read().unwrap().pin(entries)
     }
 
     /// Where measured kernel choices are kept, if anywhere.
-    pub fn tune_cache_path(&self) -> Option<&std::path::PathBuf> {
-        self.tune.path()
+    pub fn tune_cache_path(&self) -> Option<std::path::PathBuf> {
+        self.tune.read().unwrap().path().cloned()
     }
 
     pub fn pool_stats(&self) -> PoolStats {
@@ -474,7 +508,7 @@ impl Gpu {
         let label = rec
             .profile
             .as_ref()
-            .map(|_| profile_label(shader, entry, constants, params));
+            .map(|_| profile_label(shader, entry, constants, params, &self.settings()));
         let wall = rec.profile.as_ref().is_some_and(|p| p.timestamps.is_none());
         if rec
             .profile
@@ -816,12 +850,14 @@ impl Gpu {
     }
 }
 
-/// Kernel name in profiles: shader, entry point and override constants.
+/// Kernel name in profiles: shader, entry point and override constants
+/// (and the parameter words, with `profile_params`).
 fn profile_label(
     shader: &Shader,
     entry: &str,
     constants: &[(&str, f64)],
     params: &[u32],
+    settings: &Settings,
 ) -> String {
     // Constants left at 0 are omitted and flags set to 1 show by name, so
     // specialized kernels keep short names.
@@ -833,8 +869,7 @@ fn profile_label(
             _ => s.push_str(&format!(" {k}={v}")),
         }
     }
-    static WITH_PARAMS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    if *WITH_PARAMS.get_or_init(|| std::env::var_os("CLIP_WGPU_PROFILE_PARAMS").is_some()) {
+    if settings.profile_params {
         s.push_str(&format!(" {params:?}"));
     }
     s

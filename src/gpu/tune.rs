@@ -1,14 +1,22 @@
-//! Kernel choices measured on this adapter (autotuning), kept in memory and
-//! in a JSON file in the user's cache folder so the next run skips the
-//! measuring: `$CLIP_WGPU_CACHE_DIR`, else `$XDG_CACHE_HOME/clip-wgpu`, else
-//! `~/.cache/clip-wgpu`. One file per adapter, driver and kernel source
+//! Kernel choices measured on this adapter (autotuning, unless the settings'
+//! `tune` is off), kept in memory and in a JSON file in the user's cache
+//! folder (the settings' `cache_dir`: `$CLIP_WGPU_CACHE_DIR`, else
+//! `$XDG_CACHE_HOME/clip-wgpu`, else `~/.cache/clip-wgpu`) so the next run
+//! skips the measuring. One file per adapter, driver and kernel source
 //! version; a file that cannot be read or written only costs a re-tune.
+//!
+//! Also [`time`], the timer the measuring (and `bench`) runs candidates with.
 
+use super::Gpu;
+use anyhow::Result;
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
+use std::time::Instant;
 
 pub(crate) struct TuneCache {
+    /// Hash of the adapter and kernel version: the file's name.
+    id: u64,
     path: Option<PathBuf>,
     map: Mutex<BTreeMap<String, String>>,
     /// Choices taken from a checkpoint: they win over the file's, so a run
@@ -16,26 +24,6 @@ pub(crate) struct TuneCache {
     pinned: Mutex<BTreeMap<String, String>>,
     /// Every choice this process looked up or made (what a checkpoint records).
     used: Mutex<BTreeMap<String, String>>,
-}
-
-/// Whether kernel choices are measured on first use (`CLIP_WGPU_TUNE=0`
-/// turns it off: built-in heuristics instead).
-pub fn enabled() -> bool {
-    !matches!(
-        std::env::var("CLIP_WGPU_TUNE").as_deref(),
-        Ok("0" | "off" | "false")
-    )
-}
-
-fn cache_dir() -> Option<PathBuf> {
-    let env = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty());
-    if let Some(d) = env("CLIP_WGPU_CACHE_DIR") {
-        return Some(PathBuf::from(d));
-    }
-    if let Some(d) = env("XDG_CACHE_HOME") {
-        return Some(PathBuf::from(d).join("clip-wgpu"));
-    }
-    env("HOME").map(|h| PathBuf::from(h).join(".cache").join("clip-wgpu"))
 }
 
 /// FNV-1a: a stable short hash for file names.
@@ -51,8 +39,8 @@ pub(crate) fn fnv(parts: &[&str]) -> u64 {
 
 impl TuneCache {
     /// The cache of `adapter` (name, driver, backend) for kernels whose
-    /// sources hash to `version`.
-    pub(crate) fn open(info: &wgpu::AdapterInfo, version: u64) -> TuneCache {
+    /// sources hash to `version`, kept in folder `dir` (`None`: in memory).
+    pub(crate) fn open(info: &wgpu::AdapterInfo, version: u64, dir: Option<&Path>) -> TuneCache {
         let id = fnv(&[
             &info.name,
             &info.driver,
@@ -61,13 +49,27 @@ impl TuneCache {
             &format!("{version:x}"),
             env!("CARGO_PKG_VERSION"),
         ]);
-        let path = cache_dir().map(|d| d.join(format!("tune-{id:016x}.json")));
+        Self::at(id, dir)
+    }
+
+    /// This cache's file in folder `dir` instead (read from there).
+    pub(crate) fn moved_to(&self, dir: Option<&Path>) -> TuneCache {
+        let t = Self::at(self.id, dir);
+        // Pinned and used choices belong to the run, not to the file.
+        t.pin(&self.pinned.lock().unwrap());
+        *t.used.lock().unwrap() = self.used();
+        t
+    }
+
+    fn at(id: u64, dir: Option<&Path>) -> TuneCache {
+        let path = dir.map(|d| d.join(format!("tune-{id:016x}.json")));
         let map = path
             .as_ref()
             .and_then(|p| std::fs::read_to_string(p).ok())
             .and_then(|t| serde_json::from_str::<BTreeMap<String, String>>(&t).ok())
             .unwrap_or_default();
         TuneCache {
+            id,
             path,
             map: Mutex::new(map),
             pinned: Mutex::default(),
@@ -120,4 +122,28 @@ impl TuneCache {
     pub(crate) fn path(&self) -> Option<&PathBuf> {
         self.path.as_ref()
     }
+}
+
+/// Median seconds of `reps` timed runs after one warm-up run: GPU time
+/// from timestamp queries where the adapter has them, else wall time
+/// around submit + wait.
+pub fn time(gpu: &Gpu, reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    f()?;
+    gpu.sync()?;
+    let mut ts = Vec::with_capacity(reps);
+    for _ in 0..reps {
+        let t = Instant::now();
+        if gpu.has_timestamps() && !gpu.profiling() {
+            gpu.profile_start(true)?;
+            f()?;
+            let k = gpu.profile_stop()?;
+            ts.push(k.iter().map(|k| k.seconds).sum());
+        } else {
+            f()?;
+            gpu.sync()?;
+            ts.push(t.elapsed().as_secs_f64());
+        }
+    }
+    ts.sort_by(|a, b| a.total_cmp(b));
+    Ok(ts[ts.len() / 2])
 }

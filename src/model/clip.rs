@@ -252,9 +252,10 @@ impl ClipModel {
     /// How many of the batch's text positions the text tower runs (see the
     /// towers' `run_len`).
     pub fn text_run_len(&self, b: &Batch) -> usize {
+        let full_text = b.pixels.gpu().settings().full_text;
         match &self.text {
-            TextTower::Clip(t) => t.run_len(&b.ids, b.batch),
-            TextTower::Roberta(_) => RobertaTower::run_len(&b.mask, b.batch),
+            TextTower::Clip(t) => t.run_len(&b.ids, b.batch, full_text),
+            TextTower::Roberta(_) => RobertaTower::run_len(&b.mask, b.batch, full_text),
         }
     }
 

@@ -54,10 +54,11 @@ pub(crate) fn keep_prefix<T: Copy>(x: &[T], batch: usize, len: usize, keep: usiz
         .collect()
 }
 
-/// Positions run for `pooled` tokens of rows of `len`: through the last.
-fn keep_len(pooled: &[usize], len: usize) -> usize {
+/// Positions run for `pooled` tokens of rows of `len`: through the last
+/// (all with `full_text`).
+fn keep_len(pooled: &[usize], len: usize, full_text: bool) -> usize {
     match pooled.iter().max() {
-        Some(&m) if !full_text() => run_bucket(m + 1, len),
+        Some(&m) if !full_text => run_bucket(m + 1, len),
         _ => len,
     }
 }
@@ -69,13 +70,6 @@ fn keep_len(pooled: &[usize], len: usize) -> usize {
 /// masked keys; their outputs are not used).
 pub(crate) fn run_bucket(keep: usize, len: usize) -> usize {
     (keep.div_ceil(8) * 8).min(len)
-}
-
-/// Whether text runs at its padded length (`CLIP_WGPU_FULL_TEXT=1`, for
-/// comparing kernel speed with frameworks that do) instead of stopping at
-/// the last position the output depends on.
-pub(crate) fn full_text() -> bool {
-    std::env::var_os("CLIP_WGPU_FULL_TEXT").is_some_and(|v| v != "0")
 }
 
 impl ClipTextTower {
@@ -114,13 +108,14 @@ impl ClipTextTower {
     }
 
     /// How many positions of ids [B, T] the tower runs: through the last
-    /// pooled token, rounded up to a multiple of 8 (all T with
-    /// `CLIP_WGPU_FULL_TEXT=1`).
-    pub fn run_len(&self, ids: &[u32], batch: usize) -> usize {
+    /// pooled token, rounded up to a multiple of 8 (all T with `full_text`,
+    /// the settings' `CLIP_WGPU_FULL_TEXT=1`).
+    pub fn run_len(&self, ids: &[u32], batch: usize, full_text: bool) -> usize {
         let len = ids.len() / batch.max(1);
         keep_len(
             &pooled_positions(ids, batch, len, self.cfg.eos_token_id),
             len,
+            full_text,
         )
     }
 
@@ -144,7 +139,8 @@ impl ClipTextTower {
         // nothing the output depends on: run only the prefix up to it (the
         // same pooled states and gradients; less work on padded batches).
         let pooled = pooled_positions(ids, batch, len, c.eos_token_id);
-        let keep = keep_len(&pooled, len);
+        let full_text = p[self.tok].tensor().gpu().settings().full_text;
+        let keep = keep_len(&pooled, len, full_text);
         let (ids, mask) = (
             &keep_prefix(ids, batch, len, keep)[..],
             &keep_prefix(mask, batch, len, keep)[..],

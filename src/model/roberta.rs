@@ -2,7 +2,7 @@
 //! run_clip.py): post-LN encoder, erf GELU, position ids counted over
 //! non-padding tokens from padding_idx + 1, pooled = tanh(dense(h[<s>])).
 
-use super::clip_text::{full_text, keep_prefix};
+use super::clip_text::keep_prefix;
 use super::config::RobertaConfig;
 use super::layers::{LayerNorm, Linear};
 use super::params::{Layout, ParamVars};
@@ -153,10 +153,10 @@ impl RobertaTower {
 
     /// How many positions of mask [B, T] the tower runs: through the last
     /// attended one, rounded up to a multiple of 8 (all T with
-    /// `CLIP_WGPU_FULL_TEXT=1`).
-    pub fn run_len(mask: &[f32], batch: usize) -> usize {
+    /// `full_text`, the settings' `CLIP_WGPU_FULL_TEXT=1`).
+    pub fn run_len(mask: &[f32], batch: usize, full_text: bool) -> usize {
         let len = mask.len() / batch.max(1);
-        if full_text() {
+        if full_text {
             return len;
         }
         let keep = (0..len)
@@ -188,7 +188,8 @@ impl RobertaTower {
         // Positions after every row's last attended token are masked keys
         // and their outputs unused (pooled at the first token): run only the
         // prefix up to the last one (same outputs and gradients).
-        let keep = Self::run_len(mask, batch);
+        let full_text = p[self.word].tensor().gpu().settings().full_text;
+        let keep = Self::run_len(mask, batch, full_text);
         let (ids, mask, pos_ids) = (
             &keep_prefix(ids, batch, len, keep)[..],
             &keep_prefix(mask, batch, len, keep)[..],

@@ -11,6 +11,7 @@ use super::matmul::{chosen_variant, Variant};
 use super::matmul::{matmul, Gemm};
 use super::permute::{merge_heads_crop, reshape_var, split_heads_pad, swap12_pad};
 use super::softmax::{masked_softmax, Mask};
+use crate::gpu::settings::Attention;
 use crate::gpu::Gpu;
 use crate::tape::{Tape, Var};
 use crate::tensor::Tensor;
@@ -58,22 +59,23 @@ fn dims(q: &Var, k: &Var, v: &Var, heads: usize) -> Result<(usize, usize, usize)
     Ok((s[0], s[1], s[2] / heads))
 }
 
-/// Whether attention runs fused: `CLIP_WGPU_ATTENTION=fused|unfused`
-/// forces it; otherwise where the head size has a fused kernel, the faster
-/// of the two (forward + backward) as measured on this adapter the first
-/// time a shape runs and kept with the matmul choices (`CLIP_WGPU_TUNE=0`:
-/// fused).
+/// Whether attention runs fused: the settings' `attention`
+/// (`CLIP_WGPU_ATTENTION=fused|unfused`) forces it; otherwise where the head
+/// size has a fused kernel, the faster of the two (forward + backward) as
+/// measured on this adapter the first time a shape runs and kept with the
+/// matmul choices (tuning off, `CLIP_WGPU_TUNE=0`: fused).
 fn use_fused(q: &Var, k: &Var, v: &Var, d: Dims, mask: &Mask) -> Result<bool> {
-    match std::env::var("CLIP_WGPU_ATTENTION").as_deref() {
-        Ok("unfused") => return Ok(false),
-        Ok("fused") => return Ok(fused::supported(d.dh)),
-        _ => {}
+    let gpu = q.tensor().gpu();
+    let settings = gpu.settings();
+    match settings.attention {
+        Some(Attention::Unfused) => return Ok(false),
+        Some(Attention::Fused) => return Ok(fused::supported(d.dh)),
+        None => {}
     }
     if !fused::supported(d.dh) {
         return Ok(false);
     }
-    let gpu = q.tensor().gpu();
-    if !crate::gpu::tune::enabled() {
+    if !settings.tune {
         return Ok(true);
     }
     let key = format!(
@@ -93,8 +95,8 @@ fn use_fused(q: &Var, k: &Var, v: &Var, d: Dims, mask: &Mask) -> Result<bool> {
         return Ok(v == "fused");
     }
     let (qt, kt, vt) = (q.tensor(), k.tensor(), v.tensor());
-    let tf = crate::bench::time(gpu, 3, || forward_backward(qt, kt, vt, d, mask, true))?;
-    let tu = crate::bench::time(gpu, 3, || forward_backward(qt, kt, vt, d, mask, false))?;
+    let tf = crate::gpu::tune::time(gpu, 3, || forward_backward(qt, kt, vt, d, mask, true))?;
+    let tu = crate::gpu::tune::time(gpu, 3, || forward_backward(qt, kt, vt, d, mask, false))?;
     let fused = tf <= tu;
     gpu.set_tuned(&key, if fused { "fused" } else { "unfused" });
     Ok(fused)
@@ -164,7 +166,7 @@ pub fn forward_backward(
 pub fn padded_len(gpu: &Gpu, bh: usize, t: usize, dh: usize) -> usize {
     let tp = t.next_multiple_of(4);
     let g = Gemm::new(bh, tp, tp, dh);
-    let vec4 = |g: Gemm| chosen_variant(&g, gpu.class, g.m * g.k, g.k * g.n) == Variant::Vec4;
+    let vec4 = |g: Gemm| chosen_variant(&g, gpu, g.m * g.k, g.k * g.n) == Variant::Vec4;
     if tp != t && vec4(g) && vec4(Gemm::new(bh, tp, dh, tp)) {
         tp
     } else {

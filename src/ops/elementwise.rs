@@ -1,58 +1,13 @@
 //! Elementwise add (with broadcast of the second operand: residual streams,
-//! biases, position embeddings) and in-place gradient accumulation.
+//! biases, position embeddings) and in-place gradient accumulation. The
+//! kernels live in [`crate::arith`] (the tape sums gradients with them);
+//! this module adds the tape op.
 
-use super::{by_vec4, reduce, shader, u};
-use crate::gpu::Shader;
+use super::reduce;
 use crate::tape::{Tape, Var};
-use crate::tensor::Tensor;
-use anyhow::{ensure, Result};
+use anyhow::Result;
 
-const SHADER: Shader = shader!("elementwise");
-const ACC: Shader = shader!("accumulate");
-
-/// a + b, where b's element count divides a's and b repeats (broadcast over
-/// leading dimensions).
-pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    let (n, nb) = (a.numel(), b.numel());
-    ensure!(
-        nb > 0 && n % nb == 0,
-        "add: {:?} does not broadcast over {:?}",
-        b.shape(),
-        a.shape()
-    );
-    let gpu = a.gpu();
-    let out = Tensor::empty(gpu, a.shape())?;
-    // Whole vec4s where both extents allow.
-    let (entry, w) = by_vec4(n.is_multiple_of(4) && nb.is_multiple_of(4), "add");
-    gpu.dispatch(
-        &SHADER,
-        &entry,
-        &[u(n), u(nb), 0, 0],
-        &[Some(a.buffer()), Some(b.buffer()), Some(out.buffer())],
-        gpu.grid_1d(n / w, 256),
-    )?;
-    Ok(out)
-}
-
-/// acc += g (same element count).
-pub fn add_assign(acc: &Tensor, g: &Tensor) -> Result<()> {
-    ensure!(
-        acc.numel() == g.numel(),
-        "add_assign: {:?} vs {:?}",
-        acc.shape(),
-        g.shape()
-    );
-    let gpu = acc.gpu();
-    let n = acc.numel();
-    let (entry, w) = by_vec4(n.is_multiple_of(4), "add_assign");
-    gpu.dispatch(
-        &ACC,
-        &entry,
-        &[u(n), 0, 0, 0],
-        &[Some(g.buffer()), Some(acc.buffer())],
-        gpu.grid_1d(n / w, 256),
-    )
-}
+pub use crate::arith::{add, add_assign};
 
 /// Tape op: a + b with broadcast; db sums dy over the repeats.
 pub fn add_var(tape: &mut Tape, a: &Var, b: &Var) -> Result<Var> {

@@ -2,8 +2,8 @@
 //! The forward keeps each row's mean and rstd for the backward; dx is a row
 //! kernel, dgamma/dbeta are deterministic column sums of per-chunk partials.
 //!
-//! Also home of [`Rows`], the choice between the two layouts of the row
-//! kernels (here, softmax and l2norm).
+//! Also home of [`Rows`]'s launches: the two layouts of the row kernels
+//! (here, softmax and l2norm); the choice itself is one of the settings.
 
 use super::{f, reduce, shader, u};
 use crate::gpu::{DeviceClass, Gpu, Shader};
@@ -15,33 +15,17 @@ const SHADER: Shader = shader!("layernorm");
 /// Rows one thread sums in the dgamma/dbeta partials pass.
 const CHUNK: usize = 64;
 
-/// Layout of a kernel that reduces along rows: chosen per adapter, forced
-/// with `CLIP_WGPU_ROWS=thread|workgroup`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Rows {
-    /// One thread per row: SIMD lanes run different rows, no barriers (CPU
-    /// adapters such as lavapipe).
-    Thread,
-    /// One 64-thread workgroup per row with a fixed tree reduction
-    /// (coalesced loads: GPUs).
-    Workgroup,
-}
+pub use crate::gpu::settings::Rows;
 
+/// Launching the row kernels in either layout.
 impl Rows {
-    pub fn for_class(class: DeviceClass) -> Rows {
-        match std::env::var("CLIP_WGPU_ROWS").as_deref() {
-            Ok("thread") => Rows::Thread,
-            Ok("workgroup") => Rows::Workgroup,
-            _ => match class {
-                DeviceClass::Cpu => Rows::Thread,
-                DeviceClass::Gpu => Rows::Workgroup,
-            },
-        }
-    }
-
-    /// `v`, or the adapter's default.
+    /// `v`, else the settings' `rows` (`CLIP_WGPU_ROWS=thread|workgroup`),
+    /// else the adapter's default.
     pub fn pick(gpu: &Gpu, v: Option<Rows>) -> Rows {
-        v.unwrap_or_else(|| Rows::for_class(gpu.class))
+        v.or(gpu.settings().rows).unwrap_or(match gpu.class {
+            DeviceClass::Cpu => Rows::Thread,
+            DeviceClass::Gpu => Rows::Workgroup,
+        })
     }
 
     /// `launch`, taking the vec4 row kernel (`{base}_row4`) when a row is

@@ -4,7 +4,7 @@
 
 use super::activation::Act;
 use super::{f, reduce, shader, u};
-use crate::gpu::{DeviceClass, Shader};
+use crate::gpu::{DeviceClass, Gpu, Shader};
 use crate::tape::{Tape, Var};
 use crate::tensor::Tensor;
 use anyhow::{ensure, Result};
@@ -13,32 +13,7 @@ const SHADER: Shader = shader!("matmul");
 const SHADER_VEC4: Shader = shader!("matmul_vec4");
 const SHADER_SG: Shader = shader!("matmul_sg");
 
-/// Which matmul kernel runs: chosen per adapter, forced with
-/// `CLIP_WGPU_MATMUL=regs|tiled`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Variant {
-    /// Register-blocked, no workgroup memory: best on CPU adapters.
-    Regs,
-    /// `Regs` with vec4 loads of B (n % 4 == 0, B not transposed; the host
-    /// transposes B first): the CPU-adapter default.
-    Vec4,
-    /// Workgroup-memory tiles: best on GPUs.
-    Tiled,
-}
-
-impl Variant {
-    pub fn for_class(class: DeviceClass) -> Variant {
-        match std::env::var("CLIP_WGPU_MATMUL").as_deref() {
-            Ok("regs") => Variant::Regs,
-            Ok("vec4") => Variant::Vec4,
-            Ok("tiled") => Variant::Tiled,
-            _ => match class {
-                DeviceClass::Cpu => Variant::Vec4,
-                DeviceClass::Gpu => Variant::Tiled,
-            },
-        }
-    }
-}
+pub use crate::gpu::settings::{Tile, Variant};
 
 /// C[b] = alpha * op(A[b]) op(B[b]) (+ bias) (+ C[b]). op(A) is [m, k], op(B)
 /// is [k, n]; `ta`/`tb` say the operand is stored transposed. An operand
@@ -303,15 +278,6 @@ pub fn gemm_act_into(
     )
 }
 
-/// A register tile of matmul_vec4: rows x vec4 column groups per thread.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Tile {
-    pub rm: usize,
-    pub rv: usize,
-    /// The subgroup version (matmul_sg.wgsl).
-    pub sg: bool,
-}
-
 /// The tiles of matmul_vec4 (build/matmul_gen.rs generates these;
 /// tests/shaders.rs checks).
 pub const VEC4_TILES: [Tile; 6] = [
@@ -382,20 +348,36 @@ pub const SG_TILES: [Tile; 6] = [
 ];
 
 pub fn tile_name(t: Tile) -> String {
-    format!("{}{}x{}", if t.sg { "sg" } else { "" }, t.rm, t.rv)
+    t.to_string()
 }
 
+/// The tile named `s` (e.g. `16x2`, `sg16x2`) if a kernel has it.
 pub fn parse_tile(s: &str) -> Option<Tile> {
-    VEC4_TILES
-        .iter()
-        .chain(&SG_TILES)
-        .find(|t| tile_name(**t) == s)
-        .copied()
+    Tile::parse(s).filter(has_tile)
 }
 
-/// The tile forced by `CLIP_WGPU_VEC4_TILE=RMxRV`, if any.
-fn forced_tile() -> Option<Tile> {
-    parse_tile(std::env::var("CLIP_WGPU_VEC4_TILE").ok()?.as_str())
+/// Whether matmul_vec4 or matmul_sg has tile `t`.
+fn has_tile(t: &Tile) -> bool {
+    VEC4_TILES.iter().chain(&SG_TILES).any(|k| k == t)
+}
+
+/// The tile the settings force (`CLIP_WGPU_VEC4_TILE`, `bench --tile`), if
+/// any, checked against the kernels' tiles.
+fn forced_tile(gpu: &Gpu) -> Result<Option<Tile>> {
+    let Some(t) = gpu.settings().vec4_tile else {
+        return Ok(None);
+    };
+    ensure!(
+        has_tile(&t),
+        "vec4 matmul tile {t} (CLIP_WGPU_VEC4_TILE or --tile): no kernel has it; expected one of {}",
+        VEC4_TILES
+            .iter()
+            .chain(&SG_TILES)
+            .map(|t| t.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    Ok(Some(t))
 }
 
 /// Without measurements: the largest tile that wastes little of the output
@@ -417,8 +399,8 @@ pub fn heuristic_tile(g: &Gemm) -> Tile {
         })
 }
 
-/// The kernel for `g`: forced (Gemm fields, CLIP_WGPU_MATMUL,
-/// CLIP_WGPU_VEC4_TILE), measured earlier on this adapter, measured now
+/// The kernel for `g`: forced (Gemm fields, the settings' `matmul` and
+/// `vec4_tile`), measured earlier on this adapter, measured now
 /// (autotuning on first use of a shape: each candidate timed on these
 /// operands into a scratch output), or the heuristic when tuning is off.
 fn choose(
@@ -430,10 +412,14 @@ fn choose(
     b_bs: usize,
 ) -> Result<(Variant, Tile)> {
     let gpu = a.gpu();
-    let forced_variant = g.variant.is_some() || std::env::var_os("CLIP_WGPU_MATMUL").is_some();
-    let default = chosen_variant(g, gpu.class, a_bs, b_bs);
-    let tile = g.tile.or_else(forced_tile);
-    if forced_variant || tile.is_some() || !crate::gpu::tune::enabled() {
+    let settings = gpu.settings();
+    let forced_variant = g.variant.is_some() || settings.matmul.is_some();
+    let default = chosen_variant(g, gpu, a_bs, b_bs);
+    let tile = match g.tile {
+        Some(t) => Some(t),
+        None => forced_tile(gpu)?,
+    };
+    if forced_variant || tile.is_some() || !settings.tune {
         return Ok((default, tile.unwrap_or_else(|| heuristic_tile(g))));
     }
     let candidates = candidates(g, gpu.class, gpu.subgroups_of_8(), a_bs, b_bs);
@@ -465,7 +451,7 @@ fn choose(
             accumulate: false,
             ..*g
         };
-        crate::bench::time(gpu, reps, || gemm_into(&scratch, a, b, None, trial))
+        crate::gpu::tune::time(gpu, reps, || gemm_into(&scratch, a, b, None, trial))
     };
     // Every candidate briefly, then the three fastest again for longer: the
     // choice is cached for good, so one noisy timing must not decide it.
@@ -532,10 +518,17 @@ fn candidates(
     }
 }
 
-/// The kernel that runs `g`: the forced or per-adapter variant, with Vec4
-/// falling back to Regs when the shapes are not 4-aligned.
-pub fn chosen_variant(g: &Gemm, class: DeviceClass, a_bs: usize, b_bs: usize) -> Variant {
-    let v = g.variant.unwrap_or_else(|| Variant::for_class(class));
+/// The kernel that runs `g`: the forced (`g.variant`, the settings'
+/// `matmul`) or per-adapter variant, with Vec4 falling back to Regs when the
+/// shapes are not 4-aligned.
+pub fn chosen_variant(g: &Gemm, gpu: &Gpu, a_bs: usize, b_bs: usize) -> Variant {
+    let v = g
+        .variant
+        .or(gpu.settings().matmul)
+        .unwrap_or(match gpu.class {
+            DeviceClass::Cpu => Variant::Vec4,
+            DeviceClass::Gpu => Variant::Tiled,
+        });
     if v == Variant::Vec4 && !vec4_ok(g, a_bs, b_bs) {
         Variant::Regs
     } else {
@@ -679,29 +672,6 @@ pub fn linear(tape: &mut Tape, x: &Var, w: &Var, b: Option<&Var>) -> Result<Var>
     let (g, ys) = linear_shape(x, w)?;
     let y = gemm(x.tensor(), w.tensor(), b.map(|b| b.tensor()), g)?.reshape(&ys)?;
     Ok(record_linear(tape, y, x, w, b, g))
-}
-
-/// act(linear(x)) with the activation in the matmul's epilogue where the
-/// kernel has one; recorded as the linear node and the activation node.
-pub fn linear_act(tape: &mut Tape, x: &Var, w: &Var, b: Option<&Var>, act: Act) -> Result<Var> {
-    let (g, ys) = linear_shape(x, w)?;
-    let gpu = x.tensor().gpu();
-    let pre = Tensor::empty(gpu, &ys)?;
-    let y = Tensor::empty(gpu, &ys)?;
-    gemm_act_into(
-        &pre,
-        x.tensor(),
-        w.tensor(),
-        b.map(|b| b.tensor()),
-        g,
-        Some(Epilogue::Act(act, &y)),
-    )?;
-    let pre_var = record_linear(tape, pre.clone(), x, w, b, g);
-    Ok(tape.record(
-        y,
-        &[&pre_var],
-        Box::new(move |dy, _| Ok(vec![Some(super::activation::backward(&pre, dy, act)?)])),
-    ))
 }
 
 /// The matmul of nn.Linear for x [.., in] and w [out, in], and y's shape.

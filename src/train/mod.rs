@@ -10,12 +10,22 @@
 //!   one contrastive loss over all of them (gradient caching).
 //! - [`metrics`]: retrieval recall@K, the JSON-lines metrics log and the loss
 //!   chart.
+//! - [`trainer`]: the run and the training loop's outline, with its parts in
+//!   private modules: `setup`, `batches`, `step`, `record`, `evaluate`,
+//!   `save` and `faults`.
 
 pub mod accumulate;
 pub mod args;
+mod batches;
 pub mod checkpoint;
+mod evaluate;
+mod faults;
 pub mod metrics;
 pub mod optimizer;
 pub mod progress;
+mod record;
+mod save;
 pub mod schedule;
+mod setup;
+mod step;
 pub mod trainer;

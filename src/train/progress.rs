@@ -1,8 +1,20 @@
 //! Progress: a bar with step, loss, learning rate, images/s and ETA when
-//! stderr is a terminal; plain log lines otherwise.
+//! stderr is a terminal; plain log lines otherwise. Also the training run's
+//! log lines outside the step loop (`log`).
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use std::io::IsTerminal;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// Set on ranks other than 0: they train silently (rank 0 logs).
+pub(super) static QUIET: AtomicBool = AtomicBool::new(false);
+
+/// A line of the training run's log (rank 0's; see [`QUIET`]).
+pub(super) fn log(msg: &str) {
+    if !QUIET.load(Ordering::Relaxed) {
+        crate::stderr_line(&format!("[clip-wgpu] {msg}"));
+    }
+}
 
 pub struct Progress {
     bar: Option<ProgressBar>,

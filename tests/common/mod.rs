@@ -5,7 +5,11 @@
 pub mod cli;
 
 use clip_wgpu::gpu::AdapterRequest;
-use clip_wgpu::{Gpu, Tensor};
+use clip_wgpu::model::clip::{Batch, ClipModel};
+use clip_wgpu::model::config::ModelConfig;
+use clip_wgpu::model::init::init_weights;
+use clip_wgpu::{Gpu, Tape, Tensor};
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
 /// The test GPU, or `None` (test skipped) when no adapter exists outside CI.
@@ -119,4 +123,67 @@ pub fn numeric_grad(x: &[f64], mut loss: impl FnMut(&[f64]) -> f64) -> Vec<f64> 
 /// projection as the loss: L = sum_i w_i f(x)_i.
 pub fn dot(a: &[f64], b: &[f64]) -> f64 {
     a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+/// tests/fixtures.
+pub fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+/// The transformers-made model of fixture `kind` (`clip`, `clip_roberta`):
+/// tests/fixtures/KIND/model.
+pub fn fixture_model(kind: &str) -> PathBuf {
+    fixtures().join(kind).join("model")
+}
+
+/// Copy the files of folder `src` (a model folder) into `dst`.
+pub fn copy_dir(src: &Path, dst: &Path) {
+    std::fs::create_dir_all(dst).unwrap();
+    for e in std::fs::read_dir(src).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), dst.join(e.file_name())).unwrap();
+    }
+}
+
+/// A randomly initialised model (`init_weights` with `seed`) of the config
+/// `case` of tests/fixtures/init: `clip`, `dual_roberta`, ...
+pub fn init_model(gpu: &Arc<Gpu>, case: &str, seed: u64) -> ClipModel {
+    let dir = fixtures().join("init").join(case);
+    let cfg = ModelConfig::from_file(&dir.join("config.json")).unwrap();
+    let w = init_weights(&cfg, seed).unwrap();
+    ClipModel::from_weights(gpu, cfg, &w, case).unwrap()
+}
+
+/// One row of a text batch for an `init_model` of `case`: a caption of `n`
+/// tokens in `ids` and `mask` (the rest left as padding): CLIP's ends with
+/// end-of-text (199), RoBERTa's is <s> .. </s>, random tokens between.
+pub fn caption(case: &str, ids: &mut [u32], mask: &mut [f32], n: usize, r: &mut Rng) {
+    for t in 0..n {
+        ids[t] = match (case, t) {
+            ("clip", t) if t == n - 1 => 199,
+            ("dual_roberta", 0) => 0,
+            ("dual_roberta", t) if t == n - 1 => 2,
+            _ => 3 + r.below(190) as u32,
+        };
+        mask[t] = 1.0;
+    }
+}
+
+/// Loss and gradients (store order; empty where a parameter gets none) of
+/// one ordinary step of `model` on `b`.
+pub fn loss_and_grads(model: &ClipModel, b: &Batch) -> (f64, Vec<Vec<f64>>) {
+    let mut tape = Tape::new();
+    let vars = model.params.vars(&mut tape);
+    let out = model.forward(&mut tape, &vars, b).unwrap();
+    let loss = download(out.loss.tensor())[0];
+    let mut g = tape.backward(&out.loss).unwrap();
+    (loss, host_grads(model.params.grads(&vars, &mut g)))
+}
+
+/// Gradients on the host (empty where there is none).
+pub fn host_grads(grads: Vec<Option<Tensor>>) -> Vec<Vec<f64>> {
+    grads
+        .iter()
+        .map(|t| t.as_ref().map_or(Vec::new(), download))
+        .collect()
 }
