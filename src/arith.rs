@@ -3,7 +3,7 @@
 //! below both the tape and the ops (which depend on the tape), so the tape
 //! depends on no op; `ops::elementwise` re-exports both next to its tape op.
 
-use crate::gpu::Shader;
+use crate::gpu::{Shader, Window};
 use crate::tensor::Tensor;
 use anyhow::{ensure, Result};
 
@@ -64,11 +64,22 @@ pub fn add_assign(acc: &Tensor, g: &Tensor) -> Result<()> {
     } else {
         ("add_assign", 1)
     };
-    gpu.dispatch(
-        &ACC,
-        entry,
-        &[u(n), 0, 0, 0],
-        &[Some(g.buffer()), Some(acc.buffer())],
-        gpu.grid_1d(n / w, 256),
-    )
+    // Windows where the tensors exceed the adapter's binding limit (a
+    // gradient of roberta-base's word embedding on lavapipe).
+    let per = (gpu.window_bytes(4 * w as u64) / 4) as usize;
+    for e0 in (0..n).step_by(per) {
+        let len = per.min(n - e0);
+        gpu.dispatch_windows(
+            &ACC,
+            entry,
+            &[],
+            &[u(len), 0, 0, 0],
+            &[
+                Some(Window::elems(g.buffer(), e0, len, n)),
+                Some(Window::elems(acc.buffer(), e0, len, n)),
+            ],
+            gpu.grid_1d(len / w, 256),
+        )?;
+    }
+    Ok(())
 }

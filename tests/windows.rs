@@ -1,10 +1,11 @@
 //! Tensors larger than the adapter can bind in one binding (lavapipe: 128
 //! MiB; roberta-base's word embedding is 154 MB) are worked on in windows.
 //! With the binding limit lowered to a few KiB, the windowed embedding
-//! gather and scatter, AdamW step and gradient norm give the same bits as
+//! gather and scatter, AdamW step, gradient norm and accumulation give the same bits as
 //! whole bindings, and the gather/scatter match a CPU reference.
 mod common;
 use clip_wgpu::ops::adamw::{adamw_step, grad_norm, AdamW};
+use clip_wgpu::ops::elementwise::add_assign;
 use clip_wgpu::ops::embedding::{gather_rows, group_ids, scatter_rows};
 use clip_wgpu::Tensor;
 use common::*;
@@ -86,7 +87,9 @@ fn adamw_and_grad_norm_in_windows() {
                 ..AdamW::default()
             };
             adamw_step(&p, &g, &m, &v, 3, &hp, true, Some(&norm)).unwrap();
-            let out = [bits(&norm), bits(&p), bits(&m), bits(&v)];
+            // Gradient accumulation's acc += g.
+            add_assign(&g, &m).unwrap();
+            let out = [bits(&norm), bits(&p), bits(&m), bits(&v), bits(&g)];
             gpu.set_binding_limit(u64::MAX);
             out
         };
@@ -96,7 +99,7 @@ fn adamw_and_grad_norm_in_windows() {
         gpu.set_binding_limit(u64::MAX);
         assert!(several, "n = {n} must need several windows");
         let windowed = run(LIMIT);
-        for (what, (a, b)) in ["norm", "param", "exp_avg", "exp_avg_sq"]
+        for (what, (a, b)) in ["norm", "param", "exp_avg", "exp_avg_sq", "accumulated"]
             .iter()
             .zip(whole.iter().zip(&windowed))
         {
