@@ -123,6 +123,7 @@ enum Cmd {
 
 fn main() {
     steady_malloc();
+    quiet_headless_probe();
     let world = match world() {
         Ok(w) => w,
         Err(e) => {
@@ -514,3 +515,21 @@ fn steady_malloc() {
 
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 fn steady_malloc() {}
+
+/// Mesa's Vulkan device-select layer orders GPUs by the display they drive:
+/// it connects to Wayland and X11 while adapters are listed, and on a
+/// headless machine libwayland prints `error: XDG_RUNTIME_DIR is invalid or
+/// not set` for each probe. With no display at all there is nothing for it
+/// to select by (clip-wgpu chooses adapters itself), so it is turned off
+/// there, through the switch Mesa's layer manifest names.
+fn quiet_headless_probe() {
+    let set = |k: &str| std::env::var_os(k).is_some_and(|v| !v.is_empty());
+    if cfg!(target_os = "linux")
+        && !set("WAYLAND_DISPLAY")
+        && !set("DISPLAY")
+        && std::env::var_os("NODEVICE_SELECT").is_none()
+    {
+        // The first thing main does, before any other thread exists.
+        std::env::set_var("NODEVICE_SELECT", "1");
+    }
+}

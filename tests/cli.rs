@@ -137,3 +137,25 @@ fn bad_settings_are_errors() {
     fails_with(&["bench", "--matmul", "fast"], "--matmul \"fast\"");
     fails_with(&["bench", "--tile", "3x3"], "--tile \"3x3\"");
 }
+
+/// On a headless machine (no display, no XDG_RUNTIME_DIR) listing adapters
+/// prints no `error:` lines from display probes (Mesa's device-select layer
+/// connecting to Wayland).
+#[test]
+fn headless_info_prints_no_stray_errors() {
+    if !have_gpu() {
+        return;
+    }
+    let o = bin()
+        .arg("info")
+        .env_remove("XDG_RUNTIME_DIR")
+        .env_remove("WAYLAND_DISPLAY")
+        .env_remove("DISPLAY")
+        .env_remove("NODEVICE_SELECT")
+        .output()
+        .unwrap();
+    assert!(o.status.success());
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    let stray: Vec<&str> = stderr.lines().filter(|l| l.contains("error")).collect();
+    assert!(stray.is_empty(), "stray error lines: {stray:?}");
+}
