@@ -94,6 +94,17 @@ pub struct Gpu {
     tune: RwLock<tune::TuneCache>,
     /// Test override of the binding limit (see `window_bytes`).
     binding_limit: std::sync::atomic::AtomicU64,
+    made: Mutex<Vec<PipelineSpec>>,
+}
+
+/// One compute pipeline as created: the WGSL module, its entry point and
+/// the override constants it was specialised with.
+#[derive(Clone, Debug)]
+pub struct PipelineSpec {
+    pub shader: &'static str,
+    pub source: &'static str,
+    pub entry: String,
+    pub constants: Vec<(String, f64)>,
 }
 
 /// A byte range of a buffer bound to one slot of a dispatch.
@@ -225,6 +236,7 @@ impl Gpu {
             error,
             dummies,
             binding_limit: std::sync::atomic::AtomicU64::new(u64::MAX),
+            made: Mutex::default(),
         }))
     }
 
@@ -385,7 +397,19 @@ impl Gpu {
             );
         }
         self.pipelines.lock().unwrap().insert(key, pipeline.clone());
+        self.made.lock().unwrap().push(PipelineSpec {
+            shader: shader.name,
+            source: shader.source,
+            entry: entry.to_string(),
+            constants: constants.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+        });
         Ok(pipeline)
+    }
+
+    /// Every pipeline this device has created (shader, entry point, override
+    /// constants), in order: what a translation check must cover.
+    pub fn pipelines_made(&self) -> Vec<PipelineSpec> {
+        self.made.lock().unwrap().clone()
     }
 
     /// Record one dispatch. Binding 0 of every entry point is its uniform
