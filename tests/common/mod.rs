@@ -18,7 +18,10 @@ pub fn gpu() -> Option<Arc<Gpu>> {
     static GPU: OnceLock<Option<Arc<Gpu>>> = OnceLock::new();
     GPU.get_or_init(
         || match Gpu::new(&AdapterRequest::default().with_env().unwrap()) {
-            Ok(g) => Some(g),
+            Ok(g) => {
+                check_backend(&g);
+                Some(g)
+            }
             Err(e) => {
                 if std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") {
                     panic!("CI=true but no GPU adapter: {e:#}");
@@ -29,6 +32,17 @@ pub fn gpu() -> Option<Arc<Gpu>> {
         },
     )
     .clone()
+}
+
+/// With `CLIP_WGPU_BACKEND` set (CI runs a second pass on GL), the tests
+/// must really run on that backend.
+pub fn check_backend(g: &Gpu) {
+    if let Ok(want) = std::env::var("CLIP_WGPU_BACKEND") {
+        if want != "all" && !want.is_empty() {
+            let got = format!("{:?}", g.info.backend).to_lowercase();
+            assert_eq!(got, want.to_lowercase(), "tests asked for backend {want}");
+        }
+    }
 }
 
 /// A GPU context of this test's own (pool statistics not shared with
