@@ -57,6 +57,10 @@ pub struct Settings {
     pub full_text: bool,
     /// Kernel names in profiles carry their parameter words.
     pub profile_params: bool,
+    /// Test hook: the matmul candidate of this name (e.g. "vec4 16x2")
+    /// computes wrong results, to show that the tuner's self-verification
+    /// rejects it. Never set outside tests.
+    pub broken_kernel: Option<String>,
 }
 
 /// Built-in defaults, with no cache folder (choices kept in memory only);
@@ -72,6 +76,7 @@ impl Default for Settings {
             cache_dir: None,
             full_text: false,
             profile_params: false,
+            broken_kernel: None,
         }
     }
 }
@@ -102,6 +107,7 @@ impl Settings {
                 .or_else(|| dir("HOME").map(|h| h.join(".cache").join("clip-wgpu"))),
             full_text: v.flag("CLIP_WGPU_FULL_TEXT", false)?,
             profile_params: v.flag("CLIP_WGPU_PROFILE_PARAMS", false)?,
+            broken_kernel: None,
         })
     }
 }

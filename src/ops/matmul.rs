@@ -194,6 +194,12 @@ pub fn gemm_act_into(
         ("TRANS_B", g.tb as u32 as f64),
     ];
     let (variant, tile) = choose(&g, a, b, c, a_bs, b_bs)?;
+    let mut params = params;
+    if gpu.settings().broken_kernel.as_deref() == Some(choice_name((variant, tile)).as_str()) {
+        // Test hook (Settings::broken_kernel): this kernel computes wrong
+        // results.
+        params[11] = f(g.alpha * 1.5);
+    }
     if variant == Variant::Vec4 && g.tb && (g.ta || !g.k.is_multiple_of(4) || b_bs % 4 != 0) {
         // The vec4 kernels read a transposed B as vec4s along k (TRANS_B);
         // where they cannot, B is transposed first (one pass over it) so its
@@ -444,6 +450,11 @@ fn choose(
         return Ok(found);
     }
     let scratch = Tensor::empty(gpu, c.shape())?;
+    let candidates = verified(g, a, b, &scratch, &key, candidates)?;
+    if candidates.len() == 1 {
+        gpu.set_tuned(&key, &choice_name(candidates[0]));
+        return Ok(candidates[0]);
+    }
     let run = |cand: (Variant, Tile), reps: usize| {
         let trial = Gemm {
             variant: Some(cand.0),
@@ -469,6 +480,86 @@ fn choose(
     }
     gpu.set_tuned(&key, &choice_name(best.1));
     Ok(best.1)
+}
+
+/// Self-verification: each candidate's output on these operands against
+/// the plain register kernel's (the reference, tested against the CPU on
+/// every adapter class). A candidate off by more than 1e-3 of the output's
+/// largest value (float32 reorderings stay near 1e-6) is wrong on this
+/// adapter: dropped, recorded in the tuning cache as `<key> rejected
+/// <kernel>` with the error, and reported once. Candidates rejected before
+/// are skipped. Where every candidate is rejected the reference runs, so a
+/// shape never goes without a kernel.
+fn verified(
+    g: &Gemm,
+    a: &Tensor,
+    b: &Tensor,
+    scratch: &Tensor,
+    key: &str,
+    candidates: Vec<(Variant, Tile)>,
+) -> Result<Vec<(Variant, Tile)>> {
+    let gpu = a.gpu();
+    let reference = (Variant::Regs, heuristic_tile(g));
+    let run = |cand: (Variant, Tile)| -> Result<Vec<f32>> {
+        let trial = Gemm {
+            variant: Some(cand.0),
+            tile: Some(cand.1),
+            accumulate: false,
+            ..*g
+        };
+        gemm_into(scratch, a, b, None, trial)?;
+        scratch.to_vec()
+    };
+    let want = run(reference)?;
+    let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs())) as f64;
+    let tol = 1e-3 * scale + 1e-6;
+    let mut kept = Vec::with_capacity(candidates.len());
+    for cand in candidates {
+        let name = choice_name(cand);
+        let reject_key = format!("{key} rejected {name}");
+        if cand.0 == Variant::Regs {
+            kept.push(cand);
+            continue;
+        }
+        if gpu.tuned(&reject_key).is_some() {
+            continue;
+        }
+        let got = run(cand)?;
+        let err = got
+            .iter()
+            .zip(&want)
+            .map(|(x, y)| ((x - y) as f64).abs())
+            .fold(
+                0.0f64,
+                |m, d| if d.is_nan() { f64::INFINITY } else { m.max(d) },
+            );
+        if err <= tol {
+            kept.push(cand);
+            continue;
+        }
+        let why = format!(
+            "max |difference| {err:.3e} from the register kernel (tolerance {tol:.1e}, largest value {scale:.3e})"
+        );
+        gpu.set_tuned(&reject_key, &why);
+        report_rejection(&name, key, &why);
+    }
+    if kept.is_empty() {
+        kept.push(reference);
+    }
+    Ok(kept)
+}
+
+/// Each rejected kernel is reported once per process.
+fn report_rejection(name: &str, key: &str, why: &str) {
+    static SEEN: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+    let mut seen = SEEN.lock().unwrap();
+    if !seen.iter().any(|s| s == name) {
+        seen.push(name.to_string());
+        crate::stderr_line(&format!(
+            "warning: matmul kernel {name} disagrees with the reference kernel on this adapter \
+             ({key}: {why}); it is not used for such shapes"
+        ));
+    }
 }
 
 /// The kernel `gemm_into(c, a, b, .., g)` runs, by name (e.g. "vec4 16x2").
