@@ -67,3 +67,64 @@ fn a_broken_candidate_is_rejected_and_never_used() {
         .collect();
     assert_eq!(rejected.len(), 1, "rejected: {rejected:?}");
 }
+
+#[test]
+fn broken_fused_attention_is_rejected_for_the_unfused_kernels() {
+    use clip_wgpu::gpu::settings::Attention;
+    use clip_wgpu::ops::attention::attention;
+    use clip_wgpu::ops::softmax::Mask;
+    use clip_wgpu::Tape;
+    if gpu().is_none() {
+        return;
+    }
+    let req = AdapterRequest::default().with_env().unwrap();
+    let (b, t, heads, dh) = (2, 17, 2, 32);
+    let mut rng = Rng::new(5);
+    let host: Vec<Vec<f64>> = (0..3).map(|_| rng.vec(b * t * heads * dh, 1.0)).collect();
+    let run = |settings: Settings| {
+        let gpu = Gpu::with_settings(&req, settings).unwrap();
+        let mut tape = Tape::new();
+        let [q, k, v] = [0, 1, 2].map(|i| tape.param(upload(&gpu, &host[i], &[b, t, heads * dh])));
+        let mask = Mask {
+            causal: false,
+            key_valid: None,
+            keys: None,
+        };
+        let o = download(
+            attention(&mut tape, &q, &k, &v, heads, &mask)
+                .unwrap()
+                .tensor(),
+        );
+        (o, gpu.kernel_choices())
+    };
+    let broken = || Settings {
+        broken_kernel: Some("fused attention".into()),
+        ..Settings::default()
+    };
+    let (want, _) = run(Settings {
+        attention: Some(Attention::Unfused),
+        ..Settings::default()
+    });
+    // Control: forced, the hooked fused kernels really are wrong.
+    let (bad, _) = run(Settings {
+        attention: Some(Attention::Fused),
+        ..broken()
+    });
+    assert!(
+        max_err(&bad, &want) > 1e-2,
+        "the hook did not break fused attention"
+    );
+    // Tuned: rejected, recorded, and the output is the unfused one's.
+    let (got, choices) = run(broken());
+    assert_close("tuned attention", &got, &want, 1e-6);
+    let key = format!("attention {b}x{t}x{heads}x{dh}");
+    assert_eq!(
+        choices.get(&key).map(String::as_str),
+        Some("unfused"),
+        "{choices:?}"
+    );
+    let why = choices
+        .get(&format!("{key} rejected fused"))
+        .unwrap_or_else(|| panic!("no rejection recorded: {choices:?}"));
+    assert!(why.contains("max |difference|"), "reason: {why}");
+}

@@ -147,3 +147,32 @@ pub fn time(gpu: &Gpu, reps: usize, mut f: impl FnMut() -> Result<()>) -> Result
     ts.sort_by(|a, b| a.total_cmp(b));
     Ok(ts[ts.len() / 2])
 }
+
+/// A kernel the tuner's self-verification rejected, reported once per
+/// process (`what`, e.g. "matmul kernel vec4 16x2").
+pub(crate) fn report_rejection(what: &str, key: &str, why: &str) {
+    static SEEN: Mutex<Vec<String>> = Mutex::new(Vec::new());
+    let mut seen = SEEN.lock().unwrap();
+    if !seen.iter().any(|s| s == what) {
+        seen.push(what.to_string());
+        crate::stderr_line(&format!(
+            "warning: {what} disagrees with the reference kernel on this adapter ({key}: {why}); \
+             it is not used for such shapes"
+        ));
+    }
+}
+
+/// Largest |a - b| (NaN counts as infinite) and the largest |b|: how far a
+/// candidate's output is from the reference's.
+pub(crate) fn max_difference(a: &[f32], b: &[f32]) -> (f64, f64) {
+    let err = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| ((x - y) as f64).abs())
+        .fold(
+            0.0f64,
+            |m, d| if d.is_nan() { f64::INFINITY } else { m.max(d) },
+        );
+    let scale = b.iter().fold(0.0f32, |m, v| m.max(v.abs())) as f64;
+    (err, scale)
+}

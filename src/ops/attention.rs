@@ -36,7 +36,7 @@ pub fn attention(
         sg: gpu.subgroups_of_8(),
     };
     if mask.keys.is_none() && use_fused(q, k, v, d, mask)? {
-        return attention_fused(tape, q, k, v, d, mask);
+        return run_fused(tape, q, k, v, d, mask);
     }
     attention_unfused(tape, q, k, v, heads, mask)
 }
@@ -95,6 +95,23 @@ fn use_fused(q: &Var, k: &Var, v: &Var, d: Dims, mask: &Mask) -> Result<bool> {
         return Ok(v == "fused");
     }
     let (qt, kt, vt) = (q.tensor(), k.tensor(), v.tensor());
+    // Self-verification: the fused kernels' output and gradients on these
+    // operands against the unfused path's (the reference: separate
+    // kernels, each tested against the CPU). A disagreement rejects fused
+    // attention for this shape, recorded and reported once.
+    let want = outputs(qt, kt, vt, d, mask, false)?;
+    let (err, scale) =
+        crate::gpu::tune::max_difference(&outputs(qt, kt, vt, d, mask, true)?, &want);
+    let tol = 1e-3 * scale + 1e-6;
+    if err > tol {
+        let why = format!(
+            "max |difference| {err:.3e} from the unfused kernels (tolerance {tol:.1e}, largest value {scale:.3e})"
+        );
+        gpu.set_tuned(&format!("{key} rejected fused"), &why);
+        gpu.set_tuned(&key, "unfused");
+        crate::gpu::tune::report_rejection("fused attention", &key, &why);
+        return Ok(false);
+    }
     let tf = crate::gpu::tune::time(gpu, 3, || forward_backward(qt, kt, vt, d, mask, true))?;
     let tu = crate::gpu::tune::time(gpu, 3, || forward_backward(qt, kt, vt, d, mask, false))?;
     let fused = tf <= tu;
@@ -153,12 +170,49 @@ pub fn forward_backward(
     let mut t = Tape::new();
     let (qv, kv, vv) = (t.param(q.clone()), t.param(k.clone()), t.param(v.clone()));
     let o = if fused {
-        attention_fused(&mut t, &qv, &kv, &vv, d, mask)?
+        run_fused(&mut t, &qv, &kv, &vv, d, mask)?
     } else {
         attention_unfused(&mut t, &qv, &kv, &vv, d.h, mask)?
     };
     let seed = o.tensor().clone();
     t.backward_with(&o, seed).map(drop)
+}
+
+/// The output and the key and value gradients (seeded with the output) of
+/// one pass, read back: what the tuner's self-verification compares.
+fn outputs(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    d: Dims,
+    mask: &Mask,
+    fused: bool,
+) -> Result<Vec<f32>> {
+    let mut t = Tape::new();
+    let (qv, kv, vv) = (t.param(q.clone()), t.param(k.clone()), t.param(v.clone()));
+    let o = if fused {
+        run_fused(&mut t, &qv, &kv, &vv, d, mask)?
+    } else {
+        attention_unfused(&mut t, &qv, &kv, &vv, d.h, mask)?
+    };
+    let mut out = o.tensor().to_vec()?;
+    let seed = o.tensor().clone();
+    let grads = t.backward_with(&o, seed)?;
+    for g in [grads.get(&kv), grads.get(&vv)].into_iter().flatten() {
+        out.extend(g.to_vec()?);
+    }
+    Ok(out)
+}
+
+/// `attention_fused`; with the test hook `Settings::broken_kernel` set to
+/// "fused attention", a wrong version of it (the queries doubled).
+fn run_fused(tape: &mut Tape, q: &Var, k: &Var, v: &Var, d: Dims, mask: &Mask) -> Result<Var> {
+    let gpu = q.tensor().gpu();
+    if gpu.settings().broken_kernel.as_deref() == Some("fused attention") {
+        let doubled = Var::constant(crate::arith::add(q.tensor(), q.tensor())?);
+        return attention_fused(tape, &doubled, k, v, d, mask);
+    }
+    attention_fused(tape, q, k, v, d, mask)
 }
 
 /// The sequence length attention runs at: T, or T rounded up to a multiple

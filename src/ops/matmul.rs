@@ -511,7 +511,7 @@ fn verified(
         scratch.to_vec()
     };
     let want = run(reference)?;
-    let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs())) as f64;
+    let (_, scale) = crate::gpu::tune::max_difference(&want, &want);
     let tol = 1e-3 * scale + 1e-6;
     let mut kept = Vec::with_capacity(candidates.len());
     for cand in candidates {
@@ -541,25 +541,12 @@ fn verified(
             "max |difference| {err:.3e} from the register kernel (tolerance {tol:.1e}, largest value {scale:.3e})"
         );
         gpu.set_tuned(&reject_key, &why);
-        report_rejection(&name, key, &why);
+        crate::gpu::tune::report_rejection(&format!("matmul kernel {name}"), key, &why);
     }
     if kept.is_empty() {
         kept.push(reference);
     }
     Ok(kept)
-}
-
-/// Each rejected kernel is reported once per process.
-fn report_rejection(name: &str, key: &str, why: &str) {
-    static SEEN: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
-    let mut seen = SEEN.lock().unwrap();
-    if !seen.iter().any(|s| s == name) {
-        seen.push(name.to_string());
-        crate::stderr_line(&format!(
-            "warning: matmul kernel {name} disagrees with the reference kernel on this adapter \
-             ({key}: {why}); it is not used for such shapes"
-        ));
-    }
 }
 
 /// The kernel `gemm_into(c, a, b, .., g)` runs, by name (e.g. "vec4 16x2").
