@@ -168,14 +168,29 @@ pub fn forward_backward(
     fused: bool,
 ) -> Result<()> {
     let mut t = Tape::new();
-    let (qv, kv, vv) = (t.param(q.clone()), t.param(k.clone()), t.param(v.clone()));
-    let o = if fused {
-        run_fused(&mut t, &qv, &kv, &vv, d, mask)?
-    } else {
-        attention_unfused(&mut t, &qv, &kv, &vv, d.h, mask)?
-    };
+    let (o, _, _) = pass(&mut t, q, k, v, d, mask, fused)?;
     let seed = o.tensor().clone();
     t.backward_with(&o, seed).map(drop)
+}
+
+/// One attention pass on tape `t` with q, k, v as its parameters: (output,
+/// k, v).
+fn pass(
+    t: &mut Tape,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    d: Dims,
+    mask: &Mask,
+    fused: bool,
+) -> Result<(Var, Var, Var)> {
+    let (qv, kv, vv) = (t.param(q.clone()), t.param(k.clone()), t.param(v.clone()));
+    let o = if fused {
+        run_fused(t, &qv, &kv, &vv, d, mask)?
+    } else {
+        attention_unfused(t, &qv, &kv, &vv, d.h, mask)?
+    };
+    Ok((o, kv, vv))
 }
 
 /// The output and the key and value gradients (seeded with the output) of
@@ -189,12 +204,7 @@ fn outputs(
     fused: bool,
 ) -> Result<Vec<f32>> {
     let mut t = Tape::new();
-    let (qv, kv, vv) = (t.param(q.clone()), t.param(k.clone()), t.param(v.clone()));
-    let o = if fused {
-        run_fused(&mut t, &qv, &kv, &vv, d, mask)?
-    } else {
-        attention_unfused(&mut t, &qv, &kv, &vv, d.h, mask)?
-    };
+    let (o, kv, vv) = pass(&mut t, q, k, v, d, mask, fused)?;
     let mut out = o.tensor().to_vec()?;
     let seed = o.tensor().clone();
     let grads = t.backward_with(&o, seed)?;
