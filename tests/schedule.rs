@@ -2,6 +2,7 @@
 //! (tests/fixtures/schedule/schedules.json, from generate.py beside it):
 //! every value must be bit-identical to `scheduler.get_last_lr()`.
 
+mod common;
 use clip_wgpu::train::args::{parse, TrainArgs};
 use clip_wgpu::train::schedule::{Schedule, SCHEDULER_TYPES};
 use serde_json::{Map, Value};
@@ -147,4 +148,51 @@ fn errors() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("lr_end"), "{e}");
+}
+
+/// `train` follows `--lr_scheduler_kwargs`: cosine with restarts and
+/// num_cycles 2 raises the learning rate again halfway (with the default
+/// single cycle it only falls), as transformers' scheduler does.
+#[test]
+fn train_uses_the_scheduler_kwargs() {
+    if !common::cli::have_gpu() {
+        return;
+    }
+    let out = common::cli::temp("schedule-kwargs");
+    let o = common::cli::bin()
+        .args([
+            "train",
+            "--demo_train_samples",
+            "16",
+            "--demo_eval_samples",
+            "4",
+            "--per_device_train_batch_size",
+            "2",
+            "--max_steps",
+            "8",
+            "--warmup_steps",
+            "0",
+            "--logging_steps",
+            "1",
+            "--lr_scheduler_type",
+            "cosine_with_restarts",
+            "--lr_scheduler_kwargs",
+            r#"{"num_cycles": 2}"#,
+            "--no_progress",
+            "--output_dir",
+        ])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let text = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    let lrs: Vec<f64> = text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter_map(|v| v.get("learning_rate").and_then(Value::as_f64))
+        .collect();
+    assert_eq!(lrs.len(), 8, "learning rates logged: {lrs:?}");
+    let rises = lrs.windows(2).filter(|w| w[1] > w[0]).count();
+    assert_eq!(rises, 1, "two cycles restart once: {lrs:?}");
+    std::fs::remove_dir_all(&out).unwrap();
 }

@@ -63,11 +63,12 @@ impl<'a> Stepper<'a> {
         warmup: usize,
         world: &'a World,
     ) -> Result<Stepper<'a>> {
-        let schedule = Schedule::new(
+        let schedule = Schedule::with_kwargs(
             &args.lr_scheduler_type,
             args.learning_rate,
             warmup as u64,
             total as u64,
+            &args.lr_scheduler_kwargs,
         )?;
         let hp = AdamW {
             lr: args.learning_rate as f32,
