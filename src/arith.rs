@@ -9,11 +9,11 @@ use anyhow::{ensure, Result};
 
 const SHADER: Shader = Shader {
     name: "elementwise",
-    source: include_str!("../shaders/elementwise.wgsl"),
+    source: crate::shaders::source("elementwise"),
 };
 const ACC: Shader = Shader {
     name: "accumulate",
-    source: include_str!("../shaders/accumulate.wgsl"),
+    source: crate::shaders::source("accumulate"),
 };
 
 /// `usize` as a u32 kernel parameter.
@@ -66,9 +66,7 @@ pub fn add_assign(acc: &Tensor, g: &Tensor) -> Result<()> {
     };
     // Windows where the tensors exceed the adapter's binding limit (a
     // gradient of roberta-base's word embedding on lavapipe).
-    let per = (gpu.window_bytes(4 * w as u64) / 4) as usize;
-    for e0 in (0..n).step_by(per) {
-        let len = per.min(n - e0);
+    for (e0, len) in gpu.elem_windows(n, w) {
         gpu.dispatch_windows(
             &ACC,
             entry,

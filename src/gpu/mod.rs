@@ -455,6 +455,20 @@ impl Gpu {
         (limit / step).max(1) * step
     }
 
+    /// `n` f32 elements as (first, count) windows the adapter can bind, each
+    /// a multiple of `multiple` elements but the last; one window (0, n)
+    /// when everything fits (also for n = 0).
+    pub fn elem_windows(&self, n: usize, multiple: usize) -> Vec<(usize, usize)> {
+        let per = (self.window_bytes(4 * multiple as u64) / 4) as usize;
+        if n <= per {
+            return vec![(0, n)];
+        }
+        (0..n)
+            .step_by(per)
+            .map(|e0| (e0, per.min(n - e0)))
+            .collect()
+    }
+
     /// Pretend the adapter binds at most `bytes` (tests of the windowed
     /// paths with small tensors).
     pub fn set_binding_limit(&self, bytes: u64) {

@@ -80,7 +80,11 @@ impl TuneCache {
     pub(crate) fn get(&self, key: &str) -> Option<String> {
         let v = self.pinned.lock().unwrap().get(key).cloned();
         let v = v.or_else(|| self.map.lock().unwrap().get(key).cloned())?;
-        self.used.lock().unwrap().insert(key.to_string(), v.clone());
+        // Looked up on every dispatch of a tuned kernel: record it once.
+        let mut used = self.used.lock().unwrap();
+        if used.get(key) != Some(&v) {
+            used.insert(key.to_string(), v.clone());
+        }
         Some(v)
     }
 

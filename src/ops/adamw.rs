@@ -135,9 +135,7 @@ pub fn adamw_step(
     let (entry, lanes) = by_vec4(n.is_multiple_of(4), "step");
     // Windows of the four tensors where they exceed the adapter's binding
     // limit (elementwise, so any split gives the same bits).
-    let per = (gpu.window_bytes(4 * lanes as u64) / 4) as usize;
-    for e0 in (0..n).step_by(per) {
-        let len = per.min(n - e0);
+    for (e0, len) in gpu.elem_windows(n, lanes) {
         gpu.dispatch_windows(
             &SHADER,
             &entry,

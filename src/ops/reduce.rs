@@ -89,9 +89,7 @@ pub fn sumsq_partials_into(x: &Tensor, out: &Tensor, offset: usize) -> Result<()
     // Windows of whole chunks (a tensor beyond the adapter's binding
     // limit): the same partials, each over the same elements.
     let gpu = x.gpu();
-    let per = (gpu.window_bytes((CHUNK * 4 * 4) as u64) / 4) as usize;
-    for e0 in (0..n.max(1)).step_by(per) {
-        let len = per.min(n - e0.min(n));
+    for (e0, len) in gpu.elem_windows(n, CHUNK * 4) {
         let window = Window::elems(x.buffer(), e0, len, n);
         gpu.dispatch_windows(
             &SHADER,
