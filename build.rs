@@ -1,6 +1,7 @@
 //! Writes the unrolled WGSL kernels into OUT_DIR: the CPU-adapter matmul
-//! (matmul_vec4.wgsl, matmul_sg.wgsl) and fused attention
-//! (attention_fused.wgsl, attention_sg.wgsl). Their hand-written parts are
+//! (matmul_vec4.wgsl, matmul_sg.wgsl), the GPU matmul (matmul_blocked.wgsl,
+//! which shares their epilogue) and fused attention (attention_fused.wgsl,
+//! attention_sg.wgsl). Their hand-written parts are
 //! templates in shaders/ (*.tmpl.wgsl); the generators only unroll.
 //!
 //! Why generated: llvmpipe keeps private arrays in memory and gathers every
@@ -41,7 +42,7 @@ fn main() {
 
     let matmul = read("matmul_vec4.tmpl.wgsl");
     let activation = read("activation.wgsl");
-    let activation = template::shared_block(&activation);
+    let activation = template::shared_block(&activation, "activation.wgsl");
     write(
         "matmul_vec4.wgsl",
         matmul_gen::generate(&matmul, activation, false),
@@ -49,6 +50,15 @@ fn main() {
     write(
         "matmul_sg.wgsl",
         matmul_gen::generate(&matmul, activation, true),
+    );
+    // The GPU matmul shares the vec4 kernels' bindings and epilogue.
+    let common = template::fill(
+        template::shared_block(&matmul, "matmul_vec4.tmpl.wgsl"),
+        &[("ACTIVATION", activation)],
+    );
+    write(
+        "matmul_blocked.wgsl",
+        template::fill(&read("matmul_blocked.tmpl.wgsl"), &[("COMMON", &common)]),
     );
 
     let attention = read("attention_fused.tmpl.wgsl");

@@ -25,17 +25,18 @@ pub fn fill(template: &str, values: &[(&str, &str)]) -> String {
     out
 }
 
-/// The part of activation.wgsl that other kernels reuse: the lines between
-/// its `// BEGIN shared` and `// END shared` marker lines.
-pub fn shared_block(activation: &str) -> &str {
-    let (_, after) = activation
+/// The part of a shader that other kernels reuse: the lines between its
+/// `// BEGIN shared` and `// END shared` marker lines (`file` names it in
+/// the panic when a marker is missing).
+pub fn shared_block<'a>(text: &'a str, file: &str) -> &'a str {
+    let (_, after) = text
         .split_once("// BEGIN shared")
-        .expect("activation.wgsl has a // BEGIN shared line");
+        .unwrap_or_else(|| panic!("{file} has no // BEGIN shared line"));
     let (_, block) = after
         .split_once('\n')
-        .expect("a line after // BEGIN shared");
+        .unwrap_or_else(|| panic!("{file}: no line after // BEGIN shared"));
     let (block, _) = block
         .split_once("// END shared")
-        .expect("activation.wgsl has an // END shared line");
+        .unwrap_or_else(|| panic!("{file} has no // END shared line"));
     block.trim_end_matches('\n')
 }

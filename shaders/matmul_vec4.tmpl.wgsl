@@ -28,6 +28,7 @@
 // well, from the A loads the product makes anyway (with A = dY of a linear
 // layer, its bias gradient). Params has_bias / accumulate (matmul.wgsl's
 // runtime switches) are unused here.
+// BEGIN shared with matmul_blocked (build.rs copies it there)
 struct Params {
     m: u32, n: u32, k: u32, lda: u32,
     ldb: u32, ldc: u32, a_bs: u32, b_bs: u32,
@@ -71,3 +72,4 @@ fn store4(base: u32, i: u32, j4: u32, v: vec4<f32>, bq: vec4<f32>) {
                             act_kind(out.z, ACT_KIND), act_kind(out.w, ACT_KIND));
     }
 }
+// END shared

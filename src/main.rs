@@ -94,7 +94,8 @@ enum Cmd {
         /// Skip the kernel table (whole steps only).
         #[arg(long, alias = "step_only")]
         step_only: bool,
-        /// Force the matmul kernel: regs, vec4 or tiled (env CLIP_WGPU_MATMUL);
+        /// Force the matmul kernel: regs, vec4, tiled or blocked (env
+        /// CLIP_WGPU_MATMUL);
         /// default: measured per adapter and shape (autotuned, cached).
         #[arg(long)]
         matmul: Option<String>,
@@ -102,6 +103,10 @@ enum Cmd {
         /// version, e.g. sg16x2 (env CLIP_WGPU_VEC4_TILE).
         #[arg(long)]
         tile: Option<String>,
+        /// Force the blocked (GPU) matmul's block BMxBNxBK/TMxTN, e.g.
+        /// 64x64x16/4x4 (env CLIP_WGPU_MATMUL_BLOCK).
+        #[arg(long)]
+        block: Option<String>,
         /// Micro-batches of --batch per step (train's
         /// --gradient_accumulation_steps).
         #[arg(long, default_value_t = 1)]
@@ -234,12 +239,13 @@ fn run(world: &clip_wgpu::dist::World) -> Result<()> {
             step_only,
             matmul,
             tile,
+            block,
             accum,
             accumulation_loss,
             gradient_checkpointing,
             loss_rows,
         } => {
-            let settings = forced_kernels(matmul, tile)?;
+            let settings = forced_kernels(matmul, tile, block)?;
             if let Some(n) = loss_rows {
                 anyhow::ensure!(n > 0, "--loss-rows must be at least 1");
                 let e = clip_wgpu::bench::bench_config(&config)?.projection_dim;
@@ -329,14 +335,19 @@ fn train(
     Ok(())
 }
 
-/// The environment's settings with `--matmul` / `--tile` (checked) in
-/// place of CLIP_WGPU_MATMUL / CLIP_WGPU_VEC4_TILE.
-fn forced_kernels(matmul: Option<String>, tile: Option<String>) -> Result<Settings> {
+/// The environment's settings with `--matmul` / `--tile` / `--block`
+/// (checked) in place of CLIP_WGPU_MATMUL / CLIP_WGPU_VEC4_TILE /
+/// CLIP_WGPU_MATMUL_BLOCK.
+fn forced_kernels(
+    matmul: Option<String>,
+    tile: Option<String>,
+    block: Option<String>,
+) -> Result<Settings> {
     let mut settings = Settings::from_env()?;
     if let Some(m) = matmul {
         settings.matmul = Some(
             clip_wgpu::ops::matmul::Variant::parse(&m)
-                .ok_or_else(|| anyhow::anyhow!("--matmul {m:?}: expected regs, vec4 or tiled"))?,
+                .ok_or_else(|| anyhow::anyhow!("--matmul {m:?}: expected regs, vec4, tiled or blocked"))?,
         );
     }
     if let Some(t) = tile {
@@ -348,6 +359,16 @@ fn forced_kernels(matmul: Option<String>, tile: Option<String>) -> Result<Settin
             .collect();
         settings.vec4_tile = Some(parse_tile(&t).ok_or_else(|| {
             anyhow::anyhow!("--tile {t:?}: expected one of {}", names.join(", "))
+        })?);
+    }
+    if let Some(b) = block {
+        use clip_wgpu::ops::matmul::{Block, BLOCKS};
+        settings.block = Some(Block::parse(&b).ok_or_else(|| {
+            let names: Vec<String> = BLOCKS.iter().map(|b| b.to_string()).collect();
+            anyhow::anyhow!(
+                "--block {b:?}: expected BMxBNxBK/TMxTN, e.g. one of {}",
+                names.join(", ")
+            )
         })?);
     }
     Ok(settings)

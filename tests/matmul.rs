@@ -1,7 +1,7 @@
 mod common;
 use clip_wgpu::ops::matmul::{
-    gemm, gemm_backward, gemm_backward_ref, gemm_ref, tile_name, Gemm, Tile, Variant, SG_TILES,
-    VEC4_TILES,
+    block_fits, gemm, gemm_backward, gemm_backward_ref, gemm_ref, tile_name, Block, Gemm, Kernel,
+    Tile, Variant, BLOCKS, SG_TILES, VEC4_TILES,
 };
 use common::*;
 
@@ -17,6 +17,7 @@ fn check(
     seed: u64,
     v: Variant,
     tile: Option<Tile>,
+    block: Option<Block>,
 ) {
     let Some(gpu) = gpu() else { return };
     let mut r = Rng::new(seed);
@@ -26,6 +27,7 @@ fn check(
         .alpha(0.7)
         .variant(v);
     g.tile = tile;
+    g.block = block;
     let a = r.vec(batch * m * k, 1.0);
     let b = r.vec(batch * k * n, 1.0);
     let bi = r.vec(n, 1.0);
@@ -41,8 +43,9 @@ fn check(
     let c = gemm(&at, &bt, bias.then_some(&biast), g).unwrap();
     let want = gemm_ref(&a, &b, bias.then_some(&bi[..]), g);
     let name = format!(
-        "matmul {v:?} {} b{batch} {m}x{n}x{k} ta={ta} tb={tb}",
-        tile.map_or(String::new(), tile_name)
+        "matmul {v:?} {}{} b{batch} {m}x{n}x{k} ta={ta} tb={tb}",
+        tile.map_or(String::new(), tile_name),
+        block.map_or(String::new(), |b| b.to_string()),
     );
     assert_close(
         &format!("{name} forward"),
@@ -76,8 +79,13 @@ fn matmul_odd_sizes_all_transposes() {
     ] {
         for ta in [false, true] {
             for tb in [false, true] {
-                for v in [Variant::Regs, Variant::Vec4, Variant::Tiled] {
-                    check(batch, m, n, k, ta, tb, seed % 2 == 0, seed, v, None);
+                for v in [
+                    Variant::Regs,
+                    Variant::Vec4,
+                    Variant::Tiled,
+                    Variant::Blocked,
+                ] {
+                    check(batch, m, n, k, ta, tb, seed % 2 == 0, seed, v, None, None);
                 }
                 seed += 1;
             }
@@ -147,6 +155,7 @@ fn matmul_every_vec4_tile() {
                     seed,
                     Variant::Vec4,
                     Some(t),
+                    None,
                 );
             }
         }
@@ -190,5 +199,125 @@ fn matmul_bias_grad_epilogue() {
             let prod = gemm_ref(&a, &b, None, g);
             assert_close(&format!("{name} product"), &download(&c), &prod, 1e-5);
         }
+    }
+}
+
+/// Every block of the GPU matmul (matmul_blocked) this adapter can run, at
+/// 4-aligned shapes smaller than, equal to and not multiples of the blocks,
+/// with k shorter than, equal to and not a multiple of BK (the double
+/// buffer's first, middle and last steps), all transposes, batched, forward
+/// and backward (the backward matmuls run the same block).
+#[test]
+fn matmul_every_gpu_block() {
+    let Some(gpu) = gpu() else { return };
+    let blocks: Vec<Block> = BLOCKS
+        .iter()
+        .copied()
+        .filter(|b| block_fits(b, &gpu))
+        .collect();
+    // Lavapipe runs all but those over its workgroup memory; a GPU all.
+    assert!(blocks.len() >= 7, "only {blocks:?} fit");
+    let mut seed = 700;
+    for &bl in &blocks {
+        for &(batch, m, n, k) in &[
+            (1, 4, 4, 4),
+            (2, 36, 44, 12),
+            (1, bl.bm, bl.bn, bl.bk),
+            (2, 132, 68, 36),
+            (1, 260, 140, 64),
+        ] {
+            for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
+                seed += 1;
+                check(
+                    batch,
+                    m,
+                    n,
+                    k,
+                    ta,
+                    tb,
+                    seed % 2 == 0,
+                    seed,
+                    Variant::Blocked,
+                    None,
+                    Some(bl),
+                );
+            }
+        }
+    }
+}
+
+/// The blocked kernel's epilogues against the CPU: accumulation, bias with
+/// an activation written alongside (ACT 1), the activation's derivative
+/// applied to C (ACT 2) and the bias gradient, with every block.
+#[test]
+fn matmul_blocked_epilogues() {
+    use clip_wgpu::ops::activation::{act_backward_ref, act_ref, Act};
+    use clip_wgpu::ops::matmul::{gemm_act_into, gemm_into, kernel_name, Epilogue};
+    use clip_wgpu::tensor::Tensor;
+    let Some(gpu) = gpu() else { return };
+    let mut r = Rng::new(1200);
+    for b in BLOCKS.iter().filter(|b| block_fits(b, &gpu)) {
+        let (m, n, k) = (68, 76, 20);
+        let g = Gemm::new(1, m, n, k).alpha(0.9).kernel(Kernel::Blocked(*b));
+        let a = r.vec(m * k, 1.0);
+        let w = r.vec(k * n, 1.0);
+        let bias = r.vec(n, 1.0);
+        let (at, wt, biast) = (
+            upload(&gpu, &a, &[m, k]),
+            upload(&gpu, &w, &[k, n]),
+            upload(&gpu, &bias, &[n]),
+        );
+        let c = Tensor::empty(&gpu, &[m, n]).unwrap();
+        assert_eq!(
+            kernel_name(&g, &at, &wt, &c).unwrap(),
+            format!("blocked {b}")
+        );
+        let prod = gemm_ref(&a, &w, Some(&bias), g);
+
+        let out = Tensor::empty(&gpu, &[m, n]).unwrap();
+        let kind = Act::QuickGelu;
+        gemm_act_into(&c, &at, &wt, Some(&biast), g, Some(Epilogue::Act(kind, &out))).unwrap();
+        assert_close(&format!("{b} act: C"), &download(&c), &prod, 1e-5);
+        assert_close(
+            &format!("{b} act: act(C)"),
+            &download(&out),
+            &act_ref(&prod, kind),
+            1e-5,
+        );
+
+        let x = r.vec(m * n, 1.0);
+        let xt = upload(&gpu, &x, &[m, n]);
+        gemm_act_into(&c, &at, &wt, None, g, Some(Epilogue::ActGrad(Act::Gelu, &xt))).unwrap();
+        let plain = gemm_ref(&a, &w, None, g);
+        assert_close(
+            &format!("{b} act grad"),
+            &download(&c),
+            &act_backward_ref(&x, &plain, Act::Gelu),
+            1e-5,
+        );
+
+        let old = r.vec(m * n, 1.0);
+        let acc = upload(&gpu, &old, &[m, n]);
+        let mut ga = g;
+        ga.accumulate = true;
+        gemm_into(&acc, &at, &wt, None, ga).unwrap();
+        let want: Vec<f64> = plain.iter().zip(&old).map(|(p, o)| p + o).collect();
+        assert_close(&format!("{b} accumulate"), &download(&acc), &want, 1e-5);
+
+        // Bias gradient: A stored [k, m], sums over k of op(A).
+        let gt = Gemm::new(1, m, n, k).ta(true).kernel(Kernel::Blocked(*b));
+        let at_t = upload(&gpu, &a, &[k, m]);
+        let sums = Tensor::empty(&gpu, &[m]).unwrap();
+        gemm_act_into(&c, &at_t, &wt, None, gt, Some(Epilogue::BiasGrad(&sums))).unwrap();
+        let want: Vec<f64> = (0..m)
+            .map(|i| (0..k).map(|kk| a[kk * m + i]).sum())
+            .collect();
+        assert_close(&format!("{b} bias grad sums"), &download(&sums), &want, 1e-5);
+        assert_close(
+            &format!("{b} bias grad product"),
+            &download(&c),
+            &gemm_ref(&a, &w, None, gt),
+            1e-5,
+        );
     }
 }

@@ -9,8 +9,9 @@
 //!
 //! | field | variable | values |
 //! | --- | --- | --- |
-//! | `matmul` | `CLIP_WGPU_MATMUL` | `regs`, `vec4`, `tiled` |
+//! | `matmul` | `CLIP_WGPU_MATMUL` | `regs`, `vec4`, `tiled`, `blocked` |
 //! | `vec4_tile` | `CLIP_WGPU_VEC4_TILE` | e.g. `16x2`, `sg16x2` |
+//! | `block` | `CLIP_WGPU_MATMUL_BLOCK` | e.g. `64x64x16/4x4` |
 //! | `attention` | `CLIP_WGPU_ATTENTION` | `fused`, `unfused` |
 //! | `rows` | `CLIP_WGPU_ROWS` | `thread`, `workgroup` |
 //! | `tune` | `CLIP_WGPU_TUNE` | `1` (default), `0` |
@@ -41,6 +42,8 @@ pub struct Settings {
     pub matmul: Option<Variant>,
     /// Force matmul_vec4's register tile; `None`: measured or heuristic.
     pub vec4_tile: Option<Tile>,
+    /// Force matmul_blocked's block; `None`: measured or heuristic.
+    pub block: Option<Block>,
     /// Force attention fused or not; `None`: measured per shape.
     pub attention: Option<Attention>,
     /// Force the layout of the row kernels; `None`: per adapter class.
@@ -70,6 +73,7 @@ impl Default for Settings {
         Settings {
             matmul: None,
             vec4_tile: None,
+            block: None,
             attention: None,
             rows: None,
             tune: true,
@@ -93,11 +97,20 @@ impl Settings {
         let v = Vars(var);
         let dir = |name: &str| (v.0)(name).filter(|d| !d.is_empty()).map(PathBuf::from);
         Ok(Settings {
-            matmul: v.choice("CLIP_WGPU_MATMUL", Variant::parse, "regs, vec4 or tiled")?,
+            matmul: v.choice(
+                "CLIP_WGPU_MATMUL",
+                Variant::parse,
+                "regs, vec4, tiled or blocked",
+            )?,
             vec4_tile: v.choice(
                 "CLIP_WGPU_VEC4_TILE",
                 Tile::parse,
                 "a tile RMxRV such as 16x2, or sgRMxRV such as sg16x2",
+            )?,
+            block: v.choice(
+                "CLIP_WGPU_MATMUL_BLOCK",
+                Block::parse,
+                "a block BMxBNxBK/TMxTN such as 64x64x16/4x4",
             )?,
             attention: v.choice("CLIP_WGPU_ATTENTION", Attention::parse, "fused or unfused")?,
             rows: v.choice("CLIP_WGPU_ROWS", Rows::parse, "thread or workgroup")?,
@@ -166,17 +179,21 @@ pub enum Variant {
     /// `Regs` with vec4 loads of B (n % 4 == 0, B not transposed; the host
     /// transposes B first): the CPU-adapter default.
     Vec4,
-    /// Workgroup-memory tiles: best on GPUs.
+    /// Workgroup-memory tiles, scalar loads: GPUs, any shape.
     Tiled,
+    /// Workgroup-memory blocks with register blocks, vec4 loads and double
+    /// buffering (matmul_blocked, a [`Block`] each): GPUs, 4-aligned shapes.
+    Blocked,
 }
 
 impl Variant {
-    /// `regs`, `vec4` or `tiled`.
+    /// `regs`, `vec4`, `tiled` or `blocked`.
     pub fn parse(s: &str) -> Option<Variant> {
         match s {
             "regs" => Some(Variant::Regs),
             "vec4" => Some(Variant::Vec4),
             "tiled" => Some(Variant::Tiled),
+            "blocked" => Some(Variant::Blocked),
             _ => None,
         }
     }
@@ -213,6 +230,60 @@ impl fmt::Display for Tile {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let sg = if self.sg { "sg" } else { "" };
         write!(f, "{sg}{}x{}", self.rm, self.rv)
+    }
+}
+
+/// A block of matmul_blocked, the GPU matmul: a workgroup computes bm x bn
+/// of C in steps of bk along k, each thread tm x tn of it (`ops::matmul`
+/// lists the blocks the tuner tries).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Block {
+    pub bm: usize,
+    pub bn: usize,
+    pub bk: usize,
+    pub tm: usize,
+    pub tn: usize,
+}
+
+impl Block {
+    /// `BMxBNxBK/TMxTN`, e.g. `64x64x16/4x4` (the form only: which blocks
+    /// a device can run is `ops::matmul`'s question).
+    pub fn parse(s: &str) -> Option<Block> {
+        let (outer, inner) = s.split_once('/')?;
+        let num = |x: &str| x.parse::<usize>().ok();
+        let mut o = outer.split('x').map(num);
+        let (bm, bn, bk) = (o.next()??, o.next()??, o.next()??);
+        let (tm, tn) = inner.split_once('x')?;
+        if o.next().is_some() {
+            return None;
+        }
+        Some(Block {
+            bm,
+            bn,
+            bk,
+            tm: num(tm)?,
+            tn: num(tn)?,
+        })
+    }
+
+    /// Threads a workgroup.
+    pub fn threads(&self) -> usize {
+        (self.bm / self.tm) * (self.bn / self.tn)
+    }
+
+    /// Bytes of workgroup memory (two halves of both tiles).
+    pub fn shared_bytes(&self) -> usize {
+        2 * self.bk * (self.bm + self.bn) * 4
+    }
+}
+
+impl fmt::Display for Block {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}x{}x{}/{}x{}",
+            self.bm, self.bn, self.bk, self.tm, self.tn
+        )
     }
 }
 
@@ -284,6 +355,7 @@ mod tests {
         let s = from(&[
             ("CLIP_WGPU_MATMUL", "vec4"),
             ("CLIP_WGPU_VEC4_TILE", "sg16x2"),
+            ("CLIP_WGPU_MATMUL_BLOCK", "128x64x8/8x4"),
             ("CLIP_WGPU_ATTENTION", "unfused"),
             ("CLIP_WGPU_ROWS", "workgroup"),
             ("CLIP_WGPU_TUNE", "off"),
@@ -296,6 +368,12 @@ mod tests {
         let tile = s.vec4_tile.unwrap();
         assert_eq!((tile.rm, tile.rv, tile.sg), (16, 2, true));
         assert_eq!(tile.to_string(), "sg16x2");
+        let block = s.block.unwrap();
+        assert_eq!(
+            (block.bm, block.bn, block.bk, block.tm, block.tn),
+            (128, 64, 8, 8, 4)
+        );
+        assert_eq!(block.to_string(), "128x64x8/8x4");
         assert_eq!(s.attention, Some(Attention::Unfused));
         assert_eq!(s.rows, Some(Rows::Workgroup));
         assert!(!s.tune && s.full_text && s.profile_params);
@@ -315,6 +393,7 @@ mod tests {
         for (name, value) in [
             ("CLIP_WGPU_MATMUL", "fast"),
             ("CLIP_WGPU_VEC4_TILE", "16by2"),
+            ("CLIP_WGPU_MATMUL_BLOCK", "64x64/4x4"),
             ("CLIP_WGPU_ATTENTION", "maybe"),
             ("CLIP_WGPU_ROWS", "col"),
             ("CLIP_WGPU_TUNE", "2"),

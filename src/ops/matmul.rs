@@ -12,8 +12,46 @@ use anyhow::{ensure, Result};
 const SHADER: Shader = shader!("matmul");
 const SHADER_VEC4: Shader = shader!("matmul_vec4");
 const SHADER_SG: Shader = shader!("matmul_sg");
+const SHADER_BLOCKED: Shader = shader!("matmul_blocked");
 
-pub use crate::gpu::settings::{Tile, Variant};
+pub use crate::gpu::settings::{Block, Tile, Variant};
+
+/// One matmul kernel with its shape parameters: what the tuner chooses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kernel {
+    Regs,
+    Tiled,
+    Vec4(Tile),
+    Blocked(Block),
+}
+
+impl Kernel {
+    /// Its name in the tuning cache, profiles and messages, e.g. "vec4 16x2"
+    /// or "blocked 64x64x16/4x4".
+    pub fn name(self) -> String {
+        match self {
+            Kernel::Regs => "regs".into(),
+            Kernel::Tiled => "tiled".into(),
+            Kernel::Vec4(t) => format!("vec4 {t}"),
+            Kernel::Blocked(b) => format!("blocked {b}"),
+        }
+    }
+
+    pub fn variant(self) -> Variant {
+        match self {
+            Kernel::Regs => Variant::Regs,
+            Kernel::Tiled => Variant::Tiled,
+            Kernel::Vec4(_) => Variant::Vec4,
+            Kernel::Blocked(_) => Variant::Blocked,
+        }
+    }
+
+    /// Whether the kernel runs the epilogues (bias, activation, bias
+    /// gradient) in its own pass.
+    fn has_epilogue(self) -> bool {
+        matches!(self, Kernel::Vec4(_) | Kernel::Blocked(_))
+    }
+}
 
 /// C[b] = alpha * op(A[b]) op(B[b]) (+ bias) (+ C[b]). op(A) is [m, k], op(B)
 /// is [k, n]; `ta`/`tb` say the operand is stored transposed. An operand
@@ -32,6 +70,8 @@ pub struct Gemm {
     pub variant: Option<Variant>,
     /// Force a matmul_vec4 tile (tests, tuner); `None` picks per adapter.
     pub tile: Option<Tile>,
+    /// Force a matmul_blocked block (tests, tuner); `None` picks per adapter.
+    pub block: Option<Block>,
 }
 
 impl Gemm {
@@ -47,6 +87,7 @@ impl Gemm {
             accumulate: false,
             variant: None,
             tile: None,
+            block: None,
         }
     }
     pub fn ta(mut self, t: bool) -> Gemm {
@@ -68,6 +109,19 @@ impl Gemm {
     pub fn tile(mut self, t: Tile) -> Gemm {
         self.tile = Some(t);
         self
+    }
+    pub fn block(mut self, b: Block) -> Gemm {
+        self.block = Some(b);
+        self
+    }
+    /// `self` forced to run `k`.
+    pub fn kernel(self, k: Kernel) -> Gemm {
+        let g = self.variant(k.variant());
+        match k {
+            Kernel::Vec4(t) => g.tile(t),
+            Kernel::Blocked(b) => g.block(b),
+            Kernel::Regs | Kernel::Tiled => g,
+        }
     }
     pub fn flops(&self) -> f64 {
         2.0 * (self.batch * self.m * self.n * self.k) as f64
@@ -189,38 +243,26 @@ pub fn gemm_act_into(
         g.accumulate as u32,
         f(g.alpha),
     ];
-    let constants = [
-        ("TRANS_A", g.ta as u32 as f64),
-        ("TRANS_B", g.tb as u32 as f64),
-    ];
-    let (variant, tile) = choose(&g, a, b, c, a_bs, b_bs)?;
+    let kernel = choose(&g, a, b, c, a_bs, b_bs)?;
     let mut params = params;
-    if gpu.settings().broken_kernel.as_deref() == Some(choice_name((variant, tile)).as_str()) {
+    if gpu.settings().broken_kernel.as_deref() == Some(kernel.name().as_str()) {
         // Test hook (Settings::broken_kernel): this kernel computes wrong
         // results.
         params[11] = f(g.alpha * 1.5);
     }
-    if variant == Variant::Vec4 && g.tb && (g.ta || !g.k.is_multiple_of(4) || b_bs % 4 != 0) {
+    if matches!(kernel, Kernel::Vec4(_))
+        && g.tb
+        && (g.ta || !g.k.is_multiple_of(4) || b_bs % 4 != 0)
+    {
         // The vec4 kernels read a transposed B as vec4s along k (TRANS_B);
         // where they cannot, B is transposed first (one pass over it) so its
         // rows are vec4s along n.
         let bt = super::permute::transpose(b, if b_bs == 0 { 1 } else { g.batch }, g.n, g.k)?;
-        let g = Gemm {
-            tb: false,
-            variant: Some(variant),
-            tile: Some(tile),
-            ..g
-        };
+        let g = Gemm { tb: false, ..g }.kernel(kernel);
         return gemm_act_into(c, a, &bt, bias, g, act);
     }
-    if let (Some(e), false) = (act, variant == Variant::Vec4) {
-        // Only the vec4 kernels have the activation epilogue.
-        let g = Gemm {
-            variant: Some(variant),
-            tile: Some(tile),
-            ..g
-        };
-        gemm_act_into(c, a, b, bias, g, None)?;
+    if let (Some(e), false) = (act, kernel.has_epilogue()) {
+        gemm_act_into(c, a, b, bias, g.kernel(kernel), None)?;
         return match e {
             Epilogue::Act(kind, out) => super::activation::forward_into(c, out, kind),
             Epilogue::ActGrad(kind, x) => {
@@ -234,37 +276,42 @@ pub fn gemm_act_into(
             Epilogue::BiasGrad(out) => reduce::colsum_into(a, g.k, g.m, out, false),
         };
     }
-    let vec4_entry;
-    let (shader, entry, tile_m, tile_n) = match variant {
-        Variant::Regs => (&SHADER, "matmul_regs", 32, 32),
-        Variant::Vec4 => {
+    let entry;
+    let (shader, entry, tile_m, tile_n) = match kernel {
+        Kernel::Regs => (&SHADER, "matmul_regs", 32, 32),
+        Kernel::Vec4(t) => {
             // 8x8 threads of rm rows x 4*rv columns (build/matmul_gen.rs).
-            let t = tile;
-            if t.sg {
-                vec4_entry = format!("matmul_sg_{}x{}", t.rm, t.rv);
-                (&SHADER_SG, vec4_entry.as_str(), 8 * t.rm, 32 * t.rv)
-            } else {
-                vec4_entry = format!("matmul_vec4_{}x{}", t.rm, t.rv);
-                (&SHADER_VEC4, vec4_entry.as_str(), 8 * t.rm, 32 * t.rv)
-            }
+            let sh = if t.sg { &SHADER_SG } else { &SHADER_VEC4 };
+            let prefix = if t.sg { "matmul_sg" } else { "matmul_vec4" };
+            entry = format!("{prefix}_{}x{}", t.rm, t.rv);
+            (sh, entry.as_str(), 8 * t.rm, 32 * t.rv)
         }
-        Variant::Tiled => (&SHADER, "matmul_tiled", 64, 64),
+        Kernel::Tiled => (&SHADER, "matmul_tiled", 64, 64),
+        Kernel::Blocked(b) => (&SHADER_BLOCKED, "matmul_blocked", b.bm, b.bn),
     };
-    // The vec4 kernels specialize their epilogue (see the generator).
-    let constants_vec4 = [
-        constants[0],
-        constants[1],
-        ("HAS_BIAS", bias.is_some() as u32 as f64),
-        ("ACCUMULATE", g.accumulate as u32 as f64),
-        ("ACT", act.map_or(0, |e| e.parts().1) as f64),
-        ("ACT_KIND", act.map_or(0, |e| e.parts().2) as f64),
-        ("BIAS_GRAD", act.is_some_and(|e| e.parts().3) as u32 as f64),
+    let mut constants = vec![
+        ("TRANS_A", g.ta as u32 as f64),
+        ("TRANS_B", g.tb as u32 as f64),
     ];
-    let constants: &[(&str, f64)] = if variant == Variant::Vec4 {
-        &constants_vec4
-    } else {
-        &constants
-    };
+    if kernel.has_epilogue() {
+        // Specialized epilogues (see matmul_vec4.tmpl.wgsl).
+        constants.extend([
+            ("HAS_BIAS", bias.is_some() as u32 as f64),
+            ("ACCUMULATE", g.accumulate as u32 as f64),
+            ("ACT", act.map_or(0, |e| e.parts().1) as f64),
+            ("ACT_KIND", act.map_or(0, |e| e.parts().2) as f64),
+            ("BIAS_GRAD", act.is_some_and(|e| e.parts().3) as u32 as f64),
+        ]);
+    }
+    if let Kernel::Blocked(b) = kernel {
+        constants.extend([
+            ("BM", b.bm as f64),
+            ("BN", b.bn as f64),
+            ("BK", b.bk as f64),
+            ("TM", b.tm as f64),
+            ("TN", b.tn as f64),
+        ]);
+    }
     let buffers = [
         Some(a.buffer()),
         Some(b.buffer()),
@@ -272,12 +319,13 @@ pub fn gemm_act_into(
         Some(c.buffer()),
         act.map(|e| e.parts().0.buffer()),
     ];
-    // The vec4 kernels take the activation output too (a dummy without one).
-    let nbuf = if variant == Variant::Vec4 { 5 } else { 4 };
+    // The epilogue kernels take the activation output too (a dummy without
+    // one).
+    let nbuf = if kernel.has_epilogue() { 5 } else { 4 };
     gpu.dispatch_with(
         shader,
         entry,
-        constants,
+        &constants,
         &params,
         &buffers[..nbuf],
         [u(g.n.div_ceil(tile_n)), u(g.m.div_ceil(tile_m)), u(g.batch)],
@@ -405,30 +453,107 @@ pub fn heuristic_tile(g: &Gemm) -> Tile {
         })
 }
 
-/// The kernel for `g`: forced (Gemm fields, the settings' `matmul` and
-/// `vec4_tile`), measured earlier on this adapter, measured now
+/// The blocks of matmul_blocked the tuner tries on GPUs, where the device
+/// allows their threads and workgroup memory: large blocks reuse each load
+/// most; small ones keep every compute unit busy on small outputs.
+pub const BLOCKS: [Block; 9] = [
+    blk(128, 128, 8, 8, 8),
+    blk(128, 128, 16, 8, 8),
+    blk(128, 64, 8, 8, 4),
+    blk(64, 128, 8, 4, 8),
+    blk(64, 64, 16, 4, 4),
+    blk(64, 64, 8, 4, 4),
+    blk(64, 64, 16, 8, 8),
+    blk(32, 64, 16, 4, 4),
+    blk(32, 32, 16, 4, 4),
+];
+
+const fn blk(bm: usize, bn: usize, bk: usize, tm: usize, tn: usize) -> Block {
+    Block { bm, bn, bk, tm, tn }
+}
+
+/// Whether matmul_blocked can run block `b` on this device (its threads,
+/// workgroup memory and private arrays; see the shader's MAX_ constants).
+pub fn block_fits(b: &Block, gpu: &Gpu) -> bool {
+    let l = &gpu.limits;
+    let loads = |outer: usize| (b.bk * outer / 4).div_ceil(b.threads());
+    let shape_ok = [b.tm, b.tn].iter().all(|t| *t == 4 || *t == 8)
+        && b.bk.is_multiple_of(4)
+        && b.bm.is_multiple_of(b.tm)
+        && b.bn.is_multiple_of(b.tn);
+    shape_ok
+        && loads(b.bm) <= 4
+        && loads(b.bn) <= 4
+        && b.threads() <= l.max_compute_invocations_per_workgroup as usize
+        && b.bn / b.tn <= l.max_compute_workgroup_size_x as usize
+        && b.bm / b.tm <= l.max_compute_workgroup_size_y as usize
+        && b.shared_bytes() <= l.max_compute_workgroup_storage_size as usize
+}
+
+/// Without measurements: the largest block that fits the device and wastes
+/// little of the output.
+pub fn heuristic_block(g: &Gemm, gpu: &Gpu) -> Block {
+    let waste = |b: &Block| {
+        let covered = g.m.div_ceil(b.bm) * b.bm * g.n.div_ceil(b.bn) * b.bn;
+        covered as f64 / (g.m * g.n).max(1) as f64
+    };
+    let fits: Vec<Block> = BLOCKS
+        .iter()
+        .copied()
+        .filter(|b| block_fits(b, gpu))
+        .collect();
+    fits.iter()
+        .copied()
+        .find(|b| waste(b) <= 1.25)
+        .or(fits.last().copied())
+        .unwrap_or(blk(32, 32, 16, 4, 4))
+}
+
+/// The block the settings force (`CLIP_WGPU_MATMUL_BLOCK`, `bench
+/// --block`), if any, checked against the device.
+fn forced_block(gpu: &Gpu) -> Result<Option<Block>> {
+    let Some(b) = gpu.settings().block else {
+        return Ok(None);
+    };
+    ensure!(
+        block_fits(&b, gpu),
+        "matmul block {b} (CLIP_WGPU_MATMUL_BLOCK or --block): this device cannot run it \
+         (threads and tm/tn of 4 or 8 dividing the block, at most 4 vec4 loads a thread, \
+         workgroup memory); blocks tried on GPUs: {}",
+        BLOCKS
+            .iter()
+            .map(|b| b.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    Ok(Some(b))
+}
+
+/// The kernel for `g`: forced (Gemm fields, the settings' `matmul`,
+/// `vec4_tile` and `block`), measured earlier on this adapter, measured now
 /// (autotuning on first use of a shape: each candidate timed on these
 /// operands into a scratch output), or the heuristic when tuning is off.
-fn choose(
-    g: &Gemm,
-    a: &Tensor,
-    b: &Tensor,
-    c: &Tensor,
-    a_bs: usize,
-    b_bs: usize,
-) -> Result<(Variant, Tile)> {
+fn choose(g: &Gemm, a: &Tensor, b: &Tensor, c: &Tensor, a_bs: usize, b_bs: usize) -> Result<Kernel> {
     let gpu = a.gpu();
     let settings = gpu.settings();
     let forced_variant = g.variant.is_some() || settings.matmul.is_some();
-    let default = chosen_variant(g, gpu, a_bs, b_bs);
     let tile = match g.tile {
         Some(t) => Some(t),
         None => forced_tile(gpu)?,
     };
-    if forced_variant || tile.is_some() || !settings.tune {
-        return Ok((default, tile.unwrap_or_else(|| heuristic_tile(g))));
+    let block = match g.block {
+        Some(b) => Some(b),
+        None => forced_block(gpu)?,
+    };
+    if forced_variant || tile.is_some() || block.is_some() || !settings.tune {
+        return Ok(match chosen_variant(g, gpu, a_bs, b_bs) {
+            Variant::Regs => Kernel::Regs,
+            Variant::Tiled => Kernel::Tiled,
+            Variant::Vec4 => Kernel::Vec4(tile.unwrap_or_else(|| heuristic_tile(g))),
+            Variant::Blocked => Kernel::Blocked(block.unwrap_or_else(|| heuristic_block(g, gpu))),
+        });
     }
-    let candidates = candidates(g, gpu.class, gpu.subgroups_of_8(), a_bs, b_bs);
+    let candidates = candidates(g, gpu, a_bs, b_bs);
     if candidates.len() == 1 {
         return Ok(candidates[0]);
     }
@@ -445,23 +570,22 @@ fn choose(
     );
     if let Some(found) = gpu
         .tuned(&key)
-        .and_then(|v| candidates.iter().copied().find(|c| choice_name(*c) == v))
+        .and_then(|v| candidates.iter().copied().find(|c| c.name() == v))
     {
         return Ok(found);
     }
     let scratch = Tensor::empty(gpu, c.shape())?;
     let candidates = verified(g, a, b, &scratch, &key, candidates)?;
     if candidates.len() == 1 {
-        gpu.set_tuned(&key, &choice_name(candidates[0]));
+        gpu.set_tuned(&key, &candidates[0].name());
         return Ok(candidates[0]);
     }
-    let run = |cand: (Variant, Tile), reps: usize| {
+    let run = |cand: Kernel, reps: usize| {
         let trial = Gemm {
-            variant: Some(cand.0),
-            tile: Some(cand.1),
             accumulate: false,
             ..*g
-        };
+        }
+        .kernel(cand);
         crate::gpu::tune::time(gpu, reps, || gemm_into(&scratch, a, b, None, trial))
     };
     // Every candidate briefly, then the three fastest again for longer: the
@@ -478,7 +602,7 @@ fn choose(
             best = (secs, cand);
         }
     }
-    gpu.set_tuned(&key, &choice_name(best.1));
+    gpu.set_tuned(&key, &best.1.name());
     Ok(best.1)
 }
 
@@ -496,28 +620,26 @@ fn verified(
     b: &Tensor,
     scratch: &Tensor,
     key: &str,
-    candidates: Vec<(Variant, Tile)>,
-) -> Result<Vec<(Variant, Tile)>> {
+    candidates: Vec<Kernel>,
+) -> Result<Vec<Kernel>> {
     let gpu = a.gpu();
-    let reference = (Variant::Regs, heuristic_tile(g));
-    let run = |cand: (Variant, Tile)| -> Result<Vec<f32>> {
+    let run = |cand: Kernel| -> Result<Vec<f32>> {
         let trial = Gemm {
-            variant: Some(cand.0),
-            tile: Some(cand.1),
             accumulate: false,
             ..*g
-        };
+        }
+        .kernel(cand);
         gemm_into(scratch, a, b, None, trial)?;
         scratch.to_vec()
     };
-    let want = run(reference)?;
+    let want = run(Kernel::Regs)?;
     let (_, scale) = crate::gpu::tune::max_difference(&want, &want);
     let tol = 1e-3 * scale + 1e-6;
     let mut kept = Vec::with_capacity(candidates.len());
     for cand in candidates {
-        let name = choice_name(cand);
+        let name = cand.name();
         let reject_key = format!("{key} rejected {name}");
-        if cand.0 == Variant::Regs {
+        if cand == Kernel::Regs {
             kept.push(cand);
             continue;
         }
@@ -544,7 +666,7 @@ fn verified(
         crate::gpu::tune::report_rejection(&format!("matmul kernel {name}"), key, &why);
     }
     if kept.is_empty() {
-        kept.push(reference);
+        kept.push(Kernel::Regs);
     }
     Ok(kept)
 }
@@ -553,43 +675,32 @@ fn verified(
 pub fn kernel_name(g: &Gemm, a: &Tensor, b: &Tensor, c: &Tensor) -> Result<String> {
     let a_bs = batch_stride(a, g.m * g.k, g.batch, "A")?;
     let b_bs = batch_stride(b, g.k * g.n, g.batch, "B")?;
-    Ok(choice_name(choose(g, a, b, c, a_bs, b_bs)?))
-}
-
-fn choice_name((v, t): (Variant, Tile)) -> String {
-    match v {
-        Variant::Vec4 => format!("vec4 {}", tile_name(t)),
-        Variant::Regs => "regs".into(),
-        Variant::Tiled => "tiled".into(),
-    }
+    Ok(choose(g, a, b, c, a_bs, b_bs)?.name())
 }
 
 /// What the tuner tries: on CPU adapters every vec4 tile (the other kernels
 /// are several times slower there), on GPUs the tiled and register kernels
-/// and, where the shapes allow, the vec4 tiles.
-fn candidates(
-    g: &Gemm,
-    class: DeviceClass,
-    subgroups: bool,
-    a_bs: usize,
-    b_bs: usize,
-) -> Vec<(Variant, Tile)> {
-    let t0 = heuristic_tile(g);
-    let vec4: Vec<(Variant, Tile)> = if vec4_ok(g, a_bs, b_bs) {
-        let sg = if subgroups { &SG_TILES[..] } else { &[] };
-        VEC4_TILES
-            .iter()
-            .chain(sg)
-            .map(|t| (Variant::Vec4, *t))
-            .collect()
-    } else {
-        Vec::new()
-    };
-    match class {
+/// and, where the shapes allow, the blocks the device fits and the vec4
+/// tiles.
+fn candidates(g: &Gemm, gpu: &Gpu, a_bs: usize, b_bs: usize) -> Vec<Kernel> {
+    let mut vec4: Vec<Kernel> = Vec::new();
+    if vec4_ok(g, a_bs, b_bs) {
+        let sg = if gpu.subgroups_of_8() { &SG_TILES[..] } else { &[] };
+        vec4.extend(VEC4_TILES.iter().chain(sg).map(|t| Kernel::Vec4(*t)));
+    }
+    match gpu.class {
         DeviceClass::Cpu if !vec4.is_empty() => vec4,
-        DeviceClass::Cpu => vec![(Variant::Regs, t0)],
+        DeviceClass::Cpu => vec![Kernel::Regs],
         DeviceClass::Gpu => {
-            let mut v = vec![(Variant::Tiled, t0), (Variant::Regs, t0)];
+            let mut v = vec![Kernel::Tiled, Kernel::Regs];
+            if blocked_ok(g, a_bs, b_bs) {
+                v.extend(
+                    BLOCKS
+                        .iter()
+                        .filter(|b| block_fits(b, gpu))
+                        .map(|b| Kernel::Blocked(*b)),
+                );
+            }
             v.extend(vec4);
             v
         }
@@ -597,8 +708,8 @@ fn candidates(
 }
 
 /// The kernel that runs `g`: the forced (`g.variant`, the settings'
-/// `matmul`) or per-adapter variant, with Vec4 falling back to Regs when the
-/// shapes are not 4-aligned.
+/// `matmul`) or per-adapter variant, with Vec4 and Blocked falling back when
+/// the shapes are not 4-aligned (to Regs on CPU adapters, Tiled on GPUs).
 pub fn chosen_variant(g: &Gemm, gpu: &Gpu, a_bs: usize, b_bs: usize) -> Variant {
     let v = g
         .variant
@@ -607,10 +718,10 @@ pub fn chosen_variant(g: &Gemm, gpu: &Gpu, a_bs: usize, b_bs: usize) -> Variant 
             DeviceClass::Cpu => Variant::Vec4,
             DeviceClass::Gpu => Variant::Tiled,
         });
-    if v == Variant::Vec4 && !vec4_ok(g, a_bs, b_bs) {
-        Variant::Regs
-    } else {
-        v
+    match v {
+        Variant::Vec4 if !vec4_ok(g, a_bs, b_bs) => Variant::Regs,
+        Variant::Blocked if !blocked_ok(g, a_bs, b_bs) => Variant::Tiled,
+        v => v,
     }
 }
 
@@ -619,6 +730,12 @@ pub fn chosen_variant(g: &Gemm, gpu: &Gpu, a_bs: usize, b_bs: usize) -> Variant 
 fn vec4_ok(g: &Gemm, a_bs: usize, b_bs: usize) -> bool {
     let a_axis = if g.ta { g.m } else { g.k };
     g.n.is_multiple_of(4) && a_axis % 4 == 0 && a_bs.is_multiple_of(4) && b_bs.is_multiple_of(4)
+}
+
+/// matmul_blocked loads whole vec4s along each operand's contiguous axis (B
+/// transposed too) and stores vec4s of C.
+fn blocked_ok(g: &Gemm, a_bs: usize, b_bs: usize) -> bool {
+    vec4_ok(g, a_bs, b_bs) && (!g.tb || g.k.is_multiple_of(4))
 }
 
 /// `g` into a new [batch, m, n] tensor.
@@ -649,7 +766,13 @@ pub fn gemm_backward(
         variant,
         ..
     } = g;
-    let with = |x: Gemm| Gemm { variant, ..x };
+    // The gradient matmuls run the kernel forced on `g`, if any.
+    let with = |x: Gemm| Gemm {
+        variant,
+        tile: g.tile,
+        block: g.block,
+        ..x
+    };
     // A shared across the batch (a weight) gets its gradient summed over it.
     let a_shared = a.numel() == m * k && batch > 1;
     let b_shared = b.numel() == k * n && batch > 1;
