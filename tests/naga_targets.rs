@@ -14,7 +14,7 @@
 mod common;
 use clip_wgpu::bench::{bench_config, tiny_config, StepBench};
 use clip_wgpu::gpu::{AdapterRequest, PipelineSpec, Settings};
-use clip_wgpu::ops::matmul::{Tile, Variant};
+use clip_wgpu::ops::matmul::{Tile, Variant, BLOCKS};
 use clip_wgpu::shaders::ALL;
 use clip_wgpu::Gpu;
 use naga::back::{glsl, hlsl, msl, spv};
@@ -157,6 +157,10 @@ fn every_pipeline_translates_to_every_backend() {
             ..Settings::default()
         },
         Settings {
+            matmul: Some(Variant::Blocked),
+            ..Settings::default()
+        },
+        Settings {
             matmul: Some(Variant::Vec4),
             vec4_tile: Some(Tile {
                 rm: 16,
@@ -185,6 +189,37 @@ fn every_pipeline_translates_to_every_backend() {
             });
         }
     }
+    // Every block of the GPU matmul (a CPU adapter may not fit them all),
+    // in each transpose form, with the epilogues' constants.
+    let blocked = ALL.iter().find(|(n, _)| *n == "matmul_blocked").unwrap();
+    for b in BLOCKS {
+        for (ta, tb, epilogue) in [
+            (0, 0, [("HAS_BIAS", 1), ("ACT", 1), ("ACT_KIND", 1)]),
+            (0, 1, [("ACCUMULATE", 1), ("ACT", 2), ("ACT_KIND", 2)]),
+            (1, 0, [("BIAS_GRAD", 1), ("ACT", 0), ("ACT_KIND", 0)]),
+            (1, 1, [("ACCUMULATE", 1), ("HAS_BIAS", 1), ("ACT", 0)]),
+        ] {
+            let mut constants: Vec<(String, f64)> = [
+                ("TRANS_A", ta),
+                ("TRANS_B", tb),
+                ("BM", b.bm),
+                ("BN", b.bn),
+                ("BK", b.bk),
+                ("TM", b.tm),
+                ("TN", b.tn),
+            ]
+            .iter()
+            .map(|(k, v)| (k.to_string(), *v as f64))
+            .collect();
+            constants.extend(epilogue.iter().map(|(k, v)| (k.to_string(), *v as f64)));
+            specs.push(PipelineSpec {
+                shader: blocked.0,
+                source: blocked.1,
+                entry: "matmul_blocked".into(),
+                constants,
+            });
+        }
+    }
     // One translation per distinct pipeline.
     let mut seen = BTreeSet::new();
     specs.retain(|s| seen.insert(format!("{}::{} {:?}", s.shader, s.entry, s.constants)));
@@ -200,7 +235,10 @@ fn every_pipeline_translates_to_every_backend() {
     );
     assert!(
         specs.iter().any(|s| s.shader == "matmul_sg")
-            && specs.iter().any(|s| !s.constants.is_empty()),
+            && specs.iter().any(|s| !s.constants.is_empty())
+            && specs
+                .iter()
+                .any(|s| s.shader == "matmul_blocked" && s.constants.len() > 10),
         "the steps made no subgroup or specialised pipeline: the check would be thin"
     );
     assert!(
