@@ -1,7 +1,8 @@
 //! Writes the unrolled WGSL kernels into OUT_DIR: the CPU-adapter matmul
 //! (matmul_vec4.wgsl, matmul_sg.wgsl), the GPU matmul (matmul_blocked.wgsl,
-//! which shares their epilogue) and fused attention (attention_fused.wgsl,
-//! attention_sg.wgsl). Their hand-written parts are
+//! which shares their epilogue), fused attention (attention_fused.wgsl,
+//! attention_sg.wgsl) and the GPU attention (attention_tiled.wgsl, which
+//! shares their bindings). Their hand-written parts are
 //! templates in shaders/ (*.tmpl.wgsl); the generators only unroll.
 //!
 //! Why generated: llvmpipe keeps private arrays in memory and gathers every
@@ -69,5 +70,16 @@ fn main() {
     write(
         "attention_sg.wgsl",
         attention_gen::generate(&attention, true),
+    );
+    // The GPU attention binds as the fused kernels do.
+    write(
+        "attention_tiled.wgsl",
+        template::fill(
+            &read("attention_tiled.tmpl.wgsl"),
+            &[(
+                "COMMON",
+                template::shared_block(&attention, "attention_fused.tmpl.wgsl"),
+            )],
+        ),
     );
 }

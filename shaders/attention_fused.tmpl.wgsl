@@ -13,6 +13,7 @@
 // Masks: causal (key j <= query i) and key_valid [B, T] (0 masks a key).
 // q/k/v/O/dO/dQ/dK/dV are [B, T, H*DH] as vec4s; lse/delta are [B, H, T].
 
+// BEGIN shared with attention_tiled (build.rs copies it there)
 struct Params {
     b: u32, t: u32, h: u32, d4: u32,
     causal: u32, has_kv: u32, scale: f32, nblk: u32,
@@ -41,3 +42,4 @@ struct Params {
 fn key_ok(b: u32, j: u32) -> bool {
     return p.has_kv == 0u || kv[b * p.t + j] != 0.0;
 }
+// END shared

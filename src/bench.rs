@@ -280,6 +280,7 @@ fn attention_cases(gpu: &Arc<Gpu>, t: &Tower, batch: usize, reps: usize) -> Resu
         h,
         dh,
         sg: gpu.subgroups_of_8(),
+        tiled: None,
     };
     let plain = Mask {
         causal: t.causal,
@@ -287,20 +288,28 @@ fn attention_cases(gpu: &Arc<Gpu>, t: &Tower, batch: usize, reps: usize) -> Resu
         keys: None,
     };
     let flops = 2.0 * (batch * h * t.tokens * t.tokens * dh) as f64 * 2.0 * 3.0;
-    let ways: &[bool] = if attention_fused::supported(dh) {
-        &[true, false]
-    } else {
-        &[false]
-    };
-    for &fused in ways {
+    // Fused, tiled (the GPU kernels, at the largest workgroup the device
+    // fits), unfused: (name, fused, dims).
+    let mut ways = Vec::new();
+    if attention_fused::supported(dh) {
+        ways.push(("fused".to_string(), true, d));
+    }
+    if attention_fused::tiled_supported(dh) {
+        if let Some(&r) = attention_fused::tiled_rows(gpu, dh).first() {
+            let tiled = Dims {
+                tiled: Some(r),
+                ..d
+            };
+            ways.push((format!("tiled {r}"), true, tiled));
+        }
+    }
+    ways.push(("unfused".to_string(), false, d));
+    for (way, fused, d) in ways {
         let secs = time(gpu, reps, || {
             attention::forward_backward(&q, &q, &q, d, &plain, fused)
         })?;
         out.push(Measure {
-            kernel: format!(
-                "{n} attention fwd+bwd ({})",
-                if fused { "fused" } else { "unfused" }
-            ),
+            kernel: format!("{n} attention fwd+bwd ({way})"),
             shape: format!("{batch}x{}x{h}x{dh}", t.tokens),
             median_ms: secs * 1e3,
             rate: flops / secs / 1e9,

@@ -345,10 +345,9 @@ fn forced_kernels(
 ) -> Result<Settings> {
     let mut settings = Settings::from_env()?;
     if let Some(m) = matmul {
-        settings.matmul = Some(
-            clip_wgpu::ops::matmul::Variant::parse(&m)
-                .ok_or_else(|| anyhow::anyhow!("--matmul {m:?}: expected regs, vec4, tiled or blocked"))?,
-        );
+        settings.matmul = Some(clip_wgpu::ops::matmul::Variant::parse(&m).ok_or_else(|| {
+            anyhow::anyhow!("--matmul {m:?}: expected regs, vec4, tiled or blocked")
+        })?);
     }
     if let Some(t) = tile {
         use clip_wgpu::ops::matmul::{parse_tile, tile_name, SG_TILES, VEC4_TILES};

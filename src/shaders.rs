@@ -43,6 +43,7 @@ pub const ALL: &[(&str, &str)] = &[
     hand_written!("softmax"),
     generated!("attention_fused"),
     generated!("attention_sg"),
+    generated!("attention_tiled"),
     generated!("matmul_blocked"),
     generated!("matmul_sg"),
     generated!("matmul_vec4"),

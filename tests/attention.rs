@@ -64,6 +64,8 @@ enum Path {
     Fused,
     /// The fused kernels' subgroup version.
     FusedSubgroup,
+    /// The tiled (GPU) kernels with this many rows a workgroup.
+    Tiled(usize),
 }
 
 fn check(t: usize, h: usize, dh: usize, causal: bool, padded_keys: bool, path: Path) {
@@ -111,7 +113,25 @@ fn check(t: usize, h: usize, dh: usize, causal: bool, padded_keys: bool, path: P
             if sg && !gpu.subgroups_of_8() {
                 return;
             }
-            let d = Dims { b, t, h, dh, sg };
+            let d = Dims {
+                b,
+                t,
+                h,
+                dh,
+                sg,
+                tiled: None,
+            };
+            attention_fused(&mut tape, &qv, &kv, &vv, d, &mask)
+        }
+        Path::Tiled(rows) => {
+            let d = Dims {
+                b,
+                t,
+                h,
+                dh,
+                sg: false,
+                tiled: Some(rows),
+            };
             attention_fused(&mut tape, &qv, &kv, &vv, d, &mask)
         }
     }
@@ -169,6 +189,32 @@ fn fused_attention_matches_reference() {
         check(37, 1, 16, true, true, path);
     }
     check(5, 2, 32, true, false, Path::Default);
+}
+
+/// The tiled (GPU) kernels at every workgroup size this adapter fits: head
+/// sizes from 4 to 128, sequences shorter than, equal to and longer than a
+/// tile (one, two and several tiles, with a partial last chunk of keys),
+/// causal and not, key padding, and query rows with no key.
+#[test]
+fn tiled_attention_matches_reference() {
+    let Some(gpu) = gpu() else { return };
+    let rows = clip_wgpu::ops::attention_fused::tiled_rows(&gpu, 64);
+    assert!(!rows.is_empty(), "no tiled workgroup size fits");
+    for &r in &rows {
+        let path = Path::Tiled(r);
+        // Long sequences at small head sizes: the reference's finite
+        // differences cost t^2 * dh per element.
+        check(7, 2, 16, true, true, path);
+        check(r, 1, 8, false, true, path);
+        check(r + 5, 1, 4, true, true, path);
+        check(2 * r + 3, 1, 4, false, false, path);
+        check(13, 2, 12, false, true, path);
+    }
+    check(9, 1, 64, true, true, Path::Tiled(rows[0]));
+    // The largest head size, where the device fits it.
+    if let Some(&r) = clip_wgpu::ops::attention_fused::tiled_rows(&gpu, 128).last() {
+        check(5, 1, 128, false, true, Path::Tiled(r));
+    }
 }
 
 #[test]

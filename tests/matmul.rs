@@ -276,7 +276,15 @@ fn matmul_blocked_epilogues() {
 
         let out = Tensor::empty(&gpu, &[m, n]).unwrap();
         let kind = Act::QuickGelu;
-        gemm_act_into(&c, &at, &wt, Some(&biast), g, Some(Epilogue::Act(kind, &out))).unwrap();
+        gemm_act_into(
+            &c,
+            &at,
+            &wt,
+            Some(&biast),
+            g,
+            Some(Epilogue::Act(kind, &out)),
+        )
+        .unwrap();
         assert_close(&format!("{b} act: C"), &download(&c), &prod, 1e-5);
         assert_close(
             &format!("{b} act: act(C)"),
@@ -287,7 +295,15 @@ fn matmul_blocked_epilogues() {
 
         let x = r.vec(m * n, 1.0);
         let xt = upload(&gpu, &x, &[m, n]);
-        gemm_act_into(&c, &at, &wt, None, g, Some(Epilogue::ActGrad(Act::Gelu, &xt))).unwrap();
+        gemm_act_into(
+            &c,
+            &at,
+            &wt,
+            None,
+            g,
+            Some(Epilogue::ActGrad(Act::Gelu, &xt)),
+        )
+        .unwrap();
         let plain = gemm_ref(&a, &w, None, g);
         assert_close(
             &format!("{b} act grad"),
@@ -312,7 +328,12 @@ fn matmul_blocked_epilogues() {
         let want: Vec<f64> = (0..m)
             .map(|i| (0..k).map(|kk| a[kk * m + i]).sum())
             .collect();
-        assert_close(&format!("{b} bias grad sums"), &download(&sums), &want, 1e-5);
+        assert_close(
+            &format!("{b} bias grad sums"),
+            &download(&sums),
+            &want,
+            1e-5,
+        );
         assert_close(
             &format!("{b} bias grad product"),
             &download(&c),

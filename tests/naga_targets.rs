@@ -173,6 +173,10 @@ fn every_pipeline_translates_to_every_backend() {
             attention: Some(clip_wgpu::gpu::settings::Attention::Unfused),
             ..Settings::default()
         },
+        Settings {
+            attention: Some(clip_wgpu::gpu::settings::Attention::Tiled),
+            ..Settings::default()
+        },
     ];
     for s in forced {
         specs.extend(made_by_steps(s));
@@ -218,6 +222,20 @@ fn every_pipeline_translates_to_every_backend() {
                 entry: "matmul_blocked".into(),
                 constants,
             });
+        }
+    }
+    // The tiled attention at every workgroup size and some head sizes.
+    let tiled = ALL.iter().find(|(n, _)| *n == "attention_tiled").unwrap();
+    for rows in clip_wgpu::ops::attention_fused::TILED_ROWS {
+        for dh in [16, 32, 64, 128] {
+            for entry in ["attn_fwd_wg", "attn_dq_wg", "attn_dkv_wg"] {
+                specs.push(PipelineSpec {
+                    shader: tiled.0,
+                    source: tiled.1,
+                    entry: entry.into(),
+                    constants: vec![("DH4".into(), (dh / 4) as f64), ("BLK".into(), rows as f64)],
+                });
+            }
         }
     }
     // One translation per distinct pipeline.

@@ -12,7 +12,7 @@
 //! | `matmul` | `CLIP_WGPU_MATMUL` | `regs`, `vec4`, `tiled`, `blocked` |
 //! | `vec4_tile` | `CLIP_WGPU_VEC4_TILE` | e.g. `16x2`, `sg16x2` |
 //! | `block` | `CLIP_WGPU_MATMUL_BLOCK` | e.g. `64x64x16/4x4` |
-//! | `attention` | `CLIP_WGPU_ATTENTION` | `fused`, `unfused` |
+//! | `attention` | `CLIP_WGPU_ATTENTION` | `fused`, `tiled`, `unfused` |
 //! | `rows` | `CLIP_WGPU_ROWS` | `thread`, `workgroup` |
 //! | `tune` | `CLIP_WGPU_TUNE` | `1` (default), `0` |
 //! | `cache_dir` | `CLIP_WGPU_CACHE_DIR` | a folder |
@@ -112,7 +112,11 @@ impl Settings {
                 Block::parse,
                 "a block BMxBNxBK/TMxTN such as 64x64x16/4x4",
             )?,
-            attention: v.choice("CLIP_WGPU_ATTENTION", Attention::parse, "fused or unfused")?,
+            attention: v.choice(
+                "CLIP_WGPU_ATTENTION",
+                Attention::parse,
+                "fused, tiled or unfused",
+            )?,
             rows: v.choice("CLIP_WGPU_ROWS", Rows::parse, "thread or workgroup")?,
             tune: v.flag("CLIP_WGPU_TUNE", true)?,
             cache_dir: dir("CLIP_WGPU_CACHE_DIR")
@@ -292,14 +296,18 @@ impl fmt::Display for Block {
 pub enum Attention {
     /// Fused where the head size has a fused kernel, else unfused.
     Fused,
+    /// The tiled (GPU) fused kernels where the head size allows them (a
+    /// multiple of 4 up to 128), else unfused.
+    Tiled,
     Unfused,
 }
 
 impl Attention {
-    /// `fused` or `unfused`.
+    /// `fused`, `tiled` or `unfused`.
     pub fn parse(s: &str) -> Option<Attention> {
         match s {
             "fused" => Some(Attention::Fused),
+            "tiled" => Some(Attention::Tiled),
             "unfused" => Some(Attention::Unfused),
             _ => None,
         }

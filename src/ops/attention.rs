@@ -12,7 +12,7 @@ use super::matmul::{matmul, Gemm};
 use super::permute::{merge_heads_crop, reshape_var, split_heads_pad, swap12_pad};
 use super::softmax::{masked_softmax, Mask};
 use crate::gpu::settings::Attention;
-use crate::gpu::Gpu;
+use crate::gpu::{DeviceClass, Gpu};
 use crate::tape::{Tape, Var};
 use crate::tensor::Tensor;
 use anyhow::{ensure, Result};
@@ -34,9 +34,12 @@ pub fn attention(
         h: heads,
         dh,
         sg: gpu.subgroups_of_8(),
+        tiled: None,
     };
-    if mask.keys.is_none() && use_fused(q, k, v, d, mask)? {
-        return run_fused(tape, q, k, v, d, mask);
+    if mask.keys.is_none() {
+        if let Some(d) = choose_fused(q, k, v, d, mask)? {
+            return run_fused(tape, q, k, v, d, mask);
+        }
     }
     attention_unfused(tape, q, k, v, heads, mask)
 }
@@ -59,24 +62,48 @@ fn dims(q: &Var, k: &Var, v: &Var, heads: usize) -> Result<(usize, usize, usize)
     Ok((s[0], s[1], s[2] / heads))
 }
 
-/// Whether attention runs fused: the settings' `attention`
-/// (`CLIP_WGPU_ATTENTION=fused|unfused`) forces it; otherwise where the head
-/// size has a fused kernel, the faster of the two (forward + backward) as
-/// measured on this adapter the first time a shape runs and kept with the
-/// matmul choices (tuning off, `CLIP_WGPU_TUNE=0`: fused).
-fn use_fused(q: &Var, k: &Var, v: &Var, d: Dims, mask: &Mask) -> Result<bool> {
+/// The fused kernels attention runs with (`Dims` with `tiled` set or not),
+/// or `None` for the unfused pieces. The settings' `attention`
+/// (`CLIP_WGPU_ATTENTION=fused|tiled|unfused`) forces a choice where the
+/// head size allows it. Otherwise the candidates are the fused kernels
+/// where the head size has them and, on GPUs, the tiled kernels at each
+/// workgroup size the device fits; the first time a shape runs each is
+/// verified against the unfused path and the fastest (forward + backward,
+/// unfused included) is kept with the matmul choices. With tuning off
+/// (`CLIP_WGPU_TUNE=0`): the tiled kernels on GPUs, else fused.
+fn choose_fused(q: &Var, k: &Var, v: &Var, d: Dims, mask: &Mask) -> Result<Option<Dims>> {
     let gpu = q.tensor().gpu();
     let settings = gpu.settings();
+    let rows = Dims { tiled: None, ..d };
+    let tiled: Vec<Dims> = if fused::tiled_supported(d.dh) {
+        fused::tiled_rows(gpu, d.dh)
+            .into_iter()
+            .map(|r| Dims {
+                tiled: Some(r),
+                ..d
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
     match settings.attention {
-        Some(Attention::Unfused) => return Ok(false),
-        Some(Attention::Fused) => return Ok(fused::supported(d.dh)),
+        Some(Attention::Unfused) => return Ok(None),
+        Some(Attention::Fused) => return Ok(rows.supported().then_some(rows)),
+        Some(Attention::Tiled) => return Ok(tiled.first().copied()),
         None => {}
     }
-    if !fused::supported(d.dh) {
-        return Ok(false);
+    let mut candidates: Vec<Dims> = Vec::new();
+    if gpu.class == DeviceClass::Gpu {
+        candidates.extend(&tiled);
+    }
+    if rows.supported() {
+        candidates.push(rows);
+    }
+    if candidates.is_empty() {
+        return Ok(None);
     }
     if !settings.tune {
-        return Ok(true);
+        return Ok(Some(candidates[0]));
     }
     let key = format!(
         "attention {}x{}x{}x{}{}{}",
@@ -92,31 +119,54 @@ fn use_fused(q: &Var, k: &Var, v: &Var, d: Dims, mask: &Mask) -> Result<bool> {
         }
     );
     if let Some(v) = gpu.tuned(&key) {
-        return Ok(v == "fused");
+        return Ok(candidates.iter().copied().find(|c| choice_name(c) == v));
     }
     let (qt, kt, vt) = (q.tensor(), k.tensor(), v.tensor());
-    // Self-verification: the fused kernels' output and gradients on these
-    // operands against the unfused path's (the reference: separate
-    // kernels, each tested against the CPU). A disagreement rejects fused
-    // attention for this shape, recorded and reported once.
+    // Self-verification: each candidate's output and gradients on these
+    // operands against the unfused path's (the reference: separate kernels,
+    // each tested against the CPU). A disagreement rejects the candidate
+    // for this shape, recorded and reported once.
     let want = outputs(qt, kt, vt, d, mask, false)?;
-    let (err, scale) =
-        crate::gpu::tune::max_difference(&outputs(qt, kt, vt, d, mask, true)?, &want);
-    let tol = 1e-3 * scale + 1e-6;
-    if err > tol {
-        let why = format!(
-            "max |difference| {err:.3e} from the unfused kernels (tolerance {tol:.1e}, largest value {scale:.3e})"
-        );
-        gpu.set_tuned(&format!("{key} rejected fused"), &why);
-        gpu.set_tuned(&key, "unfused");
-        crate::gpu::tune::report_rejection("fused attention", &key, &why);
-        return Ok(false);
+    let mut kept = Vec::new();
+    for c in candidates {
+        let name = choice_name(&c);
+        let reject_key = format!("{key} rejected {name}");
+        if gpu.tuned(&reject_key).is_some() {
+            continue;
+        }
+        let got = outputs(qt, kt, vt, c, mask, true)?;
+        let (err, scale) = crate::gpu::tune::max_difference(&got, &want);
+        let tol = 1e-3 * scale + 1e-6;
+        if err > tol {
+            let why = format!(
+                "max |difference| {err:.3e} from the unfused kernels (tolerance {tol:.1e}, largest value {scale:.3e})"
+            );
+            gpu.set_tuned(&reject_key, &why);
+            crate::gpu::tune::report_rejection(&format!("{name} attention"), &key, &why);
+            continue;
+        }
+        kept.push(c);
     }
-    let tf = crate::gpu::tune::time(gpu, 3, || forward_backward(qt, kt, vt, d, mask, true))?;
-    let tu = crate::gpu::tune::time(gpu, 3, || forward_backward(qt, kt, vt, d, mask, false))?;
-    let fused = tf <= tu;
-    gpu.set_tuned(&key, if fused { "fused" } else { "unfused" });
-    Ok(fused)
+    let mut best = (
+        crate::gpu::tune::time(gpu, 3, || forward_backward(qt, kt, vt, d, mask, false))?,
+        None,
+    );
+    for c in kept {
+        let secs = crate::gpu::tune::time(gpu, 3, || forward_backward(qt, kt, vt, c, mask, true))?;
+        if secs <= best.0 {
+            best = (secs, Some(c));
+        }
+    }
+    gpu.set_tuned(&key, &best.1.as_ref().map_or("unfused".into(), choice_name));
+    Ok(best.1)
+}
+
+/// A fused choice's name in the tuning cache: "fused" or "tiled ROWS".
+fn choice_name(d: &Dims) -> String {
+    match d.tiled {
+        Some(r) => format!("tiled {r}"),
+        None => "fused".into(),
+    }
 }
 
 /// `attention` from separate kernels (split, Q K^T, masked softmax, P V,

@@ -3,6 +3,11 @@
 //! kernel reading q, k, v in their [B, T, H*Dh] layout; the backward
 //! recomputes the probabilities from the saved log-sum-exp instead of
 //! keeping them. For head sizes the generator emitted (16, 32, 64).
+//!
+//! GPUs get the tiled version (attention_tiled.wgsl, FlashAttention-2's
+//! split: a workgroup per block of rows, the other side's rows streamed
+//! through workgroup memory), for any head size that is a multiple of 4 up
+//! to 128; `Dims::tiled` selects it.
 
 use super::softmax::Mask;
 use super::{f, shader, u};
@@ -16,6 +21,10 @@ const SHADER: Shader = shader!("attention_fused");
 /// the 8 lanes of a subgroup work on one (batch, head) and share each key
 /// or query row's loads through subgroupBroadcast.
 const SHADER_SG: Shader = shader!("attention_sg");
+const SHADER_TILED: Shader = shader!("attention_tiled");
+/// Rows a workgroup of the tiled kernels (and a tile), largest first; the
+/// device's workgroup memory decides which it can run.
+pub const TILED_ROWS: [usize; 3] = [64, 32, 16];
 /// Head sizes with entry points (build/attention_gen.rs generates these;
 /// tests/shaders.rs checks).
 pub const HEAD_SIZES: [usize; 3] = [16, 32, 64];
@@ -29,6 +38,9 @@ pub struct Dims {
     pub dh: usize,
     /// Use the subgroup kernels (adapters with subgroups of 8).
     pub sg: bool,
+    /// Use the tiled (GPU) kernels with this many rows a workgroup (one of
+    /// `TILED_ROWS`).
+    pub tiled: Option<usize>,
 }
 
 impl Dims {
@@ -55,7 +67,18 @@ impl Dims {
         }
     }
 
+    /// Whether the kernels `self` selects handle its head size.
+    pub fn supported(&self) -> bool {
+        match self.tiled {
+            Some(_) => tiled_supported(self.dh),
+            None => supported(self.dh),
+        }
+    }
+
     fn shader(&self, kernel: &str) -> (&'static Shader, String) {
+        if self.tiled.is_some() {
+            return (&SHADER_TILED, format!("{kernel}_wg"));
+        }
         match (self.sg, self.rows()) {
             (true, 3) => (&SHADER_SG, format!("{kernel}_sg_{}_r3", self.dh)),
             (true, _) => (&SHADER_SG, format!("{kernel}_sg_{}", self.dh)),
@@ -95,6 +118,13 @@ impl Dims {
         let gpu = q.gpu();
         let (params, total) = self.params(mask);
         let (shader, entry) = self.shader(kernel);
+        let (constants, groups) = match self.tiled {
+            Some(rows) => (
+                vec![("DH4", (self.dh / 4) as f64), ("BLK", rows as f64)],
+                [u(self.t.div_ceil(rows)), u(self.h), u(self.b)],
+            ),
+            None => (Vec::new(), gpu.grid_1d(total, 64)),
+        };
         let mut buffers = vec![
             Some(q.buffer()),
             Some(k.buffer()),
@@ -103,13 +133,35 @@ impl Dims {
             Some(lse.buffer()),
         ];
         buffers.extend(rest.iter().map(|t| Some(t.buffer())));
-        gpu.dispatch(shader, &entry, &params, &buffers, gpu.grid_1d(total, 64))
+        gpu.dispatch_with(shader, &entry, &constants, &params, &buffers, groups)
     }
 }
 
 /// Whether the fused kernels handle this head size.
 pub fn supported(dh: usize) -> bool {
     HEAD_SIZES.contains(&dh)
+}
+
+/// Whether the tiled kernels handle this head size (their row arrays hold
+/// up to 32 vec4s: MAX_C in the shader).
+pub fn tiled_supported(dh: usize) -> bool {
+    dh.is_multiple_of(4) && (4..=128).contains(&dh)
+}
+
+/// The rows a workgroup (of `TILED_ROWS`) the device can run the tiled
+/// kernels with at head size `dh`: two tiles of rows x dh floats in
+/// workgroup memory, one thread a row.
+pub fn tiled_rows(gpu: &crate::Gpu, dh: usize) -> Vec<usize> {
+    let l = &gpu.limits;
+    TILED_ROWS
+        .iter()
+        .copied()
+        .filter(|&r| {
+            2 * r * dh * 4 <= l.max_compute_workgroup_storage_size as usize
+                && r <= l.max_compute_invocations_per_workgroup as usize
+                && r <= l.max_compute_workgroup_size_x as usize
+        })
+        .collect()
 }
 
 /// O [B, T, H*Dh] and the log-sum-exp of each query row [B, H, T].
@@ -121,8 +173,9 @@ pub fn forward(
     mask: &Mask,
 ) -> Result<(Tensor, Tensor)> {
     ensure!(
-        supported(d.dh),
-        "fused attention: head size {} not generated",
+        d.supported(),
+        "fused attention: no {} kernel for head size {}",
+        if d.tiled.is_some() { "tiled" } else { "fused" },
         d.dh
     );
     ensure!(mask.keys.is_none(), "fused attention: no sequence padding");

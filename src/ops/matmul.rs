@@ -533,7 +533,14 @@ fn forced_block(gpu: &Gpu) -> Result<Option<Block>> {
 /// `vec4_tile` and `block`), measured earlier on this adapter, measured now
 /// (autotuning on first use of a shape: each candidate timed on these
 /// operands into a scratch output), or the heuristic when tuning is off.
-fn choose(g: &Gemm, a: &Tensor, b: &Tensor, c: &Tensor, a_bs: usize, b_bs: usize) -> Result<Kernel> {
+fn choose(
+    g: &Gemm,
+    a: &Tensor,
+    b: &Tensor,
+    c: &Tensor,
+    a_bs: usize,
+    b_bs: usize,
+) -> Result<Kernel> {
     let gpu = a.gpu();
     let settings = gpu.settings();
     let forced_variant = g.variant.is_some() || settings.matmul.is_some();
@@ -685,7 +692,11 @@ pub fn kernel_name(g: &Gemm, a: &Tensor, b: &Tensor, c: &Tensor) -> Result<Strin
 fn candidates(g: &Gemm, gpu: &Gpu, a_bs: usize, b_bs: usize) -> Vec<Kernel> {
     let mut vec4: Vec<Kernel> = Vec::new();
     if vec4_ok(g, a_bs, b_bs) {
-        let sg = if gpu.subgroups_of_8() { &SG_TILES[..] } else { &[] };
+        let sg = if gpu.subgroups_of_8() {
+            &SG_TILES[..]
+        } else {
+            &[]
+        };
         vec4.extend(VEC4_TILES.iter().chain(sg).map(|t| Kernel::Vec4(*t)));
     }
     match gpu.class {
