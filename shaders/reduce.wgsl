@@ -36,6 +36,28 @@ fn sumsq(@builtin(global_invocation_id) gid: vec3<u32>) {
     out[p.cols + ch] = s;
 }
 
+// sumsq for GPUs: a workgroup a chunk, thread t adding elements t, t + 64,
+// ... (consecutive threads read consecutive elements), then a fixed tree.
+var<workgroup> red: array<f32, 64>;
+
+@compute @workgroup_size(64, 1, 1)
+fn sumsq_wg(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+            @builtin(local_invocation_index) lid: u32) {
+    let ch = wid.x + wid.y * nwg.x;
+    let r0 = ch * p.chunk;
+    if r0 >= p.rows { return; }
+    let r1 = min(r0 + p.chunk, p.rows);
+    var s = 0.0;
+    for (var r = r0 + lid; r < r1; r += 64u) { s = fma(x[r], x[r], s); }
+    red[lid] = s;
+    workgroupBarrier();
+    for (var off = 32u; off > 0u; off >>= 1u) {
+        if lid < off { red[lid] += red[lid + off]; }
+        workgroupBarrier();
+    }
+    if lid == 0u { out[p.cols + ch] = red[0]; }
+}
+
 // colsum four columns at a time (cols % 4 == 0): the same sums in the same
 // order, a quarter of llvmpipe's per-lane load loops. Same bindings, vec4s.
 @group(0) @binding(1) var<storage, read> x4: array<vec4<f32>>;

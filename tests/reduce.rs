@@ -2,7 +2,8 @@
 //! inputs, accumulating) and sums of squares, on the scalar kernels and the
 //! vec4 ones (taken when the sizes are multiples of 4), against f64 sums.
 mod common;
-use clip_wgpu::ops::reduce::{colsum, colsum_into, colsum_ref, sumsq};
+use clip_wgpu::gpu::settings::Rows;
+use clip_wgpu::ops::reduce::{colsum, colsum_into, colsum_ref, sumsq, sumsq_with};
 use common::*;
 
 #[test]
@@ -40,8 +41,14 @@ fn sumsq_matches_reference() {
     let mut r = Rng::new(12);
     for n in [1, 3, 256, 1024, 70_000, 70_001] {
         let x = r.vec(n, 1.0);
-        let got = download(&sumsq(&upload(&gpu, &x, &[n])).unwrap());
+        let xt = upload(&gpu, &x, &[n]);
         let want: f64 = x.iter().map(|v| v * v).sum();
+        let got = download(&sumsq(&xt).unwrap());
         assert_close(&format!("sumsq n={n}"), &got, &[want], 1e-6);
+        // Both layouts (a thread a chunk; a workgroup a chunk on GPUs).
+        for layout in [Rows::Thread, Rows::Workgroup] {
+            let got = download(&sumsq_with(&xt, Some(layout)).unwrap());
+            assert_close(&format!("sumsq {layout:?} n={n}"), &got, &[want], 1e-6);
+        }
     }
 }

@@ -2,6 +2,7 @@
 //! gradients, broadcast backward) and sums of squares (gradient norm).
 
 use super::{by_vec4, shader, u};
+use crate::gpu::settings::Rows;
 use crate::gpu::{Shader, Window};
 use crate::tensor::Tensor;
 use anyhow::{ensure, Result};
@@ -63,8 +64,13 @@ pub fn colsum(x: &Tensor, rows: usize, cols: usize) -> Result<Tensor> {
 
 /// Sum of squares of all elements, as a [1] tensor.
 pub fn sumsq(x: &Tensor) -> Result<Tensor> {
+    sumsq_with(x, None)
+}
+
+/// `sumsq` with the partials' layout forced (tests), `None` per adapter.
+pub fn sumsq_with(x: &Tensor, layout: Option<Rows>) -> Result<Tensor> {
     let partial = Tensor::empty(x.gpu(), &[sumsq_partials(x.numel())])?;
-    sumsq_partials_into(x, &partial, 0)?;
+    sumsq_partials_with(x, &partial, 0, layout)?;
     // The partials are summed by the column-sum kernel (one column).
     colsum(&partial, partial.numel(), 1)
 }
@@ -78,6 +84,18 @@ pub fn sumsq_partials(n: usize) -> usize {
 /// out[offset..offset + sumsq_partials(n)]: several tensors' partials can
 /// share one buffer and be summed once.
 pub fn sumsq_partials_into(x: &Tensor, out: &Tensor, offset: usize) -> Result<()> {
+    sumsq_partials_with(x, out, offset, None)
+}
+
+/// `sumsq_partials_into` in a layout: a thread a chunk (CPU adapters), or
+/// on GPUs a workgroup a chunk, whose threads read consecutive elements
+/// (coalesced) and add them in a fixed tree.
+fn sumsq_partials_with(
+    x: &Tensor,
+    out: &Tensor,
+    offset: usize,
+    layout: Option<Rows>,
+) -> Result<()> {
     let n = x.numel();
     let chunks = sumsq_partials(n);
     ensure!(
@@ -85,11 +103,21 @@ pub fn sumsq_partials_into(x: &Tensor, out: &Tensor, offset: usize) -> Result<()
         "sumsq: {chunks} partials at {offset} do not fit in {:?}",
         out.shape()
     );
-    let (entry, _) = by_vec4(n.is_multiple_of(4), "sumsq");
+    let gpu = x.gpu();
+    let wg = Rows::pick(gpu, layout) == Rows::Workgroup;
+    let entry = if wg {
+        "sumsq_wg".to_string()
+    } else {
+        by_vec4(n.is_multiple_of(4), "sumsq").0
+    };
     // Windows of whole chunks (a tensor beyond the adapter's binding
     // limit): the same partials, each over the same elements.
-    let gpu = x.gpu();
     for (e0, len) in gpu.elem_windows(n, CHUNK * 4) {
+        let groups = if wg {
+            gpu.grid_1d(sumsq_partials(len), 1)
+        } else {
+            [u(sumsq_partials(len)).div_ceil(64), 1, 1]
+        };
         let window = Window::elems(x.buffer(), e0, len, n);
         gpu.dispatch_windows(
             &SHADER,
@@ -97,7 +125,7 @@ pub fn sumsq_partials_into(x: &Tensor, out: &Tensor, offset: usize) -> Result<()
             &[],
             &[u(len), u(offset + e0 / (CHUNK * 4)), u(CHUNK * 4), 0],
             &[Some(window), Some(Window::whole(out.buffer()))],
-            [u(sumsq_partials(len)).div_ceil(64), 1, 1],
+            groups,
         )?;
     }
     Ok(())
