@@ -1,6 +1,7 @@
 //! Writes the unrolled WGSL kernels into OUT_DIR: the CPU-adapter matmul
-//! (matmul_vec4.wgsl, matmul_sg.wgsl), the GPU matmul (matmul_blocked.wgsl,
-//! which shares their epilogue), fused attention (attention_fused.wgsl,
+//! (matmul_vec4.wgsl, matmul_sg.wgsl), the GPU matmuls (matmul_blocked.wgsl
+//! and the cooperative-matrix matmul_coop8/16.wgsl, which share their
+//! epilogue), fused attention (attention_fused.wgsl,
 //! attention_sg.wgsl) and the GPU attention (attention_tiled.wgsl, which
 //! shares their bindings). Their hand-written parts are
 //! templates in shaders/ (*.tmpl.wgsl); the generators only unroll.
@@ -61,6 +62,15 @@ fn main() {
         "matmul_blocked.wgsl",
         template::fill(&read("matmul_blocked.tmpl.wgsl"), &[("COMMON", &common)]),
     );
+    // The cooperative-matrix matmul, in the two sizes adapters offer (8:
+    // Apple's simdgroup matrices; 16: Vulkan's tensor cores).
+    let coop = read("matmul_coop.tmpl.wgsl");
+    for size in ["8", "16"] {
+        write(
+            &format!("matmul_coop{size}.wgsl"),
+            template::fill(&coop, &[("S", size), ("COMMON", &common)]),
+        );
+    }
 
     let attention = read("attention_fused.tmpl.wgsl");
     write(

@@ -94,8 +94,9 @@ enum Cmd {
         /// Skip the kernel table (whole steps only).
         #[arg(long, alias = "step_only")]
         step_only: bool,
-        /// Force the matmul kernel: regs, vec4, tiled or blocked (env
-        /// CLIP_WGPU_MATMUL);
+        /// Force the matmul kernel: regs, vec4, tiled, blocked or coop (env
+        /// CLIP_WGPU_MATMUL; coop: cooperative matrices with f16 operands,
+        /// where the adapter has them);
         /// default: measured per adapter and shape (autotuned, cached).
         #[arg(long)]
         matmul: Option<String>,
@@ -346,7 +347,7 @@ fn forced_kernels(
     let mut settings = Settings::from_env()?;
     if let Some(m) = matmul {
         settings.matmul = Some(clip_wgpu::ops::matmul::Variant::parse(&m).ok_or_else(|| {
-            anyhow::anyhow!("--matmul {m:?}: expected regs, vec4, tiled or blocked")
+            anyhow::anyhow!("--matmul {m:?}: expected regs, vec4, tiled, blocked or coop")
         })?);
     }
     if let Some(t) = tile {

@@ -45,6 +45,8 @@ pub const ALL: &[(&str, &str)] = &[
     generated!("attention_sg"),
     generated!("attention_tiled"),
     generated!("matmul_blocked"),
+    generated!("matmul_coop8"),
+    generated!("matmul_coop16"),
     generated!("matmul_sg"),
     generated!("matmul_vec4"),
 ];

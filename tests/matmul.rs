@@ -342,3 +342,51 @@ fn matmul_blocked_epilogues() {
         );
     }
 }
+
+/// The cooperative-matrix kernel, forced: where the adapter has cooperative
+/// matrices, against the CPU within what rounding the operands to f16
+/// implies (relative 2^-11 each, so about 1e-3 of sqrt(k) * |a| |b|), every
+/// transpose form and the epilogues it runs; elsewhere (lavapipe, GL) the
+/// adapter's default kernel runs instead, exactly.
+#[test]
+fn matmul_coop_runs_or_falls_back() {
+    use clip_wgpu::ops::matmul::kernel_name;
+    use clip_wgpu::tensor::Tensor;
+    let Some(gpu) = gpu() else { return };
+    let mut r = Rng::new(1500);
+    for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
+        let (batch, m, n, k) = (2, 36, 44, 40);
+        let g = Gemm::new(batch, m, n, k)
+            .ta(ta)
+            .tb(tb)
+            .variant(Variant::Coop);
+        let a = r.vec(batch * m * k, 1.0);
+        let b = r.vec(batch * k * n, 1.0);
+        let bias = r.vec(n, 1.0);
+        let at = upload(&gpu, &a, &if ta { [batch, k, m] } else { [batch, m, k] });
+        let bt = upload(&gpu, &b, &if tb { [batch, n, k] } else { [batch, k, n] });
+        let c = gemm(&at, &bt, Some(&upload(&gpu, &bias, &[n])), g).unwrap();
+        let name =
+            kernel_name(&g, &at, &bt, &Tensor::empty(&gpu, &[batch, m, n]).unwrap()).unwrap();
+        let want = gemm_ref(&a, &b, Some(&bias), g);
+        let tol = match gpu.coop {
+            Some(s) => {
+                assert_eq!(name, format!("coop {s}x{s}"));
+                2e-3 * (k as f64).sqrt()
+            }
+            None => {
+                assert!(
+                    !name.starts_with("coop"),
+                    "{name} without cooperative matrices"
+                );
+                1e-5 * (k as f64).sqrt()
+            }
+        };
+        assert_close(
+            &format!("{name} ta={ta} tb={tb}"),
+            &download(&c),
+            &want,
+            tol,
+        );
+    }
+}

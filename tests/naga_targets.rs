@@ -56,11 +56,17 @@ fn translate(spec: &PipelineSpec) -> Vec<String> {
     let what = format!("{}::{} {:?}", spec.shader, spec.entry, spec.constants);
     let module = naga::front::wgsl::parse_str(spec.source)
         .unwrap_or_else(|e| panic!("{what}: {}", e.emit_to_string(spec.source)));
-    let caps = if uses_subgroups(spec.source) {
+    // Cooperative matrices exist on wgpu's Vulkan and Metal backends only
+    // (the host uses them only where the adapter reports them).
+    let coop = spec.source.contains("enable wgpu_cooperative_matrix;");
+    let mut caps = if uses_subgroups(spec.source) {
         Capabilities::SUBGROUP
     } else {
         Capabilities::empty()
     };
+    if coop {
+        caps |= Capabilities::COOPERATIVE_MATRIX | Capabilities::SHADER_FLOAT16;
+    }
     let info = Validator::new(ValidationFlags::all(), caps)
         .validate(&module)
         .unwrap_or_else(|e| panic!("{what}: {}", e.emit_to_string(spec.source)));
@@ -99,6 +105,9 @@ fn translate(spec: &PipelineSpec) -> Vec<String> {
         errors.push(format!("{what} -> MSL: {e}"));
     }
 
+    if coop {
+        return errors;
+    }
     let hlsl_opts = hlsl::Options {
         shader_model: hlsl::ShaderModel::V6_0,
         ..hlsl::Options::default()
@@ -222,6 +231,31 @@ fn every_pipeline_translates_to_every_backend() {
                 entry: "matmul_blocked".into(),
                 constants,
             });
+        }
+    }
+    // The cooperative-matrix matmuls (no adapter here has them) in each
+    // transpose form, with the epilogues, at the subgroup sizes of NVIDIA
+    // and AMD GPUs and Apple's.
+    for shader in ["matmul_coop8", "matmul_coop16"] {
+        let (name, source) = ALL.iter().find(|(n, _)| *n == shader).unwrap();
+        for wg in [32, 64] {
+            for (ta, tb, epilogue) in [
+                (0, 0, [("HAS_BIAS", 1), ("ACT", 1), ("ACT_KIND", 1)]),
+                (0, 1, [("ACCUMULATE", 1), ("ACT", 2), ("ACT_KIND", 2)]),
+                (1, 0, [("HAS_BIAS", 0), ("ACT", 0), ("ACT_KIND", 0)]),
+                (1, 1, [("ACCUMULATE", 1), ("HAS_BIAS", 1), ("ACT", 0)]),
+            ] {
+                let mut constants: Vec<(String, f64)> =
+                    vec![("WG".into(), wg as f64), ("TRANS_A".into(), ta as f64)];
+                constants.push(("TRANS_B".into(), tb as f64));
+                constants.extend(epilogue.iter().map(|(k, v)| (k.to_string(), *v as f64)));
+                specs.push(PipelineSpec {
+                    shader: name,
+                    source,
+                    entry: "matmul_coop".into(),
+                    constants,
+                });
+            }
         }
     }
     // The tiled attention at every workgroup size and some head sizes.

@@ -13,17 +13,29 @@ fn parse(name: &str, src: &str) -> naga::Module {
         .unwrap_or_else(|e| panic!("{name}: {}", e.emit_to_string(src)));
     let mut v = naga::valid::Validator::new(
         naga::valid::ValidationFlags::all(),
-        // Subgroup operations only where the shader uses them (the host
-        // uses such shaders only on adapters that have them).
-        if src.contains("subgroupBroadcast") {
-            naga::valid::Capabilities::SUBGROUP
-        } else {
-            naga::valid::Capabilities::empty()
-        },
+        // Subgroup operations, half floats and cooperative matrices only
+        // where the shader uses them (the host uses such shaders only on
+        // adapters that have them).
+        capabilities(src),
     );
     v.validate(&module)
         .unwrap_or_else(|e| panic!("{name}: {}", e.emit_to_string(src)));
     module
+}
+
+fn capabilities(src: &str) -> naga::valid::Capabilities {
+    use naga::valid::Capabilities as C;
+    let mut caps = C::empty();
+    if src.contains("subgroupBroadcast") {
+        caps |= C::SUBGROUP;
+    }
+    if src.contains("enable f16;") {
+        caps |= C::SHADER_FLOAT16;
+    }
+    if src.contains("enable wgpu_cooperative_matrix;") {
+        caps |= C::COOPERATIVE_MATRIX;
+    }
+    caps
 }
 
 #[test]

@@ -79,6 +79,9 @@ pub struct Gpu {
     pub limits: wgpu::Limits,
     pub features: wgpu::Features,
     pub class: DeviceClass,
+    /// The cooperative-matrix size (8 or 16) the matmul_coop kernels can use
+    /// on this device, if any (see `coop_size`).
+    pub coop: Option<u32>,
     pool: Pool,
     modules: Mutex<HashMap<&'static str, wgpu::ShaderModule>>,
     pipelines: Mutex<HashMap<String, wgpu::ComputePipeline>>,
@@ -138,6 +141,29 @@ impl<'a> Window<'a> {
     }
 }
 
+/// The size S of the f16 x f16 -> f32 SxSxS cooperative-matrix operation the
+/// adapter offers (16 preferred: Vulkan tensor cores; 8: Apple's simdgroup
+/// matrices), where it also has half floats and one subgroup size (a
+/// matmul_coop workgroup is one subgroup).
+fn coop_size(adapter: &wgpu::Adapter, info: &wgpu::AdapterInfo) -> Option<u32> {
+    let f = adapter.features();
+    let needed = wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX | wgpu::Features::SHADER_F16;
+    if !f.contains(needed)
+        || info.subgroup_min_size == 0
+        || info.subgroup_min_size != info.subgroup_max_size
+    {
+        return None;
+    }
+    let props = adapter.cooperative_matrix_properties();
+    [16, 8].into_iter().find(|&s| {
+        props.iter().any(|p| {
+            (p.m_size, p.n_size, p.k_size) == (s, s, s)
+                && p.ab_type == wgpu::wgt::CooperativeScalarType::F16
+                && p.cr_type == wgpu::wgt::CooperativeScalarType::F32
+        })
+    })
+}
+
 fn gcd(a: u64, b: u64) -> u64 {
     if b == 0 {
         a
@@ -172,12 +198,22 @@ impl Gpu {
             | wgpu::Features::TIMESTAMP_QUERY_INSIDE_ENCODERS
             | wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES
             | wgpu::Features::SUBGROUP;
-        let features = adapter.features() & wanted;
+        let mut features = adapter.features() & wanted;
+        let coop = coop_size(&adapter, &info);
+        let mut experimental = wgpu::ExperimentalFeatures::disabled();
+        if coop.is_some() {
+            features |=
+                wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX | wgpu::Features::SHADER_F16;
+            // SAFETY: wgpu marks cooperative matrices experimental (their
+            // validation is incomplete). Only matmul_coop uses them; naga
+            // validates it (tests/shaders.rs) and it never runs unless forced.
+            experimental = unsafe { wgpu::ExperimentalFeatures::enabled() };
+        }
         let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
             label: Some("clip-wgpu"),
             required_features: features,
             required_limits: limits.clone(),
-            experimental_features: wgpu::ExperimentalFeatures::disabled(),
+            experimental_features: experimental,
             memory_hints: wgpu::MemoryHints::Performance,
             trace: wgpu::Trace::Off,
         }))
@@ -218,6 +254,7 @@ impl Gpu {
             limits,
             features,
             class,
+            coop,
             pool: Pool::default(),
             modules: Mutex::default(),
             pipelines: Mutex::default(),
@@ -228,6 +265,9 @@ impl Gpu {
                     crate::shaders::source("matmul"),
                     crate::shaders::source("matmul_vec4"),
                     crate::shaders::source("matmul_sg"),
+                    crate::shaders::source("matmul_blocked"),
+                    crate::shaders::source("attention_fused"),
+                    crate::shaders::source("attention_tiled"),
                 ]),
                 settings.cache_dir.as_deref(),
             )),

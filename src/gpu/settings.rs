@@ -9,7 +9,7 @@
 //!
 //! | field | variable | values |
 //! | --- | --- | --- |
-//! | `matmul` | `CLIP_WGPU_MATMUL` | `regs`, `vec4`, `tiled`, `blocked` |
+//! | `matmul` | `CLIP_WGPU_MATMUL` | `regs`, `vec4`, `tiled`, `blocked`, `coop` |
 //! | `vec4_tile` | `CLIP_WGPU_VEC4_TILE` | e.g. `16x2`, `sg16x2` |
 //! | `block` | `CLIP_WGPU_MATMUL_BLOCK` | e.g. `64x64x16/4x4` |
 //! | `attention` | `CLIP_WGPU_ATTENTION` | `fused`, `tiled`, `unfused` |
@@ -100,7 +100,7 @@ impl Settings {
             matmul: v.choice(
                 "CLIP_WGPU_MATMUL",
                 Variant::parse,
-                "regs, vec4, tiled or blocked",
+                "regs, vec4, tiled, blocked or coop",
             )?,
             vec4_tile: v.choice(
                 "CLIP_WGPU_VEC4_TILE",
@@ -188,16 +188,22 @@ pub enum Variant {
     /// Workgroup-memory blocks with register blocks, vec4 loads and double
     /// buffering (matmul_blocked, a [`Block`] each): GPUs, 4-aligned shapes.
     Blocked,
+    /// Cooperative matrices (matmul_coop: tensor cores, simdgroup matrices)
+    /// with the operands rounded to f16 and f32 accumulation: only where
+    /// the adapter has them, and only when forced (the half-precision
+    /// modes' kernel; in f32 runs it would round the operands).
+    Coop,
 }
 
 impl Variant {
-    /// `regs`, `vec4`, `tiled` or `blocked`.
+    /// `regs`, `vec4`, `tiled`, `blocked` or `coop`.
     pub fn parse(s: &str) -> Option<Variant> {
         match s {
             "regs" => Some(Variant::Regs),
             "vec4" => Some(Variant::Vec4),
             "tiled" => Some(Variant::Tiled),
             "blocked" => Some(Variant::Blocked),
+            "coop" => Some(Variant::Coop),
             _ => None,
         }
     }

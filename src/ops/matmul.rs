@@ -13,6 +13,8 @@ const SHADER: Shader = shader!("matmul");
 const SHADER_VEC4: Shader = shader!("matmul_vec4");
 const SHADER_SG: Shader = shader!("matmul_sg");
 const SHADER_BLOCKED: Shader = shader!("matmul_blocked");
+const SHADER_COOP8: Shader = shader!("matmul_coop8");
+const SHADER_COOP16: Shader = shader!("matmul_coop16");
 
 pub use crate::gpu::settings::{Block, Tile, Variant};
 
@@ -23,6 +25,8 @@ pub enum Kernel {
     Tiled,
     Vec4(Tile),
     Blocked(Block),
+    /// Cooperative matrices of this size (8 or 16).
+    Coop(u32),
 }
 
 impl Kernel {
@@ -34,6 +38,7 @@ impl Kernel {
             Kernel::Tiled => "tiled".into(),
             Kernel::Vec4(t) => format!("vec4 {t}"),
             Kernel::Blocked(b) => format!("blocked {b}"),
+            Kernel::Coop(s) => format!("coop {s}x{s}"),
         }
     }
 
@@ -43,13 +48,22 @@ impl Kernel {
             Kernel::Tiled => Variant::Tiled,
             Kernel::Vec4(_) => Variant::Vec4,
             Kernel::Blocked(_) => Variant::Blocked,
+            Kernel::Coop(_) => Variant::Coop,
         }
     }
 
-    /// Whether the kernel runs the epilogues (bias, activation, bias
-    /// gradient) in its own pass.
+    /// Whether the kernel binds the epilogue constants and the aux tensor.
     fn has_epilogue(self) -> bool {
-        matches!(self, Kernel::Vec4(_) | Kernel::Blocked(_))
+        matches!(self, Kernel::Vec4(_) | Kernel::Blocked(_) | Kernel::Coop(_))
+    }
+
+    /// Whether it runs epilogue `e` in its own pass (else separate kernels
+    /// do it afterwards).
+    fn runs(self, e: Epilogue) -> bool {
+        match self {
+            Kernel::Coop(_) => !matches!(e, Epilogue::BiasGrad(_)),
+            k => k.has_epilogue(),
+        }
     }
 }
 
@@ -120,7 +134,7 @@ impl Gemm {
         match k {
             Kernel::Vec4(t) => g.tile(t),
             Kernel::Blocked(b) => g.block(b),
-            Kernel::Regs | Kernel::Tiled => g,
+            Kernel::Regs | Kernel::Tiled | Kernel::Coop(_) => g,
         }
     }
     pub fn flops(&self) -> f64 {
@@ -261,7 +275,7 @@ pub fn gemm_act_into(
         let g = Gemm { tb: false, ..g }.kernel(kernel);
         return gemm_act_into(c, a, &bt, bias, g, act);
     }
-    if let (Some(e), false) = (act, kernel.has_epilogue()) {
+    if let Some(e) = act.filter(|e| !kernel.runs(*e)) {
         gemm_act_into(c, a, b, bias, g.kernel(kernel), None)?;
         return match e {
             Epilogue::Act(kind, out) => super::activation::forward_into(c, out, kind),
@@ -288,6 +302,14 @@ pub fn gemm_act_into(
         }
         Kernel::Tiled => (&SHADER, "matmul_tiled", 64, 64),
         Kernel::Blocked(b) => (&SHADER_BLOCKED, "matmul_blocked", b.bm, b.bn),
+        Kernel::Coop(s) => {
+            let sh = if s == 16 {
+                &SHADER_COOP16
+            } else {
+                &SHADER_COOP8
+            };
+            (sh, "matmul_coop", 2 * s as usize, 2 * s as usize)
+        }
     };
     let mut constants = vec![
         ("TRANS_A", g.ta as u32 as f64),
@@ -302,6 +324,10 @@ pub fn gemm_act_into(
             ("ACT_KIND", act.map_or(0, |e| e.parts().2) as f64),
             ("BIAS_GRAD", act.is_some_and(|e| e.parts().3) as u32 as f64),
         ]);
+    }
+    if let Kernel::Coop(_) = kernel {
+        // A workgroup is one subgroup (the adapter has one subgroup size).
+        constants.push(("WG", gpu.info.subgroup_max_size as f64));
     }
     if let Kernel::Blocked(b) = kernel {
         constants.extend([
@@ -558,6 +584,7 @@ fn choose(
             Variant::Tiled => Kernel::Tiled,
             Variant::Vec4 => Kernel::Vec4(tile.unwrap_or_else(|| heuristic_tile(g))),
             Variant::Blocked => Kernel::Blocked(block.unwrap_or_else(|| heuristic_block(g, gpu))),
+            Variant::Coop => Kernel::Coop(gpu.coop.unwrap_or(16)),
         });
     }
     let candidates = candidates(g, gpu, a_bs, b_bs);
@@ -732,6 +759,23 @@ pub fn chosen_variant(g: &Gemm, gpu: &Gpu, a_bs: usize, b_bs: usize) -> Variant 
     match v {
         Variant::Vec4 if !vec4_ok(g, a_bs, b_bs) => Variant::Regs,
         Variant::Blocked if !blocked_ok(g, a_bs, b_bs) => Variant::Tiled,
+        // Where the adapter has no cooperative matrices, its default kernel.
+        Variant::Coop if gpu.coop.is_none() => {
+            let v = match gpu.class {
+                DeviceClass::Cpu => Variant::Vec4,
+                DeviceClass::Gpu => Variant::Blocked,
+            };
+            chosen_variant(
+                &Gemm {
+                    variant: Some(v),
+                    ..*g
+                },
+                gpu,
+                a_bs,
+                b_bs,
+            )
+        }
+        Variant::Coop if !blocked_ok(g, a_bs, b_bs) => Variant::Tiled,
         v => v,
     }
 }
