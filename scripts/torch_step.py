@@ -20,6 +20,8 @@ p.add_argument("--config", default="tiny", choices=["tiny", "b32", "clip-roberta
 p.add_argument("--batch", type=int, default=32)
 p.add_argument("--reps", type=int, default=5)
 p.add_argument("--threads", type=int, default=0)
+# Mixed precision as run_clip's --bf16 runs it: the forward under autocast.
+p.add_argument("--autocast", choices=["off", "bf16", "fp16"], default="off")
 a = p.parse_args()
 if a.threads:
     torch.set_num_threads(a.threads)
@@ -62,18 +64,24 @@ def sync():
         torch.cuda.synchronize()
 
 
+amp = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[a.autocast]
+# fp16 needs loss scaling (GradScaler) as the Trainer does.
+scaler = torch.amp.GradScaler(dev, enabled=a.autocast == "fp16")
 fw, bw, op = [], [], []
 for i in range(a.reps + 1):
     sync(); t0 = time.perf_counter()
-    out = model(input_ids=ids, attention_mask=mask, pixel_values=px, return_loss=True)
+    with torch.autocast(device_type=dev, dtype=amp or torch.float32, enabled=amp is not None):
+        out = model(input_ids=ids, attention_mask=mask, pixel_values=px, return_loss=True)
     sync(); t1 = time.perf_counter()
-    out.loss.backward()
+    scaler.scale(out.loss).backward()
     sync(); t2 = time.perf_counter()
+    scaler.unscale_(opt)
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    opt.step(); opt.zero_grad(set_to_none=True)
+    scaler.step(opt); scaler.update(); opt.zero_grad(set_to_none=True)
     sync(); t3 = time.perf_counter()
     if i:
         fw.append(t1 - t0); bw.append(t2 - t1); op.append(t3 - t2)
 f, b, o = (statistics.median(x) * 1e3 for x in (fw, bw, op))
-print(f"torch {torch.__version__} on {dev} ({torch.get_num_threads()} threads), {a.config} batch {B}: "
+print(f"torch {torch.__version__} on {dev} ({torch.get_num_threads()} threads), {a.config} batch {B}"
+      f"{'' if amp is None else ', autocast ' + a.autocast}: "
       f"forward {f:.1f} ms, backward {b:.1f} ms, optimizer {o:.1f} ms, {B / ((f + b + o) / 1e3):.1f} images/s")
