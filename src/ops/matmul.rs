@@ -482,12 +482,13 @@ pub fn heuristic_tile(g: &Gemm) -> Tile {
 /// The blocks of matmul_blocked the tuner tries on GPUs, where the device
 /// allows their threads and workgroup memory: large blocks reuse each load
 /// most; small ones keep every compute unit busy on small outputs.
-pub const BLOCKS: [Block; 9] = [
+pub const BLOCKS: [Block; 10] = [
     blk(128, 128, 8, 8, 8),
     blk(128, 128, 16, 8, 8),
     blk(128, 64, 8, 8, 4),
     blk(64, 128, 8, 4, 8),
     blk(64, 64, 16, 4, 4),
+    blk(64, 64, 32, 4, 4),
     blk(64, 64, 8, 4, 4),
     blk(64, 64, 16, 8, 8),
     blk(32, 64, 16, 4, 4),
