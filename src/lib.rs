@@ -13,6 +13,7 @@ pub mod shaders;
 pub mod tape;
 pub mod tensor;
 pub mod train;
+pub mod zeroshot;
 
 pub use gpu::Gpu;
 pub use tape::{Grads, Tape, Var};

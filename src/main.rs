@@ -74,6 +74,35 @@ enum Cmd {
         #[arg(long)]
         output: Option<PathBuf>,
     },
+    /// Zero-shot classification of an ImageFolder (one sub-folder per class)
+    /// as CLIP_benchmark and OpenCLIP compute it: top-1, top-5, mean
+    /// per-class recall, the worst classes' confusions, per-picture predictions.
+    #[command(name = "zero-shot", alias = "zero_shot")]
+    ZeroShot {
+        /// Model folder (config.json, model.safetensors, tokenizer.json, processor config).
+        #[arg(long)]
+        model: PathBuf,
+        /// ImageFolder: one sub-folder of pictures per class (searched recursively).
+        #[arg(long)]
+        data: PathBuf,
+        /// Class names: a JSON object {"folder": "name"} or lines `folder<TAB>name`;
+        /// unlisted folders are named by their folder name with `_` as spaces.
+        #[arg(long)]
+        classes: Option<PathBuf>,
+        /// Prompt templates: openai (OpenAI's 80 ImageNet templates), simple (7),
+        /// or a file with one template a line, `{c}` for the class name.
+        #[arg(long, default_value = "openai")]
+        templates: String,
+        /// Write the JSON report here (`-`: stdout, the summary then goes to stderr).
+        #[arg(long)]
+        output: Option<PathBuf>,
+        /// Pictures (and prompts) per forward pass.
+        #[arg(long = "batch_size", alias = "batch-size", default_value_t = 64)]
+        batch_size: usize,
+        /// Picture decoding threads (default: the CPU count, at most 8).
+        #[arg(long)]
+        workers: Option<usize>,
+    },
     /// Time each kernel at the shapes of a training step (median of runs),
     /// then whole training steps.
     Bench {
@@ -232,6 +261,28 @@ fn run(world: &clip_wgpu::dist::World) -> Result<()> {
             }
             Ok(())
         }
+        Cmd::ZeroShot {
+            model,
+            data,
+            classes,
+            templates,
+            output,
+            batch_size,
+            workers,
+        } => zero_shot(
+            &req,
+            clip_wgpu::zeroshot::Options {
+                model,
+                data,
+                classes,
+                templates,
+                batch_size,
+                workers: workers
+                    .unwrap_or_else(|| clip_wgpu::data::loader::LoaderConfig::default().workers),
+                progress: true,
+            },
+            output,
+        ),
         Cmd::Bench {
             config,
             batch,
@@ -276,6 +327,30 @@ fn run(world: &clip_wgpu::dist::World) -> Result<()> {
             bench(&req, settings, &config, batch, reps, json, step_only, mode)
         }
     }
+}
+
+fn zero_shot(
+    req: &AdapterRequest,
+    opts: clip_wgpu::zeroshot::Options,
+    output: Option<PathBuf>,
+) -> Result<()> {
+    let gpu = clip_wgpu::Gpu::new(req)?;
+    let zs = clip_wgpu::zeroshot::run(&gpu, &opts)?;
+    let summary = zs.summary();
+    let to_stdout = output.as_deref() == Some(std::path::Path::new("-"));
+    match &output {
+        Some(_) if to_stdout => {
+            eprintln!("{summary}");
+            println!("{}", zs.to_json(&opts.model, &opts.data));
+        }
+        Some(p) => {
+            let json = serde_json::to_string_pretty(&zs.to_json(&opts.model, &opts.data))?;
+            clip_wgpu::model::weights::write_atomic(p, json.as_bytes())?;
+            println!("{summary}\nreport: {}", p.display());
+        }
+        None => println!("{summary}"),
+    }
+    Ok(())
 }
 
 fn train(
