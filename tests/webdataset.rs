@@ -216,7 +216,13 @@ fn brace_expansion_is_braceexpands() {
         ("index.html{,.backup}", &["index.html", "index.html.backup"]),
         (
             "python{2.{5..7},3.{2,3}}",
-            &["python2.5", "python2.6", "python2.7", "python3.2", "python3.3"],
+            &[
+                "python2.5",
+                "python2.6",
+                "python2.7",
+                "python3.2",
+                "python3.3",
+            ],
         ),
         // Escapes: the backslash keeps a brace or comma literal and is removed.
         ("{1\\,2}", &["{1,2}"]),
@@ -225,9 +231,17 @@ fn brace_expansion_is_braceexpands() {
         // WebDataset shard names.
         (
             "data/{00000..00003}.tar",
-            &["data/00000.tar", "data/00001.tar", "data/00002.tar", "data/00003.tar"],
+            &[
+                "data/00000.tar",
+                "data/00001.tar",
+                "data/00002.tar",
+                "data/00003.tar",
+            ],
         ),
-        ("s-{08..11}.tar", &["s-08.tar", "s-09.tar", "s-10.tar", "s-11.tar"]),
+        (
+            "s-{08..11}.tar",
+            &["s-08.tar", "s-09.tar", "s-10.tar", "s-11.tar"],
+        ),
         ("x{0..10..5}", &["x0", "x5", "x10"]),
         ("plain.tar", &["plain.tar"]),
     ];
@@ -255,7 +269,10 @@ fn keys_follow_webdatasets_base_plus_ext() {
     let cases: &[(&str, Option<(&str, &str)>)] = &[
         ("000123.jpg", Some(("000123", "jpg"))),
         ("a.b/c.d.jpg", Some(("a.b/c", "d.jpg"))),
-        ("set.v1/part.2/000001.txt", Some(("set.v1/part.2/000001", "txt"))),
+        (
+            "set.v1/part.2/000001.txt",
+            Some(("set.v1/part.2/000001", "txt")),
+        ),
         ("x/y/.h.jpg", Some(("x/y/", "h.jpg"))),
         ("/.jpg", Some(("/", "jpg"))),
         ("dir.v1/.hidden.png", None),
@@ -296,7 +313,10 @@ fn shard_lists_globs_and_errors_that_name_the_file() {
     // A missing shard of a range: the error names it.
     let pat = format!("{}/{{00000..00004}}.tar", s(&d));
     let e = format!("{:#}", expand_shards(Path::new(&pat)).unwrap_err());
-    assert!(e.contains("00004.tar") && e.contains("does not exist"), "{e}");
+    assert!(
+        e.contains("00004.tar") && e.contains("does not exist"),
+        "{e}"
+    );
     // A bad pattern: the error names the pattern.
     let pat = format!("{}/{{00000..00003.tar", s(&d));
     let e = format!("{:#}", expand_shards(Path::new(&pat)).unwrap_err());
@@ -304,7 +324,10 @@ fn shard_lists_globs_and_errors_that_name_the_file() {
     // A glob that matches nothing.
     let pat = format!("{}/*.nothing.tar", s(&d));
     let e = format!("{:#}", expand_shards(Path::new(&pat)).unwrap_err());
-    assert!(e.contains("no shard file matches") && e.contains("*.nothing.tar"), "{e}");
+    assert!(
+        e.contains("no shard file matches") && e.contains("*.nothing.tar"),
+        "{e}"
+    );
     // A list file's missing entry: the list and its line.
     std::fs::write(&list, "00000.tar\ngone.tar\n").unwrap();
     let e = format!("{:#}", expand_shards(&list).unwrap_err());
@@ -323,7 +346,10 @@ fn shard_lists_globs_and_errors_that_name_the_file() {
         .unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success());
-    assert!(err.contains("00004.tar") && err.contains("--train_file"), "{err}");
+    assert!(
+        err.contains("00004.tar") && err.contains("--train_file"),
+        "{err}"
+    );
 }
 
 // ---------------------------------------------------------------------------
@@ -337,7 +363,10 @@ fn awkward_shards(d: &Path) -> (Vec<PathBuf>, Vec<String>) {
     let mut keys = Vec::new();
     fn good(keys: &mut Vec<String>, m: &mut Vec<(String, Vec<u8>)>, key: &str, g: usize) {
         m.push((format!("{key}.png"), png(g)));
-        m.push((format!("{key}.txt"), format!("  {}\n", caption(g)).into_bytes()));
+        m.push((
+            format!("{key}.txt"),
+            format!("  {}\n", caption(g)).into_bytes(),
+        ));
         keys.push(key.to_string());
     }
     good(&mut keys, &mut a, "f.1/a.b/0001", 1);
@@ -356,7 +385,9 @@ fn awkward_shards(d: &Path) -> (Vec<PathBuf>, Vec<String>) {
     a.push(("f.1/a.b/0005.PNG".into(), png(5)));
     a.push((
         "f.1/a.b/0005.json".into(),
-        serde_json::json!({"caption": caption(5)}).to_string().into_bytes(),
+        serde_json::json!({"caption": caption(5)})
+            .to_string()
+            .into_bytes(),
     ));
     a.push(("f.1/a.b/0005.cls".into(), b"3".to_vec()));
     keys.push("f.1/a.b/0005".into());
@@ -427,7 +458,9 @@ fn reads_what_a_reference_writer_wrote_and_skips_the_broken() {
         .collect();
     let has = |what: &str, place: &str| {
         assert!(
-            reasons.iter().any(|r| r.contains(what) && r.contains(place)),
+            reasons
+                .iter()
+                .any(|r| r.contains(what) && r.contains(place)),
             "no skip {what:?} at {place:?} in {reasons:#?}"
         )
     };
@@ -622,7 +655,11 @@ fn shards_are_dealt_to_ranks_round_robin_after_the_shuffle() {
     let mut cfg = StreamConfig::new(7, 0);
     cfg.world = 6;
     let e = run_stream(&set, &cfg, None, &mut |_, _| Ok(true)).unwrap_err();
-    assert!(e.to_string().contains("every rank needs at least one shard"), "{e}");
+    assert!(
+        e.to_string()
+            .contains("every rank needs at least one shard"),
+        "{e}"
+    );
 }
 
 /// From every position of the stream, a resume point (the latest snapshot
@@ -668,12 +705,19 @@ fn resume_from_any_position_gives_the_rest_of_the_stream() {
     cfg.shuffle_buffer = 6;
     cfg.snapshot_every = 4;
     let full = run(&set, &cfg, None);
-    let snap = full.snapshots.iter().find(|s| !s.buffer.is_empty()).unwrap();
+    let snap = full
+        .snapshots
+        .iter()
+        .find(|s| !s.buffer.is_empty())
+        .unwrap();
     let victim = &set.shards[snap.buffer[0].shard];
     let saved = std::fs::read(victim).unwrap();
     write_tar(victim, &[("other/0001.png".into(), png(1))]);
     let e = run_stream(&set, &cfg, Some(snap), &mut |_, _| Ok(true)).unwrap_err();
-    assert!(format!("{e:#}").contains(&victim.display().to_string()), "{e:#}");
+    assert!(
+        format!("{e:#}").contains(&victim.display().to_string()),
+        "{e:#}"
+    );
     std::fs::write(victim, saved).unwrap();
 }
 
@@ -793,11 +837,7 @@ fn train_from_shards_resumes_mid_shard_to_the_same_weights() {
     let spec = format!("{}/{{00000..00002}}.tar", data.display());
     let model = fixture_model("clip");
     for (name, extra, env) in [
-        (
-            "plain",
-            vec!["--max_steps", "8", "--save_steps", "3"],
-            "4",
-        ),
+        ("plain", vec!["--max_steps", "8", "--save_steps", "3"], "4"),
         (
             "accum",
             vec![
@@ -822,7 +862,11 @@ fn train_from_shards_resumes_mid_shard_to_the_same_weights() {
         assert!(o.status.success(), "{err}");
         assert!(err.contains("3 WebDataset shard(s)"), "{err}");
         // The checkpoint records where the stream stood, mid-shard.
-        let ck = if name == "plain" { "checkpoint-3" } else { "checkpoint-2" };
+        let ck = if name == "plain" {
+            "checkpoint-3"
+        } else {
+            "checkpoint-2"
+        };
         let state: serde_json::Value = serde_json::from_slice(
             &std::fs::read(full.join(ck).join("trainer_state.json")).unwrap(),
         )
@@ -851,10 +895,18 @@ fn train_from_shards_resumes_mid_shard_to_the_same_weights() {
         assert!(worst <= 1e-6, "{name}: resumed run differs by {worst}");
         // Another shuffle buffer: refused, naming both.
         let mut other = train_args(&model, &spec, &resumed, &extra);
-        other.extend(["--shuffle_buffer".into(), "6".into(), "--max_steps".into(), "12".into()]);
+        other.extend([
+            "--shuffle_buffer".into(),
+            "6".into(),
+            "--max_steps".into(),
+            "12".into(),
+        ]);
         let o = bin().args(&other).output().unwrap();
         let err = String::from_utf8_lossy(&o.stderr);
-        assert!(!o.status.success() && err.contains("shuffle buffer"), "{err}");
+        assert!(
+            !o.status.success() && err.contains("shuffle buffer"),
+            "{err}"
+        );
     }
     // Evaluation from shards: `eval --validation_file` reads them in order.
     let o = bin()

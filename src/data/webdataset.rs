@@ -349,14 +349,21 @@ pub fn expand_shards(spec: &Path) -> Result<Vec<PathBuf>> {
                 .with_context(|| format!("{}:{}", spec.display(), i + 1))?;
             out.extend(got);
         }
-        ensure!(!out.is_empty(), "the shard list {} names no shards", spec.display());
+        ensure!(
+            !out.is_empty(),
+            "the shard list {} names no shards",
+            spec.display()
+        );
     } else {
         out = expand_pattern(&spec.to_string_lossy())?;
     }
     for p in &out {
         let n = lower_name(p);
         ensure!(
-            !(n.ends_with(".gz") || n.ends_with(".tgz") || n.ends_with(".zst") || n.ends_with(".xz")),
+            !(n.ends_with(".gz")
+                || n.ends_with(".tgz")
+                || n.ends_with(".zst")
+                || n.ends_with(".xz")),
             "{}: compressed shards are not read; decompress them (gunzip) into plain .tar files",
             p.display()
         );
@@ -370,7 +377,9 @@ fn expand_pattern(pattern: &str) -> Result<Vec<PathBuf>> {
         for name in expand_braces(part)? {
             if has_glob(&name) {
                 let mut found: Vec<PathBuf> = glob::glob(&name)
-                    .map_err(|e| anyhow!("bad glob {name:?} in the shard pattern {pattern:?}: {e}"))?
+                    .map_err(|e| {
+                        anyhow!("bad glob {name:?} in the shard pattern {pattern:?}: {e}")
+                    })?
                     .filter_map(|r| r.ok())
                     .filter(|p| p.is_file())
                     .collect();
@@ -395,7 +404,10 @@ fn expand_pattern(pattern: &str) -> Result<Vec<PathBuf>> {
             }
         }
     }
-    ensure!(!out.is_empty(), "the shard pattern {pattern:?} names no files");
+    ensure!(
+        !out.is_empty(),
+        "the shard pattern {pattern:?} names no files"
+    );
     Ok(out)
 }
 
@@ -619,12 +631,13 @@ fn group_entries<R: Read>(
     // padded data).
     let mut next_start = base;
     let mut last_name = String::from("(the start)");
-    let finish = |p: Pending, next: u64, visit: &mut dyn FnMut(Event) -> Result<Flow>| {
-        match make_sample(set, idx, shown, p) {
+    let finish =
+        |p: Pending, next: u64, visit: &mut dyn FnMut(Event) -> Result<Flow>| match make_sample(
+            set, idx, shown, p,
+        ) {
             Ok(s) => visit(Event::Sample(s, next)),
             Err((place, why)) => visit(Event::Skip(place, why)),
-        }
-    };
+        };
     for entry in entries {
         let mut entry = match entry {
             Ok(e) => e,
@@ -707,7 +720,10 @@ fn group_entries<R: Read>(
                 let place = format!("{shown}:{name}");
                 if visit(Event::SkipMember(
                     place,
-                    format!("member of {size} bytes, more than the {} MiB read into memory", MAX_MEMBER_BYTES >> 20),
+                    format!(
+                        "member of {size} bytes, more than the {} MiB read into memory",
+                        MAX_MEMBER_BYTES >> 20
+                    ),
                 ))? == Flow::Stop
                 {
                     return Ok(Flow::Stop);
@@ -771,8 +787,8 @@ fn make_sample(
         let Some(j) = member("json") else {
             return Ok(None);
         };
-        let v: Value = serde_json::from_slice(&j.data)
-            .map_err(|e| format!("its .json is not JSON ({e})"))?;
+        let v: Value =
+            serde_json::from_slice(&j.data).map_err(|e| format!("its .json is not JSON ({e})"))?;
         Ok(match v.get(key) {
             Some(Value::String(s)) => Some(s.clone()),
             Some(Value::Number(n)) => Some(n.to_string()),
@@ -792,7 +808,9 @@ fn make_sample(
         .unwrap_or_default();
     if caption.is_empty() {
         let what = match &set.caption {
-            CaptionRule::TxtThenJson => "no caption (an empty or missing .txt, and no \"caption\" in a .json)".to_string(),
+            CaptionRule::TxtThenJson => {
+                "no caption (an empty or missing .txt, and no \"caption\" in a .json)".to_string()
+            }
             CaptionRule::JsonKey(k) => format!("no caption (no text under {k:?} in a .json)"),
         };
         return Err((place, format!("{what}; members: {}", exts.join(", "))));
@@ -819,7 +837,8 @@ fn make_sample(
 /// The bytes of member `name` whose headers start at byte `offset` of
 /// `shard` (an evaluation picture found by [`index`]).
 pub fn load_member(shard: &Path, offset: u64, name: &str) -> Result<Vec<u8>> {
-    let mut file = File::open(shard).with_context(|| format!("opening shard {}", shard.display()))?;
+    let mut file =
+        File::open(shard).with_context(|| format!("opening shard {}", shard.display()))?;
     file.seek(SeekFrom::Start(offset))?;
     let mut archive = tar::Archive::new(BufReader::new(file));
     let mut entries = archive.entries()?;
@@ -834,7 +853,11 @@ pub fn load_member(shard: &Path, offset: u64, name: &str) -> Result<Vec<u8>> {
         shard.display()
     );
     let size = entry.size();
-    ensure!(size <= MAX_MEMBER_BYTES, "{}:{name}: {size} bytes is too large", shard.display());
+    ensure!(
+        size <= MAX_MEMBER_BYTES,
+        "{}:{name}: {size} bytes is too large",
+        shard.display()
+    );
     let mut data = Vec::with_capacity(size as usize);
     entry.read_to_end(&mut data)?;
     ensure!(
@@ -942,7 +965,10 @@ impl StreamConfig {
 /// `split_by_node` after the shard shuffle). Indices into the shard list.
 pub fn rank_shards(n: usize, cfg: &StreamConfig) -> Vec<usize> {
     let mut order: Vec<usize> = (0..n).collect();
-    shuffle(&mut order, mix64(mix64(cfg.seed ^ 0x5a4d_5eed_0000_0001) ^ cfg.epoch));
+    shuffle(
+        &mut order,
+        mix64(mix64(cfg.seed ^ 0x5a4d_5eed_0000_0001) ^ cfg.epoch),
+    );
     order
         .into_iter()
         .skip(cfg.rank)
@@ -1043,7 +1069,8 @@ impl ResumePoint {
                     key: a[2].as_str()?.to_string(),
                 })
             });
-            buffer.push(r.with_context(|| format!("bad buffer entry {b} in the data stream state"))?);
+            buffer
+                .push(r.with_context(|| format!("bad buffer entry {b} in the data stream state"))?);
         }
         Ok(ResumePoint {
             position: u("position")?,
@@ -1124,7 +1151,7 @@ impl Streamer<'_> {
         let seq = self.snap.emitted;
         self.snap.emitted += 1;
         let every = self.cfg.snapshot_every.max(1) as u64;
-        if self.snap.emitted % every == 0 {
+        if self.snap.emitted.is_multiple_of(every) {
             let s = self.snapshot();
             if !(self.out)(StreamOut::Snapshot(s), &self.stats)? {
                 self.done = true;
@@ -1141,11 +1168,7 @@ impl Streamer<'_> {
         )? {
             self.done = true;
         }
-        if self
-            .cfg
-            .max_samples
-            .is_some_and(|m| self.snap.emitted >= m)
-        {
+        if self.cfg.max_samples.is_some_and(|m| self.snap.emitted >= m) {
             self.done = true;
         }
         Ok(())
@@ -1286,7 +1309,10 @@ pub fn run_stream(
             Ok(f) => f,
             Err(e) => {
                 // A shard that cannot be opened any more: skipped.
-                st.on_event(Event::Skip(set.shards[idx].display().to_string(), format!("{e:#}")))?
+                st.on_event(Event::Skip(
+                    set.shards[idx].display().to_string(),
+                    format!("{e:#}"),
+                ))?
             }
         };
         if flow == Flow::Stop || st.done {
@@ -1300,7 +1326,7 @@ pub fn run_stream(
         let s = st.buffer.swap_remove(k);
         st.emit(s)?;
     }
-    let stopped_early = st.done && !(st.cfg.max_samples.is_some_and(|m| st.snap.emitted >= m));
+    let stopped_early = st.done && st.cfg.max_samples.is_none_or(|m| st.snap.emitted < m);
     if !stopped_early {
         let skipped = std::mem::take(&mut st.pending_skips);
         let stats = st.stats;
@@ -1507,7 +1533,11 @@ impl StreamLoader {
         match msg {
             Some(Msg::Batch(b, end)) => {
                 self.position = end;
-                let mut s = self.shared.snapshots.lock().unwrap_or_else(|e| e.into_inner());
+                let mut s = self
+                    .shared
+                    .snapshots
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner());
                 s.prune(end.saturating_sub(self.keep_back));
                 Ok(Some(b))
             }
@@ -1535,7 +1565,11 @@ impl StreamLoader {
     /// What a new loader needs to go on from `position` (one the returned
     /// batches reached, not older than `keep_back` behind the latest).
     pub fn resume_point(&self, position: u64) -> Option<ResumePoint> {
-        let s = self.shared.snapshots.lock().unwrap_or_else(|e| e.into_inner());
+        let s = self
+            .shared
+            .snapshots
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         s.latest_at(position).map(|snap| ResumePoint {
             snapshot: snap.clone(),
             position,
@@ -1549,7 +1583,11 @@ impl StreamLoader {
 
     /// Drop the resume points no position at or after `position` needs.
     pub fn forget_before(&self, position: u64) {
-        let mut s = self.shared.snapshots.lock().unwrap_or_else(|e| e.into_inner());
+        let mut s = self
+            .shared
+            .snapshots
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         s.prune(position);
     }
 

@@ -411,7 +411,11 @@ impl Plan {
             (Some(set), Some(n)) => format!(
                 "{} WebDataset shard(s) (~{n} samples per epoch{}), shuffle buffer {}",
                 set.shards.len(),
-                if world.is_distributed() { " per rank" } else { "" },
+                if world.is_distributed() {
+                    " per rank"
+                } else {
+                    ""
+                },
                 args.shuffle_buffer.max(1)
             ),
             (Some(set), None) => format!(
@@ -770,13 +774,17 @@ fn stream_differences(run: &Value, setup: &Setup, args: &TrainArgs, world: &Worl
     let mut out = Vec::new();
     let now = [
         ("train_shards", "training shards", set.shards.len()),
-        ("shuffle_buffer", "as shuffle buffer", args.shuffle_buffer.max(1)),
+        (
+            "shuffle_buffer",
+            "as shuffle buffer",
+            args.shuffle_buffer.max(1),
+        ),
     ];
     for (k, what, n) in now {
         match run.get(k).and_then(Value::as_u64) {
-            Some(w) if w as usize != n => {
-                out.push(format!("the checkpoint's run had {w} {what}, this one has {n}"))
-            }
+            Some(w) if w as usize != n => out.push(format!(
+                "the checkpoint's run had {w} {what}, this one has {n}"
+            )),
             Some(_) => {}
             None => out.push(format!(
                 "the checkpoint's run did not read WebDataset shards, this one reads {}",
@@ -792,7 +800,9 @@ fn stream_differences(run: &Value, setup: &Setup, args: &TrainArgs, world: &Worl
         ));
     }
     let cap = run.get("stream_samples_per_epoch").and_then(Value::as_u64);
-    let cap_now = args.max_train_samples.map(|m| (m / world.size()).max(1) as u64);
+    let cap_now = args
+        .max_train_samples
+        .map(|m| (m / world.size()).max(1) as u64);
     if cap != cap_now {
         out.push(format!(
             "the checkpoint's run ended its epochs at {}, this one at {}",
@@ -830,6 +840,10 @@ fn stream_epoch(
         set.shards.len(),
         t0.elapsed().as_secs_f64()
     ));
-    ensure!(n > 0, "the WebDataset shards {} hold no usable sample", set.spec);
+    ensure!(
+        n > 0,
+        "the WebDataset shards {} hold no usable sample",
+        set.spec
+    );
     Ok((Some((n / w).max(1)), None))
 }
