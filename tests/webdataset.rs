@@ -301,7 +301,7 @@ fn shard_lists_globs_and_errors_that_name_the_file() {
     assert_eq!(expand_shards(Path::new(&pat)).unwrap(), shards);
     // A list file: relative to its folder, comments and blank lines skipped,
     // patterns allowed.
-    let list = d.join("shards.txt");
+    let list = d.join("train.shards");
     std::fs::write(&list, "# the shards\n00000.tar\n\n0000{1..3}.tar\n").unwrap();
     assert_eq!(expand_shards(&list).unwrap(), shards);
     for p in [&pat, &s(&list), "x/{0..3}.tar", "x.tar"] {
@@ -331,7 +331,10 @@ fn shard_lists_globs_and_errors_that_name_the_file() {
     // A list file's missing entry: the list and its line.
     std::fs::write(&list, "00000.tar\ngone.tar\n").unwrap();
     let e = format!("{:#}", expand_shards(&list).unwrap_err());
-    assert!(e.contains("shards.txt:2") && e.contains("gone.tar"), "{e}");
+    assert!(
+        e.contains("train.shards:2") && e.contains("gone.tar"),
+        "{e}"
+    );
     // Compressed shards are refused with what to do.
     std::fs::write(d.join("z.tar.gz"), b"x").unwrap();
     let e = format!("{:#}", expand_shards(&d.join("z.tar.gz")).unwrap_err());
@@ -562,6 +565,41 @@ fn evaluation_shards_go_through_the_ordinary_loader() {
         }
     }
     assert_eq!(k, 7);
+}
+
+/// Shards with random bytes changed or cut anywhere: reading them never
+/// panics or hangs; what cannot be read is skipped or is an error.
+#[test]
+fn damaged_shards_are_skipped_never_a_crash() {
+    let d = tmp("damaged");
+    let good = good_shards(&d, 1, 6).remove(0);
+    let bytes = std::fs::read(&good).unwrap();
+    let mut rng = common::Rng::new(99);
+    let victim = d.join("v.tar");
+    for round in 0..300 {
+        let mut b = bytes.clone();
+        match round % 3 {
+            0 => b.truncate(rng.below(b.len())),
+            1 => {
+                for _ in 0..1 + rng.below(8) {
+                    let i = rng.below(b.len());
+                    b[i] = rng.next_u64() as u8;
+                }
+            }
+            _ => {
+                // A header field: sizes, checksums, names.
+                let block = rng.below(b.len() / 512) * 512;
+                let i = block + rng.below(160);
+                b[i] = rng.next_u64() as u8;
+            }
+        }
+        std::fs::write(&victim, &b).unwrap();
+        let set = set_of(vec![victim.clone()]);
+        let _ = index(&set, None);
+        let mut cfg = StreamConfig::new(round as u64, 0);
+        cfg.shuffle_buffer = 3;
+        let _ = run_stream(&set, &cfg, None, &mut |_, _| Ok(true));
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -934,4 +972,111 @@ fn train_from_shards_resumes_mid_shard_to_the_same_weights() {
     assert!(r["eval_loss"].as_f64().unwrap().is_finite(), "{r}");
     assert!(err.contains("21 examples from 3 shard(s)"), "{err}");
     std::fs::remove_dir_all(&root).unwrap();
+}
+
+// ---------------------------------------------------------------------------
+// Measurements (not run by default):
+//   scripts/wds_shards.py /usr/share/tuxpaint/stamps /tmp/s100 --shards 100 --repeat 10
+//   scripts/wds_shards.py /usr/share/tuxpaint/stamps /tmp/s8 --shards 8
+//   WDS_BENCH_SHARDS='/tmp/s100/{00000..00099}.tar' WDS_BENCH_SAME='/tmp/s8/{00000..00007}.tar' \
+//   WDS_BENCH_FOLDER=/usr/share/tuxpaint/stamps \
+//     cargo test --release --test webdataset -- --ignored --nocapture measure
+
+fn rss_mib() -> f64 {
+    let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    s.lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+/// The loader alone (decoding and preprocessing for the demo model's 64 x 64
+/// input, batches of 16): images/s from a folder of pictures and from
+/// shards of the same pictures, and the resident memory while streaming 100
+/// shards through a shuffle buffer of 1000.
+#[test]
+#[ignore]
+fn measure_stream_throughput_and_memory() {
+    use clip_wgpu::data::loader::epoch_order;
+    use clip_wgpu::data::sources::sidecar_folder;
+    let env = |k: &str| std::env::var(k).ok();
+    let workers: usize = env("WDS_BENCH_WORKERS").map_or(2, |w| w.parse().unwrap());
+    let demo = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("assets/demo");
+    let proc_ = ImageProcessorConfig::from_model_dir(&demo).unwrap();
+    let lc = |b| LoaderConfig {
+        batch_size: b,
+        max_len: 32,
+        workers,
+        prefetch: 4,
+        drop_last: false,
+        refill: true,
+    };
+    let stream = |spec: &str, buffer: usize, rss: bool| {
+        let set = Arc::new(ShardSet::open(Path::new(spec), CaptionRule::TxtThenJson).unwrap());
+        let mut cfg = StreamConfig::new(42, 0);
+        cfg.shuffle_buffer = buffer;
+        let t0 = std::time::Instant::now();
+        let mut l = StreamLoader::new(
+            set.clone(),
+            cfg,
+            None,
+            lc(16),
+            proc_.clone(),
+            tokenizer(),
+            64,
+        )
+        .unwrap();
+        let (mut n, mut k) = (0usize, 0usize);
+        let mut samples = Vec::new();
+        while let Some(b) = l.next_batch().unwrap() {
+            n += b.batch;
+            k += 1;
+            if rss && k % 25 == 0 {
+                samples.push((n, l.stats().read, rss_mib()));
+            }
+        }
+        let dt = t0.elapsed().as_secs_f64();
+        (set.shards.len(), n, dt, samples, l.stats())
+    };
+    if let Some(folder) = env("WDS_BENCH_FOLDER") {
+        let d = sidecar_folder(Path::new(&folder)).unwrap();
+        let ex = Arc::new(d.examples);
+        let t0 = std::time::Instant::now();
+        let mut l = Loader::new(
+            ex.clone(),
+            epoch_order(ex.len(), 42, 0),
+            0,
+            lc(16),
+            proc_.clone(),
+            tokenizer(),
+        )
+        .unwrap();
+        let mut n = 0;
+        while let Some(b) = l.next_batch().unwrap() {
+            n += b.batch;
+        }
+        let dt = t0.elapsed().as_secs_f64();
+        eprintln!(
+            "folder {folder}: {n} pictures in {dt:.2} s: {:.0} images/s ({workers} workers)",
+            n as f64 / dt
+        );
+    }
+    if let Some(spec) = env("WDS_BENCH_SAME") {
+        let (s, n, dt, _, st) = stream(&spec, 1000, false);
+        eprintln!(
+            "shards {spec}: {s} shards, {n} samples in {dt:.2} s: {:.0} images/s ({workers} workers), {st:?}",
+            n as f64 / dt
+        );
+    }
+    if let Some(spec) = env("WDS_BENCH_SHARDS") {
+        let before = rss_mib();
+        let (s, n, dt, samples, st) = stream(&spec, 1000, true);
+        eprintln!(
+            "shards {spec}: {s} shards, {n} samples in {dt:.2} s: {:.0} images/s, {st:?}; RSS before {before:.1} MiB",
+            n as f64 / dt
+        );
+        for (n, read, r) in &samples {
+            eprintln!("  after {n:5} samples used ({read:5} read): RSS {r:.1} MiB");
+        }
+    }
 }

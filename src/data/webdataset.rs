@@ -7,7 +7,7 @@
 //!   package expands them (`data/{00000..00099}.tar`, zero padding kept,
 //!   `{a,b}`, nested braces, `{0..10..2}`, backslash escapes, several
 //!   patterns joined by `::` as WebDataset allows), globs (`data/*.tar`),
-//!   or a list file (`.txt` / `.list`: one shard or pattern a line, `#`
+//!   or a list file (`.list` / `.shards`: one shard or pattern a line, `#`
 //!   comments, relative paths against the list file's folder).
 //! - Samples ([`split_key`]): WebDataset's rule (`base_plus_ext`): the key
 //!   is the member path up to the first dot of its basename (`a.b/c.d.jpg`:
@@ -307,13 +307,13 @@ fn lower_name(p: &Path) -> String {
 fn is_list_file(p: &Path) -> bool {
     let n = lower_name(p);
     let s = p.to_string_lossy();
-    (n.ends_with(".txt") || n.ends_with(".list")) && !s.contains('{') && !has_glob(&s)
+    (n.ends_with(".list") || n.ends_with(".shards")) && !s.contains('{') && !has_glob(&s)
 }
 
 /// Whether a `--train_file` / `--validation_file` value names WebDataset
 /// shards rather than a CSV / JSON-lines table: a brace pattern, a glob,
-/// `::`-joined patterns, a `.tar` file, or a shard list file (`.txt`,
-/// `.list`).
+/// `::`-joined patterns, a `.tar` file, or a shard list file (`.list`,
+/// `.shards`).
 pub fn is_shard_spec(p: &Path) -> bool {
     let s = p.to_string_lossy();
     let n = lower_name(p);

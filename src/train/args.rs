@@ -815,7 +815,7 @@ static SPECS: &[Spec] = &[
     set("caption_column", One, |a, v| { a.caption_column = parse_text(v)?; Ok(()) },
         "Column of captions. Default caption."),
     set("train_file", One, |a, v| { a.train_file = Some(parse_path(v)?); Ok(()) },
-        "Training table: CSV or JSON lines; or WebDataset tar shards: 'data/{00000..00099}.tar', a glob, or a list file (.txt/.list, one shard a line)."),
+        "Training table: CSV or JSON lines; or WebDataset tar shards: 'data/{00000..00099}.tar', a glob, or a list file (.list/.shards, one shard a line)."),
     set("validation_file", One, |a, v| { a.validation_file = Some(parse_path(v)?); Ok(()) },
         "Validation table: CSV or JSON lines; or WebDataset shards as for --train_file (read in order)."),
     set("test_file", One, |a, v| { a.test_file = Some(parse_path(v)?); Ok(()) },
@@ -1513,7 +1513,7 @@ fn finish(a: &mut TrainArgs, given: &[&str], notes: &mut Vec<String>) -> Result<
                 matches!(ext.to_ascii_lowercase().as_str(), "csv" | "json" | "jsonl")
                     || (flag != "test_file" && crate::data::webdataset::is_shard_spec(f)),
                 "--{flag} {}: should be a csv or a json (JSON lines) file, or WebDataset .tar shards \
-                 (a brace pattern such as 'data/{{00000..00099}}.tar', a glob, or a .txt list of shards)",
+                 (a brace pattern such as 'data/{{00000..00099}}.tar', a glob, or a .list file of shards)",
                 f.display()
             );
         }
