@@ -1041,23 +1041,27 @@ fn measure_stream_throughput_and_memory() {
     if let Some(folder) = env("WDS_BENCH_FOLDER") {
         let d = sidecar_folder(Path::new(&folder)).unwrap();
         let ex = Arc::new(d.examples);
+        // As many epochs as the 100 shards repeat the pictures.
+        let epochs: u64 = env("WDS_BENCH_EPOCHS").map_or(10, |e| e.parse().unwrap());
         let t0 = std::time::Instant::now();
-        let mut l = Loader::new(
-            ex.clone(),
-            epoch_order(ex.len(), 42, 0),
-            0,
-            lc(16),
-            proc_.clone(),
-            tokenizer(),
-        )
-        .unwrap();
         let mut n = 0;
-        while let Some(b) = l.next_batch().unwrap() {
-            n += b.batch;
+        for epoch in 0..epochs {
+            let mut l = Loader::new(
+                ex.clone(),
+                epoch_order(ex.len(), 42, epoch),
+                0,
+                lc(16),
+                proc_.clone(),
+                tokenizer(),
+            )
+            .unwrap();
+            while let Some(b) = l.next_batch().unwrap() {
+                n += b.batch;
+            }
         }
         let dt = t0.elapsed().as_secs_f64();
         eprintln!(
-            "folder {folder}: {n} pictures in {dt:.2} s: {:.0} images/s ({workers} workers)",
+            "folder {folder}: {n} pictures ({epochs} epochs) in {dt:.2} s: {:.0} images/s ({workers} workers)",
             n as f64 / dt
         );
     }

@@ -505,6 +505,16 @@ impl<'a> EpochBatches<'a> {
 }
 
 impl EpochBatches<'_> {
+    /// A WebDataset stream's progress through this rank's shards of the
+    /// epoch (0 to 1; the reader runs ahead by the shuffle buffer), for the
+    /// fractional epoch when the number of samples is not known.
+    pub(super) fn stream_progress(&self) -> Option<f64> {
+        let (set, cfg, points) = self.stream.as_ref()?;
+        let p = points.at(self.ld.position() as u64)?;
+        let n = crate::data::webdataset::rank_shards(set.shards.len(), cfg).len();
+        Some((p.snapshot.shard as f64 / n.max(1) as f64).min(1.0))
+    }
+
     /// Where a WebDataset stream stands after the batches so far, for the
     /// checkpoint: this rank's resume point, or under mpirun every rank's
     /// (gathered; every rank calls this at each step). None for other data.

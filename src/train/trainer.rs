@@ -629,7 +629,7 @@ fn train_loop(
                 + if per_epoch > 0 {
                     (state.data_position as f64 / per_epoch as f64).min(1.0)
                 } else {
-                    0.0
+                    batches.stream_progress().unwrap_or(0.0)
                 };
             record.step(&mut state, &done, &gpu, world)?;
             let step = state.global_step as usize;
