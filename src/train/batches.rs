@@ -1,6 +1,7 @@
-//! The batches a training run reads: loaders over the examples, this
-//! rank's batches of an epoch, and an accumulation group's gradients from
-//! them (full-batch accumulation streams the group: [`GroupStream`]).
+//! The batches a training run reads: loaders over the examples (or over a
+//! WebDataset stream: [`AnyLoader`]), this rank's batches of an epoch, and
+//! an accumulation group's gradients from them (full-batch accumulation
+//! streams the group: [`GroupStream`]).
 
 use super::accumulate::{
     full_batch_grads, group_grads, AccumulationLoss, GroupGrads, MicroBatches,
