@@ -307,7 +307,7 @@ fn shard_lists_globs_and_errors_that_name_the_file() {
     for p in [&pat, &s(&list), "x/{0..3}.tar", "x.tar"] {
         assert!(webdataset::is_shard_spec(Path::new(p)), "{p}");
     }
-    for p in ["train.csv", "x.jsonl", "d.json"] {
+    for p in ["train.csv", "x.jsonl", "d.json", "data[1].csv", "t.txt"] {
         assert!(!webdataset::is_shard_spec(Path::new(p)), "{p}");
     }
     // A missing shard of a range: the error names it.

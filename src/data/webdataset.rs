@@ -317,6 +317,10 @@ fn is_list_file(p: &Path) -> bool {
 pub fn is_shard_spec(p: &Path) -> bool {
     let s = p.to_string_lossy();
     let n = lower_name(p);
+    if [".csv", ".json", ".jsonl"].iter().any(|x| n.ends_with(x)) && !s.contains('{') {
+        // A table (even one whose name has brackets).
+        return false;
+    }
     s.contains('{')
         || s.contains("::")
         || has_glob(&s)
