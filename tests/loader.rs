@@ -150,6 +150,7 @@ fn batches_match_preprocess_and_tokenizer() {
                     let img = image::DynamicImage::ImageRgb8(demo::render(*s, 32).0);
                     preprocess(&img, &processor()).unwrap()
                 }
+                ImageSource::TarMember { .. } => unreachable!("no shards here"),
             };
             assert_eq!(b.pixels[k * px..(k + 1) * px], want[..], "example {i}");
             assert_eq!(load_pixels(&ex[i].image, &processor()).unwrap(), want);

@@ -455,3 +455,115 @@ fn sharded_evaluation_gives_the_recall_of_one_process() {
     );
     assert!(a.is_finite() && b.is_finite());
 }
+
+/// WebDataset shards of `sizes[s]` samples each in `root/shards`, and the
+/// brace pattern naming them.
+fn wds_shards(root: &Path, sizes: &[usize]) -> String {
+    let dir = root.join("shards");
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut g = 0usize;
+    for (s, &n) in sizes.iter().enumerate() {
+        let mut b =
+            tar::Builder::new(std::fs::File::create(dir.join(format!("{s:03}.tar"))).unwrap());
+        for _ in 0..n {
+            let img = image::RgbImage::from_fn(40, 34, |x, y| {
+                image::Rgb([
+                    (g * 37 % 256) as u8,
+                    ((x as usize * 5 + g * 30) % 256) as u8,
+                    ((y as usize * 7 + g * 11) % 256) as u8,
+                ])
+            });
+            let mut png = std::io::Cursor::new(Vec::new());
+            img.write_to(&mut png, image::ImageFormat::Png).unwrap();
+            let cap = format!("a {} picture number {g}", COLOURS[g % 6]);
+            for (ext, data) in [("png", png.into_inner()), ("txt", cap.into_bytes())] {
+                let mut h = tar::Header::new_gnu();
+                h.set_size(data.len() as u64);
+                h.set_mode(0o644);
+                b.append_data(&mut h, format!("k.{s}/{g:05}.{ext}"), data.as_slice())
+                    .unwrap();
+            }
+            g += 1;
+        }
+        b.into_inner().unwrap();
+    }
+    format!("{}/{{000..{:03}}}.tar", dir.display(), sizes.len() - 1)
+}
+
+/// Two ranks stream WebDataset shards dealt between them (of unequal
+/// sizes: an epoch ends for both when either runs out); the checkpoint holds
+/// both ranks' stream states, and a job resumed from a mid-epoch checkpoint
+/// ends with the weights of the uninterrupted job.
+#[test]
+fn two_ranks_stream_their_own_shards_and_resume_exactly() {
+    if !have_gpu() {
+        return;
+    }
+    let root = temp("mpi-wds");
+    let spec = wds_shards(&root, &[4, 5, 6, 3, 4]);
+    let model = fixture_model("clip");
+    let args = |out: &Path| -> Vec<String> {
+        quick_train(
+            &model,
+            Path::new(&spec),
+            out,
+            &[
+                "--warmup_steps",
+                "1",
+                "--per_device_train_batch_size",
+                "2",
+                "--max_steps",
+                "9",
+                "--save_steps",
+                "4",
+                "--shuffle_buffer",
+                "3",
+            ],
+        )
+    };
+    let full = root.join("full");
+    let o = ok(
+        mpirun(2)
+            .args(&args(&full)[..])
+            .env("CLIP_WGPU_WDS_SNAPSHOT_EVERY", "3")
+            .output()
+            .unwrap(),
+        "uninterrupted",
+    );
+    assert!(
+        stderr(&o).contains("5 WebDataset shard(s)"),
+        "{}",
+        stderr(&o)
+    );
+    let state: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(full.join("checkpoint-4/trainer_state.json")).unwrap(),
+    )
+    .unwrap();
+    let ds = state["clip_wgpu"]["data_stream"].as_array().unwrap();
+    assert_eq!(ds.len(), 2, "{ds:?}");
+    for (r, p) in ds.iter().enumerate() {
+        assert_eq!(p["rank"].as_u64(), Some(r as u64), "{p}");
+        assert_eq!(p["epoch"], ds[0]["epoch"], "{p}");
+    }
+    let resumed = root.join("resumed");
+    common::copy_dir(&full.join("checkpoint-4"), &resumed.join("checkpoint-4"));
+    let o = ok(
+        mpirun(2)
+            .args(&args(&resumed)[..])
+            .env("CLIP_WGPU_WDS_SNAPSHOT_EVERY", "3")
+            .output()
+            .unwrap(),
+        "resumed",
+    );
+    assert!(stderr(&o).contains("resumed from"), "{}", stderr(&o));
+    assert_eq!(relative_diff(&resumed, &full, 0.0, &[]), 0.0);
+    // One process cannot take the two ranks' stream states.
+    let o = bin()
+        .args(&args(&resumed)[..])
+        .arg("--max_steps")
+        .arg("12")
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("rank"), "{}", stderr(&o));
+}

@@ -25,7 +25,7 @@ fn write_png(path: &Path, rgb: [u8; 3]) {
 fn file_of(e: &Example) -> &Path {
     match &e.image {
         ImageSource::File(p) => p,
-        ImageSource::Demo(_) => panic!("not a file"),
+        ImageSource::Demo(_) | ImageSource::TarMember { .. } => panic!("not a file"),
     }
 }
 

@@ -127,6 +127,13 @@ pub fn load_pixels(
         ImageSource::Demo(seed) => {
             DynamicImage::ImageRgb8(demo::render(*seed, demo_render_size(processor)).0)
         }
+        ImageSource::TarMember {
+            shard,
+            offset,
+            member,
+        } => crate::data::webdataset::load_member(shard, *offset, member)
+            .and_then(|b| crate::data::image::decode_image(&b))
+            .map_err(|e| format!("{e:#}"))?,
     };
     preprocess(&img, processor).map_err(|e| format!("{e:#}"))
 }

@@ -7,6 +7,8 @@
 //! - [`jpeg`]: a JPEG decoder matching libjpeg-turbo (PIL's decoder) exactly.
 //! - [`text`]: the `tokenizers` crate driven the way transformers' fast
 //!   tokenizers drive it (`padding="max_length"`, `truncation=True`).
+//! - [`webdataset`]: WebDataset tar shards, streamed with a bounded shuffle
+//!   buffer (training) or indexed in order (evaluation).
 
 pub mod demo;
 pub mod image;
@@ -14,6 +16,7 @@ pub mod jpeg;
 pub mod loader;
 pub mod sources;
 pub mod text;
+pub mod webdataset;
 
 pub use self::image::{load_image, preprocess, ImageProcessorConfig};
 pub use self::text::TextTokenizer;

@@ -31,6 +31,13 @@ pub enum ImageSource {
     /// A picture of the built-in demo dataset: the seed of
     /// [`crate::data::demo::render`].
     Demo(u64),
+    /// A member of a WebDataset shard: its name, and the byte offset of its
+    /// headers in the tar file ([`crate::data::webdataset::load_member`]).
+    TarMember {
+        shard: PathBuf,
+        offset: u64,
+        member: String,
+    },
 }
 
 impl ImageSource {
@@ -39,6 +46,9 @@ impl ImageSource {
         match self {
             ImageSource::File(p) => p.clone(),
             ImageSource::Demo(s) => PathBuf::from(format!("demo:{s}")),
+            ImageSource::TarMember { shard, member, .. } => {
+                PathBuf::from(format!("{}:{member}", shard.display()))
+            }
         }
     }
 }

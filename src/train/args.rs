@@ -202,6 +202,8 @@ pub struct TrainArgs {
     pub adapter: Option<usize>,
     /// Image decoding threads (default: the number of CPU cores).
     pub workers: usize,
+    /// Samples a WebDataset stream's shuffle buffer holds at most.
+    pub shuffle_buffer: usize,
     pub demo_train_samples: usize,
     pub demo_eval_samples: usize,
     pub no_progress: bool,
@@ -283,6 +285,7 @@ impl Default for TrainArgs {
             backend: None,
             adapter: None,
             workers: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            shuffle_buffer: crate::data::webdataset::DEFAULT_SHUFFLE_BUFFER,
             demo_train_samples: 512,
             demo_eval_samples: 128,
             no_progress: false,
@@ -520,7 +523,12 @@ impl TrainArgs {
             DataSource::Files { train, validation } => {
                 for (flag, f) in [("train_file", train), ("validation_file", validation)] {
                     if let Some(f) = f {
-                        ensure!(f.is_file(), "--{flag} {}: no such file", f.display());
+                        if crate::data::webdataset::is_shard_spec(&f) {
+                            crate::data::webdataset::expand_shards(&f)
+                                .with_context(|| format!("--{flag} {}", f.display()))?;
+                        } else {
+                            ensure!(f.is_file(), "--{flag} {}: no such file", f.display());
+                        }
                     }
                 }
             }
@@ -616,6 +624,7 @@ impl TrainArgs {
         put("backend", json!(self.backend));
         put("adapter", json!(self.adapter));
         put("workers", json!(self.workers));
+        put("shuffle_buffer", json!(self.shuffle_buffer));
         put("demo_train_samples", json!(self.demo_train_samples));
         put("demo_eval_samples", json!(self.demo_eval_samples));
         put("no_progress", json!(self.no_progress));
@@ -806,9 +815,9 @@ static SPECS: &[Spec] = &[
     set("caption_column", One, |a, v| { a.caption_column = parse_text(v)?; Ok(()) },
         "Column of captions. Default caption."),
     set("train_file", One, |a, v| { a.train_file = Some(parse_path(v)?); Ok(()) },
-        "Training table: CSV or JSON lines."),
+        "Training table: CSV or JSON lines; or WebDataset tar shards: 'data/{00000..00099}.tar', a glob, or a list file (.list/.shards, one shard a line)."),
     set("validation_file", One, |a, v| { a.validation_file = Some(parse_path(v)?); Ok(()) },
-        "Validation table: CSV or JSON lines."),
+        "Validation table: CSV or JSON lines; or WebDataset shards as for --train_file (read in order)."),
     set("test_file", One, |a, v| { a.test_file = Some(parse_path(v)?); Ok(()) },
         "Accepted; like run_clip.py, nothing runs on it."),
     set("max_seq_length", One, |a, v| { a.max_seq_length = parse_usize(v)?; Ok(()) },
@@ -1054,6 +1063,9 @@ static SPECS: &[Spec] = &[
         "Adapter index as listed by `clip-wgpu info` (env CLIP_WGPU_ADAPTER)."),
     set("workers", One, |a, v| { a.workers = parse_usize(v)?; Ok(()) },
         "Image decoding threads. Default: one per CPU core."),
+    set("shuffle_buffer", One, |a, v| { a.shuffle_buffer = parse_usize(v)?; Ok(()) },
+        "WebDataset training shards: samples the shuffle buffer holds (memory stays this many samples \
+         however many shards; 1 for no shuffling within shards). Default 1000."),
     set("demo_train_samples", One, |a, v| { a.demo_train_samples = parse_usize(v)?; Ok(()) },
         "Training examples of the built-in demo data. Default 512."),
     set("demo_eval_samples", One, |a, v| { a.demo_eval_samples = parse_usize(v)?; Ok(()) },
@@ -1498,8 +1510,10 @@ fn finish(a: &mut TrainArgs, given: &[&str], notes: &mut Vec<String>) -> Result<
         if let Some(f) = f {
             let ext = f.extension().and_then(|e| e.to_str()).unwrap_or("");
             ensure!(
-                matches!(ext.to_ascii_lowercase().as_str(), "csv" | "json" | "jsonl"),
-                "--{flag} {}: should be a csv or a json (JSON lines) file",
+                matches!(ext.to_ascii_lowercase().as_str(), "csv" | "json" | "jsonl")
+                    || (flag != "test_file" && crate::data::webdataset::is_shard_spec(f)),
+                "--{flag} {}: should be a csv or a json (JSON lines) file, or WebDataset .tar shards \
+                 (a brace pattern such as 'data/{{00000..00099}}.tar', a glob, or a .list file of shards)",
                 f.display()
             );
         }

@@ -1,6 +1,7 @@
-//! The batches a training run reads: loaders over the examples, this
-//! rank's batches of an epoch, and an accumulation group's gradients from
-//! them (full-batch accumulation streams the group: [`GroupStream`]).
+//! The batches a training run reads: loaders over the examples (or over a
+//! WebDataset stream: [`AnyLoader`]), this rank's batches of an epoch, and
+//! an accumulation group's gradients from them (full-batch accumulation
+//! streams the group: [`GroupStream`]).
 
 use super::accumulate::{
     full_batch_grads, group_grads, AccumulationLoss, GroupGrads, MicroBatches,
@@ -10,11 +11,13 @@ use super::checkpoint::RunState;
 use super::setup::Setup;
 use crate::data::loader::{epoch_order, LoadedBatch, Loader, LoaderConfig};
 use crate::data::sources::Example;
+use crate::data::webdataset::{ResumePoint, ResumePoints, ShardSet, StreamConfig, StreamLoader};
 use crate::dist::{EpochShards, World};
 use crate::model::clip::Batch;
 use crate::tensor::Tensor;
 use crate::Gpu;
-use anyhow::{ensure, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
+use serde_json::Value;
 use std::sync::Arc;
 
 pub(super) fn to_batch(gpu: &Arc<Gpu>, b: &LoadedBatch, s: usize) -> Result<Batch> {
@@ -42,8 +45,8 @@ pub(super) fn group_host_bytes() -> Result<usize> {
 /// `CLIP_WGPU_GROUP_HOST_MIB` (default 1024 MiB); past it, the rest are
 /// decoded again for pass 2 by a second loader started where they began,
 /// so a group of any size needs no more host memory than that.
-struct GroupStream<'a> {
-    ld: &'a mut Loader,
+struct GroupStream<'a, 'w> {
+    ld: &'a mut AnyLoader<'w>,
     first: Option<(LoadedBatch, usize)>,
     max: usize,
     /// The group's batches (pixels dropped from those not kept) and the
@@ -52,24 +55,24 @@ struct GroupStream<'a> {
     starts: Vec<usize>,
     kept: Vec<bool>,
     room: usize,
-    replay: Option<Loader>,
-    reopen: &'a dyn Fn(usize) -> Result<Loader>,
+    replay: Option<AnyLoader<'w>>,
+    reopen: &'a dyn Fn(usize) -> Result<AnyLoader<'w>>,
     gpu: &'a Arc<Gpu>,
     s: usize,
 }
 
-impl<'a> GroupStream<'a> {
+impl<'a, 'w> GroupStream<'a, 'w> {
     #[allow(clippy::too_many_arguments)]
     fn new(
-        ld: &'a mut Loader,
+        ld: &'a mut AnyLoader<'w>,
         first: LoadedBatch,
         first_start: usize,
         max: usize,
         gpu: &'a Arc<Gpu>,
         s: usize,
-        reopen: &'a dyn Fn(usize) -> Result<Loader>,
+        reopen: &'a dyn Fn(usize) -> Result<AnyLoader<'w>>,
         room: usize,
-    ) -> GroupStream<'a> {
+    ) -> GroupStream<'a, 'w> {
         GroupStream {
             ld,
             first: Some((first, first_start)),
@@ -86,7 +89,7 @@ impl<'a> GroupStream<'a> {
     }
 }
 
-impl MicroBatches for GroupStream<'_> {
+impl MicroBatches for GroupStream<'_, '_> {
     fn next(&mut self) -> Result<Option<Batch>> {
         if self.taken.len() == self.max {
             return Ok(None);
@@ -94,7 +97,7 @@ impl MicroBatches for GroupStream<'_> {
         let (mut b, start) = match self.first.take() {
             Some(f) => f,
             None => {
-                let start = Loader::position(self.ld);
+                let start = self.ld.position();
                 match self.ld.next_batch()? {
                     Some(b) => (b, start),
                     None => return Ok(None),
@@ -139,12 +142,67 @@ impl MicroBatches for GroupStream<'_> {
     }
 }
 
+/// A loader over a list of examples, or over a WebDataset stream.
+pub(super) enum AnyLoader<'w> {
+    Index(Loader),
+    Stream {
+        ld: StreamLoader,
+        /// Under mpirun: every rank gets a batch or none does (their
+        /// streams differ in length), agreed at each batch.
+        agree: Option<&'w World>,
+        ended: bool,
+    },
+}
+
+impl AnyLoader<'_> {
+    pub(super) fn next_batch(&mut self) -> Result<Option<LoadedBatch>> {
+        match self {
+            AnyLoader::Index(l) => l.next_batch(),
+            AnyLoader::Stream { ld, agree, ended } => {
+                if *ended {
+                    return Ok(None);
+                }
+                let b = ld.next_batch()?;
+                if let Some(w) = agree {
+                    let mut have = [f32::from(u8::from(b.is_some()))];
+                    w.all_reduce_sum(&mut have);
+                    if (have[0].round() as usize) < w.size() {
+                        *ended = true;
+                        return Ok(None);
+                    }
+                }
+                Ok(b)
+            }
+        }
+    }
+
+    /// Entries of the order (samples of the stream) the returned batches
+    /// used.
+    pub(super) fn position(&self) -> usize {
+        match self {
+            AnyLoader::Index(l) => l.position(),
+            AnyLoader::Stream { ld, .. } => ld.position() as usize,
+        }
+    }
+}
+
 /// How a loader cuts its order into batches (see [`LoaderConfig`]).
 #[derive(Clone, Copy)]
 pub(super) struct Batching {
     pub(super) size: usize,
     pub(super) drop_last: bool,
     pub(super) refill: bool,
+}
+
+fn loader_config(setup: &Setup, args: &TrainArgs, how: Batching) -> LoaderConfig {
+    LoaderConfig {
+        batch_size: how.size,
+        max_len: setup.max_len,
+        workers: args.workers.max(1),
+        prefetch: 4,
+        drop_last: how.drop_last,
+        refill: how.refill,
+    }
 }
 
 pub(super) fn loader(
@@ -155,26 +213,93 @@ pub(super) fn loader(
     args: &TrainArgs,
     how: Batching,
 ) -> Result<Loader> {
-    let Batching {
-        size: batch,
-        drop_last,
-        refill,
-    } = how;
     Loader::new(
         examples.clone(),
         order,
         start,
-        LoaderConfig {
-            batch_size: batch,
-            max_len: setup.max_len,
-            workers: args.workers.max(1),
-            prefetch: 4,
-            drop_last,
-            refill,
-        },
+        loader_config(setup, args, how),
         setup.processor.clone(),
         setup.tokenizer.clone(),
     )
+}
+
+/// A WebDataset stream's loader from `resume` (or the epoch's start).
+fn stream_loader(
+    setup: &Setup,
+    set: &Arc<ShardSet>,
+    cfg: &StreamConfig,
+    resume: Option<ResumePoint>,
+    args: &TrainArgs,
+    how: Batching,
+) -> Result<StreamLoader> {
+    StreamLoader::new(
+        set.clone(),
+        cfg.clone(),
+        resume,
+        loader_config(setup, args, how),
+        setup.processor.clone(),
+        setup.tokenizer.clone(),
+        // The trainer drops old resume points itself (forget_before).
+        usize::MAX / 2,
+    )
+}
+
+/// Samples between snapshots of a training stream
+/// (`CLIP_WGPU_WDS_SNAPSHOT_EVERY`, for tests; default 256).
+fn snapshot_every() -> Result<usize> {
+    match std::env::var("CLIP_WGPU_WDS_SNAPSHOT_EVERY") {
+        Err(_) => Ok(crate::data::webdataset::DEFAULT_SNAPSHOT_EVERY),
+        Ok(v) => match v.trim().parse::<usize>() {
+            Ok(n) if n > 0 => Ok(n),
+            _ => bail!("CLIP_WGPU_WDS_SNAPSHOT_EVERY={v:?} is not a whole number >= 1"),
+        },
+    }
+}
+
+/// A rank's stream of `epoch`: what fixes it.
+pub(super) fn stream_config(
+    args: &TrainArgs,
+    world: &World,
+    epoch: u64,
+    max_samples: Option<usize>,
+) -> Result<StreamConfig> {
+    Ok(StreamConfig {
+        seed: args.data_seed(),
+        epoch,
+        rank: world.rank(),
+        world: world.size(),
+        shuffle_buffer: args.shuffle_buffer.max(1),
+        max_samples: max_samples.map(|m| m as u64),
+        snapshot_every: snapshot_every()?,
+    })
+}
+
+/// This rank's resume point in a checkpoint's `data_stream` (one object,
+/// or one per rank under mpirun).
+fn rank_resume(v: &Value, world: &World) -> Result<ResumePoint> {
+    let mine = match v {
+        Value::Array(all) => {
+            ensure!(
+                all.len() == world.size(),
+                "the checkpoint's data stream was read by {} rank(s), this run has {}: the \
+                 shards would be dealt differently. Pass --ignore_data_skip to start the epoch \
+                 again instead",
+                all.len(),
+                world.size()
+            );
+            &all[world.rank()]
+        }
+        one => {
+            ensure!(
+                world.size() == 1,
+                "the checkpoint's data stream was read by one process, this run has {} ranks: \
+                 pass --ignore_data_skip to start the epoch again instead",
+                world.size()
+            );
+            one
+        }
+    };
+    ResumePoint::from_json(mine).context("the checkpoint's data stream state")
 }
 
 /// This rank's batches of one epoch, from where the run stands.
@@ -188,7 +313,10 @@ pub(super) struct EpochBatches<'a> {
     pub(super) epoch: u64,
     order: Vec<usize>,
     how: Batching,
-    ld: Loader,
+    ld: AnyLoader<'a>,
+    /// A WebDataset stream: its shards, what fixes it, and its resume
+    /// points.
+    stream: Option<(Arc<ShardSet>, StreamConfig, ResumePoints)>,
     /// Global batches of this epoch done (across ranks).
     global_done: usize,
     /// Host bytes a full-batch group's pictures may keep for pass 2
@@ -197,17 +325,60 @@ pub(super) struct EpochBatches<'a> {
 }
 
 impl<'a> EpochBatches<'a> {
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn start(
         setup: &'a Setup,
         args: &'a TrainArgs,
         examples: &'a Arc<Vec<Example>>,
         shards: &'a EpochShards,
         state: &RunState,
-        world: &World,
+        world: &'a World,
         group_host: usize,
+        stream_samples: Option<usize>,
     ) -> Result<EpochBatches<'a>> {
         let dist = world.is_distributed();
         let epoch = state.data_epoch;
+        if let Some(set) = &setup.train_stream {
+            // Each rank streams its own shards, in batches of its own.
+            let cfg = stream_config(args, world, epoch, stream_samples)?;
+            let resume = match &state.data_stream {
+                Some(v) if state.data_position > 0 => {
+                    let r = rank_resume(v, world)?;
+                    ensure!(
+                        r.snapshot.epoch == epoch,
+                        "the checkpoint's data stream state is of epoch {}, its run state of epoch {epoch}",
+                        r.snapshot.epoch
+                    );
+                    Some(r)
+                }
+                _ => None,
+            };
+            let how = Batching {
+                size: args.per_device_train_batch_size,
+                drop_last: args.dataloader_drop_last,
+                refill: true,
+            };
+            let ld = stream_loader(setup, set, &cfg, resume, args, how)?;
+            let points = ld.resume_points();
+            return Ok(EpochBatches {
+                setup,
+                args,
+                examples,
+                shards,
+                dist,
+                epoch,
+                order: Vec::new(),
+                how,
+                ld: AnyLoader::Stream {
+                    ld,
+                    agree: dist.then_some(world),
+                    ended: false,
+                },
+                stream: Some((set.clone(), cfg, points)),
+                global_done: 0,
+                group_host,
+            });
+        }
         let mut order = epoch_order(examples.len(), args.data_seed(), epoch);
         let mut start = state.data_position;
         let global_done = shards.batches_done(state.data_position);
@@ -222,7 +393,7 @@ impl<'a> EpochBatches<'a> {
             drop_last: args.dataloader_drop_last && !dist,
             refill: !dist,
         };
-        let ld = loader(setup, examples, order.clone(), start, args, how)?;
+        let ld = AnyLoader::Index(loader(setup, examples, order.clone(), start, args, how)?);
         Ok(EpochBatches {
             setup,
             args,
@@ -233,6 +404,7 @@ impl<'a> EpochBatches<'a> {
             order,
             how,
             ld,
+            stream: None,
             global_done,
             group_host,
         })
@@ -242,6 +414,10 @@ impl<'a> EpochBatches<'a> {
     /// position it began at; `None` at the end of the epoch.
     pub(super) fn first(&mut self) -> Result<Option<(LoadedBatch, usize)>> {
         let start = self.ld.position();
+        if let AnyLoader::Stream { ld, .. } = &self.ld {
+            // Nothing before this group is resumed from again.
+            ld.forget_before(start as u64);
+        }
         Ok(self.ld.next_batch()?.map(|b| (b, start)))
     }
 
@@ -260,7 +436,29 @@ impl<'a> EpochBatches<'a> {
         if accum > 1 && args.accumulation_loss == AccumulationLoss::Full {
             // Streamed: pass 1 pulls the batches; pass 2 has them again.
             let (setup, examples, order, how) = (self.setup, self.examples, &self.order, self.how);
-            let reopen = |start: usize| loader(setup, examples, order.clone(), start, args, how);
+            let stream = &self.stream;
+            let reopen = |start: usize| -> Result<AnyLoader<'a>> {
+                match stream {
+                    None => Ok(AnyLoader::Index(loader(
+                        setup,
+                        examples,
+                        order.clone(),
+                        start,
+                        args,
+                        how,
+                    )?)),
+                    Some((set, cfg, points)) => {
+                        let r = points
+                            .at(start as u64)
+                            .context("decoding a step's pictures again: no resume point")?;
+                        Ok(AnyLoader::Stream {
+                            ld: stream_loader(setup, set, cfg, Some(r), args, how)?,
+                            agree: None,
+                            ended: false,
+                        })
+                    }
+                }
+            };
             let mut src = GroupStream::new(
                 &mut self.ld,
                 first,
@@ -295,11 +493,52 @@ impl<'a> EpochBatches<'a> {
     /// The data position (in the epoch's whole order) after a step of
     /// `group_len` batches.
     pub(super) fn position_after(&mut self, group_len: usize) -> usize {
+        if self.stream.is_some() {
+            return self.ld.position();
+        }
         if self.dist {
             self.global_done += group_len;
             self.shards.global_position(self.global_done)
         } else {
             self.ld.position()
         }
+    }
+}
+
+impl EpochBatches<'_> {
+    /// A WebDataset stream's progress through this rank's shards of the
+    /// epoch (0 to 1; the reader runs ahead by the shuffle buffer), for the
+    /// fractional epoch when the number of samples is not known.
+    pub(super) fn stream_progress(&self) -> Option<f64> {
+        let (set, cfg, points) = self.stream.as_ref()?;
+        let p = points.at(self.ld.position() as u64)?;
+        let n = crate::data::webdataset::rank_shards(set.shards.len(), cfg).len();
+        Some((p.snapshot.shard as f64 / n.max(1) as f64).min(1.0))
+    }
+
+    /// Where a WebDataset stream stands after the batches so far, for the
+    /// checkpoint: this rank's resume point, or under mpirun every rank's
+    /// (gathered; every rank calls this at each step). None for other data.
+    pub(super) fn stream_state(&self, world: &World) -> Result<Option<Value>> {
+        let Some((_, _, points)) = &self.stream else {
+            return Ok(None);
+        };
+        let pos = self.ld.position() as u64;
+        let mine = points
+            .at(pos)
+            .context("the data stream has no resume point for its position")?
+            .to_json();
+        if !world.is_distributed() {
+            return Ok(Some(mine));
+        }
+        let all = world.all_gather_bytes(mine.to_string().as_bytes());
+        let mut v = Vec::with_capacity(all.len());
+        for (r, b) in all.iter().enumerate() {
+            v.push(
+                serde_json::from_slice::<Value>(b)
+                    .with_context(|| format!("rank {r}'s data stream state"))?,
+            );
+        }
+        Ok(Some(Value::Array(v)))
     }
 }

@@ -67,6 +67,11 @@ pub struct RunState {
     /// batches so far consumed.
     pub data_epoch: u64,
     pub data_position: usize,
+    /// WebDataset training: where each rank's stream stands (a
+    /// [`crate::data::webdataset::ResumePoint`] as JSON; a list of them,
+    /// one per rank, under mpirun). None for other data and at an epoch's
+    /// start.
+    pub data_stream: Option<Value>,
     pub log_history: Vec<Value>,
     /// Optimizer steps skipped for a non-finite loss or gradient
     /// (`--skip_nonfinite_steps`).
@@ -83,6 +88,7 @@ impl RunState {
                 "data_epoch": self.data_epoch,
                 "data_position": self.data_position,
                 "skipped_nonfinite_steps": self.skipped_nonfinite_steps,
+                "data_stream": self.data_stream,
             },
             "run": extra,
         })
@@ -111,6 +117,10 @@ impl RunState {
             skipped_nonfinite_steps: v["clip_wgpu"]["skipped_nonfinite_steps"]
                 .as_u64()
                 .unwrap_or(0),
+            data_stream: v["clip_wgpu"]
+                .get("data_stream")
+                .filter(|s| !s.is_null())
+                .cloned(),
         })
     }
 }

@@ -6,6 +6,7 @@ use super::args::{DataSource, TrainArgs};
 use super::checkpoint::ProcessingFiles;
 use super::progress::log;
 use crate::data::sources::{self, Dataset, Example, Split};
+use crate::data::webdataset::{self, CaptionRule, ShardSet};
 use crate::data::{demo, ImageProcessorConfig, TextTokenizer};
 use crate::model::clip::ClipModel;
 use crate::model::config::ModelConfig;
@@ -22,6 +23,8 @@ pub struct Setup {
     pub processor: ImageProcessorConfig,
     pub processing: ProcessingFiles,
     pub train: Vec<Example>,
+    /// WebDataset training shards (then `train` is empty): streamed.
+    pub train_stream: Option<Arc<ShardSet>>,
     pub eval: Vec<Example>,
     pub max_len: usize,
     /// The built-in demo (no model and no data flags).
@@ -133,7 +136,18 @@ pub fn setup(args: &TrainArgs, gpu: &Arc<Gpu>) -> Result<Setup> {
         match f {
             None => Ok(Vec::new()),
             Some(f) => {
-                let d = if f.is_dir() {
+                let d = if webdataset::is_shard_spec(f) {
+                    // Evaluation shards: read in order, pictures opened
+                    // in their shards when their batch comes.
+                    let set = ShardSet::open(f, CaptionRule::for_column(&args.caption_column))?;
+                    let d = webdataset::index(&set, args.max_eval_samples)?;
+                    log(&format!(
+                        "{what}: {} examples from {} shard(s)",
+                        d.examples.len(),
+                        set.shards.len()
+                    ));
+                    d
+                } else if f.is_dir() {
                     sources::sidecar_folder(f)?
                 } else {
                     sources::table(f, &args.image_column, &args.caption_column)?
@@ -143,6 +157,7 @@ pub fn setup(args: &TrainArgs, gpu: &Arc<Gpu>) -> Result<Setup> {
             }
         }
     };
+    let mut train_stream = None;
     let (train, eval) = match source {
         DataSource::Coco { data_dir, .. } => {
             let tr = if args.do_train {
@@ -159,10 +174,23 @@ pub fn setup(args: &TrainArgs, gpu: &Arc<Gpu>) -> Result<Setup> {
             note_skips(&ev, "COCO validation");
             (tr.examples, ev.examples)
         }
-        DataSource::Files { train, validation } => (
-            read_table(&train, "train file")?,
-            read_table(&validation, "validation file")?,
-        ),
+        DataSource::Files { train, validation } => {
+            let tr = match &train {
+                Some(f) if webdataset::is_shard_spec(f) && args.do_train => {
+                    let set = ShardSet::open(f, CaptionRule::for_column(&args.caption_column))?;
+                    log(&format!(
+                        "train file: {} WebDataset shard(s), streamed through a shuffle buffer of {}",
+                        set.shards.len(),
+                        args.shuffle_buffer.max(1)
+                    ));
+                    train_stream = Some(Arc::new(set));
+                    Vec::new()
+                }
+                Some(f) if webdataset::is_shard_spec(f) => Vec::new(),
+                _ => read_table(&train, "train file")?,
+            };
+            (tr, read_table(&validation, "validation file")?)
+        }
         DataSource::Folder { dir } => {
             // A folder of pictures with captions: hold out 10% of the images.
             let d = sources::sidecar_folder(&dir)?;
@@ -187,6 +215,7 @@ pub fn setup(args: &TrainArgs, gpu: &Arc<Gpu>) -> Result<Setup> {
         processor,
         processing,
         train: truncate(train, args.max_train_samples),
+        train_stream,
         eval: truncate(eval, args.max_eval_samples),
         max_len,
         demo,

@@ -157,8 +157,9 @@ fn run_ranked(args: &TrainArgs, gpu: &Arc<Gpu>, world: &World) -> Result<Value> 
         world.check_same(
             "the run",
             &format!(
-                "{} training and {} evaluation examples, batch {} x {} accumulation, {} parameters, resuming from {:?}",
+                "{} training examples ({} shards), {} evaluation examples, batch {} x {} accumulation, {} parameters, resuming from {:?}",
                 setup.train.len(),
+                setup.train_stream.as_ref().map_or(0, |s| s.shards.len()),
                 setup.eval.len(),
                 args.per_device_train_batch_size,
                 args.gradient_accumulation_steps,
@@ -214,7 +215,10 @@ fn run_ranked(args: &TrainArgs, gpu: &Arc<Gpu>, world: &World) -> Result<Value> 
     }
     let mut state = RunState::default();
     if args.do_train {
-        ensure!(!setup.train.is_empty(), "the training set has no examples");
+        ensure!(
+            !setup.train.is_empty() || setup.train_stream.is_some(),
+            "the training set has no examples"
+        );
         let mut at = Whereabouts::default();
         state = train_loop(
             &args,
@@ -306,6 +310,10 @@ struct Plan {
     group_host: usize,
     /// What fixes the data order, kept with each checkpoint.
     run_info: Value,
+    /// WebDataset training: this rank's samples per epoch when known
+    /// (--max_train_samples, or counted), and whether that caps the epoch.
+    stream_samples: Option<usize>,
+    stream_cap: Option<usize>,
 }
 
 impl Plan {
@@ -314,7 +322,16 @@ impl Plan {
         let bs = args.per_device_train_batch_size;
         let dist = world.is_distributed();
         let shards = EpochShards::new(examples.len(), world.size(), bs, args.dataloader_drop_last);
-        let batches_per_epoch = if dist {
+        let (stream_samples, stream_cap) = match &setup.train_stream {
+            None => (None, None),
+            Some(set) => stream_epoch(args, set, world)?,
+        };
+        let batches_per_epoch = if let Some(n) = stream_samples {
+            args.batches_per_epoch(n)
+        } else if setup.train_stream.is_some() {
+            // Unknown (not counted, as --max_steps fixes the run's length).
+            1
+        } else if dist {
             shards.batches
         } else {
             args.batches_per_epoch(examples.len())
@@ -335,7 +352,18 @@ impl Plan {
         if dist {
             run_info["world_size"] = json!(world.size());
         }
+        if let Some(set) = &setup.train_stream {
+            let m = run_info.as_object_mut().expect("an object");
+            m.remove("train_examples");
+            m.insert("train_shards".into(), json!(set.shards.len()));
+            m.insert("shuffle_buffer".into(), json!(args.shuffle_buffer.max(1)));
+            if let Some(c) = stream_cap {
+                m.insert("stream_samples_per_epoch".into(), json!(c));
+            }
+        }
         Ok(Plan {
+            stream_samples,
+            stream_cap,
             log_every: args.logging_steps_for(total),
             eval_every: args.eval_steps_for(total),
             save_every: args.save_steps_for(total),
@@ -379,10 +407,27 @@ impl Plan {
         } else {
             String::new()
         };
+        let data = match (&setup.train_stream, self.stream_samples) {
+            (Some(set), Some(n)) => format!(
+                "{} WebDataset shard(s) (~{n} samples per epoch{}), shuffle buffer {}",
+                set.shards.len(),
+                if world.is_distributed() {
+                    " per rank"
+                } else {
+                    ""
+                },
+                args.shuffle_buffer.max(1)
+            ),
+            (Some(set), None) => format!(
+                "{} WebDataset shard(s), shuffle buffer {}",
+                set.shards.len(),
+                args.shuffle_buffer.max(1)
+            ),
+            _ => format!("{} examples", self.examples.len()),
+        };
         format!(
-            "training: {} examples, batch {bs}{ranks}, {accum} accumulation step(s){contrastive}, {total} optimizer steps, \
+            "training: {data}, batch {bs}{ranks}, {accum} accumulation step(s){contrastive}, {total} optimizer steps, \
              warmup {}, {} schedule, lr {}{}",
-            self.examples.len(),
             self.warmup,
             args.lr_scheduler_type,
             args.learning_rate,
@@ -461,7 +506,10 @@ fn resume_from(
         ),
         ("gradient accumulation steps", plan.accum),
     ];
-    let differs = resume_differences(&loaded.run, &now);
+    let mut differs = resume_differences(&loaded.run, &now);
+    if setup.train_stream.is_some() {
+        differs.extend(stream_differences(&loaded.run, setup, args, world));
+    }
     if !differs.is_empty() {
         ensure!(
             args.ignore_data_skip,
@@ -481,6 +529,7 @@ fn resume_from(
         // The Trainer's meaning: the epoch in progress is read again
         // from its start instead of skipping what was seen.
         state.data_position = 0;
+        state.data_stream = None;
     }
     log(&format!(
         "resumed from {} at step {}",
@@ -551,6 +600,7 @@ fn train_loop(
             &state,
             world,
             plan.group_host,
+            plan.stream_cap,
         )?;
         // One accumulation group a step: `accum` batches, fewer at the end
         // of the epoch.
@@ -573,8 +623,14 @@ fn train_loop(
             state.global_step += 1;
             at.step = state.global_step;
             state.data_position = batches.position_after(group_len);
-            state.epoch =
-                batches.epoch as f64 + state.data_position as f64 / plan.examples.len() as f64;
+            state.data_stream = batches.stream_state(world)?;
+            let per_epoch = plan.stream_samples.unwrap_or(plan.examples.len());
+            state.epoch = batches.epoch as f64
+                + if per_epoch > 0 {
+                    (state.data_position as f64 / per_epoch as f64).min(1.0)
+                } else {
+                    batches.stream_progress().unwrap_or(0.0)
+                };
             record.step(&mut state, &done, &gpu, world)?;
             let step = state.global_step as usize;
             if plan.evaluates_at(step, args, setup) {
@@ -624,6 +680,7 @@ fn train_loop(
         }
         state.data_epoch += 1;
         state.data_position = 0;
+        state.data_stream = None;
     }
     record.progress.finish();
     gpu.sync()?;
@@ -705,4 +762,88 @@ fn resume_differences(run: &Value, now: &[(&str, usize); 3]) -> Vec<String> {
             (w != *n).then(|| format!("the checkpoint's run had {w} {what}, this one has {n}"))
         })
         .collect()
+}
+
+/// How the run that saved a checkpoint differs from this WebDataset run in
+/// what fixes its stream: the shards, the shuffle buffer, the ranks they
+/// are dealt to.
+fn stream_differences(run: &Value, setup: &Setup, args: &TrainArgs, world: &World) -> Vec<String> {
+    let Some(set) = &setup.train_stream else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    let now = [
+        ("train_shards", "training shards", set.shards.len()),
+        (
+            "shuffle_buffer",
+            "as shuffle buffer",
+            args.shuffle_buffer.max(1),
+        ),
+    ];
+    for (k, what, n) in now {
+        match run.get(k).and_then(Value::as_u64) {
+            Some(w) if w as usize != n => out.push(format!(
+                "the checkpoint's run had {w} {what}, this one has {n}"
+            )),
+            Some(_) => {}
+            None => out.push(format!(
+                "the checkpoint's run did not read WebDataset shards, this one reads {}",
+                set.shards.len()
+            )),
+        }
+    }
+    let ranks = run.get("world_size").and_then(Value::as_u64).unwrap_or(1) as usize;
+    if ranks != world.size() {
+        out.push(format!(
+            "the checkpoint's run dealt the shards to {ranks} rank(s), this one to {}",
+            world.size()
+        ));
+    }
+    let cap = run.get("stream_samples_per_epoch").and_then(Value::as_u64);
+    let cap_now = args
+        .max_train_samples
+        .map(|m| (m / world.size()).max(1) as u64);
+    if cap != cap_now {
+        out.push(format!(
+            "the checkpoint's run ended its epochs at {}, this one at {}",
+            cap.map_or("the end of the shards".into(), |c| format!("{c} samples")),
+            cap_now.map_or("the end of the shards".into(), |c| format!("{c} samples"))
+        ));
+    }
+    out.dedup();
+    out.truncate(3);
+    out
+}
+
+/// A WebDataset run's samples per epoch on this rank: --max_train_samples
+/// (which caps each rank's epoch at its share), else the shards counted
+/// when the schedule needs it (--num_train_epochs), else unknown. Returns
+/// (samples, cap).
+fn stream_epoch(
+    args: &TrainArgs,
+    set: &crate::data::webdataset::ShardSet,
+    world: &World,
+) -> Result<(Option<usize>, Option<usize>)> {
+    let w = world.size();
+    if let Some(m) = args.max_train_samples {
+        let per = (m / w).max(1);
+        return Ok((Some(per), Some(per)));
+    }
+    if args.max_steps > 0 {
+        return Ok((None, None));
+    }
+    let t0 = Instant::now();
+    let n = crate::data::webdataset::count_samples(set)?;
+    log(&format!(
+        "counted {n} samples in {} shard(s) in {:.1} s for the schedule (--max_steps or \
+         --max_train_samples skip this)",
+        set.shards.len(),
+        t0.elapsed().as_secs_f64()
+    ));
+    ensure!(
+        n > 0,
+        "the WebDataset shards {} hold no usable sample",
+        set.spec
+    );
+    Ok((Some((n / w).max(1)), None))
 }
