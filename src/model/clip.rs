@@ -269,6 +269,29 @@ impl ClipModel {
         Ok((img, txt))
     }
 
+    /// L2-normalised image embeddings [B, E] of preprocessed pixels
+    /// [B, 3, S, S], with no gradient (evaluation, `embed`, `search`).
+    pub fn embed_images(&self, pixels: &Tensor) -> Result<Tensor> {
+        let mut tape = Tape::no_grad();
+        let p = self.params.vars(&mut tape);
+        let pooled = self.image_pooled(&mut tape, &p, pixels)?;
+        Ok(self.image_embeds(&mut tape, &p, &pooled)?.tensor().clone())
+    }
+
+    /// L2-normalised text embeddings [B, E] of token ids and attention mask
+    /// ([B, len], row-major), with no gradient.
+    pub fn embed_texts(&self, ids: &[u32], mask: &[f32], batch: usize) -> Result<Tensor> {
+        let mut tape = Tape::no_grad();
+        let p = self.params.vars(&mut tape);
+        let pooled = self.text_pooled(&mut tape, &p, ids, mask, batch)?;
+        Ok(self.text_embeds(&mut tape, &p, &pooled)?.tensor().clone())
+    }
+
+    /// The log-space logit scale, [1] on the GPU.
+    pub fn logit_scale_tensor(&self) -> &Tensor {
+        &self.params.params[self.logit_scale].tensor
+    }
+
     /// Embeddings, logits and the symmetric contrastive loss.
     pub fn forward(&self, tape: &mut Tape, p: &ParamVars, b: &Batch) -> Result<ClipOutput> {
         let (image_embeds, text_embeds) = self.embeds(tape, p, b)?;
