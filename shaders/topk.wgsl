@@ -13,10 +13,11 @@
 // coalesced loads: GPUs), whose threads each keep the best of a strided
 // share of the row and merge them k times by a tree reduction.
 //
-//   topk_*: scores [rows, stride] (first `cols` of each row count),
+//   topk_*: scores (row r's column c at r * stride + c * cstride: cstride
+//           1 for rows of a matrix, the row length for its columns),
 //           values (out) [rows, out_k], indices (out, u32) [rows, out_k]
 
-struct Params { rows: u32, cols: u32, stride: u32, k: u32, out_k: u32, off: u32, _a: u32, _b: u32 }
+struct Params { rows: u32, cols: u32, stride: u32, k: u32, out_k: u32, off: u32, cstride: u32, _b: u32 }
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> scores: array<f32>;
@@ -41,7 +42,7 @@ fn scan(base: u32, c0: u32, step: u32, floored: bool, fv: f32, fi: u32) -> Local
     l.n = 0u;
     let k = p.k;
     for (var c = c0; c < p.cols; c += step) {
-        let v = scores[base + c];
+        let v = scores[base + c * p.cstride];
         if floored && !before(fv, fi, v, c) { continue; }
         // Columns come in ascending order: an equal score ranks after the
         // ones kept already.

@@ -3,7 +3,9 @@
 //! CPU references.
 mod common;
 use clip_wgpu::ops::layernorm::Rows;
-use clip_wgpu::ops::topk::{indices_to_vec, rank, rank_ref, topk_ref, topk_with, PASS_K};
+use clip_wgpu::ops::topk::{
+    indices_to_vec, rank, rank_both, rank_ref, topk_columns, topk_ref, topk_with, Ranking, PASS_K,
+};
 use clip_wgpu::Tensor;
 use common::*;
 
@@ -57,6 +59,36 @@ fn topk_of_distinct_scores() {
     }
 }
 
+#[test]
+fn topk_of_columns_matches_reference() {
+    let Some(gpu) = gpu() else { return };
+    let mut seed = 300;
+    for (rows, cols, stride) in [(1, 1, 4), (7, 3, 3), (50, 9, 12), (333, 41, 44)] {
+        for k in [1, 4, 10, PASS_K + 3] {
+            if k > rows {
+                continue;
+            }
+            let mut r = Rng::new(seed);
+            seed += 1;
+            let levels = 2 + r.below(30);
+            let scores: Vec<f32> = (0..rows * stride)
+                .map(|_| r.below(levels) as f32 * 0.5 - 3.0)
+                .collect();
+            // The columns as rows, for the reference.
+            let t: Vec<f32> = (0..cols)
+                .flat_map(|c| (0..rows).map(move |row| (row, c)))
+                .map(|(row, c)| scores[row * stride + c])
+                .collect();
+            let (want_v, want_i) = topk_ref(&t, rows, k);
+            let st = Tensor::from_slice(&gpu, &scores, &[rows, stride]).unwrap();
+            let (v, i) = topk_columns(&st, rows, cols, stride, k).unwrap();
+            let what = format!("columns of {rows}x{cols} (stride {stride}) k {k}");
+            assert_eq!(indices_to_vec(&i).unwrap(), want_i, "{what}");
+            assert_eq!(v.to_vec().unwrap(), want_v, "{what}");
+        }
+    }
+}
+
 /// L2-normalised rows, as embeddings are.
 fn embeddings(r: &mut Rng, n: usize, dim: usize) -> Vec<f32> {
     let mut v: Vec<f32> = r.vec(n * dim, 1.0).iter().map(|&x| x as f32).collect();
@@ -78,8 +110,28 @@ fn check_rank(gpu: &std::sync::Arc<clip_wgpu::Gpu>, nq: usize, nk: usize, dim: u
         keys[b * dim..(b + 1) * dim].copy_from_slice(&row);
     }
     let got = rank(gpu, &q, &keys, dim, k).unwrap();
-    let want = rank_ref(&q, &keys, dim, k);
     let what = format!("rank {nq} queries x {nk} keys, dim {dim}, k {k}");
+    let dups = (nk > 4).then_some(((nk / 3) as u32, (nk - 2) as u32));
+    same_ranking(&got, &q, &keys, dim, k, dups, &what);
+    // Both ways from one product.
+    let (fwd, back) = rank_both(gpu, &q, &keys, dim, k).unwrap();
+    assert_eq!(fwd, got, "{what}: rank_both's forward ranking");
+    same_ranking(&back, &keys, &q, dim, k, None, &format!("{what}, keys to queries"));
+}
+
+/// `got` ranks `keys` for each of `q` as the CPU does.
+/// `dups`: two keys that are equal (the lower must rank first).
+fn same_ranking(
+    got: &Ranking,
+    q: &[f32],
+    keys: &[f32],
+    dim: usize,
+    k: usize,
+    dups: Option<(u32, u32)>,
+    what: &str,
+) {
+    let (nq, nk) = (q.len() / dim, keys.len() / dim);
+    let want = rank_ref(q, keys, dim, k);
     assert_eq!(got.k, want.k, "{what}");
     let exact = |qi: usize, key: u32| -> f64 {
         let key = key as usize;
@@ -105,8 +157,7 @@ fn check_rank(gpu: &std::sync::Arc<clip_wgpu::Gpu>, nq: usize, nk: usize, dim: u
         sorted.dedup();
         assert_eq!(sorted.len(), g.len(), "{what}: a key twice");
         // Exact duplicates: the lower index first.
-        if nk > 4 {
-            let (a, b) = ((nk / 3) as u32, (nk - 2) as u32);
+        if let Some((a, b)) = dups {
             if let (Some(pa), Some(pb)) = (g.iter().position(|&x| x == a), g.iter().position(|&x| x == b)) {
                 assert!(pa < pb, "{what}: equal keys out of index order");
             }

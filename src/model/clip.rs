@@ -270,11 +270,16 @@ impl ClipModel {
     }
 
     /// L2-normalised image embeddings [B, E] of preprocessed pixels
-    /// [B, 3, S, S], with no gradient (evaluation, `embed`, `search`).
+    /// [B, 3, S, S], with no gradient (evaluation, `embed`, `search`). The
+    /// last encoder layer computes the pooled token alone past its
+    /// attention, a fifth less work than `forward` for the same values
+    /// (up to rounding).
     pub fn embed_images(&self, pixels: &Tensor) -> Result<Tensor> {
         let mut tape = Tape::no_grad();
         let p = self.params.vars(&mut tape);
-        let pooled = self.image_pooled(&mut tape, &p, pixels)?;
+        let pooled = self
+            .vision
+            .forward_with(&mut tape, &p, &Var::constant(pixels.clone()), true)?;
         Ok(self.image_embeds(&mut tape, &p, &pooled)?.tensor().clone())
     }
 
@@ -283,7 +288,10 @@ impl ClipModel {
     pub fn embed_texts(&self, ids: &[u32], mask: &[f32], batch: usize) -> Result<Tensor> {
         let mut tape = Tape::no_grad();
         let p = self.params.vars(&mut tape);
-        let pooled = self.text_pooled(&mut tape, &p, ids, mask, batch)?;
+        let pooled = match &self.text {
+            TextTower::Clip(t) => t.forward_with(&mut tape, &p, ids, mask, batch, true)?,
+            TextTower::Roberta(t) => t.forward(&mut tape, &p, ids, mask, batch)?,
+        };
         Ok(self.text_embeds(&mut tape, &p, &pooled)?.tensor().clone())
     }
 

@@ -49,13 +49,48 @@ pub fn topk_with(
     layout: Option<Rows>,
 ) -> Result<(Tensor, Tensor)> {
     ensure!(
-        k >= 1 && k <= cols && cols <= stride,
-        "topk: k {k} must be in 1..={cols} (the columns), and the columns at most the row stride {stride}"
+        cols <= stride,
+        "topk: {cols} columns are more than the row stride {stride}"
     );
+    topk_strided_with(scores, rows, cols, stride, 1, k, layout)
+}
+
+/// The `k` best of each column of a [n, stride] matrix's first `cols`
+/// columns, over its first `rows` rows: (values, indices) [cols, k], the
+/// indices rows.
+pub fn topk_columns(
+    scores: &Tensor,
+    rows: usize,
+    cols: usize,
+    stride: usize,
+    k: usize,
+) -> Result<(Tensor, Tensor)> {
     ensure!(
-        scores.numel() >= rows * stride,
-        "topk: {rows} rows of {stride} need {} scores, the tensor {:?} has {}",
-        rows * stride,
+        cols <= stride,
+        "topk: {cols} columns are more than the row stride {stride}"
+    );
+    topk_strided_with(scores, cols, rows, 1, stride, k, None)
+}
+
+/// The general form: `rows` sequences of `cols` scores, sequence r's entry
+/// c at `r * stride + c * cstride`.
+pub fn topk_strided_with(
+    scores: &Tensor,
+    rows: usize,
+    cols: usize,
+    stride: usize,
+    cstride: usize,
+    k: usize,
+    layout: Option<Rows>,
+) -> Result<(Tensor, Tensor)> {
+    ensure!(
+        k >= 1 && k <= cols,
+        "topk: k {k} must be in 1..={cols} (the entries of a row)"
+    );
+    let last = (rows.max(1) - 1) * stride + (cols - 1) * cstride;
+    ensure!(
+        scores.numel() > last,
+        "topk: {rows} rows of {cols} (strides {stride}, {cstride}) reach element {last}, the tensor {:?} has {}",
         scores.shape(),
         scores.numel()
     );
@@ -68,7 +103,7 @@ pub fn topk_with(
         gpu.dispatch(
             &SHADER,
             &entry,
-            &[u(rows), u(cols), u(stride), u(pass), u(k), u(off), 0, 0],
+            &[u(rows), u(cols), u(stride), u(pass), u(k), u(off), u(cstride), 0],
             &[
                 Some(scores.buffer()),
                 Some(values.buffer()),
@@ -141,6 +176,32 @@ impl Ranking {
 /// zeros for the vec4 matmul kernels, and every block has the same shape (so
 /// the tuner times one). Every value must be finite.
 pub fn rank(gpu: &Arc<Gpu>, queries: &[f32], keys: &[f32], dim: usize, k: usize) -> Result<Ranking> {
+    Ok(rank_impl(gpu, queries, keys, dim, k, false)?.0)
+}
+
+/// [`rank`] both ways from one product: the k best keys of each query and
+/// the k best queries of each key (the second from the columns of the same
+/// scores, merged over the blocks of queries on the host). Evaluation's
+/// image-to-text and text-to-image retrieval.
+pub fn rank_both(
+    gpu: &Arc<Gpu>,
+    queries: &[f32],
+    keys: &[f32],
+    dim: usize,
+    k: usize,
+) -> Result<(Ranking, Ranking)> {
+    let (a, b) = rank_impl(gpu, queries, keys, dim, k, true)?;
+    Ok((a, b.expect("asked for both")))
+}
+
+fn rank_impl(
+    gpu: &Arc<Gpu>,
+    queries: &[f32],
+    keys: &[f32],
+    dim: usize,
+    k: usize,
+    both: bool,
+) -> Result<(Ranking, Option<Ranking>)> {
     ensure!(dim > 0, "rank: embeddings of dimension 0");
     ensure!(
         queries.len().is_multiple_of(dim) && keys.len().is_multiple_of(dim),
@@ -154,13 +215,15 @@ pub fn rank(gpu: &Arc<Gpu>, queries: &[f32], keys: &[f32], dim: usize, k: usize)
         }
     }
     let (nq, nk) = (queries.len() / dim, keys.len() / dim);
-    let k = k.min(nk);
-    if nq == 0 || k == 0 {
-        return Ok(Ranking {
-            k,
-            values: Vec::new(),
-            indices: Vec::new(),
-        });
+    let (k_keys, k_queries) = (k.min(nk), k.min(nq));
+    let empty = |k| Ranking {
+        k,
+        values: Vec::new(),
+        indices: Vec::new(),
+    };
+    if nq == 0 || nk == 0 || k == 0 {
+        // No rows on one side, or none asked for: every list is empty.
+        return Ok((empty(k_keys), both.then(|| empty(k_queries))));
     }
     let limit = gpu.window_bytes(16 * dim as u64).min(BLOCK_BYTES);
     // Key chunks: as many rows as one binding holds, as a score row of a
@@ -171,6 +234,8 @@ pub fn rank(gpu: &Arc<Gpu>, queries: &[f32], keys: &[f32], dim: usize, k: usize)
         .map(|s| (s, chunk.min(nk - s)))
         .collect();
     let mut parts: Vec<Ranking> = Vec::with_capacity(chunks.len());
+    // The best queries of each key so far (both ways).
+    let mut back: Vec<Vec<(f32, u32)>> = if both { vec![Vec::new(); nk] } else { Vec::new() };
     for &(k0, kn) in &chunks {
         let kpad = kn.next_multiple_of(4);
         let mut kdata = keys[k0 * dim..(k0 + kn) * dim].to_vec();
@@ -178,9 +243,8 @@ pub fn rank(gpu: &Arc<Gpu>, queries: &[f32], keys: &[f32], dim: usize, k: usize)
         let kt = Tensor::from_slice(gpu, &kdata, &[kpad, dim])?;
         drop(kdata);
         // Queries per block: the scores fit the limit, one shape for all.
-        let qb = ((limit / (4 * kpad as u64)) as usize / 4 * 4)
-            .clamp(4, nq.next_multiple_of(4));
-        let kc = k.min(kn);
+        let qb = ((limit / (4 * kpad as u64)) as usize / 4 * 4).clamp(4, nq.next_multiple_of(4));
+        let kc = k_keys.min(kn);
         let mut part = Ranking {
             k: kc,
             values: Vec::with_capacity(nq * kc),
@@ -194,16 +258,43 @@ pub fn rank(gpu: &Arc<Gpu>, queries: &[f32], keys: &[f32], dim: usize, k: usize)
             let qt = Tensor::from_slice(gpu, &qdata, &[qb, dim])?;
             let s = gemm(&qt, &kt, None, Gemm::new(1, qb, kpad, dim).tb(true))?;
             let (v, i) = topk(&s, qn, kn, kpad, kc)?;
+            let col = if both {
+                Some(topk_columns(&s, qn, kn, kpad, k_queries.min(qn))?)
+            } else {
+                None
+            };
             part.values.extend(v.to_vec()?);
             part.indices
                 .extend(indices_to_vec(&i)?.into_iter().map(|x| x + k0 as u32));
+            if let Some((cv, ci)) = col {
+                let kb = k_queries.min(qn);
+                let (cv, ci) = (cv.to_vec()?, indices_to_vec(&ci)?);
+                for j in 0..kn {
+                    let best = &mut back[k0 + j];
+                    best.extend(
+                        cv[j * kb..(j + 1) * kb]
+                            .iter()
+                            .zip(&ci[j * kb..(j + 1) * kb])
+                            .map(|(&v, &i)| (v, i + q0 as u32)),
+                    );
+                    best.sort_by(|a, b| b.0.partial_cmp(&a.0).unwrap().then(a.1.cmp(&b.1)));
+                    best.truncate(k_queries);
+                }
+            }
         }
         parts.push(part);
     }
-    if parts.len() == 1 {
-        return Ok(parts.pop().unwrap());
-    }
-    Ok(merge(&parts, nq, k))
+    let forward = if parts.len() == 1 {
+        parts.pop().unwrap()
+    } else {
+        merge(&parts, nq, k_keys)
+    };
+    let backward = both.then(|| Ranking {
+        k: k_queries,
+        values: back.iter().flat_map(|b| b.iter().map(|x| x.0)).collect(),
+        indices: back.iter().flat_map(|b| b.iter().map(|x| x.1)).collect(),
+    });
+    Ok((forward, backward))
 }
 
 /// The k best over per-chunk rankings of the same queries.

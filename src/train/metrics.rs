@@ -275,9 +275,9 @@ pub fn recall_at_k(
 
 /// [`recall_at_k`] ranked on the GPU: the embeddings flat ([images, dim],
 /// [texts, dim]), each image's best max(K) texts and each text's best
-/// max(K) images by dot product in f32 ([`crate::ops::topk::rank`]: a
-/// matmul and a top-k, block by block), with the same tie rule (the lower
-/// index first). An image is an image-to-text hit at K when one of its
+/// max(K) images by dot product in f32 ([`crate::ops::topk::rank_both`]: a
+/// matmul and a top-k of its rows and of its columns, block by block),
+/// with the same tie rule (the lower index first). An image is an image-to-text hit at K when one of its
 /// captions is among its best K, exactly when its best caption's rank is
 /// below K; a text is a hit when its image is among its best K. The same
 /// values as [`recall_at_k`] but where two similarities are closer than
@@ -291,7 +291,7 @@ pub fn recall_at_k_gpu(
     image_ids_of_images: &[u64],
     ks: &[usize],
 ) -> Result<Recall> {
-    use crate::ops::topk::rank;
+    use crate::ops::topk::rank_both;
     check_ks(ks)?;
     let (n_images, n_texts) = (image_ids_of_images.len(), image_ids_of_texts.len());
     ensure!(
@@ -307,8 +307,7 @@ pub fn recall_at_k_gpu(
     }
     let owner = text_owners(image_ids_of_texts, image_ids_of_images)?;
     let kmax = *ks.iter().max().unwrap();
-    let i2t = rank(gpu, image_embeds, text_embeds, dim, kmax)?;
-    let t2i = rank(gpu, text_embeds, image_embeds, dim, kmax)?;
+    let (i2t, t2i) = rank_both(gpu, image_embeds, text_embeds, dim, kmax)?;
     let mut has_caption = vec![false; n_images];
     for &i in &owner {
         has_caption[i] = true;
