@@ -47,7 +47,8 @@ impl Embedder {
     /// preprocessor_config.json), checked against the model's image size.
     pub fn processor(&self) -> Result<&ImageProcessorConfig> {
         let r = self.processor.get_or_init(|| {
-            let p = ImageProcessorConfig::from_model_dir(&self.dir).map_err(|e| format!("{e:#}"))?;
+            let p =
+                ImageProcessorConfig::from_model_dir(&self.dir).map_err(|e| format!("{e:#}"))?;
             let s = self.image_size();
             if p.crop_h != s || p.crop_w != s {
                 return Err(format!(
@@ -105,7 +106,8 @@ impl Embedder {
     /// Load and preprocess one picture as the model's processor does.
     pub fn pixels(&self, path: &Path) -> Result<Vec<f32>> {
         let img = load_image(path)?;
-        preprocess(&img, self.processor()?).with_context(|| format!("preprocessing {}", path.display()))
+        preprocess(&img, self.processor()?)
+            .with_context(|| format!("preprocessing {}", path.display()))
     }
 
     /// Embeddings ([paths, dim]) of picture files, one batch; an unreadable

@@ -91,7 +91,8 @@ pub fn list_images(root: &Path) -> Result<Vec<PathBuf>> {
     let mut stack = vec![PathBuf::new()];
     while let Some(rel) = stack.pop() {
         let dir = root.join(&rel);
-        let entries = std::fs::read_dir(&dir).with_context(|| format!("listing {}", dir.display()))?;
+        let entries =
+            std::fs::read_dir(&dir).with_context(|| format!("listing {}", dir.display()))?;
         for e in entries {
             let e = e.with_context(|| format!("listing {}", dir.display()))?;
             let p = rel.join(e.file_name());
@@ -192,7 +193,9 @@ impl State {
 /// Test hook: after this batch's rows are written (`CLIP_WGPU_TEST_EMBED_HOLD`),
 /// log so and wait to be killed.
 fn test_hold(batch: usize) {
-    if std::env::var("CLIP_WGPU_TEST_EMBED_HOLD").ok().and_then(|v| v.parse::<usize>().ok())
+    if std::env::var("CLIP_WGPU_TEST_EMBED_HOLD")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
         == Some(batch)
     {
         crate::stderr_line(&format!(
@@ -208,7 +211,10 @@ fn test_hold(batch: usize) {
 pub fn embed_collection(gpu: &Arc<Gpu>, opts: &EmbedOptions) -> Result<EmbedReport> {
     let t0 = Instant::now();
     ensure!(opts.batch > 0, "--batch must be at least 1");
-    ensure!(opts.checkpoint_every > 0, "--checkpoint-every must be at least 1");
+    ensure!(
+        opts.checkpoint_every > 0,
+        "--checkpoint-every must be at least 1"
+    );
     let model_dir = std::fs::canonicalize(&opts.model)
         .with_context(|| format!("model folder {}", opts.model.display()))?;
     let m = Embedder::load(gpu, &model_dir)?;
@@ -216,15 +222,21 @@ pub fn embed_collection(gpu: &Arc<Gpu>, opts: &EmbedOptions) -> Result<EmbedRepo
     // What is embedded, and the run's identity.
     let (kind, root, names): (&str, PathBuf, Vec<String>) = match &opts.collection {
         Collection::Images(dir) => {
-            let root = std::fs::canonicalize(dir).with_context(|| format!("folder {}", dir.display()))?;
+            let root =
+                std::fs::canonicalize(dir).with_context(|| format!("folder {}", dir.display()))?;
             let files = list_images(&root)?;
-            let names = files.iter().map(|p| p.to_string_lossy().into_owned()).collect();
+            let names = files
+                .iter()
+                .map(|p| p.to_string_lossy().into_owned())
+                .collect();
             ("image", root, names)
         }
         Collection::Texts(file) => {
-            let root = std::fs::canonicalize(file).with_context(|| format!("text file {}", file.display()))?;
-            let text = std::fs::read_to_string(&root)
-                .with_context(|| format!("reading {} (UTF-8 text, one per line)", root.display()))?;
+            let root = std::fs::canonicalize(file)
+                .with_context(|| format!("text file {}", file.display()))?;
+            let text = std::fs::read_to_string(&root).with_context(|| {
+                format!("reading {} (UTF-8 text, one per line)", root.display())
+            })?;
             ("text", root, text.lines().map(str::to_string).collect())
         }
     };
@@ -282,12 +294,20 @@ pub fn embed_collection(gpu: &Arc<Gpu>, opts: &EmbedOptions) -> Result<EmbedRepo
         .with_context(|| format!("opening {}", data_path.display()))?;
     data.set_len((state.rows * dim * 4) as u64)?;
     data.seek(SeekFrom::End(0))?;
-    let bar = progress_bar(opts.progress, names.len() as u64, state.position as u64, kind);
+    let bar = progress_bar(
+        opts.progress,
+        names.len() as u64,
+        state.position as u64,
+        kind,
+    );
     let mut batches = 0usize;
     let checkpoint = |state: &mut State, data: &std::fs::File| -> Result<()> {
         data.sync_data()?;
         state.kernel_choices = gpu.kernel_choices();
-        write_atomic(&state_path, serde_json::to_string(&state.to_json())?.as_bytes())
+        write_atomic(
+            &state_path,
+            serde_json::to_string(&state.to_json())?.as_bytes(),
+        )
     };
     let total = names.len();
     let report = |state: &State, t: Instant, done_before: usize| {
@@ -329,7 +349,11 @@ pub fn embed_collection(gpu: &Arc<Gpu>, opts: &EmbedOptions) -> Result<EmbedRepo
             )?;
             while let Some(b) = ld.next_batch()? {
                 for (p, why) in &b.skipped {
-                    let rel = p.strip_prefix(&root).unwrap_or(p).to_string_lossy().into_owned();
+                    let rel = p
+                        .strip_prefix(&root)
+                        .unwrap_or(p)
+                        .to_string_lossy()
+                        .into_owned();
                     log(&format!("skipped {rel}: {why}"));
                     state.skipped.push((rel, why.clone()));
                 }
@@ -350,9 +374,10 @@ pub fn embed_collection(gpu: &Arc<Gpu>, opts: &EmbedOptions) -> Result<EmbedRepo
             // loader ended without one): their reasons, read again.
             let processor = m.processor()?;
             for n in &names[state.position..] {
-                let why = crate::data::loader::load_pixels(&ImageSource::File(root.join(n)), processor)
-                    .err()
-                    .unwrap_or_else(|| "could not be read".into());
+                let why =
+                    crate::data::loader::load_pixels(&ImageSource::File(root.join(n)), processor)
+                        .err()
+                        .unwrap_or_else(|| "could not be read".into());
                 log(&format!("skipped {n}: {why}"));
                 state.skipped.push((n.clone(), why));
             }
@@ -384,14 +409,20 @@ pub fn embed_collection(gpu: &Arc<Gpu>, opts: &EmbedOptions) -> Result<EmbedRepo
     let mut meta = BTreeMap::new();
     meta.insert("clip_wgpu".to_string(), FORMAT.to_string());
     meta.insert("kind".to_string(), kind.to_string());
-    meta.insert("model".to_string(), model_dir.to_string_lossy().into_owned());
+    meta.insert(
+        "model".to_string(),
+        model_dir.to_string_lossy().into_owned(),
+    );
     meta.insert("root".to_string(), root.to_string_lossy().into_owned());
     meta.insert("dim".to_string(), dim.to_string());
     meta.insert("logit_scale".to_string(), format!("{}", m.logit_scale()?));
     if kind == "image" {
         let skipped: std::collections::HashSet<&str> =
             state.skipped.iter().map(|(r, _)| r.as_str()).collect();
-        let files: Vec<&String> = names.iter().filter(|n| !skipped.contains(n.as_str())).collect();
+        let files: Vec<&String> = names
+            .iter()
+            .filter(|n| !skipped.contains(n.as_str()))
+            .collect();
         ensure!(
             files.len() == state.rows,
             "{} pictures embedded but {} listed as read: was the folder changed during the run?",
@@ -399,7 +430,10 @@ pub fn embed_collection(gpu: &Arc<Gpu>, opts: &EmbedOptions) -> Result<EmbedRepo
             files.len()
         );
         meta.insert("files".to_string(), serde_json::to_string(&files)?);
-        meta.insert("skipped".to_string(), serde_json::to_string(&state.skipped)?);
+        meta.insert(
+            "skipped".to_string(),
+            serde_json::to_string(&state.skipped)?,
+        );
     } else {
         meta.insert("texts".to_string(), serde_json::to_string(&names)?);
     }
@@ -420,7 +454,12 @@ fn log(msg: &str) {
     crate::stderr_line(&format!("[clip-wgpu] {msg}"));
 }
 
-fn progress_bar(enabled: bool, total: u64, start: u64, kind: &str) -> Option<indicatif::ProgressBar> {
+fn progress_bar(
+    enabled: bool,
+    total: u64,
+    start: u64,
+    kind: &str,
+) -> Option<indicatif::ProgressBar> {
     use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
     use std::io::IsTerminal;
     if !enabled || !std::io::stderr().is_terminal() {
@@ -472,7 +511,10 @@ fn write_index(
         f.write_all(&(h.len() as u64).to_le_bytes())?;
         f.write_all(&h)?;
         let copied = std::io::copy(&mut data.take(bytes), &mut f)?;
-        ensure!(copied == bytes, "the partial file holds {copied} bytes of rows, expected {bytes}");
+        ensure!(
+            copied == bytes,
+            "the partial file holds {copied} bytes of rows, expected {bytes}"
+        );
         let f = f.into_inner().map_err(|e| e.into_error())?;
         f.sync_all()?;
     }
@@ -529,14 +571,22 @@ impl Index {
         let list = match kind.as_str() {
             "image" => "files",
             "text" => "texts",
-            k => bail!("{}: metadata kind {k:?}, expected image or text", path.display()),
+            k => bail!(
+                "{}: metadata kind {k:?}, expected image or text",
+                path.display()
+            ),
         };
         let names: Vec<String> = serde_json::from_str(
             metadata
                 .get(list)
                 .with_context(|| format!("{}: no `{list}` in the metadata", path.display()))?,
         )
-        .with_context(|| format!("{}: metadata `{list}` is not a JSON list of strings", path.display()))?;
+        .with_context(|| {
+            format!(
+                "{}: metadata `{list}` is not a JSON list of strings",
+                path.display()
+            )
+        })?;
         ensure!(
             names.len() == n,
             "{}: {n} embeddings but {} {list}",
@@ -598,7 +648,12 @@ pub struct SearchTimes {
 /// The `top` rows of `index` most similar to `query` embedded by `model`
 /// (loaded from `model_dir`), ranked on the GPU ([`rank`]: a matmul and a
 /// top-k; ties to the lower row).
-pub fn search_with(m: &Embedder, index: &Index, query: &Query, top: usize) -> Result<(Vec<Hit>, f64, f64)> {
+pub fn search_with(
+    m: &Embedder,
+    index: &Index,
+    query: &Query,
+    top: usize,
+) -> Result<(Vec<Hit>, f64, f64)> {
     ensure!(
         m.dim() == index.dim,
         "the model makes {}-value embeddings, the index holds {}",
@@ -639,9 +694,10 @@ pub fn search(
 ) -> Result<(Vec<Hit>, SearchTimes)> {
     let dir = match model_dir {
         Some(d) => d.to_path_buf(),
-        None => index.model.clone().context(
-            "the index does not record its model folder: give --model",
-        )?,
+        None => index
+            .model
+            .clone()
+            .context("the index does not record its model folder: give --model")?,
     };
     let t = Instant::now();
     let m = Embedder::load(gpu, &dir)?;
@@ -694,16 +750,21 @@ pub mod cli {
     }
 
     /// `embed --images DIR | --texts FILE --output FILE`.
-    pub fn embed(gpu: &Arc<Gpu>, model: PathBuf, output: Option<PathBuf>, a: EmbedArgs) -> Result<()> {
+    pub fn embed(
+        gpu: &Arc<Gpu>,
+        model: PathBuf,
+        output: Option<PathBuf>,
+        a: EmbedArgs,
+    ) -> Result<()> {
         let output = output.context("--images / --texts need --output FILE.safetensors")?;
         let collection = match (a.images, a.texts) {
             (Some(d), None) => Collection::Images(d),
             (None, Some(f)) => Collection::Texts(f),
             _ => bail!("give --images DIR or --texts FILE"),
         };
-        let workers = a.workers.unwrap_or_else(|| {
-            std::thread::available_parallelism().map_or(2, |n| n.get().min(8))
-        });
+        let workers = a
+            .workers
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get().min(8)));
         let r = embed_collection(
             gpu,
             &EmbedOptions {
@@ -717,12 +778,18 @@ pub mod cli {
             },
         )?;
         let resumed = if r.resumed_rows > 0 {
-            format!(", {} of them from the partial results of an earlier run", r.resumed_rows)
+            format!(
+                ", {} of them from the partial results of an earlier run",
+                r.resumed_rows
+            )
         } else {
             String::new()
         };
         let skipped = if r.skipped > 0 {
-            format!(", {} unreadable skipped (listed in the file's metadata)", r.skipped)
+            format!(
+                ", {} unreadable skipped (listed in the file's metadata)",
+                r.skipped
+            )
         } else {
             String::new()
         };
@@ -782,7 +849,11 @@ pub mod cli {
             times.rank_s * 1e3
         ));
         if a.json {
-            let key = if index.kind == "image" { "file" } else { "text" };
+            let key = if index.kind == "image" {
+                "file"
+            } else {
+                "text"
+            };
             let list: Vec<Value> = hits
                 .iter()
                 .map(|h| json!({"rank": h.rank + 1, "score": h.score, "row": h.row, key: index.display_name(h.row)}))
@@ -794,7 +865,12 @@ pub mod cli {
             println!("{}", json!({"query": q, "results": list}));
         } else {
             for h in &hits {
-                println!("{}\t{:.4}\t{}", h.rank + 1, h.score, index.display_name(h.row));
+                println!(
+                    "{}\t{:.4}\t{}",
+                    h.rank + 1,
+                    h.score,
+                    index.display_name(h.row)
+                );
             }
         }
         Ok(())

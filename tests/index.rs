@@ -26,13 +26,21 @@ fn ok(o: Output, what: &str) -> Output {
 fn wait_for_line(child: &mut Child, file: &Path, needle: &str) -> bool {
     let t0 = Instant::now();
     loop {
-        if std::fs::read_to_string(file).unwrap_or_default().contains(needle) {
+        if std::fs::read_to_string(file)
+            .unwrap_or_default()
+            .contains(needle)
+        {
             return true;
         }
         if child.try_wait().unwrap().is_some() {
-            return std::fs::read_to_string(file).unwrap_or_default().contains(needle);
+            return std::fs::read_to_string(file)
+                .unwrap_or_default()
+                .contains(needle);
         }
-        assert!(t0.elapsed() < Duration::from_secs(600), "waited too long for {needle:?}");
+        assert!(
+            t0.elapsed() < Duration::from_secs(600),
+            "waited too long for {needle:?}"
+        );
         std::thread::sleep(Duration::from_millis(5));
     }
 }
@@ -41,7 +49,12 @@ fn wait_for_line(child: &mut Child, file: &Path, needle: &str) -> bool {
 /// are not pictures.
 fn picture_folder(root: &Path) -> PathBuf {
     let d = root.join("pictures");
-    for (i, sub) in ["", "animals", "animals/cats", "food", "z"].iter().cycle().take(19).enumerate() {
+    for (i, sub) in ["", "animals", "animals/cats", "food", "z"]
+        .iter()
+        .cycle()
+        .take(19)
+        .enumerate()
+    {
         std::fs::create_dir_all(d.join(sub)).unwrap();
         write_image(&d.join(sub).join(format!("p{i:02}.png")), i);
     }
@@ -65,7 +78,14 @@ fn embed_cmd(model: &Path, what: &str, input: &Path, out: &Path) -> Command {
 
 /// Kill the run once it has written batch `hold` (logged by the test hook),
 /// check what it left, rerun it and return the stderr of the rerun.
-fn killed_then_rerun(model: &Path, what: &str, input: &Path, out: &Path, hold: usize, root: &Path) -> String {
+fn killed_then_rerun(
+    model: &Path,
+    what: &str,
+    input: &Path,
+    out: &Path,
+    hold: usize,
+    root: &Path,
+) -> String {
     let err = root.join(format!("killed-{hold}.err"));
     let mut c = embed_cmd(model, what, input, out);
     c.env("CLIP_WGPU_TEST_EMBED_HOLD", hold.to_string());
@@ -82,7 +102,10 @@ fn killed_then_rerun(model: &Path, what: &str, input: &Path, out: &Path, hold: u
     assert!(!out.exists(), "a killed run wrote {name}");
     assert!(out.with_file_name(format!("{name}.partial.json")).exists());
     assert!(out.with_file_name(format!("{name}.partial")).exists());
-    let o = ok(embed_cmd(model, what, input, out).output().unwrap(), "rerun");
+    let o = ok(
+        embed_cmd(model, what, input, out).output().unwrap(),
+        "rerun",
+    );
     assert!(!out.with_file_name(format!("{name}.partial")).exists());
     assert!(!out.with_file_name(format!("{name}.partial.json")).exists());
     stderr(&o)
@@ -97,7 +120,12 @@ fn embedding_a_folder_after_a_kill_gives_the_same_file() {
     let pictures = picture_folder(&root);
     let model = fixture_model("clip");
     let full = root.join("full.safetensors");
-    ok(embed_cmd(&model, "--images", &pictures, &full).output().unwrap(), "embed");
+    ok(
+        embed_cmd(&model, "--images", &pictures, &full)
+            .output()
+            .unwrap(),
+        "embed",
+    );
     let want = std::fs::read(&full).unwrap();
     // 20 pictures in batches of 3, a checkpoint every 2 batches: killed
     // right after the checkpoint of batch 4, and after batch 5 whose rows
@@ -126,7 +154,11 @@ fn embedding_a_folder_after_a_kill_gives_the_same_file() {
     assert_eq!(index.names, listed);
     assert_eq!(index.kind, "image");
     assert_eq!(index.len(), 19);
-    assert!(index.metadata["skipped"].contains("food/broken.png"), "{:?}", index.metadata);
+    assert!(
+        index.metadata["skipped"].contains("food/broken.png"),
+        "{:?}",
+        index.metadata
+    );
     assert_eq!(
         index.model.as_deref(),
         Some(std::fs::canonicalize(&model).unwrap().as_path())
@@ -140,7 +172,10 @@ fn embedding_a_folder_after_a_kill_gives_the_same_file() {
         .zip(&index.embeddings)
         .map(|(a, b)| (a - b).abs())
         .fold(0.0f32, f32::max);
-    assert!(e < 1e-5, "the rows differ from the pictures' embeddings by {e:.2e}");
+    assert!(
+        e < 1e-5,
+        "the rows differ from the pictures' embeddings by {e:.2e}"
+    );
 }
 
 #[test]
@@ -156,7 +191,12 @@ fn embedding_texts_after_a_kill_gives_the_same_file() {
     std::fs::write(&texts, lines.join("\n") + "\n").unwrap();
     let model = fixture_model("clip");
     let full = root.join("full.safetensors");
-    ok(embed_cmd(&model, "--texts", &texts, &full).output().unwrap(), "embed");
+    ok(
+        embed_cmd(&model, "--texts", &texts, &full)
+            .output()
+            .unwrap(),
+        "embed",
+    );
     let out = root.join("killed.safetensors");
     let log = killed_then_rerun(&model, "--texts", &texts, &out, 3, &root);
     assert!(log.contains("resuming from"), "{log}");
@@ -186,7 +226,12 @@ fn check_search(index_file: &Path, query: &[&str], top: usize, q: &[f32]) {
         .as_array()
         .unwrap()
         .iter()
-        .map(|r| (r["row"].as_u64().unwrap() as usize, r["score"].as_f64().unwrap()))
+        .map(|r| {
+            (
+                r["row"].as_u64().unwrap() as usize,
+                r["score"].as_f64().unwrap(),
+            )
+        })
         .collect();
     let index = Index::load(index_file).unwrap();
     let want = rank_ref(q, &index.embeddings, index.dim, top);
@@ -205,7 +250,11 @@ fn check_search(index_file: &Path, query: &[&str], top: usize, q: &[f32]) {
             row == w || (exact(row) - exact(w)).abs() < 1e-6,
             "{query:?}: result {i} is row {row}, the CPU ranks row {w} there"
         );
-        assert!((score - exact(row)).abs() < 1e-5, "{query:?}: row {row}: {score} vs {}", exact(row));
+        assert!(
+            (score - exact(row)).abs() < 1e-5,
+            "{query:?}: row {row}: {score} vs {}",
+            exact(row)
+        );
     }
     let mut rows: Vec<usize> = got.iter().map(|g| g.0).collect();
     rows.sort();
@@ -223,11 +272,25 @@ fn search_results_equal_a_cpu_ranking() {
     let pictures = picture_folder(&root);
     let model = fixture_model("clip");
     let images = root.join("images.safetensors");
-    ok(embed_cmd(&model, "--images", &pictures, &images).output().unwrap(), "embed");
+    ok(
+        embed_cmd(&model, "--images", &pictures, &images)
+            .output()
+            .unwrap(),
+        "embed",
+    );
     let texts = root.join("texts.txt");
-    std::fs::write(&texts, "a red picture\na green picture\na blue picture\na cat\na dog\n").unwrap();
+    std::fs::write(
+        &texts,
+        "a red picture\na green picture\na blue picture\na cat\na dog\n",
+    )
+    .unwrap();
     let text_index = root.join("texts.safetensors");
-    ok(embed_cmd(&model, "--texts", &texts, &text_index).output().unwrap(), "embed texts");
+    ok(
+        embed_cmd(&model, "--texts", &texts, &text_index)
+            .output()
+            .unwrap(),
+        "embed texts",
+    );
 
     let m = Embedder::load(&gpu, &model).unwrap();
     let q = m.embed_texts(&["a red picture"]).unwrap();
@@ -251,7 +314,10 @@ fn search_results_equal_a_cpu_ranking() {
     let line = String::from_utf8(o.stdout).unwrap();
     let cols: Vec<&str> = line.trim().split('\t').collect();
     assert_eq!(cols[0], "1");
-    assert!((cols[1].parse::<f64>().unwrap() - 1.0).abs() < 1e-4, "{line}");
+    assert!(
+        (cols[1].parse::<f64>().unwrap() - 1.0).abs() < 1e-4,
+        "{line}"
+    );
     assert_eq!(
         Path::new(cols[2]),
         std::fs::canonicalize(&pic).unwrap(),

@@ -477,7 +477,10 @@ fn sharded_evaluation_with_several_captions_per_picture() {
     }
     let mut csv = String::from("image_path,caption\n");
     for (row, i) in pictures.iter().enumerate() {
-        csv += &format!("imgs/{i}.png,a {} picture caption {row}\n", COLOURS[(i + row) % 6]);
+        csv += &format!(
+            "imgs/{i}.png,a {} picture caption {row}\n",
+            COLOURS[(i + row) % 6]
+        );
     }
     let data = root.join("val.csv");
     std::fs::write(&data, csv).unwrap();

@@ -99,7 +99,14 @@ fn embeddings(r: &mut Rng, n: usize, dim: usize) -> Vec<f32> {
     v
 }
 
-fn check_rank(gpu: &std::sync::Arc<clip_wgpu::Gpu>, nq: usize, nk: usize, dim: usize, k: usize, seed: u64) {
+fn check_rank(
+    gpu: &std::sync::Arc<clip_wgpu::Gpu>,
+    nq: usize,
+    nk: usize,
+    dim: usize,
+    k: usize,
+    seed: u64,
+) {
     let mut r = Rng::new(seed);
     let q = embeddings(&mut r, nq, dim);
     let mut keys = embeddings(&mut r, nk, dim);
@@ -116,7 +123,15 @@ fn check_rank(gpu: &std::sync::Arc<clip_wgpu::Gpu>, nq: usize, nk: usize, dim: u
     // Both ways from one product.
     let (fwd, back) = rank_both(gpu, &q, &keys, dim, k).unwrap();
     assert_eq!(fwd, got, "{what}: rank_both's forward ranking");
-    same_ranking(&back, &keys, &q, dim, k, None, &format!("{what}, keys to queries"));
+    same_ranking(
+        &back,
+        &keys,
+        &q,
+        dim,
+        k,
+        None,
+        &format!("{what}, keys to queries"),
+    );
 }
 
 /// `got` ranks `keys` for each of `q` as the CPU does.
@@ -130,7 +145,7 @@ fn same_ranking(
     dups: Option<(u32, u32)>,
     what: &str,
 ) {
-    let (nq, nk) = (q.len() / dim, keys.len() / dim);
+    let nq = q.len() / dim;
     let want = rank_ref(q, keys, dim, k);
     assert_eq!(got.k, want.k, "{what}");
     let exact = |qi: usize, key: u32| -> f64 {
@@ -158,7 +173,10 @@ fn same_ranking(
         assert_eq!(sorted.len(), g.len(), "{what}: a key twice");
         // Exact duplicates: the lower index first.
         if let Some((a, b)) = dups {
-            if let (Some(pa), Some(pb)) = (g.iter().position(|&x| x == a), g.iter().position(|&x| x == b)) {
+            if let (Some(pa), Some(pb)) = (
+                g.iter().position(|&x| x == a),
+                g.iter().position(|&x| x == b),
+            ) {
                 assert!(pa < pb, "{what}: equal keys out of index order");
             }
         }
@@ -169,7 +187,9 @@ fn same_ranking(
         .zip(&want.values)
         .map(|(a, b)| (a - b).abs())
         .fold(0.0f32, f32::max);
-    eprintln!("{what}: similarities within {e:.2e}, {differ} places hold another key of a near tie");
+    eprintln!(
+        "{what}: similarities within {e:.2e}, {differ} places hold another key of a near tie"
+    );
     assert!(e < 1e-5, "{what}: similarities differ by {e:.2e}");
 }
 

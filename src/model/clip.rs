@@ -277,9 +277,9 @@ impl ClipModel {
     pub fn embed_images(&self, pixels: &Tensor) -> Result<Tensor> {
         let mut tape = Tape::no_grad();
         let p = self.params.vars(&mut tape);
-        let pooled = self
-            .vision
-            .forward_with(&mut tape, &p, &Var::constant(pixels.clone()), true)?;
+        let pooled =
+            self.vision
+                .forward_with(&mut tape, &p, &Var::constant(pixels.clone()), true)?;
         Ok(self.image_embeds(&mut tape, &p, &pooled)?.tensor().clone())
     }
 

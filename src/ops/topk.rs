@@ -103,7 +103,16 @@ pub fn topk_strided_with(
         gpu.dispatch(
             &SHADER,
             &entry,
-            &[u(rows), u(cols), u(stride), u(pass), u(k), u(off), u(cstride), 0],
+            &[
+                u(rows),
+                u(cols),
+                u(stride),
+                u(pass),
+                u(k),
+                u(off),
+                u(cstride),
+                0,
+            ],
             &[
                 Some(scores.buffer()),
                 Some(values.buffer()),
@@ -175,7 +184,13 @@ impl Ranking {
 /// host, so any number of keys works. Rows are padded to multiples of 4 with
 /// zeros for the vec4 matmul kernels, and every block has the same shape (so
 /// the tuner times one). Every value must be finite.
-pub fn rank(gpu: &Arc<Gpu>, queries: &[f32], keys: &[f32], dim: usize, k: usize) -> Result<Ranking> {
+pub fn rank(
+    gpu: &Arc<Gpu>,
+    queries: &[f32],
+    keys: &[f32],
+    dim: usize,
+    k: usize,
+) -> Result<Ranking> {
     Ok(rank_impl(gpu, queries, keys, dim, k, false)?.0)
 }
 
@@ -235,7 +250,11 @@ fn rank_impl(
         .collect();
     let mut parts: Vec<Ranking> = Vec::with_capacity(chunks.len());
     // The best queries of each key so far (both ways).
-    let mut back: Vec<Vec<(f32, u32)>> = if both { vec![Vec::new(); nk] } else { Vec::new() };
+    let mut back: Vec<Vec<(f32, u32)>> = if both {
+        vec![Vec::new(); nk]
+    } else {
+        Vec::new()
+    };
     for &(k0, kn) in &chunks {
         let kpad = kn.next_multiple_of(4);
         let mut kdata = keys[k0 * dim..(k0 + kn) * dim].to_vec();
@@ -308,7 +327,12 @@ fn merge(parts: &[Ranking], nq: usize, k: usize) -> Ranking {
     for q in 0..nq {
         cand.clear();
         for p in parts {
-            cand.extend(p.row_values(q).iter().copied().zip(p.row(q).iter().copied()));
+            cand.extend(
+                p.row_values(q)
+                    .iter()
+                    .copied()
+                    .zip(p.row(q).iter().copied()),
+            );
         }
         cand.sort_by(|a, b| b.0.partial_cmp(&a.0).unwrap().then(a.1.cmp(&b.1)));
         for &(v, i) in &cand[..k] {

@@ -76,9 +76,7 @@ pub fn evaluate(
     let lengths = lengths?;
     let pictures_s = t0.elapsed().as_secs_f64();
     // The examples whose picture loaded, in order: the batches' rows.
-    let usable: Vec<usize> = (0..ex.len())
-        .filter(|&i| loaded[picture_of[i]])
-        .collect();
+    let usable: Vec<usize> = (0..ex.len()).filter(|&i| loaded[picture_of[i]]).collect();
     // Each caption embedded once, in batches of captions of about the same
     // length: the text tower runs a batch up to its longest caption, and a
     // caption's embedding does not depend on the others in its batch.
@@ -91,7 +89,10 @@ pub fn evaluate(
         let (usable, by_length) = (&usable, &by_length);
         sc.spawn(move || {
             for rows in by_length.chunks(batch) {
-                let captions: Vec<&str> = rows.iter().map(|&j| ex[usable[j]].caption.as_str()).collect();
+                let captions: Vec<&str> = rows
+                    .iter()
+                    .map(|&j| ex[usable[j]].caption.as_str())
+                    .collect();
                 // A panic inside the tokenizer library is an error, not a dead thread.
                 let encoded = catch_quietly(|| tok.encode_batch(&captions, max_len))
                     .unwrap_or_else(|why| Err(anyhow::anyhow!("the tokenizer panicked: {why}")));
@@ -124,7 +125,11 @@ pub fn evaluate(
         }
         let j0 = b * batch;
         let img = Tensor::from_slice(&gpu, &img, &[rows.len(), e])?;
-        let txt = Tensor::from_slice(&gpu, &texts[j0 * e..(j0 + rows.len()) * e], &[rows.len(), e])?;
+        let txt = Tensor::from_slice(
+            &gpu,
+            &texts[j0 * e..(j0 + rows.len()) * e],
+            &[rows.len(), e],
+        )?;
         let (loss, _, _) = clip_loss_forward(&img, &txt, scale)?;
         loss_sum += loss.to_vec()?[0] as f64 * rows.len() as f64;
         n += rows.len();
@@ -168,7 +173,10 @@ fn token_counts(tok: &TextTokenizer, ex: &[Example], max_len: usize) -> Result<V
         let captions: Vec<&str> = chunk.iter().map(|x| x.caption.as_str()).collect();
         let (_, mask) = catch_quietly(|| tok.encode_batch(&captions, max_len))
             .unwrap_or_else(|why| Err(anyhow::anyhow!("the tokenizer panicked: {why}")))?;
-        out.extend(mask.chunks(max_len).map(|m| m.iter().filter(|&&v| v != 0.0).count()));
+        out.extend(
+            mask.chunks(max_len)
+                .map(|m| m.iter().filter(|&&v| v != 0.0).count()),
+        );
     }
     Ok(out)
 }
@@ -508,7 +516,10 @@ mod tests {
     #[test]
     fn cached_evaluation_equals_the_per_example_one() {
         // The transformers-made CLIP fixture (odd sizes: scalar kernels).
-        let clip = ["--model_name_or_path".to_string(), fixture("tests/fixtures/clip/model")];
+        let clip = [
+            "--model_name_or_path".to_string(),
+            fixture("tests/fixtures/clip/model"),
+        ];
         check("clip", &clip, 23, 7, 4);
         check("clip", &clip, 23, 7, 7);
         check("clip", &clip, 9, 0, 64);
@@ -522,7 +533,8 @@ mod tests {
         check("tiny", &tiny, 40, 9, 16);
         // CLIP vision + RoBERTa text.
         let Some(_) = gpu() else { return };
-        let dual = std::env::temp_dir().join(format!("clipwgpu-eval-cache-dual-{}", std::process::id()));
+        let dual =
+            std::env::temp_dir().join(format!("clipwgpu-eval-cache-dual-{}", std::process::id()));
         crate::model::prepare::prepare_dual_encoder(
             Path::new(&fixture("tests/fixtures/clip/model")),
             Path::new(&fixture("tests/fixtures/prepare/roberta_model")),
@@ -531,7 +543,10 @@ mod tests {
             3,
         )
         .unwrap();
-        let dual_args = ["--model_name_or_path".to_string(), dual.to_string_lossy().into_owned()];
+        let dual_args = [
+            "--model_name_or_path".to_string(),
+            dual.to_string_lossy().into_owned(),
+        ];
         check("dual", &dual_args, 12, 5, 5);
         let _ = std::fs::remove_dir_all(&dual);
     }
