@@ -284,7 +284,9 @@ impl ClipModel {
     }
 
     /// L2-normalised text embeddings [B, E] of token ids and attention mask
-    /// ([B, len], row-major), with no gradient.
+    /// ([B, len], row-major), with no gradient; a CLIP text tower's last
+    /// layer computes the pooled (end-of-text) tokens alone past its
+    /// attention, as `embed_images` does.
     pub fn embed_texts(&self, ids: &[u32], mask: &[f32], batch: usize) -> Result<Tensor> {
         let mut tape = Tape::no_grad();
         let p = self.params.vars(&mut tape);
