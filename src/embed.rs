@@ -1,16 +1,136 @@
 //! `clip-wgpu embed`: image and text embeddings of a model folder, with the
 //! meaning of transformers' `get_image_features` / `get_text_features` after
 //! L2 normalization, and `logits_per_image` as CLIPModel returns it.
+//!
+//! [`Embedder`] is the reusable part: a model folder loaded with its image
+//! processor and tokenizer, embedding a batch of pictures or texts at a
+//! time (`embed`, `search`, `zero-shot` use it). Whole collections
+//! (`embed --images DIR` / `--texts FILE`) are in [`crate::index`].
 
 use crate::data::{load_image, preprocess, ImageProcessorConfig, TextTokenizer};
 use crate::model::clip::ClipModel;
-use crate::ops::l2norm::l2_normalize;
-use crate::tape::Tape;
 use crate::tensor::Tensor;
 use crate::Gpu;
-use anyhow::{ensure, Context, Result};
+use anyhow::{Context, Result};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
+
+/// A model folder ready to embed: the model, its image processor and its
+/// tokenizer (each read when first needed, so a folder without a tokenizer
+/// still embeds pictures). Embeddings are L2-normalised rows of `dim()`
+/// values.
+pub struct Embedder {
+    pub model: ClipModel,
+    /// Texts are padded to (and cut at) this many tokens: the model's
+    /// maximum length.
+    pub max_len: usize,
+    pub dir: PathBuf,
+    processor: OnceLock<std::result::Result<ImageProcessorConfig, String>>,
+    tokenizer: OnceLock<std::result::Result<Arc<TextTokenizer>, String>>,
+}
+
+impl Embedder {
+    /// Load the model in `dir` (config.json and weights).
+    pub fn load(gpu: &Arc<Gpu>, dir: &Path) -> Result<Embedder> {
+        let model = ClipModel::load(gpu, dir)?;
+        let max_len = model.config.text.max_positions();
+        Ok(Embedder {
+            model,
+            max_len,
+            dir: dir.to_path_buf(),
+            processor: OnceLock::new(),
+            tokenizer: OnceLock::new(),
+        })
+    }
+
+    /// The folder's image processor (processor_config.json or
+    /// preprocessor_config.json), checked against the model's image size.
+    pub fn processor(&self) -> Result<&ImageProcessorConfig> {
+        let r = self.processor.get_or_init(|| {
+            let p =
+                ImageProcessorConfig::from_model_dir(&self.dir).map_err(|e| format!("{e:#}"))?;
+            let s = self.image_size();
+            if p.crop_h != s || p.crop_w != s {
+                return Err(format!(
+                    "{}: the processor crops to {}x{} but the model takes {s}x{s} images",
+                    self.dir.display(),
+                    p.crop_h,
+                    p.crop_w
+                ));
+            }
+            Ok(p)
+        });
+        r.as_ref().map_err(|e| anyhow::anyhow!("{e}"))
+    }
+
+    /// The folder's tokenizer (tokenizer.json).
+    pub fn tokenizer(&self) -> Result<&Arc<TextTokenizer>> {
+        let r = self.tokenizer.get_or_init(|| {
+            TextTokenizer::from_model_dir(&self.dir)
+                .map(Arc::new)
+                .map_err(|e| format!("{e:#}"))
+        });
+        r.as_ref().map_err(|e| anyhow::anyhow!("{e}"))
+    }
+
+    pub fn gpu(&self) -> &Arc<Gpu> {
+        self.model.params.params[0].tensor.gpu()
+    }
+
+    /// Values per embedding (the projection width).
+    pub fn dim(&self) -> usize {
+        self.model.config.projection_dim
+    }
+
+    /// Side of the square pictures the model takes.
+    pub fn image_size(&self) -> usize {
+        self.model.config.vision.image_size
+    }
+
+    /// exp(logit_scale): CLIP's logits are this times the cosine similarity.
+    pub fn logit_scale(&self) -> Result<f32> {
+        Ok(self.model.logit_scale_tensor().to_vec()?[0].exp())
+    }
+
+    /// Embeddings ([n, dim], row-major) of `n` preprocessed pictures
+    /// (`pixels`: [n, 3, S, S] as the processor makes them), one batch.
+    pub fn embed_pixels(&self, pixels: &[f32], n: usize) -> Result<Vec<f32>> {
+        if n == 0 {
+            return Ok(Vec::new());
+        }
+        let s = self.image_size();
+        let px = Tensor::from_slice(self.gpu(), pixels, &[n, 3, s, s])?;
+        self.model.embed_images(&px)?.to_vec()
+    }
+
+    /// Load and preprocess one picture as the model's processor does.
+    pub fn pixels(&self, path: &Path) -> Result<Vec<f32>> {
+        let img = load_image(path)?;
+        preprocess(&img, self.processor()?)
+            .with_context(|| format!("preprocessing {}", path.display()))
+    }
+
+    /// Embeddings ([paths, dim]) of picture files, one batch; an unreadable
+    /// picture is an error.
+    pub fn embed_image_files(&self, paths: &[PathBuf]) -> Result<Vec<f32>> {
+        let s = self.image_size();
+        let mut px = Vec::with_capacity(paths.len() * 3 * s * s);
+        for p in paths {
+            px.extend(self.pixels(p)?);
+        }
+        self.embed_pixels(&px, paths.len())
+    }
+
+    /// Embeddings ([texts, dim]) of texts, one batch.
+    pub fn embed_texts<S: AsRef<str>>(&self, texts: &[S]) -> Result<Vec<f32>> {
+        if texts.is_empty() {
+            return Ok(Vec::new());
+        }
+        let refs: Vec<&str> = texts.iter().map(AsRef::as_ref).collect();
+        let (ids, mask) = self.tokenizer()?.encode_batch(&refs, self.max_len)?;
+        self.model.embed_texts(&ids, &mask, texts.len())?.to_vec()
+    }
+}
 
 pub struct Embeddings {
     pub image_embeds: Vec<Vec<f32>>,
@@ -19,9 +139,8 @@ pub struct Embeddings {
     pub logits_per_image: Vec<Vec<f32>>,
 }
 
-fn rows(t: &Tensor) -> Result<Vec<Vec<f32>>> {
-    let c = t.cols();
-    Ok(t.to_vec()?.chunks(c).map(|r| r.to_vec()).collect())
+fn rows(v: Vec<f32>, dim: usize) -> Vec<Vec<f32>> {
+    v.chunks(dim.max(1)).map(<[f32]>::to_vec).collect()
 }
 
 /// Embed `images` (paths) and `texts` with the model in `dir`, its own
@@ -32,45 +151,15 @@ pub fn embed(
     images: &[PathBuf],
     texts: &[String],
 ) -> Result<Embeddings> {
-    let model = ClipModel::load(gpu, dir)?;
-    let mut tape = Tape::no_grad();
-    let vars = model.params.vars(&mut tape);
+    let m = Embedder::load(gpu, dir)?;
+    let d = m.dim();
     let mut out = Embeddings {
-        image_embeds: Vec::new(),
-        text_embeds: Vec::new(),
+        image_embeds: rows(m.embed_image_files(images)?, d),
+        text_embeds: rows(m.embed_texts(texts)?, d),
         logits_per_image: Vec::new(),
     };
-    if !images.is_empty() {
-        let cfg = ImageProcessorConfig::from_model_dir(dir)?;
-        let s = model.config.vision.image_size;
-        ensure!(
-            cfg.crop_h == s && cfg.crop_w == s,
-            "{}: the processor crops to {}x{} but the model takes {s}x{s} images",
-            dir.display(),
-            cfg.crop_h,
-            cfg.crop_w
-        );
-        let mut px = Vec::with_capacity(images.len() * 3 * s * s);
-        for p in images {
-            let img = load_image(p)?;
-            px.extend(
-                preprocess(&img, &cfg).with_context(|| format!("preprocessing {}", p.display()))?,
-            );
-        }
-        let px = Tensor::from_slice(gpu, &px, &[images.len(), 3, s, s])?;
-        let f = model.image_features(&mut tape, &vars, &px)?;
-        out.image_embeds = rows(l2_normalize(&mut tape, &f)?.tensor())?;
-    }
-    if !texts.is_empty() {
-        let tok = TextTokenizer::from_model_dir(dir)?;
-        let len = model.config.text.max_positions();
-        let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
-        let (ids, mask) = tok.encode_batch(&refs, len)?;
-        let f = model.text_features(&mut tape, &vars, &ids, &mask, texts.len())?;
-        out.text_embeds = rows(l2_normalize(&mut tape, &f)?.tensor())?;
-    }
     if !images.is_empty() && !texts.is_empty() {
-        let scale = model.params.params[model.logit_scale].tensor.to_vec()?[0].exp();
+        let scale = m.logit_scale()?;
         out.logits_per_image = out
             .image_embeds
             .iter()

@@ -7,6 +7,7 @@ pub mod data;
 pub mod dist;
 pub mod embed;
 pub mod gpu;
+pub mod index;
 pub mod model;
 pub mod ops;
 pub mod shaders;

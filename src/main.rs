@@ -59,7 +59,9 @@ enum Cmd {
         #[arg(long, default_value_t = 42)]
         seed: u64,
     },
-    /// Image and text embeddings of a Hugging Face model folder, as JSON.
+    /// Image and text embeddings of a Hugging Face model folder, as JSON; or
+    /// a whole folder of pictures (--images) or file of texts (--texts) into
+    /// a safetensors file for `search` (resumable: rerun after a kill).
     Embed {
         /// Model folder (config.json, model.safetensors, tokenizer.json, processor config).
         #[arg(long)]
@@ -70,9 +72,12 @@ enum Cmd {
         /// A text to embed (repeatable).
         #[arg(long)]
         text: Vec<String>,
-        /// Write the JSON here instead of stdout.
+        /// Write the JSON here instead of stdout (with --images / --texts:
+        /// the safetensors file, required).
         #[arg(long)]
         output: Option<PathBuf>,
+        #[command(flatten)]
+        collection: clip_wgpu::index::cli::EmbedArgs,
     },
     /// Zero-shot classification of an ImageFolder (one sub-folder per class)
     /// as CLIP_benchmark and OpenCLIP compute it: top-1, top-5, mean
@@ -103,6 +108,9 @@ enum Cmd {
         #[arg(long)]
         workers: Option<usize>,
     },
+    /// The entries of an embeddings file (`embed --images/--texts`) most
+    /// similar to a text or a picture, ranked on the GPU.
+    Search(clip_wgpu::index::cli::SearchArgs),
     /// Time each kernel at the shapes of a training step (median of runs),
     /// then whole training steps.
     Bench {
@@ -248,6 +256,22 @@ fn run(world: &clip_wgpu::dist::World) -> Result<()> {
             image,
             text,
             output,
+            collection,
+        } if collection.given() => {
+            anyhow::ensure!(
+                image.is_empty() && text.is_empty(),
+                "--image/--text embed single inputs (JSON), --images/--texts a whole collection: give one or the other"
+            );
+            let gpu = clip_wgpu::Gpu::new(&req)?;
+            clip_wgpu::index::cli::embed(&gpu, model, output, collection)
+        }
+        Cmd::Search(a) => clip_wgpu::index::cli::search(&clip_wgpu::Gpu::new(&req)?, a),
+        Cmd::Embed {
+            model,
+            image,
+            text,
+            output,
+            ..
         } => {
             anyhow::ensure!(
                 !image.is_empty() || !text.is_empty(),

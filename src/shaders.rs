@@ -41,6 +41,7 @@ pub const ALL: &[(&str, &str)] = &[
     hand_written!("permute_vec4"),
     hand_written!("reduce"),
     hand_written!("softmax"),
+    hand_written!("topk"),
     generated!("attention_fused"),
     generated!("attention_sg"),
     generated!("attention_tiled"),

@@ -567,3 +567,67 @@ fn two_ranks_stream_their_own_shards_and_resume_exactly() {
     assert!(!o.status.success());
     assert!(stderr(&o).contains("rank"), "{}", stderr(&o));
 }
+
+#[test]
+fn sharded_evaluation_with_several_captions_per_picture() {
+    if !have_gpu() {
+        return;
+    }
+    let root = temp("mpi-eval-captions");
+    std::fs::create_dir_all(root.join("imgs")).unwrap();
+    // 15 examples of 8 pictures, the shards 0..7 and 7..15: picture 4's
+    // captions straddle the boundary, pictures 1, 2 and 5 have captions in
+    // both shards, picture 7 cannot be read.
+    let pictures = [0, 1, 2, 0, 3, 4, 4, 4, 5, 2, 6, 6, 7, 1, 5];
+    for i in 0..8 {
+        let p = root.join(format!("imgs/{i}.png"));
+        if i == 7 {
+            std::fs::write(&p, b"not a picture").unwrap();
+        } else {
+            common::cli::write_image(&p, i);
+        }
+    }
+    let mut csv = String::from("image_path,caption\n");
+    for (row, i) in pictures.iter().enumerate() {
+        csv += &format!(
+            "imgs/{i}.png,a {} picture caption {row}\n",
+            COLOURS[(i + row) % 6]
+        );
+    }
+    let data = root.join("val.csv");
+    std::fs::write(&data, csv).unwrap();
+    let model = fixture_model("clip");
+    let run = |mut c: Command, out: &Path| -> serde_json::Value {
+        c.args([
+            "eval",
+            "--model_name_or_path",
+            model.to_str().unwrap(),
+            "--validation_file",
+            data.to_str().unwrap(),
+            "--output_dir",
+            out.to_str().unwrap(),
+            "--max_seq_length",
+            "16",
+            "--per_device_eval_batch_size",
+            "3",
+        ]);
+        let o = ok(c.output().unwrap(), "eval");
+        // One process reports the unreadable picture (rank 1, which reads
+        // it in the job, is quiet).
+        if out.ends_with("one") {
+            assert!(stderr(&o).contains("imgs/7.png"), "{}", stderr(&o));
+        }
+        serde_json::from_str(&std::fs::read_to_string(out.join("eval_results.json")).unwrap())
+            .unwrap()
+    };
+    let one = run(bin(), &root.join("one"));
+    let two = run(mpirun(2), &root.join("two"));
+    for k in ["i2t", "t2i"] {
+        for at in [1, 5, 10] {
+            let key = format!("eval_{k}_recall@{at}");
+            assert_eq!(one[&key], two[&key], "{key}: {one} vs {two}");
+        }
+    }
+    assert!(one["eval_loss"].as_f64().unwrap().is_finite());
+    assert!(two["eval_loss"].as_f64().unwrap().is_finite());
+}

@@ -269,6 +269,39 @@ impl ClipModel {
         Ok((img, txt))
     }
 
+    /// L2-normalised image embeddings [B, E] of preprocessed pixels
+    /// [B, 3, S, S], with no gradient (evaluation, `embed`, `search`). The
+    /// last encoder layer computes the pooled token alone past its
+    /// attention, a fifth less work than `forward` for the same values
+    /// (up to rounding).
+    pub fn embed_images(&self, pixels: &Tensor) -> Result<Tensor> {
+        let mut tape = Tape::no_grad();
+        let p = self.params.vars(&mut tape);
+        let pooled =
+            self.vision
+                .forward_with(&mut tape, &p, &Var::constant(pixels.clone()), true)?;
+        Ok(self.image_embeds(&mut tape, &p, &pooled)?.tensor().clone())
+    }
+
+    /// L2-normalised text embeddings [B, E] of token ids and attention mask
+    /// ([B, len], row-major), with no gradient; a CLIP text tower's last
+    /// layer computes the pooled (end-of-text) tokens alone past its
+    /// attention, as `embed_images` does.
+    pub fn embed_texts(&self, ids: &[u32], mask: &[f32], batch: usize) -> Result<Tensor> {
+        let mut tape = Tape::no_grad();
+        let p = self.params.vars(&mut tape);
+        let pooled = match &self.text {
+            TextTower::Clip(t) => t.forward_with(&mut tape, &p, ids, mask, batch, true)?,
+            TextTower::Roberta(t) => t.forward(&mut tape, &p, ids, mask, batch)?,
+        };
+        Ok(self.text_embeds(&mut tape, &p, &pooled)?.tensor().clone())
+    }
+
+    /// The log-space logit scale, [1] on the GPU.
+    pub fn logit_scale_tensor(&self) -> &Tensor {
+        &self.params.params[self.logit_scale].tensor
+    }
+
     /// Embeddings, logits and the symmetric contrastive loss.
     pub fn forward(&self, tape: &mut Tape, p: &ParamVars, b: &Batch) -> Result<ClipOutput> {
         let (image_embeds, text_embeds) = self.embeds(tape, p, b)?;

@@ -128,6 +128,20 @@ impl ClipTextTower {
         mask: &[f32],
         batch: usize,
     ) -> Result<Var> {
+        self.forward_with(tape, p, ids, mask, batch, false)
+    }
+
+    /// `forward`; with `pooled_only` the last layer computes the pooled
+    /// tokens alone past its attention (inference; see the vision tower's).
+    pub fn forward_with(
+        &self,
+        tape: &mut Tape,
+        p: &ParamVars,
+        ids: &[u32],
+        mask: &[f32],
+        batch: usize,
+        pooled_only: bool,
+    ) -> Result<Var> {
         let c = &self.cfg;
         let len = ids.len() / batch.max(1);
         ensure!(
@@ -156,15 +170,20 @@ impl ClipTextTower {
             key_valid: Some(Tensor::from_slice(gpu, mask, &[batch, len])?),
             keys: None,
         };
-        for layer in &self.layers {
-            x = layer.forward_ckpt(tape, p, &x, &m, self.gradient_checkpointing)?;
-        }
-        x = self.final_ln.forward(tape, p, &x)?;
         let rows: Vec<u32> = pooled
             .into_iter()
             .enumerate()
             .map(|(b, t)| (b * len + t) as u32)
             .collect();
+        let n = self.layers.len();
+        for (i, layer) in self.layers.iter().enumerate() {
+            if pooled_only && i + 1 == n {
+                let pooled = layer.forward_rows(tape, p, &x, &m, &rows)?;
+                return self.final_ln.forward(tape, p, &pooled);
+            }
+            x = layer.forward_ckpt(tape, p, &x, &m, self.gradient_checkpointing)?;
+        }
+        x = self.final_ln.forward(tape, p, &x)?;
         embedding(tape, &x, &rows, &[batch])
     }
 }

@@ -6,6 +6,7 @@ use super::recompute::EncoderLayer;
 use crate::ops::activation::Act;
 use crate::ops::attention::attention;
 use crate::ops::elementwise::add_var;
+use crate::ops::embedding::embedding;
 use crate::ops::layernorm::{add_layernorm, layernorm};
 use crate::ops::matmul::linear;
 use crate::ops::mlp::mlp;
@@ -100,6 +101,38 @@ impl ClipEncoderLayer {
             heads,
             act,
         }
+    }
+}
+
+impl ClipEncoderLayer {
+    /// The layer's output at `rows` of its input viewed [B*T, D] only,
+    /// [rows, D]: attention over every key and value, then the output
+    /// projection, residual, layer norm and MLP of those rows alone. The
+    /// same values as `forward` then a gather of the rows (rounded as
+    /// matmuls of other shapes round): what the last layer of a tower whose
+    /// output is one pooled token needs, for about a quarter of its work.
+    pub fn forward_rows(
+        &self,
+        tape: &mut Tape,
+        p: &ParamVars,
+        x: &Var,
+        mask: &Mask,
+        rows: &[u32],
+    ) -> Result<Var> {
+        let h = self.ln1.forward(tape, p, x)?;
+        let q = self.q.forward(tape, p, &h)?;
+        let k = self.k.forward(tape, p, &h)?;
+        let v = self.v.forward(tape, p, &h)?;
+        let a = attention(tape, &q, &k, &v, self.heads, mask)?;
+        let n = rows.len();
+        let a = embedding(tape, &a, rows, &[n])?;
+        let x = embedding(tape, x, rows, &[n])?;
+        let o = self.o.forward(tape, p, &a)?;
+        let (x, h) = self.ln2.forward_add(tape, p, &x, &o)?;
+        let fc1 = (&p[self.fc1.w], self.fc1.b.map(|b| &p[b]));
+        let fc2 = (&p[self.fc2.w], self.fc2.b.map(|b| &p[b]));
+        let h = mlp(tape, &h, fc1, fc2, self.act)?;
+        add_var(tape, &x, &h)
     }
 }
 

@@ -68,6 +68,19 @@ impl VisionTower {
 
     /// pixels [B, C, S, S] -> pooled [B, D].
     pub fn forward(&self, tape: &mut Tape, p: &ParamVars, pixels: &Var) -> Result<Var> {
+        self.forward_with(tape, p, pixels, false)
+    }
+
+    /// `forward`; with `pooled_only` the last layer computes token 0 alone
+    /// past its attention ([`ClipEncoderLayer::forward_rows`]): inference
+    /// (embeddings), not training, whose passes must round alike.
+    pub fn forward_with(
+        &self,
+        tape: &mut Tape,
+        p: &ParamVars,
+        pixels: &Var,
+        pooled_only: bool,
+    ) -> Result<Var> {
         let s = pixels.shape();
         let c = &self.cfg;
         ensure!(
@@ -86,12 +99,17 @@ impl VisionTower {
             key_valid: None,
             keys: None,
         };
-        for layer in &self.layers {
-            x = layer.forward_ckpt(tape, p, &x, &none, self.gradient_checkpointing)?;
-        }
         // Token 0 of each image: rows b*T of the hidden states viewed [B*T, D].
         let t = x.shape()[1];
         let first: Vec<u32> = (0..b).map(|i| (i * t) as u32).collect();
+        let n = self.layers.len();
+        for (i, layer) in self.layers.iter().enumerate() {
+            if pooled_only && i + 1 == n {
+                let pooled = layer.forward_rows(tape, p, &x, &none, &first)?;
+                return self.post_ln.forward(tape, p, &pooled);
+            }
+            x = layer.forward_ckpt(tape, p, &x, &none, self.gradient_checkpointing)?;
+        }
         let pooled = embedding(tape, &x, &first, &[b])?;
         self.post_ln.forward(tape, p, &pooled)
     }

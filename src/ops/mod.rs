@@ -22,6 +22,7 @@ pub mod patch;
 pub mod permute;
 pub mod reduce;
 pub mod softmax;
+pub mod topk;
 
 /// The entry point for data that is whole vec4s (`{entry}4`, four values a
 /// thread: a quarter of llvmpipe's per-lane load loops) or not (`entry`, one

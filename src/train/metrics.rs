@@ -273,6 +273,67 @@ pub fn recall_at_k(
     Ok(counter.finish(ks))
 }
 
+/// [`recall_at_k`] ranked on the GPU: the embeddings flat ([images, dim],
+/// [texts, dim]), each image's best max(K) texts and each text's best
+/// max(K) images by dot product in f32 ([`crate::ops::topk::rank_both`]: a
+/// matmul and a top-k of its rows and of its columns, block by block),
+/// with the same tie rule (the lower index first). An image is an image-to-text hit at K when one of its
+/// captions is among its best K, exactly when its best caption's rank is
+/// below K; a text is a hit when its image is among its best K. The same
+/// values as [`recall_at_k`] but where two similarities are closer than
+/// f32 rounding (about 1e-7).
+pub fn recall_at_k_gpu(
+    gpu: &std::sync::Arc<crate::Gpu>,
+    image_embeds: &[f32],
+    text_embeds: &[f32],
+    dim: usize,
+    image_ids_of_texts: &[u64],
+    image_ids_of_images: &[u64],
+    ks: &[usize],
+) -> Result<Recall> {
+    use crate::ops::topk::rank_both;
+    check_ks(ks)?;
+    let (n_images, n_texts) = (image_ids_of_images.len(), image_ids_of_texts.len());
+    ensure!(
+        image_embeds.len() == n_images * dim && text_embeds.len() == n_texts * dim,
+        "recall: {} image and {} text values for {n_images} images and {n_texts} texts of {dim}",
+        image_embeds.len(),
+        text_embeds.len()
+    );
+    for (what, set) in [("image", image_embeds), ("text", text_embeds)] {
+        if let Some(p) = set.iter().position(|x| !x.is_finite()) {
+            bail!("recall: {what} embedding {} is not finite", p / dim.max(1));
+        }
+    }
+    let owner = text_owners(image_ids_of_texts, image_ids_of_images)?;
+    let kmax = *ks.iter().max().unwrap();
+    let (i2t, t2i) = rank_both(gpu, image_embeds, text_embeds, dim, kmax)?;
+    let mut has_caption = vec![false; n_images];
+    for &i in &owner {
+        has_caption[i] = true;
+    }
+    // Position of the first own caption among each image's best (None:
+    // not among them), and of each text's image among its best.
+    let i2t_pos: Vec<Option<usize>> = (0..n_images)
+        .filter(|&i| has_caption[i])
+        .map(|i| i2t.row(i).iter().position(|&t| owner[t as usize] == i))
+        .collect();
+    let t2i_pos: Vec<Option<usize>> = (0..n_texts)
+        .map(|t| t2i.row(t).iter().position(|&i| i as usize == owner[t]))
+        .collect();
+    let frac = |pos: &[Option<usize>], k: usize| {
+        if pos.is_empty() {
+            0.0
+        } else {
+            pos.iter().filter(|p| p.is_some_and(|p| p < k)).count() as f64 / pos.len() as f64
+        }
+    };
+    Ok(Recall {
+        i2t: ks.iter().map(|&k| (k, frac(&i2t_pos, k))).collect(),
+        t2i: ks.iter().map(|&k| (k, frac(&t2i_pos, k))).collect(),
+    })
+}
+
 /// [`recall_at_k`] from a precomputed similarity matrix (`sims[i * n_texts
 /// + t]` = similarity of image `i` and text `t`, e.g. logits from the GPU).
 pub fn recall_from_similarity(

@@ -538,8 +538,14 @@ fn resume_from(
     ));
     // The steps after the checkpoint are trained and logged again: drop
     // what the interrupted run logged for them, so no step appears twice.
+    // Rank 0 alone writes the log (every rank rewriting it raced on the
+    // temporary file's rename).
     let metrics_path = args.output_dir.join("metrics.jsonl");
-    let dropped = MetricsLog::truncate_after(&metrics_path, state.global_step)?;
+    let dropped = if world.is_main() {
+        MetricsLog::truncate_after(&metrics_path, state.global_step)?
+    } else {
+        0
+    };
     if dropped > 0 {
         log(&format!(
             "dropped {dropped} record(s) after step {} from {}: those steps run again",
