@@ -3,40 +3,13 @@
 
 use clip_wgpu::data::demo;
 use clip_wgpu::data::image::{load_image, preprocess, ImageProcessorConfig};
-use clip_wgpu::data::loader::{epoch_order, load_pixels, LoadedBatch, Loader, LoaderConfig};
+use clip_wgpu::data::loader::{epoch_order, load_pixels, LoadedBatch, Loader};
 use clip_wgpu::data::sources::{Example, ImageSource};
-use clip_wgpu::data::TextTokenizer;
 use std::path::PathBuf;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
-fn tokenizer() -> Arc<TextTokenizer> {
-    static TOK: OnceLock<Arc<TextTokenizer>> = OnceLock::new();
-    TOK.get_or_init(|| {
-        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("assets/clip-tokenizer");
-        Arc::new(TextTokenizer::from_model_dir(&dir).unwrap())
-    })
-    .clone()
-}
-
-fn processor() -> ImageProcessorConfig {
-    ImageProcessorConfig {
-        shortest_edge: 32,
-        crop_h: 32,
-        crop_w: 32,
-        ..Default::default()
-    }
-}
-
-fn cfg(batch_size: usize, workers: usize) -> LoaderConfig {
-    LoaderConfig {
-        batch_size,
-        max_len: 16,
-        workers,
-        prefetch: 2,
-        drop_last: false,
-        refill: true,
-    }
-}
+mod common;
+use common::loading::{loader_cfg as cfg, processor, tokenizer};
 
 fn temp_dir(name: &str) -> PathBuf {
     let d = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("loader-{name}"));

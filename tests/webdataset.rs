@@ -15,13 +15,13 @@ use clip_wgpu::data::webdataset::{
     self, expand_braces, expand_shards, index, rank_shards, run_stream, split_key, CaptionRule,
     ResumePoint, ShardSet, Snapshot, StreamConfig, StreamLoader, StreamOut,
 };
-use clip_wgpu::data::TextTokenizer;
 use clip_wgpu::model::weights::Weights;
 use common::cli::{bin, have_gpu, temp, COLOURS};
 use common::fixture_model;
+use common::loading::{loader_cfg, processor, tokenizer};
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 // ---------------------------------------------------------------------------
 // Helpers.
@@ -137,35 +137,6 @@ fn run(set: &ShardSet, cfg: &StreamConfig, from: Option<&Snapshot>) -> Run {
     .unwrap();
     r.max_buffered = stats.max_buffered;
     r
-}
-
-fn tokenizer() -> Arc<TextTokenizer> {
-    static TOK: OnceLock<Arc<TextTokenizer>> = OnceLock::new();
-    TOK.get_or_init(|| {
-        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("assets/clip-tokenizer");
-        Arc::new(TextTokenizer::from_model_dir(&dir).unwrap())
-    })
-    .clone()
-}
-
-fn processor() -> ImageProcessorConfig {
-    ImageProcessorConfig {
-        shortest_edge: 32,
-        crop_h: 32,
-        crop_w: 32,
-        ..Default::default()
-    }
-}
-
-fn loader_cfg(batch_size: usize, workers: usize) -> LoaderConfig {
-    LoaderConfig {
-        batch_size,
-        max_len: 16,
-        workers,
-        prefetch: 2,
-        drop_last: false,
-        refill: true,
-    }
 }
 
 fn all(l: &mut StreamLoader) -> Vec<LoadedBatch> {

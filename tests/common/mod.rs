@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod cli;
+pub mod loading;
 
 use clip_wgpu::gpu::AdapterRequest;
 use clip_wgpu::model::clip::{Batch, ClipModel};
