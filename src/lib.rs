@@ -10,6 +10,7 @@ pub mod gpu;
 pub mod index;
 pub mod model;
 pub mod ops;
+pub mod precision;
 pub mod shaders;
 pub mod tape;
 pub mod tensor;
