@@ -27,6 +27,7 @@ pub const ALL: &[(&str, &str)] = &[
     hand_written!("adamw"),
     hand_written!("calibrate"),
     hand_written!("clamp"),
+    hand_written!("convert"),
     hand_written!("class_pos"),
     hand_written!("elementwise"),
     hand_written!("embedding"),

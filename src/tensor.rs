@@ -2,12 +2,16 @@
 //! buffer; the buffer goes back to the pool when the last clone drops.
 
 use crate::gpu::Gpu;
+use crate::precision::Precision;
 use anyhow::{ensure, Result};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 struct Storage {
     buf: Option<wgpu::Buffer>,
     gpu: Arc<Gpu>,
+    /// Its 16-bit copy once one is made for the backward (`ops::convert`),
+    /// so several ops that save the same activation share one copy.
+    packed: OnceLock<(Precision, Tensor)>,
 }
 
 impl Drop for Storage {
@@ -39,6 +43,7 @@ impl Tensor {
             storage: Arc::new(Storage {
                 buf: Some(buf),
                 gpu: gpu.clone(),
+                packed: OnceLock::new(),
             }),
             shape: shape.to_vec(),
         })
@@ -180,6 +185,11 @@ impl Tensor {
     /// True when no other tensor shares this buffer (safe to update in place).
     pub fn is_unique(&self) -> bool {
         Arc::strong_count(&self.storage) == 1
+    }
+
+    /// The slot for this buffer's 16-bit copy (see `ops::convert::save`).
+    pub(crate) fn packed_memo(&self) -> &OnceLock<(Precision, Tensor)> {
+        &self.storage.packed
     }
 
     /// True when both share one buffer.

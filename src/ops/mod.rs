@@ -9,6 +9,7 @@ pub mod attention;
 pub mod attention_fused;
 pub mod calibrate;
 pub mod clamp;
+pub mod convert;
 pub mod elementwise;
 pub mod embedding;
 pub mod l2norm;

@@ -1,0 +1,202 @@
+//! f32 <-> 16-bit storage for the half-precision modes (`--fp16`, `--bf16`):
+//! activations that the backward needs are kept as packed f16 or bf16 words
+//! (half the memory), and the values the forward computes with are rounded
+//! to the format where PyTorch's autocast rounds them, so the backward sees
+//! exactly the values the forward used. Arithmetic stays f32.
+//!
+//! Kernels in shaders/convert.wgsl; the host reference is
+//! `crate::precision` (the `half` crate's rounding, bit for bit).
+
+use super::{shader, u};
+use crate::gpu::Shader;
+use crate::precision::Precision;
+use crate::tensor::Tensor;
+use anyhow::{ensure, Result};
+
+const SHADER: Shader = shader!("convert");
+
+/// A tensor stored as 16-bit values, two a u32 word.
+#[derive(Clone, Debug)]
+pub struct Half {
+    words: Tensor,
+    shape: Vec<usize>,
+    fmt: Precision,
+}
+
+impl Half {
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+    pub fn precision(&self) -> Precision {
+        self.fmt
+    }
+    /// The packed words ([(numel + 1) / 2] u32).
+    pub fn words(&self) -> &Tensor {
+        &self.words
+    }
+    /// The values as an f32 tensor.
+    pub fn unpack(&self) -> Result<Tensor> {
+        let x = Tensor::empty(self.words.gpu(), &self.shape)?;
+        run("unpack_words", &x, Some(&self.words), self.fmt)?;
+        Ok(x)
+    }
+    /// The 16-bit patterns on the host (for tests).
+    pub fn to_bits(&self) -> Result<Vec<u16>> {
+        let words: Vec<u32> = bytemuck::cast_slice(&self.words.to_vec()?).to_vec();
+        let mut out: Vec<u16> = words
+            .iter()
+            .flat_map(|w| [(*w & 0xffff) as u16, (*w >> 16) as u16])
+            .collect();
+        out.truncate(self.numel());
+        Ok(out)
+    }
+}
+
+fn check_fmt(fmt: Precision) -> Result<()> {
+    ensure!(fmt.is_half(), "16-bit conversion asked for precision f32");
+    Ok(())
+}
+
+fn run(entry: &str, x: &Tensor, w: Option<&Tensor>, fmt: Precision) -> Result<()> {
+    let gpu = x.gpu();
+    let n = x.numel();
+    ensure!(
+        (n as u64) * 4 <= gpu.limits.max_storage_buffer_binding_size as u64,
+        "a 16-bit conversion of {:?} ({n} values) is larger than one binding of this adapter",
+        x.shape()
+    );
+    let words = n.div_ceil(2);
+    let mut buffers = vec![Some(x.buffer())];
+    buffers.extend(w.map(|w| Some(w.buffer())));
+    gpu.dispatch_with(
+        &SHADER,
+        entry,
+        &[("FMT", if fmt == Precision::Bf16 { 1.0 } else { 0.0 })],
+        &[u(n), 0, 0, 0],
+        &buffers,
+        gpu.grid_1d(words, 256),
+    )
+}
+
+fn words_for(x: &Tensor) -> Result<Tensor> {
+    Tensor::empty(x.gpu(), &[x.numel().div_ceil(2).max(1)])
+}
+
+/// The 16-bit copy of `x` (rounded to nearest even).
+pub fn pack(x: &Tensor, fmt: Precision) -> Result<Half> {
+    check_fmt(fmt)?;
+    let words = words_for(x)?;
+    run("pack_words", x, Some(&words), fmt)?;
+    Ok(Half {
+        words,
+        shape: x.shape().to_vec(),
+        fmt,
+    })
+}
+
+/// Round `x` in place to the values `fmt` holds.
+pub fn round_inplace(x: &Tensor, fmt: Precision) -> Result<()> {
+    if fmt.is_half() {
+        run("round_values", x, None, fmt)?;
+    }
+    Ok(())
+}
+
+/// A rounded copy of `x` (`x` itself at f32).
+pub fn round_copy(x: &Tensor, fmt: Precision) -> Result<Tensor> {
+    if !fmt.is_half() {
+        return Ok(x.clone());
+    }
+    let y = Tensor::empty(x.gpu(), x.shape())?;
+    x.gpu().copy(x.buffer(), y.buffer(), (x.numel() * 4) as u64);
+    round_inplace(&y, fmt)?;
+    Ok(y)
+}
+
+/// Round `x` in place and return its packed copy, in one pass.
+pub fn round_pack(x: &Tensor, fmt: Precision) -> Result<Half> {
+    check_fmt(fmt)?;
+    let words = words_for(x)?;
+    run("round_pack", x, Some(&words), fmt)?;
+    Ok(Half {
+        words,
+        shape: x.shape().to_vec(),
+        fmt,
+    })
+}
+
+/// What an op keeps for its backward: the tensor itself at f32, its 16-bit
+/// copy in the half modes.
+#[derive(Clone, Debug)]
+pub enum Saved {
+    Full(Tensor),
+    Half(Half),
+}
+
+impl Saved {
+    /// The saved values as an f32 tensor (a fresh one from a 16-bit copy).
+    pub fn get(&self) -> Result<Tensor> {
+        match self {
+            Saved::Full(t) => Ok(t.clone()),
+            Saved::Half(h) => h.unpack(),
+        }
+    }
+}
+
+/// Keep `x` for the backward at precision `fmt`. In a half mode the copy is
+/// made once per buffer: the q, k and v projections of one layer-normed
+/// input share it. `x` should hold values `fmt` represents (an op's rounded
+/// output): otherwise the backward sees them rounded.
+pub fn save(x: &Tensor, fmt: Precision) -> Result<Saved> {
+    if !fmt.is_half() {
+        return Ok(Saved::Full(x.clone()));
+    }
+    let memo = x.packed_memo();
+    let words = match memo.get() {
+        Some((f, w)) if *f == fmt => w.clone(),
+        _ => {
+            let h = pack(x, fmt)?;
+            let _ = memo.set((fmt, h.words.clone()));
+            h.words
+        }
+    };
+    Ok(Saved::Half(Half {
+        words,
+        shape: x.shape().to_vec(),
+        fmt,
+    }))
+}
+
+/// `x` rounded to `fmt` for an op's input (a matmul operand, as autocast
+/// casts it) and the saved copy of those values: one pass, or none when
+/// another op already packed `x` (the copy is unpacked instead).
+pub fn rounded_input(x: &Tensor, fmt: Precision) -> Result<(Tensor, Saved)> {
+    if !fmt.is_half() {
+        return Ok((x.clone(), Saved::Full(x.clone())));
+    }
+    let memo = x.packed_memo();
+    if let Some((f, w)) = memo.get() {
+        if *f == fmt {
+            let h = Half {
+                words: w.clone(),
+                shape: x.shape().to_vec(),
+                fmt,
+            };
+            return Ok((h.unpack()?, Saved::Half(h)));
+        }
+    }
+    let xr = Tensor::empty(x.gpu(), x.shape())?;
+    x.gpu()
+        .copy(x.buffer(), xr.buffer(), (x.numel() * 4) as u64);
+    let h = round_pack(&xr, fmt)?;
+    let _ = memo.set((fmt, h.words.clone()));
+    Ok((xr, Saved::Half(h)))
+}
+
+/// CPU reference of the round trip.
+pub fn round_ref(x: &[f32], fmt: Precision) -> Vec<f32> {
+    x.iter().map(|&v| fmt.round(v)).collect()
+}
