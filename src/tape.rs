@@ -5,6 +5,7 @@
 //! back to the pool as soon as their node has run.
 
 use crate::arith;
+use crate::precision::Precision;
 use crate::tensor::Tensor;
 use anyhow::{ensure, Result};
 use std::collections::HashMap;
@@ -67,6 +68,9 @@ pub struct Tape {
     nodes: Vec<Node>,
     next: VarId,
     grad_enabled: bool,
+    /// Where ops round and what they keep for the backward (`--fp16`,
+    /// `--bf16`: see `ops::convert`).
+    precision: Precision,
 }
 
 /// Gradients of the leaves (parameters) after `backward`.
@@ -108,6 +112,7 @@ impl Tape {
             nodes: Vec::new(),
             next: 0,
             grad_enabled: true,
+            precision: Precision::F32,
         }
     }
 
@@ -121,6 +126,16 @@ impl Tape {
 
     pub fn grad_enabled(&self) -> bool {
         self.grad_enabled
+    }
+
+    /// The same tape computing at precision `p`.
+    pub fn with_precision(mut self, p: Precision) -> Tape {
+        self.precision = p;
+        self
+    }
+
+    pub fn precision(&self) -> Precision {
+        self.precision
     }
 
     /// Number of recorded nodes (for tests).

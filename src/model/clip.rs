@@ -11,6 +11,7 @@ use super::vision::VisionTower;
 use super::weights::{save_file, write_atomic, Weights};
 use crate::ops::l2norm::l2_normalize;
 use crate::ops::loss::clip_loss;
+use crate::precision::Precision;
 use crate::tape::{Tape, Var};
 use crate::tensor::Tensor;
 use crate::Gpu;
@@ -31,6 +32,8 @@ pub struct ClipModel {
     visual_projection: Linear,
     text_projection: Linear,
     pub logit_scale: usize,
+    /// What its tapes compute at (`--fp16`, `--bf16`; f32 by default).
+    pub precision: Precision,
 }
 
 /// A batch as the model takes it: pixel values on the GPU, token ids and
@@ -157,7 +160,18 @@ impl ClipModel {
             visual_projection,
             text_projection,
             logit_scale,
+            precision: Precision::F32,
         })
+    }
+
+    /// A tape recording at the model's precision.
+    pub fn tape(&self) -> Tape {
+        Tape::new().with_precision(self.precision)
+    }
+
+    /// A tape that records nothing (evaluation), at the model's precision.
+    pub fn no_grad_tape(&self) -> Tape {
+        Tape::no_grad().with_precision(self.precision)
     }
 
     /// Names and shapes the config implies, in layout order.
@@ -275,7 +289,7 @@ impl ClipModel {
     /// attention, a fifth less work than `forward` for the same values
     /// (up to rounding).
     pub fn embed_images(&self, pixels: &Tensor) -> Result<Tensor> {
-        let mut tape = Tape::no_grad();
+        let mut tape = self.no_grad_tape();
         let p = self.params.vars(&mut tape);
         let pooled =
             self.vision
@@ -288,7 +302,7 @@ impl ClipModel {
     /// layer computes the pooled (end-of-text) tokens alone past its
     /// attention, as `embed_images` does.
     pub fn embed_texts(&self, ids: &[u32], mask: &[f32], batch: usize) -> Result<Tensor> {
-        let mut tape = Tape::no_grad();
+        let mut tape = self.no_grad_tape();
         let p = self.params.vars(&mut tape);
         let pooled = match &self.text {
             TextTower::Clip(t) => t.forward_with(&mut tape, &p, ids, mask, batch, true)?,

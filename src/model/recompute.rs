@@ -27,7 +27,8 @@ where
     if !tape.grad_enabled() {
         return block(tape, p, x);
     }
-    let out = block(&mut Tape::no_grad(), p, x)?.into_tensor();
+    let precision = tape.precision();
+    let out = block(&mut Tape::no_grad().with_precision(precision), p, x)?.into_tensor();
     let mut inputs = vec![x];
     inputs.extend(params.iter().map(|&i| &p[i]));
     let saved_x = x.tensor().clone();
@@ -39,7 +40,7 @@ where
         out,
         &inputs,
         Box::new(move |dy, needs| {
-            let mut t = Tape::new();
+            let mut t = Tape::new().with_precision(precision);
             let xv = if needs[0] {
                 t.param(saved_x.clone())
             } else {

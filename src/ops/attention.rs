@@ -26,6 +26,9 @@ pub fn attention(
     heads: usize,
     mask: &Mask,
 ) -> Result<Var> {
+    if tape.precision().is_half() {
+        return attention_half(tape, q, k, v, heads, mask);
+    }
     let (b, t, dh) = dims(q, k, v, heads)?;
     let gpu = q.tensor().gpu();
     let d = Dims {
@@ -42,6 +45,63 @@ pub fn attention(
         }
     }
     attention_unfused(tape, q, k, v, heads, mask)
+}
+
+/// `attention` in a half mode: q, k and v (the projections' rounded
+/// outputs) are kept as 16-bit copies, and the backward runs the f32
+/// attention again on them (inside, scores, softmax and the weighted sum
+/// are f32, as flash attention under autocast keeps them) and
+/// backpropagates through that; the output is rounded to the format. The
+/// forward's intermediates (probabilities or log-sum-exps, the output) are
+/// not held, for one more attention forward in the backward.
+fn attention_half(
+    tape: &mut Tape,
+    q: &Var,
+    k: &Var,
+    v: &Var,
+    heads: usize,
+    mask: &Mask,
+) -> Result<Var> {
+    let fmt = tape.precision();
+    let consts = [q, k, v].map(|x| Var::constant(x.tensor().clone()));
+    let o = attention(
+        &mut Tape::no_grad(),
+        &consts[0],
+        &consts[1],
+        &consts[2],
+        heads,
+        mask,
+    )?
+    .into_tensor();
+    super::convert::round_inplace(&o, fmt)?;
+    drop(consts);
+    let inputs = [q, k, v];
+    if !tape.grad_enabled() || inputs.iter().all(|x| !x.requires_grad()) {
+        return Ok(Var::constant(o));
+    }
+    let saved = inputs
+        .iter()
+        .map(|x| super::convert::save(x.tensor(), fmt))
+        .collect::<Result<Vec<_>>>()?;
+    let mask = mask.clone();
+    Ok(tape.record(
+        o,
+        &inputs,
+        Box::new(move |dy, needs| {
+            let mut t = Tape::new();
+            let vars = saved
+                .iter()
+                .zip(needs)
+                .map(|(s, &need)| {
+                    let x = s.get()?;
+                    Ok(if need { t.param(x) } else { Var::constant(x) })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let o = attention(&mut t, &vars[0], &vars[1], &vars[2], heads, &mask)?;
+            let mut g = t.backward_with(&o, dy.clone())?;
+            Ok(vars.iter().map(|x| g.take(x)).collect())
+        }),
+    ))
 }
 
 /// (batch, tokens, head size) of q, k, v [B, T, H*Dh], checked.

@@ -3,7 +3,7 @@
 //! bias gradient is a column sum.
 
 use super::activation::Act;
-use super::{f, reduce, shader, u};
+use super::{convert, f, reduce, shader, u};
 use crate::gpu::{DeviceClass, Gpu, Shader};
 use crate::tape::{Tape, Var};
 use crate::tensor::Tensor;
@@ -926,9 +926,57 @@ fn slice_batch(t: &Tensor, i: usize, batch: usize) -> Result<Tensor> {
 /// Tape op: y = x W^T (+ b) for x [..., in], W [out, in] (Hugging Face's
 /// nn.Linear layout), b [out].
 pub fn linear(tape: &mut Tape, x: &Var, w: &Var, b: Option<&Var>) -> Result<Var> {
+    if tape.precision().is_half() {
+        return linear_half(tape, x, w, b);
+    }
     let (g, ys) = linear_shape(x, w)?;
     let y = gemm(x.tensor(), w.tensor(), b.map(|b| b.tensor()), g)?.reshape(&ys)?;
     Ok(record_linear(tape, y, x, w, b, g))
+}
+
+/// `linear` in a half mode, as under autocast: x, W and b rounded to the
+/// format, f32 accumulation, y rounded; the backward keeps x's 16-bit copy
+/// and rounds W again from the f32 master weights (no second copy held).
+fn linear_half(tape: &mut Tape, x: &Var, w: &Var, b: Option<&Var>) -> Result<Var> {
+    let fmt = tape.precision();
+    let (g, ys) = linear_shape(x, w)?;
+    let keep = tape.grad_enabled() && (x.requires_grad() || w.requires_grad());
+    let (xr, xs) = if keep {
+        let (xr, xs) = convert::rounded_input(x.tensor(), fmt)?;
+        (xr, Some(xs))
+    } else {
+        (convert::round_copy(x.tensor(), fmt)?, None)
+    };
+    let wr = convert::round_copy(w.tensor(), fmt)?;
+    let br = b
+        .map(|b| convert::round_copy(b.tensor(), fmt))
+        .transpose()?;
+    let y = gemm(&xr, &wr, br.as_ref(), g)?.reshape(&ys)?;
+    convert::round_inplace(&y, fmt)?;
+    drop((xr, wr, br));
+    let Some(xs) = xs else {
+        return Ok(Var::constant(y));
+    };
+    let wt = w.tensor().clone();
+    let mut inputs = vec![x, w];
+    if let Some(b) = b {
+        inputs.push(b);
+    }
+    Ok(tape.record_acc(
+        y,
+        &inputs,
+        Box::new(move |dy, needs, acc| {
+            let need_b = needs.len() > 2 && needs[2];
+            let dx_into = if needs[0] { acc[0].take() } else { None };
+            let (x, wr) = (xs.get()?, convert::round_copy(&wt, fmt)?);
+            let (dx, dw, db) = linear_grads(dy, &x, &wr, g, needs[0], needs[1], need_b, dx_into)?;
+            let mut out = vec![dx, dw];
+            if needs.len() > 2 {
+                out.push(db);
+            }
+            Ok(out)
+        }),
+    ))
 }
 
 /// The matmul of nn.Linear for x [.., in] and w [out, in], and y's shape.

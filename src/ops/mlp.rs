@@ -4,7 +4,8 @@
 //! neither direction runs a separate activation pass (with the vec4
 //! kernels; other kernels fall back to the activation kernels).
 
-use super::activation::Act;
+use super::activation::{forward, Act};
+use super::convert;
 use super::matmul::{gemm, gemm_act_into, linear_grads, Epilogue, Gemm};
 use crate::tape::{Tape, Var};
 use crate::tensor::Tensor;
@@ -28,6 +29,9 @@ pub fn mlp(
     let rows = x.tensor().numel() / d;
     let g1 = Gemm::new(1, rows, f, d).tb(true);
     let g2 = Gemm::new(1, rows, d2, f).tb(true);
+    if tape.precision().is_half() {
+        return mlp_half(tape, x, (w1, b1), (w2, b2), act, (g1, g2));
+    }
     let gpu = x.tensor().gpu();
     let pre = Tensor::empty(gpu, &[rows, f])?;
     let h = Tensor::empty(gpu, &[rows, f])?;
@@ -83,6 +87,100 @@ pub fn mlp(
                 let dx_into = if needs[0] { acc[0].take() } else { None };
                 let (dx, dw1, db1) =
                     linear_grads(&dpre, &xt, &w1t, g1, needs[0], needs[1], need_b1, dx_into)?;
+                out[0] = dx.map(|t| t.reshape(&xs)).transpose()?;
+                out[1] = dw1;
+                if let Some(i) = i_b1 {
+                    out[i] = db1;
+                }
+            }
+            Ok(out)
+        }),
+    ))
+}
+
+/// `mlp` in a half mode, as autocast runs it: each linear's operands and
+/// output rounded to the format (its own pass, not the fused activation
+/// epilogue, so the activation sees the rounded pre-activation as PyTorch's
+/// does), the activation's output rounded too; the backward keeps the
+/// 16-bit copies of x, the pre-activation and the activation.
+fn mlp_half(
+    tape: &mut Tape,
+    x: &Var,
+    (w1, b1): (&Var, Option<&Var>),
+    (w2, b2): (&Var, Option<&Var>),
+    act: Act,
+    (g1, g2): (Gemm, Gemm),
+) -> Result<Var> {
+    let fmt = tape.precision();
+    let (rows, f, d2) = (g1.m, g1.n, g2.n);
+    let xs = x.shape().to_vec();
+    let keep = tape.grad_enabled();
+    let (xr, x_saved) = if keep {
+        let (xr, s) = convert::rounded_input(x.tensor(), fmt)?;
+        (xr, Some(s))
+    } else {
+        (convert::round_copy(x.tensor(), fmt)?, None)
+    };
+    let round = |t: Option<&Var>| t.map(|t| convert::round_copy(t.tensor(), fmt)).transpose();
+    let (w1r, b1r) = (convert::round_copy(w1.tensor(), fmt)?, round(b1)?);
+    let (w2r, b2r) = (convert::round_copy(w2.tensor(), fmt)?, round(b2)?);
+    let pre = gemm(&xr, &w1r, b1r.as_ref(), g1)?;
+    convert::round_inplace(&pre, fmt)?;
+    let h = forward(&pre, act)?;
+    convert::round_inplace(&h, fmt)?;
+    let mut ys = xs.clone();
+    *ys.last_mut().unwrap() = d2;
+    let y = gemm(&h, &w2r, b2r.as_ref(), g2)?.reshape(&ys)?;
+    convert::round_inplace(&y, fmt)?;
+    let Some(x_saved) = x_saved else {
+        return Ok(Var::constant(y));
+    };
+    let (pre_saved, h_saved) = (convert::save(&pre, fmt)?, convert::save(&h, fmt)?);
+    drop((xr, pre, h, w1r, w2r, b1r, b2r));
+    let mut inputs = vec![x, w1];
+    let i_b1 = b1.map(|b| {
+        inputs.push(b);
+        inputs.len() - 1
+    });
+    inputs.push(w2);
+    let i_w2 = inputs.len() - 1;
+    let i_b2 = b2.map(|b| {
+        inputs.push(b);
+        inputs.len() - 1
+    });
+    let (w1t, w2t) = (w1.tensor().clone(), w2.tensor().clone());
+    Ok(tape.record_acc(
+        y,
+        &inputs,
+        Box::new(move |dy, needs, acc| {
+            let mut out: Vec<Option<Tensor>> = vec![None; needs.len()];
+            let dy = dy.reshape(&[rows, d2])?;
+            let w2r = convert::round_copy(&w2t, fmt)?;
+            let need_b2 = i_b2.is_some_and(|i| needs[i]);
+            let h = h_saved.get()?;
+            let (_, dw2, db2) = linear_grads(&dy, &h, &w2r, g2, false, needs[i_w2], need_b2, None)?;
+            drop(h);
+            out[i_w2] = dw2;
+            if let Some(i) = i_b2 {
+                out[i] = db2;
+            }
+            let need_b1 = i_b1.is_some_and(|i| needs[i]);
+            if needs[0] || needs[1] || need_b1 {
+                let pre = pre_saved.get()?;
+                let dpre = Tensor::empty(dy.gpu(), &[rows, f])?;
+                gemm_act_into(
+                    &dpre,
+                    &dy,
+                    &w2r,
+                    None,
+                    Gemm::new(1, rows, f, d2),
+                    Some(Epilogue::ActGrad(act, &pre)),
+                )?;
+                drop(pre);
+                let (x, w1r) = (x_saved.get()?, convert::round_copy(&w1t, fmt)?);
+                let dx_into = if needs[0] { acc[0].take() } else { None };
+                let (dx, dw1, db1) =
+                    linear_grads(&dpre, &x, &w1r, g1, needs[0], needs[1], need_b1, dx_into)?;
                 out[0] = dx.map(|t| t.reshape(&xs)).transpose()?;
                 out[1] = dw1;
                 if let Some(i) = i_b1 {

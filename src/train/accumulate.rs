@@ -165,7 +165,7 @@ fn micro_losses(
     let mut losses = Vec::with_capacity(count);
     for i in 0..count {
         let b = batch(i)?;
-        let mut tape = Tape::new();
+        let mut tape = model.tape();
         let p = model.params.vars(&mut tape);
         let out = model.forward(&mut tape, &p, &b)?;
         let seed = Tensor::scalar(&gpu, 1.0 / count as f32)?;
@@ -219,7 +219,7 @@ fn cached_grads(
     let (mut image_pooled, mut text_pooled) = (Vec::new(), Vec::new());
     while let Some(b) = src.next()? {
         b.check()?;
-        let mut tape = Tape::no_grad();
+        let mut tape = model.no_grad_tape();
         let p = model.params.vars(&mut tape);
         let pi = model.image_pooled(&mut tape, &p, &b.pixels)?;
         image_parts.push(model.image_embeds(&mut tape, &p, &pi)?.into_tensor());
@@ -239,7 +239,7 @@ fn cached_grads(
     for (i, (img, txt)) in image_pooled.into_iter().zip(text_pooled).enumerate() {
         let b = src.again(i)?;
         b.check()?;
-        let mut tape = Tape::new();
+        let mut tape = model.tape();
         let p = model.params.vars(&mut tape);
         let pi = match img {
             Some(t) => Var::constant(t),
@@ -277,7 +277,7 @@ fn gathered_batch_grads(
     mut acc: Vec<Option<Tensor>>,
 ) -> Result<(Vec<Option<Tensor>>, Tensor)> {
     b.check()?;
-    let mut tape = Tape::new();
+    let mut tape = model.tape();
     let p = model.params.vars(&mut tape);
     let pi = model.image_pooled(&mut tape, &p, &b.pixels)?;
     let ie = model.image_embeds(&mut tape, &p, &pi)?;
@@ -329,7 +329,7 @@ fn global_loss(
         return local_loss(model, world, image, text, weight, acc);
     }
     let (all_i, all_t, row) = world.all_gather_pair(image, text)?;
-    let mut tape = Tape::new();
+    let mut tape = model.tape();
     let (iv, tv) = (tape.param(all_i), tape.param(all_t));
     let (ls, sv) = scale_var(model, &mut tape);
     let loss = contrastive_loss(&mut tape, &iv, &tv, &sv)?;
@@ -370,7 +370,7 @@ fn local_loss(
     let (n, e) = (image.rows(), image.cols());
     let (all_i, all_t, row) = world.all_gather_pair(image.clone(), text.clone())?;
     let total = all_i.rows();
-    let mut tape = Tape::new();
+    let mut tape = model.tape();
     let (il, tl) = (tape.param(image), tape.param(text));
     let (ia, ta) = (tape.param(all_i), tape.param(all_t));
     let (ls, sv) = scale_var(model, &mut tape);
