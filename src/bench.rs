@@ -582,6 +582,8 @@ pub struct StepMode {
     pub accum: usize,
     pub loss: AccumulationLoss,
     pub gradient_checkpointing: bool,
+    /// `--fp16` / `--bf16`: 16-bit activations (f32 master weights).
+    pub precision: crate::precision::Precision,
 }
 
 impl Default for StepMode {
@@ -590,6 +592,7 @@ impl Default for StepMode {
             accum: 1,
             loss: AccumulationLoss::Full,
             gradient_checkpointing: false,
+            precision: crate::precision::Precision::F32,
         }
     }
 }
@@ -635,6 +638,7 @@ impl StepBench {
         }
         let mut model = ClipModel::from_weights(gpu, config, &w, "benchmark weights")?;
         model.set_gradient_checkpointing(mode.gradient_checkpointing);
+        model.precision = mode.precision;
         let s = model.config.vision.image_size;
         let len = model.config.text.max_positions().min(77);
         // Micro-batch k: other pixels and tokens (k = 0 is the plain
@@ -720,7 +724,7 @@ impl StepBench {
             (t0, g.grads)
         } else {
             let b = self.upload(0)?;
-            let mut tape = Tape::new();
+            let mut tape = self.model.tape();
             let vars = self.model.params.vars(&mut tape);
             let out = self.model.forward(&mut tape, &vars, &b)?;
             wait(&self.gpu)?;

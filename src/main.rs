@@ -156,6 +156,13 @@ enum Cmd {
         /// Recompute each encoder layer's activations in the backward.
         #[arg(long, alias = "gradient_checkpointing")]
         gradient_checkpointing: bool,
+        /// Activations in IEEE half precision (f32 arithmetic, master
+        /// weights and optimizer state), as `train --fp16`.
+        #[arg(long, conflicts_with = "bf16")]
+        fp16: bool,
+        /// Activations in bfloat16, as `train --bf16`.
+        #[arg(long)]
+        bf16: bool,
         /// Only the contrastive loss (forward + backward) over this many
         /// pairs, with the config's projection size: its time and memory
         /// (the part of an accumulated step that grows with the batch).
@@ -319,6 +326,8 @@ fn run(world: &clip_wgpu::dist::World) -> Result<()> {
             accum,
             accumulation_loss,
             gradient_checkpointing,
+            fp16,
+            bf16,
             loss_rows,
         } => {
             let settings = forced_kernels(matmul, tile, block)?;
@@ -347,6 +356,11 @@ fn run(world: &clip_wgpu::dist::World) -> Result<()> {
                 loss: clip_wgpu::train::accumulate::AccumulationLoss::parse(&accumulation_loss)
                     .map_err(|e| anyhow::anyhow!("--accumulation-loss: {e}"))?,
                 gradient_checkpointing,
+                precision: match (fp16, bf16) {
+                    (true, _) => clip_wgpu::precision::Precision::F16,
+                    (_, true) => clip_wgpu::precision::Precision::Bf16,
+                    _ => clip_wgpu::precision::Precision::F32,
+                },
             };
             bench(&req, settings, &config, batch, reps, json, step_only, mode)
         }
@@ -530,6 +544,7 @@ fn bench(
                 "step": config, "batch": batch, "accum": accum,
                 "accumulation_loss": mode.loss.as_str(),
                 "gradient_checkpointing": mode.gradient_checkpointing,
+                "precision": mode.precision.name(),
                 "forward_ms": st.forward_ms,
                 "backward_ms": st.backward_ms, "optimizer_ms": st.optimizer_ms,
                 "step_ms": st.forward_ms + st.backward_ms + st.optimizer_ms,
@@ -543,7 +558,7 @@ fn bench(
             })
         );
     } else {
-        let how = match (accum, mode.gradient_checkpointing) {
+        let mut how = match (accum, mode.gradient_checkpointing) {
             (1, false) => String::new(),
             (1, true) => ", gradient checkpointing".into(),
             (k, c) => format!(
@@ -552,6 +567,9 @@ fn bench(
                 if c { ", gradient checkpointing" } else { "" }
             ),
         };
+        if mode.precision.is_half() {
+            how.push_str(&format!(", {} activations", mode.precision.name()));
+        }
         let phases = if accum > 1 {
             format!(
                 "gradients of {accum} micro-batches {:.1} ms",
