@@ -293,3 +293,89 @@ fn tiny_model_step_tracks_f32() {
         eprintln!("{}: worst gradient cosine {worst:.5}", fmt.name());
     }
 }
+
+/// `--bf16` against PyTorch's autocast (CPU, bfloat16) on the same step:
+/// tests/fixtures/autocast.py ran the clip_aligned fixture's forward and
+/// backward under `torch.autocast` and in f32. PyTorch rounds at more places
+/// than clip-wgpu (the activation's pieces, the logits, its flash
+/// attention's probabilities), so the two differ by rounding of bf16's size:
+/// tolerances are about 3x the largest difference measured on lavapipe, and
+/// autocast's own distance from f32 is printed beside them.
+#[test]
+fn bf16_step_matches_torch_autocast() {
+    use clip_wgpu::model::clip::{Batch, ClipModel};
+    use clip_wgpu::model::weights::Weights;
+    let Some(gpu) = gpu() else { return };
+    let dir = fixtures().join("clip_aligned");
+    let mut model = ClipModel::load(&gpu, &dir.join("model")).unwrap();
+    model.precision = Precision::Bf16;
+    let inputs = Weights::load_file(&dir.join("inputs.safetensors")).unwrap();
+    let want = Weights::load_file(&dir.join("autocast_bf16.safetensors")).unwrap();
+    let px = inputs.get("pixel_values").unwrap();
+    let (ishape, ids) = &inputs.ints["input_ids"];
+    let (_, mask) = &inputs.ints["attention_mask"];
+    let batch = Batch {
+        pixels: clip_wgpu::Tensor::from_slice(&gpu, &px.data, &px.shape).unwrap(),
+        ids: ids.iter().map(|&v| v as u32).collect(),
+        mask: mask.iter().map(|&v| v as f32).collect(),
+        batch: ishape[0],
+    };
+    let mut tape = model.tape();
+    let vars = model.params.vars(&mut tape);
+    let out = model.forward(&mut tape, &vars, &batch).unwrap();
+    let f = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<f64>>();
+    let loss = download(out.loss.tensor())[0];
+    let (l16, l32) = (
+        want.get("bf16.loss").unwrap().data[0] as f64,
+        want.get("f32.loss").unwrap().data[0] as f64,
+    );
+    let rel = ((loss - l16) / l16).abs();
+    eprintln!(
+        "loss {loss} vs autocast {l16} (relative {rel:.2e}; autocast vs f32 {:.2e})",
+        ((l16 - l32) / l32).abs()
+    );
+    assert!(rel <= 2e-3, "loss {loss} vs autocast bf16 {l16}");
+    for e in ["image_embeds", "text_embeds"] {
+        let got = download(if e == "image_embeds" {
+            out.image_embeds.tensor()
+        } else {
+            out.text_embeds.tensor()
+        });
+        let w = f(&want.get(&format!("bf16.{e}")).unwrap().data);
+        let err = max_err(&got, &w);
+        eprintln!("{e}: max abs difference {err:.2e}");
+        assert!(
+            err <= 1.5e-2,
+            "{e}: max abs difference {err:.2e} from autocast"
+        );
+    }
+    let mut g = tape.backward(&out.loss).unwrap();
+    let grads = model.params.grads(&vars, &mut g);
+    let rel_norm = |a: &[f64], b: &[f64]| {
+        let d: Vec<f64> = a.iter().zip(b).map(|(x, y)| x - y).collect();
+        dot(&d, &d).sqrt() / dot(b, b).sqrt().max(1e-30)
+    };
+    let (mut worst, mut worst_ref) = ((0.0, String::new()), 0.0f64);
+    for (p, gt) in model.params.params.iter().zip(&grads) {
+        if p.name.ends_with("k_proj.bias") {
+            continue; // the exact gradient is 0: both sides are noise
+        }
+        let got = download(gt.as_ref().unwrap());
+        let w16 = f(&want.get(&format!("bf16.grad.{}", p.name)).unwrap().data);
+        let w32 = f(&want.get(&format!("f32.grad.{}", p.name)).unwrap().data);
+        let e = rel_norm(&got, &w16);
+        worst_ref = worst_ref.max(rel_norm(&w16, &w32));
+        if e > worst.0 {
+            worst = (e, p.name.clone());
+        }
+        assert!(
+            e <= 0.1,
+            "gradient of {} off autocast's by {e:.2e} (relative norm)",
+            p.name
+        );
+    }
+    eprintln!(
+        "gradients: largest relative-norm difference from autocast {:.2e} ({}); autocast vs f32 {worst_ref:.2e}",
+        worst.0, worst.1
+    );
+}
