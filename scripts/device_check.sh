@@ -47,9 +47,15 @@ for m in blocked tiled; do
 done
 echo "== bench $config batch $batch, attention tiled forced"
 CLIP_WGPU_ATTENTION=tiled "$bin" bench --config "$config" --batch "$batch" --reps 5 --step-only
+for half in fp16 bf16; do
+    # fp16: the forward matmuls' operands are f16 values, so the tuner also
+    # tries the cooperative-matrix kernel where the adapter has it.
+    echo "== bench $config batch $batch, --$half"
+    "$bin" bench --config "$config" --batch "$batch" --reps 5 --step-only "--$half"
+done
 echo "== the tuner's choices"
 cat "$CLIP_WGPU_CACHE_DIR"/tune-*.json
-for amp in off bf16; do
+for amp in off bf16 fp16; do
     echo "== PyTorch $config batch $batch, autocast $amp"
     python3 scripts/torch_step.py --config "$config" --batch "$batch" --reps 10 --autocast "$amp"
 done

@@ -86,6 +86,11 @@ pub struct Gemm {
     pub tile: Option<Tile>,
     /// Force a matmul_blocked block (tests, tuner); `None` picks per adapter.
     pub block: Option<Block>,
+    /// Both operands hold only IEEE half values (`--fp16`'s rounded
+    /// activations and weights), so the cooperative-matrix kernel, which
+    /// reads its operands as f16, computes the same products: the tuner
+    /// tries it too.
+    pub f16_operands: bool,
 }
 
 impl Gemm {
@@ -102,6 +107,7 @@ impl Gemm {
             variant: None,
             tile: None,
             block: None,
+            f16_operands: false,
         }
     }
     pub fn ta(mut self, t: bool) -> Gemm {
@@ -126,6 +132,10 @@ impl Gemm {
     }
     pub fn block(mut self, b: Block) -> Gemm {
         self.block = Some(b);
+        self
+    }
+    pub fn f16_operands(mut self, yes: bool) -> Gemm {
+        self.f16_operands = yes;
         self
     }
     /// `self` forced to run `k`.
@@ -593,7 +603,7 @@ fn choose(
         return Ok(candidates[0]);
     }
     let key = format!(
-        "matmul {}x{}x{}x{}{}{}{}{}",
+        "matmul {}x{}x{}x{}{}{}{}{}{}",
         g.batch,
         g.m,
         g.n,
@@ -602,6 +612,11 @@ fn choose(
         if g.tb { " tb" } else { "" },
         if a_bs == 0 { " a-shared" } else { "" },
         if b_bs == 0 { " b-shared" } else { "" },
+        if g.f16_operands && gpu.coop.is_some() {
+            " f16"
+        } else {
+            ""
+        },
     );
     if let Some(found) = gpu
         .tuned(&key)
@@ -716,7 +731,8 @@ pub fn kernel_name(g: &Gemm, a: &Tensor, b: &Tensor, c: &Tensor) -> Result<Strin
 /// What the tuner tries: on CPU adapters every vec4 tile (the other kernels
 /// are several times slower there), on GPUs the tiled and register kernels
 /// and, where the shapes allow, the blocks the device fits and the vec4
-/// tiles.
+/// tiles, and the cooperative-matrix kernel where the operands are f16
+/// values and the adapter has it.
 fn candidates(g: &Gemm, gpu: &Gpu, a_bs: usize, b_bs: usize) -> Vec<Kernel> {
     let mut vec4: Vec<Kernel> = Vec::new();
     if vec4_ok(g, a_bs, b_bs) {
@@ -739,6 +755,9 @@ fn candidates(g: &Gemm, gpu: &Gpu, a_bs: usize, b_bs: usize) -> Vec<Kernel> {
                         .filter(|b| block_fits(b, gpu))
                         .map(|b| Kernel::Blocked(*b)),
                 );
+                if let (true, Some(size)) = (g.f16_operands, gpu.coop) {
+                    v.push(Kernel::Coop(size));
+                }
             }
             v.extend(vec4);
             v
@@ -951,7 +970,8 @@ fn linear_half(tape: &mut Tape, x: &Var, w: &Var, b: Option<&Var>) -> Result<Var
     let br = b
         .map(|b| convert::round_copy(b.tensor(), fmt))
         .transpose()?;
-    let y = gemm(&xr, &wr, br.as_ref(), g)?.reshape(&ys)?;
+    let gf = g.f16_operands(fmt == crate::precision::Precision::F16);
+    let y = gemm(&xr, &wr, br.as_ref(), gf)?.reshape(&ys)?;
     convert::round_inplace(&y, fmt)?;
     drop((xr, wr, br));
     let Some(xs) = xs else {

@@ -124,13 +124,14 @@ fn mlp_half(
     let round = |t: Option<&Var>| t.map(|t| convert::round_copy(t.tensor(), fmt)).transpose();
     let (w1r, b1r) = (convert::round_copy(w1.tensor(), fmt)?, round(b1)?);
     let (w2r, b2r) = (convert::round_copy(w2.tensor(), fmt)?, round(b2)?);
-    let pre = gemm(&xr, &w1r, b1r.as_ref(), g1)?;
+    let f16 = fmt == crate::precision::Precision::F16;
+    let pre = gemm(&xr, &w1r, b1r.as_ref(), g1.f16_operands(f16))?;
     convert::round_inplace(&pre, fmt)?;
     let h = forward(&pre, act)?;
     convert::round_inplace(&h, fmt)?;
     let mut ys = xs.clone();
     *ys.last_mut().unwrap() = d2;
-    let y = gemm(&h, &w2r, b2r.as_ref(), g2)?.reshape(&ys)?;
+    let y = gemm(&h, &w2r, b2r.as_ref(), g2.f16_operands(f16))?.reshape(&ys)?;
     convert::round_inplace(&y, fmt)?;
     let Some(x_saved) = x_saved else {
         return Ok(Var::constant(y));
