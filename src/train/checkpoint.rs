@@ -10,6 +10,7 @@
 use crate::model::clip::ClipModel;
 use crate::model::weights::{save_file, write_atomic, Weights};
 use crate::train::optimizer::Optimizer;
+use crate::train::scaler::GradScaler;
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
@@ -76,9 +77,17 @@ pub struct RunState {
     /// Optimizer steps skipped for a non-finite loss or gradient
     /// (`--skip_nonfinite_steps`).
     pub skipped_nonfinite_steps: u64,
+    /// `--fp16`'s loss scaler (None in other precisions).
+    pub grad_scaler: Option<GradScaler>,
 }
 
 impl RunState {
+    /// Steps the learning rate schedule has taken: the Trainer does not
+    /// step it after an update the loss scaler skipped.
+    pub fn scheduler_step(&self) -> u64 {
+        self.global_step - self.grad_scaler.as_ref().map_or(0, |s| s.skipped_steps)
+    }
+
     pub fn to_json(&self, extra: &Value) -> Value {
         json!({
             "global_step": self.global_step,
@@ -89,6 +98,7 @@ impl RunState {
                 "data_position": self.data_position,
                 "skipped_nonfinite_steps": self.skipped_nonfinite_steps,
                 "data_stream": self.data_stream,
+                "grad_scaler": self.grad_scaler.as_ref().map(GradScaler::to_json),
             },
             "run": extra,
         })
@@ -108,7 +118,12 @@ impl RunState {
                 )
             })
         };
+        let grad_scaler = match v["clip_wgpu"].get("grad_scaler") {
+            Some(g) if !g.is_null() => Some(GradScaler::from_json(g, &file.display().to_string())?),
+            _ => None,
+        };
         Ok(RunState {
+            grad_scaler,
             global_step: get_u(&["global_step"])?,
             epoch: v["epoch"].as_f64().unwrap_or(0.0),
             data_epoch: get_u(&["clip_wgpu", "data_epoch"])?,

@@ -40,7 +40,7 @@ pub(super) fn save_checkpoint(
         &setup.model,
         opt,
         state,
-        &schedule.to_json(state.global_step),
+        &schedule.to_json(state.scheduler_step()),
         run_info,
         &setup.processing,
     )?;
