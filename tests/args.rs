@@ -195,15 +195,15 @@ fn hyphens_equals_and_booleans() {
 #[test]
 fn ignored_flags_get_one_note_each() {
     let (a, notes) = ok(&with_data(&[
-        "--fp16",
-        "--bf16",
+        "--tf32",
+        "--fp16_full_eval",
         "False",
         "--report_to",
         "wandb",
         "tensorboard",
         "--push_to_hub",
         "--hub_model_id=x/y",
-        "--fp16=True",
+        "--tf32=True",
         "--logging_dir",
         "runs",
         "--dataloader_num_workers",
@@ -216,8 +216,8 @@ fn ignored_flags_get_one_note_each() {
     assert_eq!(a.seed, 7, "values after ignored list flags still parse");
     assert_eq!(a.dataloader_num_workers, 4);
     let want = [
-        "--fp16 ",
-        "--bf16 ",
+        "--tf32 ",
+        "--fp16_full_eval ",
         "--report_to ",
         "--push_to_hub ",
         "--hub_model_id ",
@@ -498,7 +498,50 @@ fn help() {
     ] {
         assert!(u.contains(f), "{f}");
     }
-    assert!(!u.contains("--fp16 "));
+    assert!(u.contains("--fp16\n") && u.contains("--save_dtype <value>"));
+    assert!(!u.contains("--tf32"));
+}
+
+/// --fp16 / --bf16 are HF's booleans, one at most; --save_dtype names a
+/// format; both are kept in the run's record of its arguments.
+#[test]
+fn precision_flags() {
+    use clip_wgpu::precision::Precision;
+    let (a, notes) = ok(&with_data(&[]));
+    assert_eq!(
+        (a.precision, a.save_dtype),
+        (Precision::F32, Precision::F32)
+    );
+    assert!(notes.is_empty(), "{notes:?}");
+    for (flags, want) in [
+        (&["--fp16"][..], Precision::F16),
+        (&["--fp16", "True"][..], Precision::F16),
+        (&["--bf16=true"][..], Precision::Bf16),
+        (&["--fp16", "--no_fp16", "--bf16", "1"][..], Precision::Bf16),
+        (&["--fp16", "False", "--bf16", "False"][..], Precision::F32),
+    ] {
+        let (a, _) = ok(&with_data(flags));
+        assert_eq!(a.precision, want, "{flags:?}");
+        assert_eq!(a.to_json()["precision"], want.name(), "{flags:?}");
+    }
+    let e = err(&with_data(&["--fp16", "--bf16"]));
+    assert!(e.contains("--fp16 and --bf16 both given"), "{e}");
+    let e = err(&with_data(&["--fp16", "maybe"]));
+    assert!(e.contains("--fp16 maybe"), "{e}");
+    for (v, want) in [
+        ("f16", Precision::F16),
+        ("bfloat16", Precision::Bf16),
+        ("f32", Precision::F32),
+    ] {
+        let (a, _) = ok(&with_data(&["--save_dtype", v]));
+        assert_eq!(a.save_dtype, want);
+        assert_eq!(a.to_json()["save_dtype"], want.name());
+    }
+    let e = err(&with_data(&["--save_dtype", "int8"]));
+    assert!(
+        e.contains("--save_dtype int8") && e.contains("f32, f16 or bf16"),
+        "{e}"
+    );
 }
 
 #[test]

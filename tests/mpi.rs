@@ -10,6 +10,8 @@
 //! - one rank failing (its pictures missing, or killed): the job ends with
 //!   an error naming the rank, bounded by a timeout, never a hang;
 //! - sharded evaluation: the recall@K of one process.
+//! - `--fp16`: a NaN gradient on one rank makes every rank skip the step and
+//!   back off the loss scale together.
 #![cfg(unix)]
 mod common;
 use clip_wgpu::model::weights::Weights;
@@ -630,4 +632,67 @@ fn sharded_evaluation_with_several_captions_per_picture() {
     }
     assert!(one["eval_loss"].as_f64().unwrap().is_finite());
     assert!(two["eval_loss"].as_f64().unwrap().is_finite());
+}
+
+/// `--fp16` across ranks: a NaN gradient on rank 1 alone (injected there
+/// only) makes both ranks skip that step and halve the loss scale (the
+/// decision comes from the norm of the summed gradients); the ranks stay
+/// identical step by step (--sync_check_steps 1) and end at the weights of
+/// one process with the same skip.
+#[test]
+fn fp16_ranks_skip_an_overflowing_step_together() {
+    if !have_gpu() {
+        return;
+    }
+    let root = temp("mpi-fp16");
+    let data = csv(&root, 32);
+    let model = fixture_model("clip");
+    let common = [
+        "--max_steps",
+        "4",
+        "--gradient_accumulation_steps",
+        "2",
+        "--sync_check_steps",
+        "1",
+        "--fp16",
+    ];
+    let one = root.join("one");
+    ok(
+        bin()
+            .args(train_args(&model, &data, &one, 8, &common))
+            .env("CLIP_WGPU_FAULTS", "nan_grad@2")
+            .output()
+            .unwrap(),
+        "1 process",
+    );
+    let two = root.join("two");
+    let argv = train_args(&model, &data, &two, 4, &common);
+    let o = ok(
+        mpmd(&argv[..], &argv[..], Some("CLIP_WGPU_FAULTS=nan_grad@2"))
+            .output()
+            .unwrap(),
+        "2 ranks",
+    );
+    let err = stderr(&o);
+    assert!(
+        err.contains("at loss scale 65536: skipped (fp16 loss scaling)")
+            && err.contains("loss scale 65536 -> 32768"),
+        "{err}"
+    );
+    let scales = |d: &Path| -> Vec<f64> {
+        std::fs::read_to_string(d.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["loss_scale"]
+                    .as_f64()
+                    .unwrap()
+            })
+            .collect()
+    };
+    assert_eq!(scales(&two), [65536.0, 32768.0, 32768.0, 32768.0]);
+    assert_eq!(scales(&one), scales(&two));
+    let worst = relative_diff(&two, &one, 1e-5, &ZERO_GRADIENT);
+    eprintln!("fp16, 2 ranks vs 1 process: worst relative difference {worst:e}");
+    std::fs::remove_dir_all(&root).unwrap();
 }

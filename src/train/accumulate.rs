@@ -112,18 +112,32 @@ pub fn group_grads(
     model: &ClipModel,
     mode: AccumulationLoss,
     count: usize,
+    batch: impl FnMut(usize) -> Result<Batch>,
+    world: &World,
+) -> Result<GroupGrads> {
+    group_grads_scaled(model, mode, count, batch, world, 1.0)
+}
+
+/// [`group_grads`] with every backward seed multiplied by `loss_scale`
+/// (fp16's loss scaling: the gradients come back that many times larger;
+/// the losses are unscaled). A power of two keeps the scaling exact.
+pub fn group_grads_scaled(
+    model: &ClipModel,
+    mode: AccumulationLoss,
+    count: usize,
     mut batch: impl FnMut(usize) -> Result<Batch>,
     world: &World,
+    loss_scale: f32,
 ) -> Result<GroupGrads> {
     if count == 0 {
         bail!("an accumulation group needs at least one micro-batch");
     }
     if !world.is_distributed() && (mode == AccumulationLoss::Micro || count == 1) {
-        return micro_losses(model, count, &mut batch);
+        return micro_losses(model, count, &mut batch, loss_scale);
     }
     if count == 1 {
         let acc = vec![None; model.params.params.len()];
-        let (grads, loss) = gathered_batch_grads(model, &batch(0)?, world, 1.0, acc)?;
+        let (grads, loss) = gathered_batch_grads(model, &batch(0)?, world, loss_scale, acc)?;
         return Ok(GroupGrads {
             grads,
             losses: vec![loss],
@@ -136,12 +150,12 @@ pub fn group_grads(
             next: 0,
             batch,
         };
-        return full_batch_grads(model, &mut src, world);
+        return full_batch_grads_scaled(model, &mut src, world, loss_scale);
     }
     // Micro mode across ranks: one gathered loss per global micro-batch.
     let mut acc = vec![None; model.params.params.len()];
     let mut losses = Vec::with_capacity(count);
-    let weight = 1.0 / count as f32;
+    let weight = 1.0 / count as f32 * loss_scale;
     for i in 0..count {
         let (a, loss) = gathered_batch_grads(model, &batch(i)?, world, weight, acc)?;
         acc = a;
@@ -159,6 +173,7 @@ fn micro_losses(
     model: &ClipModel,
     count: usize,
     batch: &mut impl FnMut(usize) -> Result<Batch>,
+    loss_scale: f32,
 ) -> Result<GroupGrads> {
     let gpu = model.params.params[0].tensor.gpu().clone();
     let mut acc = vec![None; model.params.params.len()];
@@ -168,7 +183,7 @@ fn micro_losses(
         let mut tape = model.tape();
         let p = model.params.vars(&mut tape);
         let out = model.forward(&mut tape, &p, &b)?;
-        let seed = Tensor::scalar(&gpu, 1.0 / count as f32)?;
+        let seed = Tensor::scalar(&gpu, 1.0 / count as f32 * loss_scale)?;
         let into = model.params.pending(&p, acc);
         let mut g = tape.backward_seeded(vec![(&out.loss, seed)], into)?;
         acc = model.params.grads(&p, &mut g);
@@ -191,8 +206,19 @@ pub fn full_batch_grads(
     src: &mut dyn MicroBatches,
     world: &World,
 ) -> Result<GroupGrads> {
+    full_batch_grads_scaled(model, src, world, 1.0)
+}
+
+/// [`full_batch_grads`] with the backward seeded `loss_scale` times larger
+/// (as [`group_grads_scaled`]).
+pub fn full_batch_grads_scaled(
+    model: &ClipModel,
+    src: &mut dyn MicroBatches,
+    world: &World,
+    loss_scale: f32,
+) -> Result<GroupGrads> {
     let acc = vec![None; model.params.params.len()];
-    let (grads, loss) = cached_grads(model, src, world, 1.0, acc)?;
+    let (grads, loss) = cached_grads(model, src, world, loss_scale, acc)?;
     Ok(GroupGrads {
         grads,
         losses: vec![loss],

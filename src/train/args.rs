@@ -16,7 +16,7 @@
 //! - a single argument ending in `.json`: a JSON object of flag names and
 //!   values, as run_clip.py's `parse_json_file`.
 //!
-//! `TrainingArguments` fields that mean nothing here (precision, hub,
+//! `TrainingArguments` fields that mean nothing here (hub, tf32,
 //! distributed, dataloader plumbing, reporting integrations...) are accepted
 //! with one note each. Options that would change training in a way this crate
 //! does not implement (`--optim adafactor`, `--load_best_model_at_end`,
@@ -54,6 +54,7 @@
 
 use super::accumulate::AccumulationLoss;
 use super::schedule::Schedule;
+use crate::precision::Precision;
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use serde_json::{json, Map, Value};
 use std::path::{Path, PathBuf};
@@ -194,6 +195,15 @@ pub struct TrainArgs {
     /// false spellings are stored as `None`. See [`TrainArgs::resume`].
     pub resume_from_checkpoint: Option<String>,
     pub ignore_data_skip: bool,
+    /// `--fp16` and `--bf16` as given (at most one of them true).
+    pub fp16: bool,
+    pub bf16: bool,
+    /// The run's precision, from `--fp16` / `--bf16` (f32 by default): how
+    /// activations are stored; f16 also scales the loss (train::scaler).
+    pub precision: Precision,
+    /// Format of the final model's floating tensors (`--save_dtype`);
+    /// checkpoints stay f32 so that a resume is exact.
+    pub save_dtype: Precision,
 
     // clip-wgpu's own
     /// wgpu backend: vulkan, metal, dx12, gl or all.
@@ -282,6 +292,10 @@ impl Default for TrainArgs {
             dataloader_num_workers: 0,
             resume_from_checkpoint: None,
             ignore_data_skip: false,
+            fp16: false,
+            bf16: false,
+            precision: Precision::F32,
+            save_dtype: Precision::F32,
             backend: None,
             adapter: None,
             workers: std::thread::available_parallelism().map_or(1, |n| n.get()),
@@ -621,6 +635,10 @@ impl TrainArgs {
         put("dataloader_num_workers", json!(self.dataloader_num_workers));
         put("resume_from_checkpoint", json!(self.resume_from_checkpoint));
         put("ignore_data_skip", json!(self.ignore_data_skip));
+        put("fp16", json!(self.fp16));
+        put("bf16", json!(self.bf16));
+        put("precision", json!(self.precision.name()));
+        put("save_dtype", json!(self.save_dtype.name()));
         put("backend", json!(self.backend));
         put("adapter", json!(self.adapter));
         put("workers", json!(self.workers));
@@ -763,7 +781,9 @@ const fn alias(name: &'static str, takes: Takes, to: &'static str) -> Spec {
 
 const HUB: &str =
     "there is no Hugging Face Hub access here; models and data are read from local paths";
-const PRECISION: &str = "training and evaluation run in f32";
+const PRECISION: &str =
+    "the precision is set by --fp16 or --bf16 alone (f32 master weights, optimizer state and \
+     arithmetic; f16 with PyTorch AMP's dynamic loss scaling) and evaluation runs as training does";
 const ONE_DEVICE: &str =
     "each process trains on one wgpu adapter (see --backend, --adapter); for several, build with \
      --features mpi and start the job with mpirun -n N (see the README)";
@@ -955,11 +975,16 @@ static SPECS: &[Spec] = &[
     note("full_determinism", "runs are always deterministic (fixed-order GPU reductions, seeded data order)"),
     alias("disable_tqdm", Bool, "no_progress"),
     // precision
-    note("fp16", PRECISION),
-    note("bf16", PRECISION),
+    set("fp16", Bool, |a, v| { a.fp16 = parse_bool(v)?; Ok(()) },
+        "Mixed precision with f16 activations and PyTorch AMP's dynamic loss scaling (GradScaler: scale \
+         2^16, halved on a step with inf/NaN gradients, which is skipped; doubled after 2000 clean steps). \
+         Weights, optimizer state and arithmetic stay f32. Not with --bf16. Default false."),
+    set("bf16", Bool, |a, v| { a.bf16 = parse_bool(v)?; Ok(()) },
+        "Mixed precision with bfloat16 activations (no loss scaling, as in the Trainer). Not with --fp16. \
+         Default false."),
     note("fp16_full_eval", PRECISION),
     note("bf16_full_eval", PRECISION),
-    note("tf32", PRECISION),
+    note("tf32", "matmuls multiply and accumulate in f32; there is no TF32 mode"),
     note("fp16_opt_level", PRECISION),
     note("fp16_backend", PRECISION),
     note("half_precision_backend", PRECISION),
@@ -1050,6 +1075,9 @@ static SPECS: &[Spec] = &[
     note("torch_empty_cache_steps", MEMORY),
     // checkpoints and the rest
     note("save_safetensors", "weights are always saved as safetensors"),
+    set("save_dtype", One, |a, v| { a.save_dtype = Precision::parse(v)?; Ok(()) },
+        "Floating format of the final model in --output_dir: f32, f16 or bf16 (rounded to nearest even; \
+         config.json's dtype says which). Checkpoints stay f32 so that a resume is exact. Default f32."),
     note("enable_jit_checkpoint", "checkpoints are written at --save_steps / --save_strategy only"),
     note("restore_callback_states_from_checkpoint", "there are no Trainer callbacks here"),
     note("neftune_noise_alpha", "NEFTune is for language-model fine-tuning; not applied to CLIP"),
@@ -1198,7 +1226,7 @@ pub fn usage() -> String {
          \n\
          The flags of transformers' examples/pytorch/contrastive-image-text/run_clip.py and its\n\
          TrainingArguments. Underscores and hyphens are interchangeable; booleans may be bare (--do_train)\n\
-         or take a value (--do_train True). Other TrainingArguments flags (fp16, report_to, push_to_hub, ...)\n\
+         or take a value (--do_train True). Other TrainingArguments flags (report_to, push_to_hub, tf32, ...)\n\
          are accepted with a note that they have no effect here. Without any data flag, a built-in demo\n\
          data set and model are used.\n\nFlags:\n",
     );
@@ -1395,6 +1423,19 @@ fn finish(a: &mut TrainArgs, given: &[&str], notes: &mut Vec<String>) -> Result<
             }
         }
     }
+    // Precision: one of the two half formats at most.
+    ensure!(
+        !(a.fp16 && a.bf16),
+        "--fp16 and --bf16 both given: pick one precision (--fp16 for f16 with loss scaling, --bf16 \
+         for bfloat16)"
+    );
+    a.precision = if a.fp16 {
+        Precision::F16
+    } else if a.bf16 {
+        Precision::Bf16
+    } else {
+        Precision::F32
+    };
     // Sizes.
     for (flag, v) in [
         ("per_device_train_batch_size", a.per_device_train_batch_size),

@@ -4,7 +4,7 @@
 //! streams the group: [`GroupStream`]).
 
 use super::accumulate::{
-    full_batch_grads, group_grads, AccumulationLoss, GroupGrads, MicroBatches,
+    full_batch_grads_scaled, group_grads_scaled, AccumulationLoss, GroupGrads, MicroBatches,
 };
 use super::args::TrainArgs;
 use super::checkpoint::RunState;
@@ -423,11 +423,13 @@ impl<'a> EpochBatches<'a> {
 
     /// The gradients of the accumulation group that `first` begins:
     /// `accum` batches, fewer at the end of the epoch; and the batches read
-    /// (their pictures perhaps dropped).
+    /// (their pictures perhaps dropped). The backward is seeded
+    /// `loss_scale` times larger (fp16's loss scaling; 1 otherwise).
     pub(super) fn gradients(
         &mut self,
         (first, group_start): (LoadedBatch, usize),
         world: &World,
+        loss_scale: f32,
     ) -> Result<(GroupGrads, Vec<LoadedBatch>)> {
         let (args, model) = (self.args, &self.setup.model);
         let accum = args.gradient_accumulation_steps.max(1);
@@ -469,7 +471,7 @@ impl<'a> EpochBatches<'a> {
                 &reopen,
                 self.group_host,
             );
-            let out = full_batch_grads(model, &mut src, world)?;
+            let out = full_batch_grads_scaled(model, &mut src, world, loss_scale)?;
             Ok((out, src.taken))
         } else {
             let mut group = vec![first];
@@ -479,12 +481,13 @@ impl<'a> EpochBatches<'a> {
                     None => break,
                 }
             }
-            let out = group_grads(
+            let out = group_grads_scaled(
                 model,
                 args.accumulation_loss,
                 group.len(),
                 |i| to_batch(&gpu, &group[i], s),
                 world,
+                loss_scale,
             )?;
             Ok((out, group))
         }

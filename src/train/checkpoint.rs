@@ -8,11 +8,15 @@
 //! (the previous ones are untouched).
 
 use crate::model::clip::ClipModel;
-use crate::model::weights::{save_file, write_atomic, Weights};
+use crate::model::weights::{save_file, write_atomic, HostTensor, Weights};
+use crate::precision::{f32_to_bf16_bits, f32_to_f16_bits, Precision};
 use crate::train::optimizer::Optimizer;
-use anyhow::{bail, Context, Result};
+use crate::train::scaler::GradScaler;
+use anyhow::{anyhow, bail, ensure, Context, Result};
+use safetensors::tensor::TensorView;
+use safetensors::Dtype;
 use serde_json::{json, Value};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 /// Tokenizer and processor files that travel with every saved model.
@@ -76,9 +80,17 @@ pub struct RunState {
     /// Optimizer steps skipped for a non-finite loss or gradient
     /// (`--skip_nonfinite_steps`).
     pub skipped_nonfinite_steps: u64,
+    /// `--fp16`'s loss scaler (None in other precisions).
+    pub grad_scaler: Option<GradScaler>,
 }
 
 impl RunState {
+    /// Steps the learning rate schedule has taken: the Trainer does not
+    /// step it after an update the loss scaler skipped.
+    pub fn scheduler_step(&self) -> u64 {
+        self.global_step - self.grad_scaler.as_ref().map_or(0, |s| s.skipped_steps)
+    }
+
     pub fn to_json(&self, extra: &Value) -> Value {
         json!({
             "global_step": self.global_step,
@@ -89,6 +101,7 @@ impl RunState {
                 "data_position": self.data_position,
                 "skipped_nonfinite_steps": self.skipped_nonfinite_steps,
                 "data_stream": self.data_stream,
+                "grad_scaler": self.grad_scaler.as_ref().map(GradScaler::to_json),
             },
             "run": extra,
         })
@@ -108,7 +121,12 @@ impl RunState {
                 )
             })
         };
+        let grad_scaler = match v["clip_wgpu"].get("grad_scaler") {
+            Some(g) if !g.is_null() => Some(GradScaler::from_json(g, &file.display().to_string())?),
+            _ => None,
+        };
         Ok(RunState {
+            grad_scaler,
             global_step: get_u(&["global_step"])?,
             epoch: v["epoch"].as_f64().unwrap_or(0.0),
             data_epoch: get_u(&["clip_wgpu", "data_epoch"])?,
@@ -125,10 +143,110 @@ impl RunState {
     }
 }
 
-/// Save the model with its processing files into `dir` (created).
+/// Save the model with its processing files into `dir` (created), in f32.
 pub fn save_model(dir: &Path, model: &ClipModel, processing: &ProcessingFiles) -> Result<()> {
-    model.save(dir)?;
+    save_model_as(dir, model, processing, Precision::F32)
+}
+
+/// transformers' name of a floating format (config.json's `dtype`).
+pub fn torch_dtype_name(dtype: Precision) -> &'static str {
+    match dtype {
+        Precision::F32 => "float32",
+        Precision::F16 => "float16",
+        Precision::Bf16 => "bfloat16",
+    }
+}
+
+/// Save the model with its processing files into `dir` (created), its
+/// floating tensors in `dtype` (rounded to nearest even), and config.json's
+/// `dtype` saying so, as transformers' `save_pretrained` of a model in that
+/// dtype writes it (only the top-level field: the towers' configs keep
+/// theirs).
+pub fn save_model_as(
+    dir: &Path,
+    model: &ClipModel,
+    processing: &ProcessingFiles,
+    dtype: Precision,
+) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let mut tensors = model.params.to_host()?;
+    for (name, t) in &mut tensors {
+        if name == "logit_scale" {
+            t.shape.clear(); // a 0-d parameter in PyTorch
+        }
+    }
+    let file = dir.join("model.safetensors");
+    if dtype == Precision::F32 {
+        save_file(&file, &tensors)?;
+    } else {
+        save_half_file(&file, &tensors, dtype)?;
+    }
+    let mut config = model.config.raw.clone();
+    set_config_dtype(&mut config, dtype);
+    write_atomic(
+        &dir.join("config.json"),
+        serde_json::to_string_pretty(&config)?.as_bytes(),
+    )?;
     processing.write_to(dir)
+}
+
+/// config.json's top-level `dtype` (transformers 5) set to `dtype`, and an
+/// older `torch_dtype` field too where there is one, so that neither
+/// contradicts the weights.
+pub fn set_config_dtype(config: &mut Value, dtype: Precision) {
+    if let Some(m) = config.as_object_mut() {
+        let name = Value::from(torch_dtype_name(dtype));
+        if m.contains_key("torch_dtype") {
+            m.insert("torch_dtype".into(), name.clone());
+        }
+        m.insert("dtype".into(), name);
+    }
+}
+
+/// Write tensors as `path` in a 16-bit format (F16 or BF16 safetensors,
+/// `format: pt`), atomically. A finite value beyond f16's range is an
+/// error naming the tensor, not a silent infinity.
+pub fn save_half_file(
+    path: &Path,
+    tensors: &[(String, HostTensor)],
+    dtype: Precision,
+) -> Result<()> {
+    let (st_dtype, to_bits): (Dtype, fn(f32) -> u16) = match dtype {
+        Precision::F16 => (Dtype::F16, f32_to_f16_bits),
+        Precision::Bf16 => (Dtype::BF16, f32_to_bf16_bits),
+        Precision::F32 => bail!("save_half_file: f32 is not a 16-bit format"),
+    };
+    let mut bytes: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::with_capacity(tensors.len());
+    for (name, t) in tensors {
+        ensure!(
+            t.shape.iter().product::<usize>() == t.data.len(),
+            "tensor {name:?}: shape {:?} does not match {} values",
+            t.shape,
+            t.data.len()
+        );
+        let mut b = Vec::with_capacity(t.data.len() * 2);
+        for &x in &t.data {
+            let h = to_bits(x);
+            if x.is_finite() && dtype.round(x).is_infinite() {
+                bail!(
+                    "--save_dtype {}: tensor {name} holds {x}, beyond the format's range \
+                     (f16 reaches 65504); save with --save_dtype bf16 or f32",
+                    dtype.name()
+                );
+            }
+            b.extend_from_slice(&h.to_le_bytes());
+        }
+        bytes.push((name.clone(), t.shape.clone(), b));
+    }
+    let mut views = Vec::with_capacity(bytes.len());
+    for (name, shape, b) in &bytes {
+        let view = TensorView::new(st_dtype, shape.clone(), b)
+            .map_err(|e| anyhow!("tensor {name:?}: {e}"))?;
+        views.push((name.clone(), view));
+    }
+    let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
+    let out = safetensors::serialize(views, Some(meta)).map_err(|e| anyhow!("serializing: {e}"))?;
+    write_atomic(path, &out)
 }
 
 /// The folder of step `step`'s checkpoint.

@@ -6,6 +6,7 @@
 //!   `TrainingArguments`), plus this tool's own flags.
 //! - [`schedule`]: learning rate per optimizer step, as
 //!   `transformers.get_scheduler` computes it.
+//! - [`scaler`]: `--fp16`'s dynamic loss scaling (PyTorch's GradScaler).
 //! - [`accumulate`]: a step's gradients from several micro-batches, with
 //!   one contrastive loss over all of them (gradient caching).
 //! - [`metrics`]: retrieval recall@K, the JSON-lines metrics log and the loss
@@ -25,6 +26,7 @@ pub mod optimizer;
 pub mod progress;
 mod record;
 mod save;
+pub mod scaler;
 pub mod schedule;
 mod setup;
 mod step;

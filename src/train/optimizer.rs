@@ -58,6 +58,23 @@ impl Optimizer {
         grad_norm(&present, clip_at)
     }
 
+    /// fp16's unscaling: `norm` (from [`Optimizer::grad_norm`]) is of
+    /// gradients `scale` times the true ones, whose norm is `true_norm`.
+    /// Rewrites it as [true_norm, clip coefficient / scale], so that
+    /// [`Optimizer::apply`] multiplies each gradient by 1/scale with the
+    /// clipping: with a power-of-two scale the update is bit for bit the
+    /// unscaled one (torch's `scaler.unscale_` then `clip_grad_norm_`).
+    pub fn unscale(&self, norm: &Tensor, true_norm: f32, scale: f32) -> Result<()> {
+        let clip_at = if self.max_grad_norm > 0.0 {
+            self.max_grad_norm
+        } else {
+            f32::INFINITY
+        };
+        // clip_grad_norm_'s coefficient, as the norm kernel computes it.
+        let coef = (clip_at / (true_norm + 1e-6)).min(1.0);
+        norm.write(&[true_norm, coef / scale])
+    }
+
     /// The AdamW update at learning rate `lr`, clipping with `norm` (from
     /// [`Optimizer::grad_norm`]). Parameters without a gradient (frozen) are
     /// left alone, as torch does.

@@ -106,7 +106,7 @@ impl Record {
         self.steps_since += 1;
         self.steps_run += 1;
         self.examples_run += done.examples;
-        if done.finite {
+        if done.finite || done.scaler_skipped {
             self.total_loss += done.loss;
             self.loss_steps += 1;
             self.window.0 += done.loss;
@@ -151,6 +151,16 @@ impl Record {
         if state.skipped_nonfinite_steps > 0 {
             entry["skipped_nonfinite_steps"] = json!(state.skipped_nonfinite_steps);
         }
+        // fp16: the scale after this step's update, and the steps the
+        // scaler skipped so far.
+        let mut scale_note = String::new();
+        if let Some(s) = &state.grad_scaler {
+            entry["loss_scale"] = json!(s.scale);
+            if s.skipped_steps > 0 {
+                entry["loss_scale_skipped_steps"] = json!(s.skipped_steps);
+            }
+            scale_note = format!(", loss scale {}", s.scale);
+        }
         let mut comm = String::new();
         if world.is_distributed() {
             // Collectives of this rank (rank 0's, as it logs).
@@ -169,7 +179,7 @@ impl Record {
         }
         self.steps_since = 0;
         self.progress.log(&format!(
-            "step {step}/{total}: loss {}, lr {:.3e}, grad_norm {:.3}, {:.1} images/s, \
+            "step {step}/{total}: loss {}, lr {:.3e}, grad_norm {:.3}{scale_note}, {:.1} images/s, \
              GPU pool peak {:.0} MiB{comm}",
             loss.map_or("- (skipped)".into(), |l| format!("{l:.4}")),
             lr,
@@ -217,6 +227,10 @@ impl Record {
             "train_skipped_images": self.skipped_total,
             "train_skipped_nonfinite_steps": state.skipped_nonfinite_steps,
         });
+        if let Some(s) = &state.grad_scaler {
+            train["train_loss_scale"] = json!(s.scale);
+            train["train_loss_scale_skipped_steps"] = json!(s.skipped_steps);
+        }
         if world.is_distributed() {
             let c = world.take_stats();
             self.comm_total.seconds += c.seconds;
@@ -240,6 +254,13 @@ impl Record {
             log(&format!(
                 "skipped {} optimizer step(s) with a non-finite loss or gradient (--skip_nonfinite_steps)",
                 state.skipped_nonfinite_steps
+            ));
+        }
+        if let Some(s) = state.grad_scaler.as_ref().filter(|s| s.skipped_steps > 0) {
+            log(&format!(
+                "the fp16 loss scaler skipped {} optimizer step(s) whose gradients overflowed; \
+                 final loss scale {}",
+                s.skipped_steps, s.scale
             ));
         }
     }

@@ -40,7 +40,7 @@ pub(super) fn save_checkpoint(
         &setup.model,
         opt,
         state,
-        &schedule.to_json(state.global_step),
+        &schedule.to_json(state.scheduler_step()),
         run_info,
         &setup.processing,
     )?;
@@ -74,8 +74,17 @@ pub(super) fn check_finite_weights(params: &ParamStore) -> Result<()> {
 pub(super) fn save_model(args: &TrainArgs, setup: &Setup, main: bool) -> Result<()> {
     check_finite_weights(&setup.model.params)?;
     if main {
-        checkpoint::save_model(&args.output_dir, &setup.model, &setup.processing)?;
-        log(&format!("saved the model to {}", args.output_dir.display()));
+        checkpoint::save_model_as(
+            &args.output_dir,
+            &setup.model,
+            &setup.processing,
+            args.save_dtype,
+        )?;
+        log(&format!(
+            "saved the model ({}) to {}",
+            args.save_dtype.name(),
+            args.output_dir.display()
+        ));
     }
     Ok(())
 }

@@ -26,11 +26,16 @@ const MAX_LOGIT_SCALE: f32 = 4.605_170_2;
 /// What one step did.
 pub(super) struct StepDone {
     pub(super) lr: f32,
-    /// The step's loss (not finite: the step was skipped).
+    /// The step's loss.
     pub(super) loss: f64,
-    /// The global gradient norm before clipping.
+    /// The global gradient norm before clipping (unscaled with fp16).
     pub(super) norm: f32,
+    /// Whether the weights were updated (else the loss or gradients were
+    /// not finite and the step was skipped).
     pub(super) finite: bool,
+    /// Skipped by the fp16 loss scaler (its loss still counts, as in the
+    /// Trainer).
+    pub(super) scaler_skipped: bool,
     /// Examples in the step, over all ranks.
     pub(super) examples: usize,
     /// A signal that asks the run to stop after this step (on any rank).
@@ -105,7 +110,9 @@ impl<'a> Stepper<'a> {
     ) -> Result<StepDone> {
         let (args, world) = (self.args, self.world);
         let step_no = state.global_step + 1;
-        let lr = self.schedule.lr_at(state.global_step) as f32;
+        // The Trainer steps the schedule only after updates (the loss
+        // scaler's skipped steps hold it back).
+        let lr = self.schedule.lr_at(state.scheduler_step()) as f32;
         let mut grads = out.grads;
         faults.poison_gradient(step_no, params, &grads)?;
         // Across ranks: sum the gradients (logit_scale's is whole on
@@ -126,22 +133,57 @@ impl<'a> Stepper<'a> {
             examples = flags[1] as usize;
         }
         // The step's readback: [norm, coef] (then the losses, read
-        // after the norm so that a step waits for the GPU once).
+        // after the norm so that a step waits for the GPU once). Every
+        // rank reads the norm of the same summed gradients, so all take
+        // the same decision below.
         let norm = self.opt.grad_norm(params, &grads)?;
         let nv = norm.to_vec()?;
         let mut step_loss = 0.0f64;
         for l in &out.losses {
             step_loss += l.to_vec()?[0] as f64 * out.loss_weight;
         }
+        // fp16: the gradients are `scale` times the true ones.
+        let scale = state.grad_scaler.as_ref().map(|s| s.scale);
+        let true_norm = scale.map_or(nv[0], |s| nv[0] / s);
         let finite = step_loss.is_finite() && nv[0].is_finite();
+        let mut scaler_skipped = false;
         if finite {
             self.skipped_in_a_row = 0;
+            if let Some(scale) = scale {
+                self.opt.unscale(&norm, true_norm, scale)?;
+            }
             self.opt.apply(params, &grads, &norm, lr)?;
             clamp_inplace(
                 &params.params[self.ls_index].tensor,
                 f32::MIN,
                 MAX_LOGIT_SCALE,
             )?;
+            if let Some(s) = state.grad_scaler.as_mut() {
+                s.update(false);
+            }
+        } else if let (true, Some(s)) = (step_loss.is_finite(), state.grad_scaler.as_mut()) {
+            // GradScaler: gradients that overflowed at this scale; skip
+            // the update and back off (not a fault: expected now and then).
+            let old = s.scale;
+            s.update(true);
+            scaler_skipped = true;
+            let new = s.scale;
+            let what = nonfinite_report(params, &grads, step_loss, nv[0])?;
+            progress.log(&format!(
+                "step {step_no}: {what} at loss scale {old}: skipped (fp16 loss scaling), \
+                 the weights and the learning rate schedule were not stepped; loss scale {old} -> {new}"
+            ));
+            if new < f32::MIN_POSITIVE {
+                progress.finish();
+                return Err(NonFinite(format!(
+                    "training step {step_no}: {what}. The fp16 loss scale fell to {new} after {} skipped \
+                     steps: the gradients are not finite at any scale (a NaN, not an overflow). The weights \
+                     stay finite; {}. Check the data, lower --learning_rate, or train with --bf16 or in f32",
+                    s.skipped_steps,
+                    resume_note(args)
+                ))
+                .into());
+            }
         } else {
             let what = nonfinite_report(params, &grads, step_loss, nv[0])?;
             if !args.skip_nonfinite_steps {
@@ -180,8 +222,9 @@ impl<'a> Stepper<'a> {
         Ok(StepDone {
             lr,
             loss: step_loss,
-            norm: nv[0],
+            norm: true_norm,
             finite,
+            scaler_skipped,
             examples,
             stop,
         })

@@ -29,10 +29,12 @@ use super::optimizer::Optimizer;
 use super::progress::{log, QUIET};
 use super::record::Record;
 use super::save::{save_checkpoint, save_model, training_results, write_json};
+use super::scaler::GradScaler;
 use super::step::{check_replicas, Stepper};
 use crate::data::sources::Example;
 use crate::dist::{EpochShards, World};
 use crate::model::clip::ClipModel;
+use crate::precision::Precision;
 use crate::Gpu;
 use anyhow::{bail, ensure, Context, Result};
 use serde_json::{json, Value};
@@ -348,6 +350,7 @@ impl Plan {
             "batch_size": bs,
             "gradient_accumulation_steps": accum,
             "max_steps": total,
+            "precision": args.precision.name(),
         });
         if dist {
             run_info["world_size"] = json!(world.size());
@@ -487,6 +490,7 @@ fn resume_from(
         &dir.display().to_string(),
     )?;
     let mut state = loaded.state;
+    check_resume_precision(dir, &loaded.run, &state, args.precision)?;
     if let Some((choices, adapter)) = &loaded.kernel_choices {
         gpu.pin_kernel_choices(choices);
         if adapter != &gpu.info.name {
@@ -574,7 +578,10 @@ fn train_loop(
     let mut stepper = Stepper::new(args, &setup.model, plan.total, plan.warmup, world)?;
     let mut state = match resume {
         Some(dir) => resume_from(dir, args, &plan, setup, &mut stepper.opt, world)?,
-        None => RunState::default(),
+        None => RunState {
+            grad_scaler: GradScaler::for_precision(args.precision),
+            ..RunState::default()
+        },
     };
     at.step = state.global_step;
     log(&plan.describe(args, setup, world));
@@ -612,7 +619,8 @@ fn train_loop(
         // of the epoch.
         while let Some(first) = batches.first()? {
             plan.faults.before_step(state.global_step + 1, &gpu)?;
-            let (grads, group) = batches.gradients(first, world)?;
+            let loss_scale = state.grad_scaler.as_ref().map_or(1.0, |s| s.scale);
+            let (grads, group) = batches.gradients(first, world, loss_scale)?;
             let end_of_epoch = group.len() < plan.accum;
             record.skipped_pictures(&group);
             let examples: usize = group.iter().map(|b| b.batch).sum();
@@ -747,6 +755,44 @@ fn stopped_by(signal: i32, step: usize, total: usize, p: &Path) -> anyhow::Error
         ),
     }
     .into()
+}
+
+/// A checkpoint resumes only in the precision it was trained in: f16 runs
+/// carry the loss scaler's state (HF's scaler.pt), and another precision
+/// would not continue the same computation. Checkpoints that predate the
+/// record were f32.
+fn check_resume_precision(dir: &Path, run: &Value, state: &RunState, now: Precision) -> Result<()> {
+    let flag = |p: Precision| match p {
+        Precision::F32 => "neither --fp16 nor --bf16",
+        Precision::F16 => "--fp16",
+        Precision::Bf16 => "--bf16",
+    };
+    let was = match run.get("precision").and_then(Value::as_str) {
+        Some(p) => Precision::parse(p)
+            .with_context(|| format!("{}: its recorded precision", dir.display()))?,
+        None => Precision::F32,
+    };
+    ensure!(
+        was == now,
+        "cannot resume from {}: it was trained in {} ({}) and this run asks for {} ({}); \
+         resume with the precision it was trained in, or start a new run (--model_name_or_path {} \
+         takes its weights)",
+        dir.display(),
+        was.name(),
+        flag(was),
+        now.name(),
+        flag(now),
+        dir.display()
+    );
+    ensure!(
+        (now == Precision::F16) == state.grad_scaler.is_some(),
+        "cannot resume from {}: its trainer_state.json {} the fp16 loss scaler's state, which a {} run {}",
+        dir.display(),
+        if state.grad_scaler.is_some() { "holds" } else { "lacks" },
+        now.name(),
+        if now == Precision::F16 { "needs" } else { "does not use" }
+    );
+    Ok(())
 }
 
 /// How the run that saved a checkpoint (its recorded `run`) differs from
