@@ -193,6 +193,9 @@ fn run_ranked(args: &TrainArgs, gpu: &Arc<Gpu>, world: &World) -> Result<Value> 
     setup
         .model
         .set_gradient_checkpointing(args.gradient_checkpointing);
+    // --fp16 / --bf16: 16-bit activations in training and evaluation (the
+    // Trainer evaluates under autocast too).
+    setup.model.precision = args.precision;
     let mut results = serde_json::Map::new();
     let mut before = None;
     let max_len = setup.max_len;
