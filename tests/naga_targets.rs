@@ -12,7 +12,8 @@
 //! (never on wgpu's GL backend), so for GLSL they are checked to be exactly
 //! the pipelines that use subgroups, and skipped.
 mod common;
-use clip_wgpu::bench::{bench_config, tiny_config, StepBench};
+use clip_wgpu::bench::{bench_config, tiny_config, StepBench, StepMode};
+use clip_wgpu::precision::Precision;
 use clip_wgpu::gpu::{AdapterRequest, PipelineSpec, Settings};
 use clip_wgpu::ops::matmul::{Tile, Variant, BLOCKS};
 use clip_wgpu::shaders::ALL;
@@ -42,6 +43,16 @@ fn made_by_steps(settings: Settings) -> Vec<PipelineSpec> {
         bench_config(roberta.to_str().unwrap()).unwrap(),
     ] {
         let mut step = StepBench::new(&gpu, config, 2).unwrap();
+        step.run().unwrap();
+    }
+    // A --bf16 and an --fp16 step of the tiny config: the 16-bit
+    // conversions and the half-precision paths' kernels.
+    for precision in [Precision::Bf16, Precision::F16] {
+        let mode = StepMode {
+            precision,
+            ..StepMode::default()
+        };
+        let mut step = StepBench::with_mode(&gpu, tiny_config(), 2, mode).unwrap();
         step.run().unwrap();
     }
     gpu.pipelines_made()
