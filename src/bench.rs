@@ -211,6 +211,7 @@ pub fn kernel_table(
         }
         out.extend(attention_cases(gpu, &t, batch, reps)?);
         out.extend(row_cases(gpu, &t, batch, reps)?);
+        out.extend(convert_cases(gpu, &t, batch, reps)?);
     }
     out.extend(loss_and_optimizer_cases(gpu, config, batch, reps)?);
     for m in out.iter_mut() {
@@ -222,6 +223,40 @@ pub fn kernel_table(
             };
             m.peak_share = Some(m.rate / p);
         }
+    }
+    Ok(out)
+}
+
+/// The 16-bit conversions of `--fp16` / `--bf16` on the tower's MLP
+/// activation [rows, mlp]: the forward's round-and-pack (what an op saves)
+/// and the backward's unpack.
+fn convert_cases(gpu: &Arc<Gpu>, t: &Tower, batch: usize, reps: usize) -> Result<Vec<Measure>> {
+    use crate::ops::convert;
+    use crate::precision::Precision;
+    let rows = batch * t.tokens;
+    let x = tensor(gpu, &[rows, t.mlp])?;
+    let n = x.numel() as f64;
+    let shape = format!("{rows}x{}", t.mlp);
+    let mut out = Vec::new();
+    for fmt in [Precision::F16, Precision::Bf16] {
+        let f = fmt.name();
+        out.push(mem_case(
+            gpu,
+            &format!("{} {f} round+pack (fc1)", t.name),
+            shape.clone(),
+            n * 10.0,
+            reps,
+            || convert::round_pack(&x, fmt).map(drop),
+        )?);
+        let h = convert::pack(&x, fmt)?;
+        out.push(mem_case(
+            gpu,
+            &format!("{} {f} unpack (fc1)", t.name),
+            shape.clone(),
+            n * 6.0,
+            reps,
+            || h.unpack().map(drop),
+        )?);
     }
     Ok(out)
 }
