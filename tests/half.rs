@@ -226,7 +226,8 @@ fn attention_keeps_half_inputs_and_recomputes_exactly() {
     }
 }
 
-/// A whole tiny CLIP step: loss and every gradient near the f32 run's.
+/// A whole tiny CLIP step: loss and every gradient near the f32 run's
+/// (and unchanged by gradient checkpointing).
 #[test]
 fn tiny_model_step_tracks_f32() {
     let Some(gpu) = gpu() else { return };
@@ -267,6 +268,18 @@ fn tiny_model_step_tracks_f32() {
         (loss, grads)
     };
     let (l32, g32) = run(&m);
+    // Gradient checkpointing recomputes each layer at the tape's precision:
+    // the same loss and gradients, bit for bit.
+    m.precision = Precision::Bf16;
+    let plain = run(&m);
+    m.set_gradient_checkpointing(true);
+    let ckpt = run(&m);
+    m.set_gradient_checkpointing(false);
+    assert_eq!(plain.0, ckpt.0, "bf16 loss with gradient checkpointing");
+    assert!(
+        plain.1 == ckpt.1,
+        "bf16 gradients with gradient checkpointing differ"
+    );
     for (fmt, loss_tol, cos_min) in [(Precision::F16, 2e-3, 0.999), (Precision::Bf16, 1e-2, 0.99)] {
         m.precision = fmt;
         let (lh, gh) = run(&m);

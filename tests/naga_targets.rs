@@ -13,9 +13,9 @@
 //! the pipelines that use subgroups, and skipped.
 mod common;
 use clip_wgpu::bench::{bench_config, tiny_config, StepBench, StepMode};
-use clip_wgpu::precision::Precision;
 use clip_wgpu::gpu::{AdapterRequest, PipelineSpec, Settings};
 use clip_wgpu::ops::matmul::{Tile, Variant, BLOCKS};
+use clip_wgpu::precision::Precision;
 use clip_wgpu::shaders::ALL;
 use clip_wgpu::Gpu;
 use naga::back::{glsl, hlsl, msl, spv};
