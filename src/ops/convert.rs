@@ -64,7 +64,7 @@ fn run(entry: &str, x: &Tensor, w: Option<&Tensor>, fmt: Precision) -> Result<()
     let gpu = x.gpu();
     let n = x.numel();
     ensure!(
-        (n as u64) * 4 <= gpu.limits.max_storage_buffer_binding_size as u64,
+        (n as u64) * 4 <= gpu.limits.max_storage_buffer_binding_size,
         "a 16-bit conversion of {:?} ({n} values) is larger than one binding of this adapter",
         x.shape()
     );
