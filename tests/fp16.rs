@@ -367,18 +367,19 @@ fn half_precision_tracks_the_f32_loss_curve_and_resumes_exactly() {
     }
     let root = temp("half-curve");
     let csv = picture_csv(&root, 24);
+    const STEPS: [&str; 8] = [
+        "--per_device_train_batch_size",
+        "4",
+        "--warmup_steps",
+        "5",
+        "--max_steps",
+        "50",
+        "--save_steps",
+        "25",
+    ];
     let run = |name: &str, extra: &[&str]| {
         let out = root.join(name);
-        let mut flags = vec![
-            "--per_device_train_batch_size",
-            "4",
-            "--warmup_steps",
-            "5",
-            "--max_steps",
-            "50",
-            "--save_steps",
-            "25",
-        ];
+        let mut flags = STEPS.to_vec();
         flags.extend_from_slice(extra);
         let mut c = bin();
         c.args(quick_train(&fixture_model("clip"), &csv, &out, &flags));
@@ -423,19 +424,7 @@ fn half_precision_tracks_the_f32_loss_curve_and_resumes_exactly() {
                     &fixture_model("clip"),
                     &csv,
                     &out,
-                    &[
-                        "--per_device_train_batch_size",
-                        "4",
-                        "--warmup_steps",
-                        "5",
-                        "--max_steps",
-                        "50",
-                        "--save_steps",
-                        "25",
-                        "--bf16",
-                        "--resume_from_checkpoint",
-                        "True",
-                    ],
+                    &[&STEPS[..], &["--bf16", "--resume_from_checkpoint", "True"]].concat(),
                 ))
                 .env_remove("CLIP_WGPU_FAULTS")
                 .output()

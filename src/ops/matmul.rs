@@ -5,6 +5,7 @@
 use super::activation::Act;
 use super::{convert, f, reduce, shader, u};
 use crate::gpu::{DeviceClass, Gpu, Shader};
+use crate::precision::Precision;
 use crate::tape::{Tape, Var};
 use crate::tensor::Tensor;
 use anyhow::{ensure, Result};
@@ -950,7 +951,8 @@ pub fn linear(tape: &mut Tape, x: &Var, w: &Var, b: Option<&Var>) -> Result<Var>
     }
     let (g, ys) = linear_shape(x, w)?;
     let y = gemm(x.tensor(), w.tensor(), b.map(|b| b.tensor()), g)?.reshape(&ys)?;
-    Ok(record_linear(tape, y, x, w, b, g))
+    let xs = convert::Saved::Full(x.tensor().clone());
+    Ok(record_linear(tape, y, x, w, b, g, xs, Precision::F32))
 }
 
 /// `linear` in a half mode, as under autocast: x, W and b rounded to the
@@ -970,33 +972,14 @@ fn linear_half(tape: &mut Tape, x: &Var, w: &Var, b: Option<&Var>) -> Result<Var
     let br = b
         .map(|b| convert::round_copy(b.tensor(), fmt))
         .transpose()?;
-    let gf = g.f16_operands(fmt == crate::precision::Precision::F16);
+    let gf = g.f16_operands(fmt == Precision::F16);
     let y = gemm(&xr, &wr, br.as_ref(), gf)?.reshape(&ys)?;
     convert::round_inplace(&y, fmt)?;
     drop((xr, wr, br));
     let Some(xs) = xs else {
         return Ok(Var::constant(y));
     };
-    let wt = w.tensor().clone();
-    let mut inputs = vec![x, w];
-    if let Some(b) = b {
-        inputs.push(b);
-    }
-    Ok(tape.record_acc(
-        y,
-        &inputs,
-        Box::new(move |dy, needs, acc| {
-            let need_b = needs.len() > 2 && needs[2];
-            let dx_into = if needs[0] { acc[0].take() } else { None };
-            let (x, wr) = (xs.get()?, convert::round_copy(&wt, fmt)?);
-            let (dx, dw, db) = linear_grads(dy, &x, &wr, g, needs[0], needs[1], need_b, dx_into)?;
-            let mut out = vec![dx, dw];
-            if needs.len() > 2 {
-                out.push(db);
-            }
-            Ok(out)
-        }),
-    ))
+    Ok(record_linear(tape, y, x, w, b, g, xs, fmt))
 }
 
 /// The matmul of nn.Linear for x [.., in] and w [out, in], and y's shape.
@@ -1016,9 +999,20 @@ fn linear_shape(x: &Var, w: &Var) -> Result<(Gemm, Vec<usize>)> {
     Ok((Gemm::new(1, rows, out_f, in_f).tb(true), ys))
 }
 
-/// Record y = x W^T + b (computed by the caller) with its backward.
-fn record_linear(tape: &mut Tape, y: Tensor, x: &Var, w: &Var, b: Option<&Var>, g: Gemm) -> Var {
-    let (xt, wt) = (x.tensor().clone(), w.tensor().clone());
+/// Record y = x W^T + b (computed by the caller) with its backward, which
+/// reads x from `xs` and W rounded to `fmt` (the f32 weights at f32).
+#[allow(clippy::too_many_arguments)]
+fn record_linear(
+    tape: &mut Tape,
+    y: Tensor,
+    x: &Var,
+    w: &Var,
+    b: Option<&Var>,
+    g: Gemm,
+    xs: convert::Saved,
+    fmt: Precision,
+) -> Var {
+    let wt = w.tensor().clone();
     let mut inputs = vec![x, w];
     if let Some(b) = b {
         inputs.push(b);
@@ -1029,7 +1023,8 @@ fn record_linear(tape: &mut Tape, y: Tensor, x: &Var, w: &Var, b: Option<&Var>, 
         Box::new(move |dy, needs, acc| {
             let need_b = needs.len() > 2 && needs[2];
             let dx_into = if needs[0] { acc[0].take() } else { None };
-            let (dx, dw, db) = linear_grads(dy, &xt, &wt, g, needs[0], needs[1], need_b, dx_into)?;
+            let (x, w) = (xs.get()?, convert::round_copy(&wt, fmt)?);
+            let (dx, dw, db) = linear_grads(dy, &x, &w, g, needs[0], needs[1], need_b, dx_into)?;
             let mut out = vec![dx, dw];
             if needs.len() > 2 {
                 out.push(db);

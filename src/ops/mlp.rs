@@ -5,8 +5,9 @@
 //! kernels; other kernels fall back to the activation kernels).
 
 use super::activation::{forward, Act};
-use super::convert;
+use super::convert::{self, Saved};
 use super::matmul::{gemm, gemm_act_into, linear_grads, Epilogue, Gemm};
+use crate::precision::Precision;
 use crate::tape::{Tape, Var};
 use crate::tensor::Tensor;
 use anyhow::{ensure, Result};
@@ -46,55 +47,21 @@ pub fn mlp(
     let mut ys = xs.clone();
     *ys.last_mut().unwrap() = d2;
     let y = gemm(&h, w2.tensor(), b2.map(|b| b.tensor()), g2)?.reshape(&ys)?;
-    // Inputs in order x, w1, [b1], w2, [b2]; where each gradient goes.
-    let mut inputs = vec![x, w1];
-    let i_b1 = b1.map(|b| {
-        inputs.push(b);
-        inputs.len() - 1
-    });
-    inputs.push(w2);
-    let i_w2 = inputs.len() - 1;
-    let i_b2 = b2.map(|b| {
-        inputs.push(b);
-        inputs.len() - 1
-    });
-    let (xt, w1t, w2t) = (x.tensor().clone(), w1.tensor().clone(), w2.tensor().clone());
-    Ok(tape.record_acc(
+    let saved = Kept {
+        x: Saved::Full(x.tensor().clone()),
+        pre: Saved::Full(pre),
+        h: Saved::Full(h),
+        fmt: Precision::F32,
+    };
+    Ok(record_mlp(
+        tape,
         y,
-        &inputs,
-        Box::new(move |dy, needs, acc| {
-            let mut out: Vec<Option<Tensor>> = vec![None; needs.len()];
-            let dy = dy.reshape(&[rows, d2])?;
-            let need_b2 = i_b2.is_some_and(|i| needs[i]);
-            let (_, dw2, db2) = linear_grads(&dy, &h, &w2t, g2, false, needs[i_w2], need_b2, None)?;
-            out[i_w2] = dw2;
-            if let Some(i) = i_b2 {
-                out[i] = db2;
-            }
-            let need_b1 = i_b1.is_some_and(|i| needs[i]);
-            if needs[0] || needs[1] || need_b1 {
-                // d(pre) = (dy W2) * act'(pre), in one matmul.
-                let dpre = Tensor::empty(dy.gpu(), &[rows, f])?;
-                let gh = Gemm::new(1, rows, f, d2);
-                gemm_act_into(
-                    &dpre,
-                    &dy,
-                    &w2t,
-                    None,
-                    gh,
-                    Some(Epilogue::ActGrad(act, &pre)),
-                )?;
-                let dx_into = if needs[0] { acc[0].take() } else { None };
-                let (dx, dw1, db1) =
-                    linear_grads(&dpre, &xt, &w1t, g1, needs[0], needs[1], need_b1, dx_into)?;
-                out[0] = dx.map(|t| t.reshape(&xs)).transpose()?;
-                out[1] = dw1;
-                if let Some(i) = i_b1 {
-                    out[i] = db1;
-                }
-            }
-            Ok(out)
-        }),
+        x,
+        (w1, b1),
+        (w2, b2),
+        act,
+        (g1, g2),
+        saved,
     ))
 }
 
@@ -112,7 +79,7 @@ fn mlp_half(
     (g1, g2): (Gemm, Gemm),
 ) -> Result<Var> {
     let fmt = tape.precision();
-    let (rows, f, d2) = (g1.m, g1.n, g2.n);
+    let d2 = g2.n;
     let xs = x.shape().to_vec();
     let keep = tape.grad_enabled();
     let (xr, x_saved) = if keep {
@@ -136,8 +103,50 @@ fn mlp_half(
     let Some(x_saved) = x_saved else {
         return Ok(Var::constant(y));
     };
-    let (pre_saved, h_saved) = (convert::save(&pre, fmt)?, convert::save(&h, fmt)?);
+    let saved = Kept {
+        x: x_saved,
+        pre: convert::save(&pre, fmt)?,
+        h: convert::save(&h, fmt)?,
+        fmt,
+    };
     drop((xr, pre, h, w1r, w2r, b1r, b2r));
+    Ok(record_mlp(
+        tape,
+        y,
+        x,
+        (w1, b1),
+        (w2, b2),
+        act,
+        (g1, g2),
+        saved,
+    ))
+}
+
+/// What the MLP's backward reads: x, the pre-activation and the
+/// activation (16-bit copies in a half mode, where the weights are rounded
+/// again from the f32 masters).
+struct Kept {
+    x: Saved,
+    pre: Saved,
+    h: Saved,
+    fmt: Precision,
+}
+
+/// Record y = fc2(act(fc1(x))) (computed by the caller) with its backward.
+#[allow(clippy::too_many_arguments)]
+fn record_mlp(
+    tape: &mut Tape,
+    y: Tensor,
+    x: &Var,
+    (w1, b1): (&Var, Option<&Var>),
+    (w2, b2): (&Var, Option<&Var>),
+    act: Act,
+    (g1, g2): (Gemm, Gemm),
+    kept: Kept,
+) -> Var {
+    let (rows, f, d2) = (g1.m, g1.n, g2.n);
+    let xs = x.shape().to_vec();
+    // Inputs in order x, w1, [b1], w2, [b2]; where each gradient goes.
     let mut inputs = vec![x, w1];
     let i_b1 = b1.map(|b| {
         inputs.push(b);
@@ -150,16 +159,16 @@ fn mlp_half(
         inputs.len() - 1
     });
     let (w1t, w2t) = (w1.tensor().clone(), w2.tensor().clone());
-    Ok(tape.record_acc(
+    tape.record_acc(
         y,
         &inputs,
         Box::new(move |dy, needs, acc| {
             let mut out: Vec<Option<Tensor>> = vec![None; needs.len()];
             let dy = dy.reshape(&[rows, d2])?;
-            let w2r = convert::round_copy(&w2t, fmt)?;
+            let w2 = convert::round_copy(&w2t, kept.fmt)?;
             let need_b2 = i_b2.is_some_and(|i| needs[i]);
-            let h = h_saved.get()?;
-            let (_, dw2, db2) = linear_grads(&dy, &h, &w2r, g2, false, needs[i_w2], need_b2, None)?;
+            let h = kept.h.get()?;
+            let (_, dw2, db2) = linear_grads(&dy, &h, &w2, g2, false, needs[i_w2], need_b2, None)?;
             drop(h);
             out[i_w2] = dw2;
             if let Some(i) = i_b2 {
@@ -167,21 +176,22 @@ fn mlp_half(
             }
             let need_b1 = i_b1.is_some_and(|i| needs[i]);
             if needs[0] || needs[1] || need_b1 {
-                let pre = pre_saved.get()?;
+                // d(pre) = (dy W2) * act'(pre), in one matmul.
+                let pre = kept.pre.get()?;
                 let dpre = Tensor::empty(dy.gpu(), &[rows, f])?;
                 gemm_act_into(
                     &dpre,
                     &dy,
-                    &w2r,
+                    &w2,
                     None,
                     Gemm::new(1, rows, f, d2),
                     Some(Epilogue::ActGrad(act, &pre)),
                 )?;
                 drop(pre);
-                let (x, w1r) = (x_saved.get()?, convert::round_copy(&w1t, fmt)?);
+                let (x, w1) = (kept.x.get()?, convert::round_copy(&w1t, kept.fmt)?);
                 let dx_into = if needs[0] { acc[0].take() } else { None };
                 let (dx, dw1, db1) =
-                    linear_grads(&dpre, &x, &w1r, g1, needs[0], needs[1], need_b1, dx_into)?;
+                    linear_grads(&dpre, &x, &w1, g1, needs[0], needs[1], need_b1, dx_into)?;
                 out[0] = dx.map(|t| t.reshape(&xs)).transpose()?;
                 out[1] = dw1;
                 if let Some(i) = i_b1 {
@@ -190,5 +200,5 @@ fn mlp_half(
             }
             Ok(out)
         }),
-    ))
+    )
 }
