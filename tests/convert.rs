@@ -151,3 +151,46 @@ fn saved_copies_are_shared_and_exact() {
     };
     assert!(f.same_storage(&t));
 }
+
+/// Tensors larger than one binding are converted in windows (the adapter's
+/// limit lowered to 4 KiB here): the same bits, odd lengths included.
+#[test]
+fn windows_convert_large_tensors() {
+    let Some(gpu) = own_gpu() else { return };
+    gpu.set_binding_limit(4096);
+    let mut r = Rng::new(7);
+    for n in [5001, 4096, 1025] {
+        let x: Vec<f32> = (0..n).map(|_| (r.uniform() as f32 - 0.5) * 300.0).collect();
+        for fmt in [Precision::F16, Precision::Bf16] {
+            let want: Vec<u16> = x
+                .iter()
+                .map(|&v| match fmt {
+                    Precision::F16 => f32_to_f16_bits(v),
+                    _ => f32_to_bf16_bits(v),
+                })
+                .collect();
+            let t = Tensor::from_slice(&gpu, &x, &[n]).unwrap();
+            let h = pack(&t, fmt).unwrap();
+            assert_eq!(h.to_bits().unwrap(), want, "{} pack, n {n}", fmt.name());
+            let back = h.unpack().unwrap().to_vec().unwrap();
+            assert!(
+                back.iter().zip(&x).all(|(b, v)| *b == fmt.round(*v)),
+                "{} unpack, n {n}",
+                fmt.name()
+            );
+            let h2 = round_pack(&t, fmt).unwrap();
+            assert_eq!(
+                h2.to_bits().unwrap(),
+                want,
+                "{} round_pack, n {n}",
+                fmt.name()
+            );
+            assert_eq!(
+                t.to_vec().unwrap(),
+                back,
+                "{} rounded in place, n {n}",
+                fmt.name()
+            );
+        }
+    }
+}

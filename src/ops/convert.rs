@@ -8,7 +8,7 @@
 //! `crate::precision` (the `half` crate's rounding, bit for bit).
 
 use super::{shader, u};
-use crate::gpu::Shader;
+use crate::gpu::{Shader, Window};
 use crate::precision::Precision;
 use crate::tensor::Tensor;
 use anyhow::{ensure, Result};
@@ -63,22 +63,33 @@ fn check_fmt(fmt: Precision) -> Result<()> {
 fn run(entry: &str, x: &Tensor, w: Option<&Tensor>, fmt: Precision) -> Result<()> {
     let gpu = x.gpu();
     let n = x.numel();
-    ensure!(
-        (n as u64) * 4 <= gpu.limits.max_storage_buffer_binding_size,
-        "a 16-bit conversion of {:?} ({n} values) is larger than one binding of this adapter",
-        x.shape()
-    );
-    let words = n.div_ceil(2);
-    let mut buffers = vec![Some(x.buffer())];
-    buffers.extend(w.map(|w| Some(w.buffer())));
-    gpu.dispatch_with(
-        &SHADER,
-        entry,
-        &[("FMT", if fmt == Precision::Bf16 { 1.0 } else { 0.0 })],
-        &[u(n), 0, 0, 0],
-        &buffers,
-        gpu.grid_1d(words, 256),
-    )
+    // A tensor larger than one binding goes in windows whose starts are
+    // multiples of the offset alignment in both the f32 and the 16-bit
+    // buffer (an even element count, so no word is split).
+    let align = (gpu.limits.min_storage_buffer_offset_alignment as usize).max(4);
+    for (e0, len) in gpu.elem_windows(n, align) {
+        let mut buffers = vec![Some(Window::elems(x.buffer(), e0, len, n))];
+        buffers.extend(w.map(|w| {
+            Some(if len == n {
+                Window::whole(w.buffer())
+            } else {
+                Window {
+                    buffer: w.buffer(),
+                    offset: (e0 * 2) as u64,
+                    size: (len.div_ceil(2) * 4) as u64,
+                }
+            })
+        }));
+        gpu.dispatch_windows(
+            &SHADER,
+            entry,
+            &[("FMT", if fmt == Precision::Bf16 { 1.0 } else { 0.0 })],
+            &[u(len), 0, 0, 0],
+            &buffers,
+            gpu.grid_1d(len.div_ceil(2), 256),
+        )?;
+    }
+    Ok(())
 }
 
 fn words_for(x: &Tensor) -> Result<Tensor> {
