@@ -595,6 +595,9 @@ pub struct StepTimes {
     pub peak_pool_mib: f64,
     /// The most pooled bytes in use at once (what the step needed).
     pub live_peak_mib: f64,
+    /// What the forward leaves in use for the backward (saved activations,
+    /// outputs); 0 with accumulation.
+    pub tape_mib: f64,
     pub allocations_after_first_step: u64,
     /// Command-buffer submits per step (the phases are waited for here, so
     /// at least 3).
@@ -645,6 +648,9 @@ pub struct StepBench {
     mode: StepMode,
     state: Vec<(Tensor, Tensor)>,
     step: u64,
+    /// Bytes the last single-batch forward left in use for its backward
+    /// (the tape's saved activations and the outputs).
+    tape_bytes: u64,
 }
 
 impl StepBench {
@@ -715,6 +721,7 @@ impl StepBench {
             mode,
             state,
             step: 0,
+            tape_bytes: 0,
         })
     }
 
@@ -759,9 +766,11 @@ impl StepBench {
             (t0, g.grads)
         } else {
             let b = self.upload(0)?;
+            let live = self.gpu.pool_stats().live_bytes();
             let mut tape = self.model.tape();
             let vars = self.model.params.vars(&mut tape);
             let out = self.model.forward(&mut tape, &vars, &b)?;
+            self.tape_bytes = self.gpu.pool_stats().live_bytes().saturating_sub(live);
             wait(&self.gpu)?;
             let t1 = Instant::now();
             let mut grads = tape.backward(&out.loss)?;
@@ -843,6 +852,7 @@ pub fn training_step(
         images_per_s: (batch * mode.accum) as f64 / (f + bk + o),
         peak_pool_mib: stats.peak_bytes as f64 / 1048576.0,
         live_peak_mib: stats.live_peak_bytes as f64 / 1048576.0,
+        tape_mib: sb.tape_bytes as f64 / 1048576.0,
         allocations_after_first_step,
         submits_per_step,
         step_ms: med(whole) * 1e3,

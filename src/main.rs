@@ -550,6 +550,7 @@ fn bench(
                 "step_ms": st.forward_ms + st.backward_ms + st.optimizer_ms,
                 "images_per_s": st.images_per_s, "peak_pool_mib": st.peak_pool_mib,
                 "live_peak_mib": st.live_peak_mib, "peak_rss_mib": rss,
+                "tape_mib": st.tape_mib,
                 "allocations_after_first_step": st.allocations_after_first_step,
                 "submits_per_step": st.submits_per_step,
                 "whole_step_ms": st.step_ms, "whole_step_submits": st.step_submits,
@@ -583,13 +584,15 @@ fn bench(
         };
         println!(
             "\ntraining step, {config} config, batch {batch}{how}: {phases}, AdamW {:.1} ms \
-             (step {:.1} ms), {:.1} images/s; buffer pool peak {:.1} MiB (in use at once: {:.1} MiB){}; \
+             (step {:.1} ms), {:.1} images/s; buffer pool peak {:.1} MiB (in use at once: {:.1} MiB; \
+             kept by the forward for the backward: {:.1} MiB){}; \
              {} buffer allocations after the first step; {:.1} submits per step (waiting after each phase)",
             st.optimizer_ms,
             st.forward_ms + st.backward_ms + st.optimizer_ms,
             st.images_per_s,
             st.peak_pool_mib,
             st.live_peak_mib,
+            st.tape_mib,
             rss.map_or(String::new(), |r| format!("; process peak RSS {r:.1} MiB")),
             st.allocations_after_first_step,
             st.submits_per_step

@@ -26,6 +26,11 @@ pub struct PoolStats {
 }
 
 impl PoolStats {
+    /// Bytes in use now (held minus free).
+    pub fn live_bytes(&self) -> u64 {
+        self.held_bytes - self.free_bytes
+    }
+
     fn note_live(&mut self) {
         let live = self.held_bytes - self.free_bytes;
         self.live_peak_bytes = self.live_peak_bytes.max(live);
