@@ -62,18 +62,22 @@ pub fn evaluate(
     let picture_ids: Vec<u64> = pictures.iter().map(|x| x.image_id).collect();
     let batch = args.per_device_eval_batch_size.max(1);
     let (tok, max_len) = (&setup.tokenizer, setup.max_len);
-    // The captions' token counts (on another thread, while the pictures
-    // are embedded).
-    let (pictures_done, lengths) = std::thread::scope(|sc| {
-        let lengths = sc.spawn(|| token_counts(tok, ex, max_len));
+    // The captions tokenized once (on another thread, while the pictures
+    // are embedded): their lengths order the batches, their rows fill them.
+    let (pictures_done, encoded) = std::thread::scope(|sc| {
+        let encoded = sc.spawn(|| encode_all(tok, ex, max_len));
         let pictures = embed_pictures(setup, pictures, args, world);
-        let lengths = lengths
+        let encoded = encoded
             .join()
             .unwrap_or_else(|_| Err(anyhow::anyhow!("the tokenizer thread panicked")));
-        (pictures, lengths)
+        (pictures, encoded)
     });
     let (picture_embeds, loaded) = pictures_done?;
-    let lengths = lengths?;
+    let (all_ids, all_mask) = encoded?;
+    let lengths: Vec<usize> = all_mask
+        .chunks(max_len)
+        .map(|m| m.iter().filter(|&&v| v != 0.0).count())
+        .collect();
     let pictures_s = t0.elapsed().as_secs_f64();
     // The examples whose picture loaded, in order: the batches' rows.
     let usable: Vec<usize> = (0..ex.len()).filter(|&i| loaded[picture_of[i]]).collect();
@@ -83,34 +87,19 @@ pub fn evaluate(
     let mut by_length: Vec<usize> = (0..usable.len()).collect();
     by_length.sort_by_key(|&j| lengths[usable[j]]);
     let mut texts = vec![0.0f32; usable.len() * e];
-    std::thread::scope(|sc| -> Result<()> {
-        // Tokenized a few batches ahead on another thread.
-        let (tx, rx) = std::sync::mpsc::sync_channel(4);
-        let (usable, by_length) = (&usable, &by_length);
-        sc.spawn(move || {
-            for rows in by_length.chunks(batch) {
-                let captions: Vec<&str> = rows
-                    .iter()
-                    .map(|&j| ex[usable[j]].caption.as_str())
-                    .collect();
-                // A panic inside the tokenizer library is an error, not a dead thread.
-                let encoded = catch_quietly(|| tok.encode_batch(&captions, max_len))
-                    .unwrap_or_else(|why| Err(anyhow::anyhow!("the tokenizer panicked: {why}")));
-                if tx.send(encoded).is_err() {
-                    return;
-                }
-            }
-        });
-        for rows in by_length.chunks(batch) {
-            check_interrupt(world)?;
-            let (ids, mask) = rx.recv()??;
-            let txt = model.embed_texts(&ids, &mask, rows.len())?.to_vec()?;
-            for (&j, row) in rows.iter().zip(txt.chunks(e)) {
-                texts[j * e..(j + 1) * e].copy_from_slice(row);
-            }
+    for rows in by_length.chunks(batch) {
+        check_interrupt(world)?;
+        let (mut ids, mut mask) = (Vec::with_capacity(rows.len() * max_len), Vec::new());
+        for &j in rows {
+            let r = usable[j] * max_len..(usable[j] + 1) * max_len;
+            ids.extend_from_slice(&all_ids[r.clone()]);
+            mask.extend_from_slice(&all_mask[r]);
         }
-        Ok(())
-    })?;
+        let txt = model.embed_texts(&ids, &mask, rows.len())?.to_vec()?;
+        for (&j, row) in rows.iter().zip(txt.chunks(e)) {
+            texts[j * e..(j + 1) * e].copy_from_slice(row);
+        }
+    }
     // eval_loss: the contrastive loss of each batch of examples, from their
     // cached embeddings.
     let scale = model.logit_scale_tensor();
@@ -166,19 +155,18 @@ pub fn evaluate(
     })
 }
 
-/// Each example's caption length in tokens (padding not counted).
-fn token_counts(tok: &TextTokenizer, ex: &[Example], max_len: usize) -> Result<Vec<usize>> {
-    let mut out = Vec::with_capacity(ex.len());
+/// Every example's caption tokenized ([examples, max_len] ids and mask,
+/// padded to max_len as the batches take them).
+fn encode_all(tok: &TextTokenizer, ex: &[Example], max_len: usize) -> Result<(Vec<u32>, Vec<f32>)> {
+    let (mut ids, mut mask) = (Vec::with_capacity(ex.len() * max_len), Vec::new());
     for chunk in ex.chunks(1024) {
         let captions: Vec<&str> = chunk.iter().map(|x| x.caption.as_str()).collect();
-        let (_, mask) = catch_quietly(|| tok.encode_batch(&captions, max_len))
+        let (i, m) = catch_quietly(|| tok.encode_batch(&captions, max_len))
             .unwrap_or_else(|why| Err(anyhow::anyhow!("the tokenizer panicked: {why}")))?;
-        out.extend(
-            mask.chunks(max_len)
-                .map(|m| m.iter().filter(|&&v| v != 0.0).count()),
-        );
+        ids.extend(i);
+        mask.extend(m);
     }
-    Ok(out)
+    Ok((ids, mask))
 }
 
 /// Across ranks a stop is agreed at a step boundary instead: one rank
