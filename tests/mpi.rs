@@ -692,7 +692,11 @@ fn fp16_ranks_skip_an_overflowing_step_together() {
     };
     assert_eq!(scales(&two), [65536.0, 32768.0, 32768.0, 32768.0]);
     assert_eq!(scales(&one), scales(&two));
-    let worst = relative_diff(&two, &one, 1e-5, &ZERO_GRADIENT);
+    // f16 activations: the ranks' half-batches sum some products in another
+    // order, and an f32 difference of one unit can move a value to the
+    // neighbouring f16 (a 1e-3 relative step) before AdamW: one f16 unit
+    // bounds it (1.8e-5 measured on lavapipe).
+    let worst = relative_diff(&two, &one, 1e-3, &ZERO_GRADIENT);
     eprintln!("fp16, 2 ranks vs 1 process: worst relative difference {worst:e}");
     std::fs::remove_dir_all(&root).unwrap();
 }
