@@ -17,23 +17,12 @@
 //           1 for rows of a matrix, the row length for its columns),
 //           values (out) [rows, out_k], indices (out, u32) [rows, out_k]
 
-//
-// Long rows on CPU adapters (one thread a row reads lanes' rows far apart)
-// go in two steps: topk_parts, where PARTS threads share a row (thread j
-// takes columns j, j + PARTS, ...: neighbouring lanes read neighbouring
-// columns) and each writes its best [rows, PARTS, k]; then topk_row with
-// PAIRS over those candidates, ranking by value and then by the column each
-// candidate carries (`cand`), so the result is the one-step result exactly.
-
-struct Params { rows: u32, cols: u32, stride: u32, k: u32, out_k: u32, off: u32, cstride: u32, parts: u32 }
-
-override PAIRS: bool = false;
+struct Params { rows: u32, cols: u32, stride: u32, k: u32, out_k: u32, off: u32, cstride: u32, _b: u32 }
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> scores: array<f32>;
 @group(0) @binding(2) var<storage, read_write> values: array<f32>;
 @group(0) @binding(3) var<storage, read_write> indices: array<u32>;
-@group(0) @binding(4) var<storage, read> cand: array<u32>;
 
 const KMAX: u32 = 32u;
 const WG: u32 = 64u;
@@ -54,25 +43,18 @@ fn scan(base: u32, c0: u32, step: u32, floored: bool, fv: f32, fi: u32) -> Local
     let k = p.k;
     for (var c = c0; c < p.cols; c += step) {
         let v = scores[base + c * p.cstride];
-        // The entry's column: c, or the one a candidate carries (PAIRS;
-        // NONE marks a part that had fewer than k columns).
-        var ci = c;
-        if PAIRS {
-            ci = cand[base + c];
-            if ci == NONE { continue; }
-        }
-        if floored && !before(fv, fi, v, ci) { continue; }
-        // Without PAIRS columns come in ascending order, so `before` is
-        // `v >` here; candidates come in any column order.
-        if l.n == k && !before(v, ci, l.v[k - 1u], l.i[k - 1u]) { continue; }
+        if floored && !before(fv, fi, v, c) { continue; }
+        // Columns come in ascending order: an equal score ranks after the
+        // ones kept already.
+        if l.n == k && !(v > l.v[k - 1u]) { continue; }
         var j = min(l.n, k - 1u);
-        while j > 0u && before(v, ci, l.v[j - 1u], l.i[j - 1u]) {
+        while j > 0u && v > l.v[j - 1u] {
             l.v[j] = l.v[j - 1u];
             l.i[j] = l.i[j - 1u];
             j -= 1u;
         }
         l.v[j] = v;
-        l.i[j] = ci;
+        l.i[j] = c;
         l.n = min(l.n + 1u, k);
     }
     return l;
@@ -88,27 +70,6 @@ fn topk_row(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgrou
     var fi = 0u;
     if floored { fv = values[o - 1u]; fi = indices[o - 1u]; }
     let l = scan(row * p.stride, 0u, 1u, floored, fv, fi);
-    for (var r = 0u; r < p.k; r++) {
-        if r < l.n {
-            values[o + r] = l.v[r];
-            indices[o + r] = l.i[r];
-        } else {
-            values[o + r] = 0.0;
-            indices[o + r] = NONE;
-        }
-    }
-}
-
-// Thread (row, j), j fastest: row's best among columns j, j + parts, ...
-// into values/indices [rows, parts, k] (NONE past a short part's end).
-@compute @workgroup_size(256, 1, 1)
-fn topk_parts(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let t = gid.x + gid.y * nwg.x * 256u;
-    let row = t / p.parts;
-    if row >= p.rows { return; }
-    let j = t % p.parts;
-    let l = scan(row * p.stride, j, p.parts, false, 0.0, 0u);
-    let o = t * p.k;
     for (var r = 0u; r < p.k; r++) {
         if r < l.n {
             values[o + r] = l.v[r];

@@ -95,13 +95,9 @@ pub fn topk_strided_with(
         scores.numel()
     );
     let gpu = scores.gpu();
-    let rows_layout = Rows::pick(gpu, layout);
-    if rows_layout == Rows::Thread && cstride == 1 && k <= PASS_K && cols >= PARTS * PART_MIN {
-        return topk_in_parts(scores, rows, cols, stride, k);
-    }
     let values = Tensor::empty(gpu, &[rows, k])?;
     let indices = Tensor::empty(gpu, &[rows, k])?;
-    let (entry, groups) = rows_layout.launch(gpu, "topk", rows);
+    let (entry, groups) = Rows::pick(gpu, layout).launch(gpu, "topk", rows);
     for off in (0..k).step_by(PASS_K) {
         let pass = PASS_K.min(k - off);
         gpu.dispatch(
@@ -121,63 +117,10 @@ pub fn topk_strided_with(
                 Some(scores.buffer()),
                 Some(values.buffer()),
                 Some(indices.buffer()),
-                None,
             ],
             groups,
         )?;
     }
-    Ok((values, indices))
-}
-
-/// Threads a row in [`topk_in_parts`], and the fewest columns each takes.
-const PARTS: usize = 64;
-const PART_MIN: usize = 16;
-
-/// Rows of at least PARTS x PART_MIN contiguous scores on the one-thread-
-/// a-row layout (CPU adapters): PARTS threads a row each keep the best of
-/// an interleaved share (neighbouring lanes load neighbouring columns),
-/// then one thread a row ranks those candidates by value and column (the
-/// same order as in one step, so the same result; shaders/topk.wgsl).
-fn topk_in_parts(
-    scores: &Tensor,
-    rows: usize,
-    cols: usize,
-    stride: usize,
-    k: usize,
-) -> Result<(Tensor, Tensor)> {
-    let gpu = scores.gpu();
-    let part_values = Tensor::empty(gpu, &[rows, PARTS * k])?;
-    let part_indices = Tensor::empty(gpu, &[rows, PARTS * k])?;
-    let params = |rows: usize, cols: usize, stride: usize| {
-        [u(rows), u(cols), u(stride), u(k), u(k), 0, 1, u(PARTS)]
-    };
-    gpu.dispatch(
-        &SHADER,
-        "topk_parts",
-        &params(rows, cols, stride),
-        &[
-            Some(scores.buffer()),
-            Some(part_values.buffer()),
-            Some(part_indices.buffer()),
-            None,
-        ],
-        gpu.grid_1d(rows * PARTS, 256),
-    )?;
-    let values = Tensor::empty(gpu, &[rows, k])?;
-    let indices = Tensor::empty(gpu, &[rows, k])?;
-    gpu.dispatch_with(
-        &SHADER,
-        "topk_row",
-        &[("PAIRS", 1.0)],
-        &params(rows, PARTS * k, PARTS * k),
-        &[
-            Some(part_values.buffer()),
-            Some(values.buffer()),
-            Some(indices.buffer()),
-            Some(part_indices.buffer()),
-        ],
-        gpu.grid_1d(rows, 256),
-    )?;
     Ok((values, indices))
 }
 
