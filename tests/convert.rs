@@ -53,6 +53,16 @@ fn cases(r: &mut Rng) -> Vec<f32> {
     v
 }
 
+/// The `half` crate's bits of each value.
+fn half_bits(x: &[f32], fmt: Precision) -> Vec<u16> {
+    x.iter()
+        .map(|&v| match fmt {
+            Precision::F16 => f32_to_f16_bits(v),
+            _ => f32_to_bf16_bits(v),
+        })
+        .collect()
+}
+
 fn same_bits(a: f32, b: f32) -> bool {
     a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan())
 }
@@ -66,13 +76,7 @@ fn packing_matches_the_half_crate() {
         let x = &all[..n];
         let t = Tensor::from_slice(&gpu, x, &[n]).unwrap();
         for fmt in [Precision::F16, Precision::Bf16] {
-            let want: Vec<u16> = x
-                .iter()
-                .map(|&v| match fmt {
-                    Precision::F16 => f32_to_f16_bits(v),
-                    _ => f32_to_bf16_bits(v),
-                })
-                .collect();
+            let want = half_bits(x, fmt);
             let h = pack(&t, fmt).unwrap();
             let got = h.to_bits().unwrap();
             for (i, (g, w)) in got.iter().zip(&want).enumerate() {
@@ -162,13 +166,7 @@ fn windows_convert_large_tensors() {
     for n in [5001, 4096, 1025] {
         let x: Vec<f32> = (0..n).map(|_| (r.uniform() as f32 - 0.5) * 300.0).collect();
         for fmt in [Precision::F16, Precision::Bf16] {
-            let want: Vec<u16> = x
-                .iter()
-                .map(|&v| match fmt {
-                    Precision::F16 => f32_to_f16_bits(v),
-                    _ => f32_to_bf16_bits(v),
-                })
-                .collect();
+            let want = half_bits(&x, fmt);
             let t = Tensor::from_slice(&gpu, &x, &[n]).unwrap();
             let h = pack(&t, fmt).unwrap();
             assert_eq!(h.to_bits().unwrap(), want, "{} pack, n {n}", fmt.name());
