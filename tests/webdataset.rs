@@ -860,15 +860,20 @@ fn train_from_shards_resumes_mid_shard_to_the_same_weights() {
             "5",
         ),
     ] {
+        // A run into `out` that must succeed; its stderr.
+        let run = |out: &Path| {
+            let o = bin()
+                .args(train_args(&model, &spec, out, &extra))
+                .env("CLIP_WGPU_WDS_SNAPSHOT_EVERY", env)
+                .env("CLIP_WGPU_GROUP_HOST_MIB", "0")
+                .output()
+                .unwrap();
+            let err = String::from_utf8_lossy(&o.stderr).into_owned();
+            assert!(o.status.success(), "{err}");
+            err
+        };
         let full = root.join(format!("{name}-full"));
-        let o = bin()
-            .args(train_args(&model, &spec, &full, &extra))
-            .env("CLIP_WGPU_WDS_SNAPSHOT_EVERY", env)
-            .env("CLIP_WGPU_GROUP_HOST_MIB", "0")
-            .output()
-            .unwrap();
-        let err = String::from_utf8_lossy(&o.stderr);
-        assert!(o.status.success(), "{err}");
+        let err = run(&full);
         assert!(err.contains("3 WebDataset shard(s)"), "{err}");
         // The checkpoint records where the stream stood, mid-shard.
         let ck = if name == "plain" {
@@ -890,14 +895,7 @@ fn train_from_shards_resumes_mid_shard_to_the_same_weights() {
         // resumes from it.
         let resumed = root.join(format!("{name}-resumed"));
         common::copy_dir(&full.join(ck), &resumed.join(ck));
-        let o = bin()
-            .args(train_args(&model, &spec, &resumed, &extra))
-            .env("CLIP_WGPU_WDS_SNAPSHOT_EVERY", env)
-            .env("CLIP_WGPU_GROUP_HOST_MIB", "0")
-            .output()
-            .unwrap();
-        let err = String::from_utf8_lossy(&o.stderr);
-        assert!(o.status.success(), "{err}");
+        let err = run(&resumed);
         assert!(err.contains("resumed from"), "{err}");
         let worst = max_diff(&full, &resumed);
         eprintln!("{name}: resumed vs uninterrupted, max abs difference {worst:e}");
