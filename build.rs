@@ -45,31 +45,47 @@ fn main() {
     let matmul = read("matmul_vec4.tmpl.wgsl");
     let activation = read("activation.wgsl");
     let activation = template::shared_block(&activation, "activation.wgsl");
-    write(
-        "matmul_vec4.wgsl",
-        matmul_gen::generate(&matmul, activation, false),
-    );
-    write(
-        "matmul_sg.wgsl",
-        matmul_gen::generate(&matmul, activation, true),
-    );
-    // The GPU matmul shares the vec4 kernels' bindings and epilogue.
-    let common = template::fill(
-        template::shared_block(&matmul, "matmul_vec4.tmpl.wgsl"),
-        &[("ACTIVATION", activation)],
-    );
-    write(
-        "matmul_blocked.wgsl",
-        template::fill(&read("matmul_blocked.tmpl.wgsl"), &[("COMMON", &common)]),
-    );
-    // The cooperative-matrix matmul, in the two sizes adapters offer (8:
-    // Apple's simdgroup matrices; 16: Vulkan's tensor cores).
+    let convert = read("convert.wgsl");
+    let unpack = template::shared_block(&convert, "convert.wgsl");
     let coop = read("matmul_coop.tmpl.wgsl");
-    for size in ["8", "16"] {
+    // Each matmul in three operand layouts: f32 A and B; f32 A, 16-bit B
+    // (the backward's dY times a kept activation or weight); both 16-bit
+    // (a half-precision forward). The cooperative-matrix kernel, whose
+    // products are f16, only in the first and last.
+    for (suffix, a16, b16) in [
+        ("", false, false),
+        ("_b16", false, true),
+        ("_ab16", true, true),
+    ] {
+        let ops = operands(unpack, a16, b16);
         write(
-            &format!("matmul_coop{size}.wgsl"),
-            template::fill(&coop, &[("S", size), ("COMMON", &common)]),
+            &format!("matmul_vec4{suffix}.wgsl"),
+            matmul_gen::generate(&matmul, activation, &ops, false),
         );
+        write(
+            &format!("matmul_sg{suffix}.wgsl"),
+            matmul_gen::generate(&matmul, activation, &ops, true),
+        );
+        // The GPU matmul shares the vec4 kernels' bindings and epilogue.
+        let common = template::fill(
+            template::shared_block(&matmul, "matmul_vec4.tmpl.wgsl"),
+            &[("ACTIVATION", activation), ("OPERANDS", &ops)],
+        );
+        write(
+            &format!("matmul_blocked{suffix}.wgsl"),
+            template::fill(&read("matmul_blocked.tmpl.wgsl"), &[("COMMON", &common)]),
+        );
+        if a16 != b16 {
+            continue;
+        }
+        // The cooperative-matrix matmul, in the two sizes adapters offer (8:
+        // Apple's simdgroup matrices; 16: Vulkan's tensor cores).
+        for size in ["8", "16"] {
+            write(
+                &format!("matmul_coop{size}{suffix}.wgsl"),
+                template::fill(&coop, &[("S", size), ("COMMON", &common)]),
+            );
+        }
     }
 
     let attention = read("attention_fused.tmpl.wgsl");
@@ -92,4 +108,27 @@ fn main() {
             )],
         ),
     );
+}
+
+/// The matmuls' OPERANDS: A and B bound as vec4<f32> arrays, or (`a16`,
+/// `b16`) as packed 16-bit words unpacked by convert.wgsl's shared block,
+/// and read through ld_a / ld_b either way.
+fn operands(unpack: &str, a16: bool, b16: bool) -> String {
+    let mut o = String::new();
+    if a16 || b16 {
+        o.push_str(unpack);
+        o.push('\n');
+    }
+    for (binding, name, half) in [(1, "a", a16), (2, "b", b16)] {
+        let (ty, load) = if half {
+            ("vec2<u32>", format!("unpack4({name}[i])"))
+        } else {
+            ("vec4<f32>", format!("{name}[i]"))
+        };
+        o.push_str(&format!(
+            "@group(0) @binding({binding}) var<storage, read> {name}: array<{ty}>;\n\
+             fn ld_{name}(i: u32) -> vec4<f32> {{ return {load}; }}\n"
+        ));
+    }
+    o.trim_end().to_string()
 }

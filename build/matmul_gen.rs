@@ -19,12 +19,17 @@ const VEC4_TILES: [(usize, usize); 6] = [(16, 2), (8, 2), (12, 2), (8, 4), (24, 
 const SG_TILES: [(usize, usize); 6] = [(16, 2), (32, 1), (24, 2), (32, 2), (16, 4), (8, 2)];
 
 /// The whole shader: the template filled in, then one entry point per tile.
-/// With `sg`, the subgroup version (needs subgroups of 8).
-pub fn generate(template: &str, activation: &str, sg: bool) -> String {
+/// With `sg`, the subgroup version (needs subgroups of 8); `operands` binds
+/// A and B (build.rs).
+pub fn generate(template: &str, activation: &str, operands: &str, sg: bool) -> String {
     let tiles = if sg { SG_TILES } else { VEC4_TILES };
     let mut o = template::fill(
         template,
-        &[("HEADER", &header(&tiles, sg)), ("ACTIVATION", activation)],
+        &[
+            ("HEADER", &header(&tiles, sg)),
+            ("ACTIVATION", activation),
+            ("OPERANDS", operands),
+        ],
     );
     for (rm, rv) in tiles {
         o.push('\n');
@@ -189,13 +194,13 @@ fn trans_a_steps(o: &mut String, rm: usize, rv: usize, sg: bool, steps: usize) {
             "kk".to_string()
         };
         if sg {
-            w!(o, "            let al{s} = a[abase + {kx} * lda4 + ra];");
+            w!(o, "            let al{s} = ld_a(abase + {kx} * lda4 + ra);");
             w!(o, "            if BIAS_GRAD {{ bsum += al{s}; }}");
         }
         for q in 0..rv {
             w!(
                 o,
-                "            let b{s}_{q} = b[bbase + {kx} * ldb4 + c{q}];"
+                "            let b{s}_{q} = ld_b(bbase + {kx} * ldb4 + c{q});"
             );
         }
         for r4 in 0..rm / 4 {
@@ -207,7 +212,7 @@ fn trans_a_steps(o: &mut String, rm: usize, rv: usize, sg: bool, steps: usize) {
             } else {
                 w!(
                     o,
-                    "            let a{r4}_{s} = a[abase + {kx} * lda4 + r{r4}];"
+                    "            let a{r4}_{s} = ld_a(abase + {kx} * lda4 + r{r4});"
                 );
                 w!(o, "            if BIAS_GRAD {{ bsum{r4} += a{r4}_{s}; }}");
             }
@@ -241,7 +246,7 @@ fn k_by_4_loop(o: &mut String, rm: usize, rv: usize, sg: bool) {
         for i in 0..4 {
             w!(
                 o,
-                "                let bt{i}_{q} = b[bbase + (4u * c{q} + {i}u) * ldb4 + kq];"
+                "                let bt{i}_{q} = ld_b(bbase + (4u * c{q} + {i}u) * ldb4 + kq);"
             );
         }
     }
@@ -255,14 +260,17 @@ fn k_by_4_loop(o: &mut String, rm: usize, rv: usize, sg: bool) {
         for q in 0..rv {
             w!(
                 o,
-                "                b{t}_{q} = b[bbase + (kq * 4u + {t}u) * ldb4 + c{q}];"
+                "                b{t}_{q} = ld_b(bbase + (kq * 4u + {t}u) * ldb4 + c{q});"
             );
         }
     }
     w!(o, "            }}");
     if sg {
         for g in 0..rm / 8 {
-            w!(o, "            let al{g} = a[abase + rl{g} * lda4 + kq];");
+            w!(
+                o,
+                "            let al{g} = ld_a(abase + rl{g} * lda4 + kq);"
+            );
         }
     }
     for r in 0..rm {
@@ -274,7 +282,7 @@ fn k_by_4_loop(o: &mut String, rm: usize, rv: usize, sg: bool) {
                 r % 8
             );
         } else {
-            w!(o, "            let a{r} = a[abase + r{r} * lda4 + kq];");
+            w!(o, "            let a{r} = ld_a(abase + r{r} * lda4 + kq);");
         }
         for t in 0..4 {
             for q in 0..rv {

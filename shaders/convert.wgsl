@@ -15,7 +15,29 @@
 
 struct Params { n: u32, _a: u32, _b: u32, _c: u32 }
 
+// BEGIN shared with the matmuls' 16-bit operands (build.rs copies it there)
 override FMT: u32 = 0u;
+
+// Four 16-bit patterns (one each in the low bits) as f32, exactly. f16:
+// normal values move their exponent and mantissa into place; subnormals
+// are m * 2^-24 (a product f32 holds exactly, so no flush-to-zero of an
+// f32 denormal can touch it); infinities and NaNs keep their payload.
+fn values4(h: vec4<u32>) -> vec4<f32> {
+    if FMT == 1u { return bitcast<vec4<f32>>(h << vec4(16u)); }
+    let sign = (h & vec4(0x8000u)) << vec4(16u);
+    let em = h & vec4(0x7fffu);
+    let normal = (em << vec4(13u)) + vec4(112u << 23u);
+    let sub = bitcast<vec4<u32>>(vec4<f32>(em) * 5.9604645e-8);
+    let special = vec4(0x7f800000u) | ((em & vec4(0x3ffu)) << vec4(13u));
+    let mag = select(select(normal, sub, em < vec4(0x400u)), special, em >= vec4(0x7c00u));
+    return bitcast<vec4<f32>>(sign | mag);
+}
+
+// Two packed words (four values, the lower index in the low half) as f32.
+fn unpack4(w: vec2<u32>) -> vec4<f32> {
+    return values4(vec4(w.x & 0xffffu, w.x >> 16u, w.y & 0xffffu, w.y >> 16u));
+}
+// END shared
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read_write> x: array<f32>;
@@ -50,18 +72,6 @@ fn f16_bits(v: f32) -> u32 {
     return sign | h;
 }
 
-fn f16_value(h: u32) -> f32 {
-    let sign = (h & 0x8000u) << 16u;
-    let e = (h >> 10u) & 0x1fu;
-    let m = h & 0x3ffu;
-    if e == 0u {
-        // Zero or subnormal: m * 2^-24, exact in f32.
-        return bitcast<f32>(sign | bitcast<u32>(ldexp(f32(m), -24)));
-    }
-    if e == 31u { return bitcast<f32>(sign | 0x7f800000u | (m << 13u)); }
-    return bitcast<f32>(sign | ((e + 112u) << 23u) | (m << 13u));
-}
-
 fn bf16_bits(v: f32) -> u32 {
     let b = bitcast<u32>(v);
     if (b & 0x7fffffffu) > 0x7f800000u { return (b >> 16u) | 0x40u; }
@@ -71,11 +81,6 @@ fn bf16_bits(v: f32) -> u32 {
 fn bits(v: f32) -> u32 {
     if FMT == 1u { return bf16_bits(v); }
     return f16_bits(v);
-}
-
-fn value(h: u32) -> f32 {
-    if FMT == 1u { return bitcast<f32>(h << 16u); }
-    return f16_value(h);
 }
 
 fn word(gid: vec3<u32>, nwg: vec3<u32>) -> u32 {
@@ -102,18 +107,18 @@ fn pack_words(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgr
 fn unpack_words(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let i = word(gid, nwg);
     if 2u * i >= p.n { return; }
-    let v = w[i];
-    x[2u * i] = value(v & 0xffffu);
-    if 2u * i + 1u < p.n { x[2u * i + 1u] = value(v >> 16u); }
+    let v = unpack4(vec2(w[i], 0u));
+    x[2u * i] = v.x;
+    if 2u * i + 1u < p.n { x[2u * i + 1u] = v.y; }
 }
 
 @compute @workgroup_size(256, 1, 1)
 fn round_values(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let i = word(gid, nwg);
     if 2u * i >= p.n { return; }
-    let h = pair_bits(i);
-    x[2u * i] = value(h.x);
-    if 2u * i + 1u < p.n { x[2u * i + 1u] = value(h.y); }
+    let v = values4(vec4(pair_bits(i), 0u, 0u));
+    x[2u * i] = v.x;
+    if 2u * i + 1u < p.n { x[2u * i + 1u] = v.y; }
 }
 
 @compute @workgroup_size(256, 1, 1)
@@ -122,6 +127,7 @@ fn round_pack(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgr
     if 2u * i >= p.n { return; }
     let h = pair_bits(i);
     w[i] = h.x | (h.y << 16u);
-    x[2u * i] = value(h.x);
-    if 2u * i + 1u < p.n { x[2u * i + 1u] = value(h.y); }
+    let v = values4(vec4(h, 0u, 0u));
+    x[2u * i] = v.x;
+    if 2u * i + 1u < p.n { x[2u * i + 1u] = v.y; }
 }

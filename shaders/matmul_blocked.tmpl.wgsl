@@ -58,13 +58,13 @@ fn load_a(abase: u32, i0: u32, k0: u32, v: u32) -> vec4<f32> {
         let kk = v / (BM / 4u);
         let i = i0 + 4u * (v % (BM / 4u));
         if k0 + kk >= p.k || i >= p.m { return vec4(0.0); }
-        return a[abase + ((k0 + kk) * p.lda + i) / 4u];
+        return ld_a(abase + ((k0 + kk) * p.lda + i) / 4u);
     }
     // Stored [m, k]: vec4s along k.
     let i = i0 + v / (BK / 4u);
     let kk = 4u * (v % (BK / 4u));
     if k0 + kk >= p.k || i >= p.m { return vec4(0.0); }
-    return a[abase + (i * p.lda + k0 + kk) / 4u];
+    return ld_a(abase + (i * p.lda + k0 + kk) / 4u);
 }
 
 // Stores what load_a(.., v) returned into half `h` of sa.
@@ -91,13 +91,13 @@ fn load_b(bbase: u32, j0: u32, k0: u32, v: u32) -> vec4<f32> {
         let j = j0 + v / (BK / 4u);
         let kk = 4u * (v % (BK / 4u));
         if k0 + kk >= p.k || j >= p.n { return vec4(0.0); }
-        return b[bbase + (j * p.ldb + k0 + kk) / 4u];
+        return ld_b(bbase + (j * p.ldb + k0 + kk) / 4u);
     }
     // Stored [k, n]: vec4s along n.
     let kk = v / (BN / 4u);
     let j = j0 + 4u * (v % (BN / 4u));
     if k0 + kk >= p.k || j >= p.n { return vec4(0.0); }
-    return b[bbase + ((k0 + kk) * p.ldb + j) / 4u];
+    return ld_b(bbase + ((k0 + kk) * p.ldb + j) / 4u);
 }
 
 fn put_b(h: u32, v: u32, x: vec4<f32>) {

@@ -50,12 +50,12 @@ fn matmul_coop(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_
             if TRANS_A {
                 let kk = v / (BM / 4u);
                 let i = 4u * (v % (BM / 4u));
-                if k0 + kk < p.k && i0 + i < p.m { x = a[abase + ((k0 + kk) * p.lda + i0 + i) / 4u]; }
+                if k0 + kk < p.k && i0 + i < p.m { x = ld_a(abase + ((k0 + kk) * p.lda + i0 + i) / 4u); }
                 for (var e = 0u; e < 4u; e++) { sa[(i + e) * BK + kk] = f16(x[e]); }
             } else {
                 let i = v / (BK / 4u);
                 let kk = 4u * (v % (BK / 4u));
-                if k0 + kk < p.k && i0 + i < p.m { x = a[abase + ((i0 + i) * p.lda + k0 + kk) / 4u]; }
+                if k0 + kk < p.k && i0 + i < p.m { x = ld_a(abase + ((i0 + i) * p.lda + k0 + kk) / 4u); }
                 for (var e = 0u; e < 4u; e++) { sa[i * BK + kk + e] = f16(x[e]); }
             }
         }
@@ -65,12 +65,12 @@ fn matmul_coop(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_
             if TRANS_B {
                 let j = v / (BK / 4u);
                 let kk = 4u * (v % (BK / 4u));
-                if k0 + kk < p.k && j0 + j < p.n { x = b[bbase + ((j0 + j) * p.ldb + k0 + kk) / 4u]; }
+                if k0 + kk < p.k && j0 + j < p.n { x = ld_b(bbase + ((j0 + j) * p.ldb + k0 + kk) / 4u); }
                 for (var e = 0u; e < 4u; e++) { sb[(kk + e) * BN + j] = f16(x[e]); }
             } else {
                 let kk = v / (BN / 4u);
                 let j = 4u * (v % (BN / 4u));
-                if k0 + kk < p.k && j0 + j < p.n { x = b[bbase + ((k0 + kk) * p.ldb + j0 + j) / 4u]; }
+                if k0 + kk < p.k && j0 + j < p.n { x = ld_b(bbase + ((k0 + kk) * p.ldb + j0 + j) / 4u); }
                 for (var e = 0u; e < 4u; e++) { sb[kk * BN + j + e] = f16(x[e]); }
             }
         }

@@ -1,7 +1,8 @@
 //# Template of matmul_vec4.wgsl and matmul_sg.wgsl (lines starting //# are
 //# left out): build/matmul_gen.rs fills in the placeholders and appends one
 //# unrolled entry point per register tile; ACTIVATION is the part of
-//# activation.wgsl between its BEGIN shared / END shared markers.
+//# activation.wgsl between its BEGIN shared / END shared markers; OPERANDS
+//# binds A and B as f32 or as packed 16-bit words (build.rs, `operands`).
 {{HEADER}}
 // Batched matmul for CPU adapters (lavapipe): register-blocked, no workgroup
 // memory, every load a vec4. Same Params and meaning as matmul.wgsl.
@@ -44,8 +45,10 @@ override ACT_KIND: u32 = 0u;
 override BIAS_GRAD: bool = false;
 
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> a: array<vec4<f32>>;
-@group(0) @binding(2) var<storage, read> b: array<vec4<f32>>;
+// A and B, read through ld_a / ld_b (vec4 i of the operand, i.e. elements
+// 4i..4i+3): f32 arrays, or 16-bit values packed two a u32 word
+// (--fp16/--bf16), unpacked exactly as they load.
+{{OPERANDS}}
 @group(0) @binding(3) var<storage, read> bias: array<vec4<f32>>;
 @group(0) @binding(4) var<storage, read_write> c: array<vec4<f32>>;
 @group(0) @binding(5) var<storage, read_write> aux: array<vec4<f32>>;

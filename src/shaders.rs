@@ -47,10 +47,18 @@ pub const ALL: &[(&str, &str)] = &[
     generated!("attention_sg"),
     generated!("attention_tiled"),
     generated!("matmul_blocked"),
+    generated!("matmul_blocked_b16"),
+    generated!("matmul_blocked_ab16"),
     generated!("matmul_coop8"),
+    generated!("matmul_coop8_ab16"),
     generated!("matmul_coop16"),
+    generated!("matmul_coop16_ab16"),
     generated!("matmul_sg"),
+    generated!("matmul_sg_b16"),
+    generated!("matmul_sg_ab16"),
     generated!("matmul_vec4"),
+    generated!("matmul_vec4_b16"),
+    generated!("matmul_vec4_ab16"),
 ];
 
 /// The source of shader `name`. A const fn so that `shader!` looks it up

@@ -390,3 +390,107 @@ fn matmul_coop_runs_or_falls_back() {
         );
     }
 }
+
+/// Packed 16-bit operands (the half-precision modes' activations and
+/// weight copies): every kernel, read through its f16/bf16 variant (vec4,
+/// subgroup, blocked) or an f32 copy (the others), gives bitwise the
+/// result of the same kernel on f32 tensors holding the unpacked values
+/// (the shader decodes exactly what convert.wgsl's unpack gives), for B
+/// alone packed (the backward: dY times a kept activation or weight) and
+/// both packed (the forward), each transpose, a weight shared across the
+/// batch, and the bias-gradient epilogue; and matches the CPU on the rounded
+/// values.
+#[test]
+fn matmul_packed_operands_match_f32() {
+    use clip_wgpu::ops::convert::pack;
+    use clip_wgpu::ops::matmul::{gemm_act_into, Epilogue, Operand};
+    use clip_wgpu::precision::Precision;
+    use clip_wgpu::tensor::Tensor;
+    let Some(gpu) = gpu() else { return };
+    let sg: &[Tile] = if gpu.subgroups_of_8() { &SG_TILES } else { &[] };
+    let mut kernels = vec![Kernel::Regs, Kernel::Tiled];
+    kernels.extend(VEC4_TILES.iter().chain(sg).map(|t| Kernel::Vec4(*t)));
+    kernels.extend(
+        BLOCKS
+            .iter()
+            .filter(|b| block_fits(b, &gpu))
+            .map(|b| Kernel::Blocked(*b)),
+    );
+    let mut r = Rng::new(1700);
+    for (i, &kernel) in kernels.iter().enumerate() {
+        // bf16's decode is one shift: every third kernel is enough.
+        let fmts: &[Precision] = if i % 3 == 0 {
+            &[Precision::F16, Precision::Bf16]
+        } else {
+            &[Precision::F16]
+        };
+        for (j, &fmt) in fmts.iter().enumerate() {
+            // One transpose a kernel and format, in turn (each is a pipeline
+            // to build, and lavapipe builds them slowly).
+            let cases = [
+                (false, true, true),
+                (false, false, false),
+                (true, false, false),
+            ];
+            {
+                let (ta, tb, b_shared) = cases[(i + j) % 3];
+                let (batch, m, n, k) = (2, 36, 44, 20);
+                // Values past f16's range edges: subnormals, large ones.
+                let scale = if fmt == Precision::F16 { 1e-5 } else { 1.0 };
+                let mut a = r.vec(batch * m * k, 1.0);
+                a.iter_mut().step_by(7).for_each(|v| *v *= scale);
+                let b = r.vec(if b_shared { k * n } else { batch * k * n }, 300.0);
+                let ash = if ta { [batch, k, m] } else { [batch, m, k] };
+                let bsh = if tb { vec![n, k] } else { vec![batch, k, n] };
+                let (at, bt) = (upload(&gpu, &a, &ash), upload(&gpu, &b, &bsh));
+                let (ah, bh) = (pack(&at, fmt).unwrap(), pack(&bt, fmt).unwrap());
+                let (au, bu) = (ah.unpack().unwrap(), bh.unpack().unwrap());
+                let g = Gemm::new(batch, m, n, k).ta(ta).tb(tb).kernel(kernel);
+                let want = download(&gemm(&au, &bu, None, g).unwrap());
+                let name = format!("{} {} ta={ta} tb={tb}", kernel.name(), fmt.name());
+                for (what, aop) in [("b16", Operand::F32(&au)), ("ab16", Operand::Half(&ah))] {
+                    let got = download(&gemm(aop, &bh, None, g).unwrap());
+                    assert!(
+                        got.iter()
+                            .zip(&want)
+                            .all(|(x, y)| x.to_bits() == y.to_bits()),
+                        "{name} {what}: not the f32 kernel's result"
+                    );
+                }
+                let round = |x: &[f64]| -> Vec<f64> {
+                    x.iter().map(|v| fmt.round(*v as f32) as f64).collect()
+                };
+                let cpu = gemm_ref(&round(&a), &round(&b), None, g);
+                assert_close(&format!("{name} vs CPU"), &want, &cpu, 1e-4 * 300.0);
+            }
+        }
+        // The bias-gradient epilogue sums A's own (unpacked) loads.
+        if matches!(kernel, Kernel::Vec4(_) | Kernel::Blocked(_)) && i % 4 == 0 {
+            let (m, n, k) = (36, 44, 20);
+            let a = r.vec(k * m, 1.0);
+            let b = r.vec(k * n, 1.0);
+            let g = Gemm::new(1, m, n, k).ta(true).kernel(kernel);
+            let (at, bt) = (upload(&gpu, &a, &[k, m]), upload(&gpu, &b, &[k, n]));
+            let (ah, bh) = (
+                pack(&at, Precision::F16).unwrap(),
+                pack(&bt, Precision::F16).unwrap(),
+            );
+            let run = |a: Operand, b: Operand| {
+                let (c, s) = (
+                    Tensor::empty(&gpu, &[m, n]).unwrap(),
+                    Tensor::empty(&gpu, &[m]).unwrap(),
+                );
+                gemm_act_into(&c, a, b, None, g, Some(Epilogue::BiasGrad(&s))).unwrap();
+                (c.to_vec().unwrap(), s.to_vec().unwrap())
+            };
+            let au = ah.unpack().unwrap();
+            let want = run(Operand::F32(&au), Operand::F32(&bh.unpack().unwrap()));
+            assert_eq!(
+                run(Operand::Half(&ah), Operand::Half(&bh)),
+                want,
+                "{} bias grad",
+                kernel.name()
+            );
+        }
+    }
+}

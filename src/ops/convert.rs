@@ -181,30 +181,15 @@ pub fn save(x: &Tensor, fmt: Precision) -> Result<Saved> {
     }))
 }
 
-/// `x` rounded to `fmt` for an op's input (a matmul operand, as autocast
-/// casts it) and the saved copy of those values: one pass, or none when
-/// another op already packed `x` (the copy is unpacked instead).
-pub fn rounded_input(x: &Tensor, fmt: Precision) -> Result<(Tensor, Saved)> {
-    if !fmt.is_half() {
-        return Ok((x.clone(), Saved::Full(x.clone())));
-    }
-    let memo = x.packed_memo();
-    if let Some((f, w)) = memo.get() {
-        if *f == fmt {
-            let h = Half {
-                words: w.clone(),
-                shape: x.shape().to_vec(),
-                fmt,
-            };
-            return Ok((h.unpack()?, Saved::Half(h)));
-        }
-    }
-    let xr = Tensor::empty(x.gpu(), x.shape())?;
-    x.gpu()
-        .copy(x.buffer(), xr.buffer(), (x.numel() * 4) as u64);
-    let h = round_pack(&xr, fmt)?;
-    let _ = memo.set((fmt, h.words.clone()));
-    Ok((xr, Saved::Half(h)))
+/// `w` as a matmul reads it at precision `fmt`, as autocast casts a
+/// weight: itself at f32, else its 16-bit copy (made anew each time: the
+/// f32 master weights change every step).
+pub fn cast(w: &Tensor, fmt: Precision) -> Result<Saved> {
+    Ok(if fmt.is_half() {
+        Saved::Half(pack(w, fmt)?)
+    } else {
+        Saved::Full(w.clone())
+    })
 }
 
 /// CPU reference of the round trip.

@@ -3,7 +3,8 @@
 //! bias gradient is a column sum.
 
 use super::activation::Act;
-use super::{convert, f, reduce, shader, u};
+use super::convert::{self, Half};
+use super::{f, reduce, shader, u};
 use crate::gpu::{DeviceClass, Gpu, Shader};
 use crate::precision::Precision;
 use crate::tape::{Tape, Var};
@@ -11,11 +12,101 @@ use crate::tensor::Tensor;
 use anyhow::{ensure, Result};
 
 const SHADER: Shader = shader!("matmul");
-const SHADER_VEC4: Shader = shader!("matmul_vec4");
-const SHADER_SG: Shader = shader!("matmul_sg");
-const SHADER_BLOCKED: Shader = shader!("matmul_blocked");
-const SHADER_COOP8: Shader = shader!("matmul_coop8");
-const SHADER_COOP16: Shader = shader!("matmul_coop16");
+// The generated kernels by operand layout (`Layout as usize`).
+const SHADER_VEC4: [Shader; 3] = [
+    shader!("matmul_vec4"),
+    shader!("matmul_vec4_b16"),
+    shader!("matmul_vec4_ab16"),
+];
+const SHADER_SG: [Shader; 3] = [
+    shader!("matmul_sg"),
+    shader!("matmul_sg_b16"),
+    shader!("matmul_sg_ab16"),
+];
+const SHADER_BLOCKED: [Shader; 3] = [
+    shader!("matmul_blocked"),
+    shader!("matmul_blocked_b16"),
+    shader!("matmul_blocked_ab16"),
+];
+const SHADER_COOP8: [Shader; 2] = [shader!("matmul_coop8"), shader!("matmul_coop8_ab16")];
+const SHADER_COOP16: [Shader; 2] = [shader!("matmul_coop16"), shader!("matmul_coop16_ab16")];
+
+/// A matmul operand: f32 values, or 16-bit ones packed two a u32 word (the
+/// half-precision modes' kept activations and weight copies), which the
+/// vec4, subgroup, blocked and cooperative-matrix kernels read as they are:
+/// the rest get an f32 copy first.
+#[derive(Clone, Copy, Debug)]
+pub enum Operand<'a> {
+    F32(&'a Tensor),
+    Half(&'a Half),
+}
+
+impl<'a> From<&'a Tensor> for Operand<'a> {
+    fn from(t: &'a Tensor) -> Self {
+        Operand::F32(t)
+    }
+}
+
+impl<'a> From<&'a Half> for Operand<'a> {
+    fn from(h: &'a Half) -> Self {
+        Operand::Half(h)
+    }
+}
+
+impl<'a> From<&'a convert::Saved> for Operand<'a> {
+    fn from(s: &'a convert::Saved) -> Self {
+        match s {
+            convert::Saved::Full(t) => Operand::F32(t),
+            convert::Saved::Half(h) => Operand::Half(h),
+        }
+    }
+}
+
+impl Operand<'_> {
+    pub fn shape(&self) -> &[usize] {
+        match self {
+            Operand::F32(t) => t.shape(),
+            Operand::Half(h) => h.shape(),
+        }
+    }
+    pub fn numel(&self) -> usize {
+        match self {
+            Operand::F32(t) => t.numel(),
+            Operand::Half(h) => h.numel(),
+        }
+    }
+    fn tensor(&self) -> &Tensor {
+        match self {
+            Operand::F32(t) => t,
+            Operand::Half(h) => h.words(),
+        }
+    }
+    fn gpu(&self) -> &std::sync::Arc<Gpu> {
+        self.tensor().gpu()
+    }
+    /// The 16-bit format of a packed operand.
+    fn half(&self) -> Option<Precision> {
+        match self {
+            Operand::F32(_) => None,
+            Operand::Half(h) => Some(h.precision()),
+        }
+    }
+    /// The values as f32 (a fresh tensor for a packed operand).
+    fn to_f32(&self) -> Result<Tensor> {
+        match self {
+            Operand::F32(t) => Ok((*t).clone()),
+            Operand::Half(h) => h.unpack(),
+        }
+    }
+}
+
+/// Which operands a kernel reads packed: the generated shaders' variants.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Layout {
+    F32 = 0,
+    B16 = 1,
+    Ab16 = 2,
+}
 
 pub use crate::gpu::settings::{Block, Tile, Variant};
 
@@ -87,11 +178,6 @@ pub struct Gemm {
     pub tile: Option<Tile>,
     /// Force a matmul_blocked block (tests, tuner); `None` picks per adapter.
     pub block: Option<Block>,
-    /// Both operands hold only IEEE half values (`--fp16`'s rounded
-    /// activations and weights), so the cooperative-matrix kernel, which
-    /// reads its operands as f16, computes the same products: the tuner
-    /// tries it too.
-    pub f16_operands: bool,
 }
 
 impl Gemm {
@@ -108,7 +194,6 @@ impl Gemm {
             variant: None,
             tile: None,
             block: None,
-            f16_operands: false,
         }
     }
     pub fn ta(mut self, t: bool) -> Gemm {
@@ -135,10 +220,6 @@ impl Gemm {
         self.block = Some(b);
         self
     }
-    pub fn f16_operands(mut self, yes: bool) -> Gemm {
-        self.f16_operands = yes;
-        self
-    }
     /// `self` forced to run `k`.
     pub fn kernel(self, k: Kernel) -> Gemm {
         let g = self.variant(k.variant());
@@ -154,7 +235,7 @@ impl Gemm {
 }
 
 /// Batch stride of an operand: 0 when one matrix serves every batch entry.
-fn batch_stride(t: &Tensor, per: usize, batch: usize, what: &str) -> Result<usize> {
+fn batch_stride(t: Operand, per: usize, batch: usize, what: &str) -> Result<usize> {
     if t.numel() == per * batch {
         Ok(per)
     } else if t.numel() == per {
@@ -169,7 +250,13 @@ fn batch_stride(t: &Tensor, per: usize, batch: usize, what: &str) -> Result<usiz
 
 /// Run `g` into an existing output (which it overwrites or, with
 /// `accumulate`, adds to).
-pub fn gemm_into(c: &Tensor, a: &Tensor, b: &Tensor, bias: Option<&Tensor>, g: Gemm) -> Result<()> {
+pub fn gemm_into<'o>(
+    c: &Tensor,
+    a: impl Into<Operand<'o>>,
+    b: impl Into<Operand<'o>>,
+    bias: Option<&Tensor>,
+    g: Gemm,
+) -> Result<()> {
     gemm_act_into(c, a, b, bias, g, None)
 }
 
@@ -200,14 +287,15 @@ impl<'a> Epilogue<'a> {
 
 /// `gemm_into` with an epilogue: in the same pass with the vec4 kernels,
 /// else by separate kernels afterwards.
-pub fn gemm_act_into(
+pub fn gemm_act_into<'o>(
     c: &Tensor,
-    a: &Tensor,
-    b: &Tensor,
+    a: impl Into<Operand<'o>>,
+    b: impl Into<Operand<'o>>,
     bias: Option<&Tensor>,
     g: Gemm,
     act: Option<Epilogue>,
 ) -> Result<()> {
+    let (a, b) = (a.into(), b.into());
     match act {
         Some(Epilogue::BiasGrad(out)) => ensure!(
             out.numel() == g.m && g.ta && g.batch == 1 && !g.accumulate && g.alpha == 1.0,
@@ -268,7 +356,25 @@ pub fn gemm_act_into(
         g.accumulate as u32,
         f(g.alpha),
     ];
+    let layout = match (a.half(), b.half()) {
+        (None, None) => Layout::F32,
+        (None, Some(_)) => Layout::B16,
+        (Some(fa), Some(fb)) if fa == fb => Layout::Ab16,
+        // No kernel reads only A packed (or two formats): A as f32.
+        _ => return gemm_act_into(c, &a.to_f32()?, b, bias, g, act),
+    };
     let kernel = choose(&g, a, b, c, a_bs, b_bs)?;
+    let packed_ok = match kernel {
+        Kernel::Vec4(_) | Kernel::Blocked(_) => true,
+        // Its products are f16: exact for f32 operands holding f16 values
+        // and for packed f16 ones, not for packed bf16.
+        Kernel::Coop(_) => layout == Layout::F32 || a.half() == Some(Precision::F16),
+        Kernel::Regs | Kernel::Tiled => layout == Layout::F32,
+    };
+    if !packed_ok {
+        let (af, bf) = (a.to_f32()?, b.to_f32()?);
+        return gemm_act_into(c, &af, &bf, bias, g.kernel(kernel), act);
+    }
     let mut params = params;
     if gpu.settings().broken_kernel.as_deref() == Some(kernel.name().as_str()) {
         // Test hook (Settings::broken_kernel): this kernel computes wrong
@@ -282,7 +388,8 @@ pub fn gemm_act_into(
         // The vec4 kernels read a transposed B as vec4s along k (TRANS_B);
         // where they cannot, B is transposed first (one pass over it) so its
         // rows are vec4s along n.
-        let bt = super::permute::transpose(b, if b_bs == 0 { 1 } else { g.batch }, g.n, g.k)?;
+        let bt =
+            super::permute::transpose(&b.to_f32()?, if b_bs == 0 { 1 } else { g.batch }, g.n, g.k)?;
         let g = Gemm { tb: false, ..g }.kernel(kernel);
         return gemm_act_into(c, a, &bt, bias, g, act);
     }
@@ -298,7 +405,7 @@ pub fn gemm_act_into(
                 Ok(())
             }
             // A stored [k, m]: its column sums.
-            Epilogue::BiasGrad(out) => reduce::colsum_into(a, g.k, g.m, out, false),
+            Epilogue::BiasGrad(out) => reduce::colsum_into(&a.to_f32()?, g.k, g.m, out, false),
         };
     }
     let entry;
@@ -307,18 +414,25 @@ pub fn gemm_act_into(
         Kernel::Vec4(t) => {
             // 8x8 threads of rm rows x 4*rv columns (build/matmul_gen.rs).
             let sh = if t.sg { &SHADER_SG } else { &SHADER_VEC4 };
+            let sh = &sh[layout as usize];
             let prefix = if t.sg { "matmul_sg" } else { "matmul_vec4" };
             entry = format!("{prefix}_{}x{}", t.rm, t.rv);
             (sh, entry.as_str(), 8 * t.rm, 32 * t.rv)
         }
         Kernel::Tiled => (&SHADER, "matmul_tiled", 64, 64),
-        Kernel::Blocked(b) => (&SHADER_BLOCKED, "matmul_blocked", b.bm, b.bn),
+        Kernel::Blocked(b) => (
+            &SHADER_BLOCKED[layout as usize],
+            "matmul_blocked",
+            b.bm,
+            b.bn,
+        ),
         Kernel::Coop(s) => {
             let sh = if s == 16 {
                 &SHADER_COOP16
             } else {
                 &SHADER_COOP8
             };
+            let sh = &sh[(layout == Layout::Ab16) as usize];
             (sh, "matmul_coop", 2 * s as usize, 2 * s as usize)
         }
     };
@@ -336,6 +450,10 @@ pub fn gemm_act_into(
             ("BIAS_GRAD", act.is_some_and(|e| e.parts().3) as u32 as f64),
         ]);
     }
+    if let Some(fmt) = b.half() {
+        // The packed operands' format (convert.wgsl's FMT).
+        constants.push(("FMT", (fmt == Precision::Bf16) as u32 as f64));
+    }
     if let Kernel::Coop(_) = kernel {
         // A workgroup is one subgroup (the adapter has one subgroup size).
         constants.push(("WG", gpu.info.subgroup_max_size as f64));
@@ -350,8 +468,8 @@ pub fn gemm_act_into(
         ]);
     }
     let buffers = [
-        Some(a.buffer()),
-        Some(b.buffer()),
+        Some(a.tensor().buffer()),
+        Some(b.tensor().buffer()),
         bias.map(|t| t.buffer()),
         Some(c.buffer()),
         act.map(|e| e.parts().0.buffer()),
@@ -573,8 +691,8 @@ fn forced_block(gpu: &Gpu) -> Result<Option<Block>> {
 /// operands into a scratch output), or the heuristic when tuning is off.
 fn choose(
     g: &Gemm,
-    a: &Tensor,
-    b: &Tensor,
+    a: Operand,
+    b: Operand,
     c: &Tensor,
     a_bs: usize,
     b_bs: usize,
@@ -599,7 +717,8 @@ fn choose(
             Variant::Coop => Kernel::Coop(gpu.coop.unwrap_or(16)),
         });
     }
-    let candidates = candidates(g, gpu, a_bs, b_bs);
+    let f16 = a.half() == Some(Precision::F16) && b.half() == a.half();
+    let candidates = candidates(g, gpu, a_bs, b_bs, f16);
     if candidates.len() == 1 {
         return Ok(candidates[0]);
     }
@@ -613,10 +732,10 @@ fn choose(
         if g.tb { " tb" } else { "" },
         if a_bs == 0 { " a-shared" } else { "" },
         if b_bs == 0 { " b-shared" } else { "" },
-        if g.f16_operands && gpu.coop.is_some() {
-            " f16"
-        } else {
-            ""
+        match (a.half(), b.half()) {
+            (_, None) => String::new(),
+            (None, Some(f)) => format!(" b:{}", f.name()),
+            (Some(f), Some(_)) => format!(" ab:{}", f.name()),
         },
     );
     if let Some(found) = gpu
@@ -667,8 +786,8 @@ fn choose(
 /// shape never goes without a kernel.
 fn verified(
     g: &Gemm,
-    a: &Tensor,
-    b: &Tensor,
+    a: Operand,
+    b: Operand,
     scratch: &Tensor,
     key: &str,
     candidates: Vec<Kernel>,
@@ -723,7 +842,13 @@ fn verified(
 }
 
 /// The kernel `gemm_into(c, a, b, .., g)` runs, by name (e.g. "vec4 16x2").
-pub fn kernel_name(g: &Gemm, a: &Tensor, b: &Tensor, c: &Tensor) -> Result<String> {
+pub fn kernel_name<'o>(
+    g: &Gemm,
+    a: impl Into<Operand<'o>>,
+    b: impl Into<Operand<'o>>,
+    c: &Tensor,
+) -> Result<String> {
+    let (a, b) = (a.into(), b.into());
     let a_bs = batch_stride(a, g.m * g.k, g.batch, "A")?;
     let b_bs = batch_stride(b, g.k * g.n, g.batch, "B")?;
     Ok(choose(g, a, b, c, a_bs, b_bs)?.name())
@@ -732,9 +857,9 @@ pub fn kernel_name(g: &Gemm, a: &Tensor, b: &Tensor, c: &Tensor) -> Result<Strin
 /// What the tuner tries: on CPU adapters every vec4 tile (the other kernels
 /// are several times slower there), on GPUs the tiled and register kernels
 /// and, where the shapes allow, the blocks the device fits and the vec4
-/// tiles, and the cooperative-matrix kernel where the operands are f16
-/// values and the adapter has it.
-fn candidates(g: &Gemm, gpu: &Gpu, a_bs: usize, b_bs: usize) -> Vec<Kernel> {
+/// tiles, and the cooperative-matrix kernel where both operands are packed
+/// f16 values (`f16`) and the adapter has it.
+fn candidates(g: &Gemm, gpu: &Gpu, a_bs: usize, b_bs: usize, f16: bool) -> Vec<Kernel> {
     let mut vec4: Vec<Kernel> = Vec::new();
     if vec4_ok(g, a_bs, b_bs) {
         let sg = if gpu.subgroups_of_8() {
@@ -756,7 +881,7 @@ fn candidates(g: &Gemm, gpu: &Gpu, a_bs: usize, b_bs: usize) -> Vec<Kernel> {
                         .filter(|b| block_fits(b, gpu))
                         .map(|b| Kernel::Blocked(*b)),
                 );
-                if let (true, Some(size)) = (g.f16_operands, gpu.coop) {
+                if let (true, Some(size)) = (f16, gpu.coop) {
                     v.push(Kernel::Coop(size));
                 }
             }
@@ -815,8 +940,14 @@ fn blocked_ok(g: &Gemm, a_bs: usize, b_bs: usize) -> bool {
 }
 
 /// `g` into a new [batch, m, n] tensor.
-pub fn gemm(a: &Tensor, b: &Tensor, bias: Option<&Tensor>, g: Gemm) -> Result<Tensor> {
+pub fn gemm<'o>(
+    a: impl Into<Operand<'o>>,
+    b: impl Into<Operand<'o>>,
+    bias: Option<&Tensor>,
+    g: Gemm,
+) -> Result<Tensor> {
     ensure!(!g.accumulate, "gemm: accumulate needs an existing output");
+    let a = a.into();
     let c = Tensor::empty(a.gpu(), &[g.batch, g.m, g.n])?;
     gemm_into(&c, a, b, bias, g)?;
     Ok(c)
@@ -956,29 +1087,24 @@ pub fn linear(tape: &mut Tape, x: &Var, w: &Var, b: Option<&Var>) -> Result<Var>
 }
 
 /// `linear` in a half mode, as under autocast: x, W and b rounded to the
-/// format, f32 accumulation, y rounded; the backward keeps x's 16-bit copy
-/// and rounds W again from the f32 master weights (no second copy held).
+/// format, f32 accumulation, y rounded. The matmul reads x's and W's 16-bit
+/// copies; the backward keeps x's and packs W again from the f32 master
+/// weights (no second copy held between the passes).
 fn linear_half(tape: &mut Tape, x: &Var, w: &Var, b: Option<&Var>) -> Result<Var> {
     let fmt = tape.precision();
     let (g, ys) = linear_shape(x, w)?;
     let keep = tape.grad_enabled() && (x.requires_grad() || w.requires_grad());
-    let (xr, xs) = if keep {
-        let (xr, xs) = convert::rounded_input(x.tensor(), fmt)?;
-        (xr, Some(xs))
-    } else {
-        (convert::round_copy(x.tensor(), fmt)?, None)
-    };
-    let wr = convert::round_copy(w.tensor(), fmt)?;
+    let xs = convert::save(x.tensor(), fmt)?;
+    let wh = convert::cast(w.tensor(), fmt)?;
     let br = b
         .map(|b| convert::round_copy(b.tensor(), fmt))
         .transpose()?;
-    let gf = g.f16_operands(fmt == Precision::F16);
-    let y = gemm(&xr, &wr, br.as_ref(), gf)?.reshape(&ys)?;
+    let y = gemm(&xs, &wh, br.as_ref(), g)?.reshape(&ys)?;
     convert::round_inplace(&y, fmt)?;
-    drop((xr, wr, br));
-    let Some(xs) = xs else {
+    drop((wh, br));
+    if !keep {
         return Ok(Var::constant(y));
-    };
+    }
     Ok(record_linear(tape, y, x, w, b, g, xs, fmt))
 }
 
@@ -1000,7 +1126,7 @@ fn linear_shape(x: &Var, w: &Var) -> Result<(Gemm, Vec<usize>)> {
 }
 
 /// Record y = x W^T + b (computed by the caller) with its backward, which
-/// reads x from `xs` and W rounded to `fmt` (the f32 weights at f32).
+/// reads x from `xs` and W cast to `fmt` (the f32 weights at f32).
 #[allow(clippy::too_many_arguments)]
 fn record_linear(
     tape: &mut Tape,
@@ -1023,8 +1149,13 @@ fn record_linear(
         Box::new(move |dy, needs, acc| {
             let need_b = needs.len() > 2 && needs[2];
             let dx_into = if needs[0] { acc[0].take() } else { None };
-            let (x, w) = (xs.get()?, convert::round_copy(&wt, fmt)?);
-            let (dx, dw, db) = linear_grads(dy, &x, &w, g, needs[0], needs[1], need_b, dx_into)?;
+            // W is read only for dx.
+            let w = if needs[0] {
+                convert::cast(&wt, fmt)?
+            } else {
+                convert::Saved::Full(wt.clone())
+            };
+            let (dx, dw, db) = linear_grads(dy, &xs, &w, g, needs[0], needs[1], need_b, dx_into)?;
             let mut out = vec![dx, dw];
             if needs.len() > 2 {
                 out.push(db);
@@ -1038,10 +1169,10 @@ fn record_linear(
 /// dx (added into `dx_into`, a pending gradient of x, when given), dW and
 /// db, the bias gradient in the weight gradient's pass where both are needed.
 #[allow(clippy::too_many_arguments)]
-pub fn linear_grads(
+pub fn linear_grads<'o>(
     dy: &Tensor,
-    x: &Tensor,
-    w: &Tensor,
+    x: impl Into<Operand<'o>>,
+    w: impl Into<Operand<'o>>,
     g: Gemm,
     need_x: bool,
     need_w: bool,
@@ -1049,6 +1180,7 @@ pub fn linear_grads(
     dx_into: Option<Tensor>,
 ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
     let (rows, out_f, in_f) = (g.m, g.n, g.k);
+    let (x, w) = (x.into(), w.into());
     let gpu = dy.gpu();
     let dx = if need_x {
         // dx = dy W : [rows, in].

@@ -68,8 +68,9 @@ pub fn mlp(
 /// `mlp` in a half mode, as autocast runs it: each linear's operands and
 /// output rounded to the format (its own pass, not the fused activation
 /// epilogue, so the activation sees the rounded pre-activation as PyTorch's
-/// does), the activation's output rounded too; the backward keeps the
-/// 16-bit copies of x, the pre-activation and the activation.
+/// does), the activation's output rounded too. The matmuls read 16-bit
+/// copies of x, the activation and the weights; the backward keeps those of
+/// x, the pre-activation and the activation.
 fn mlp_half(
     tape: &mut Tape,
     x: &Var,
@@ -81,35 +82,29 @@ fn mlp_half(
     let fmt = tape.precision();
     let d2 = g2.n;
     let xs = x.shape().to_vec();
-    let keep = tape.grad_enabled();
-    let (xr, x_saved) = if keep {
-        let (xr, s) = convert::rounded_input(x.tensor(), fmt)?;
-        (xr, Some(s))
-    } else {
-        (convert::round_copy(x.tensor(), fmt)?, None)
-    };
     let round = |t: Option<&Var>| t.map(|t| convert::round_copy(t.tensor(), fmt)).transpose();
-    let (w1r, b1r) = (convert::round_copy(w1.tensor(), fmt)?, round(b1)?);
-    let (w2r, b2r) = (convert::round_copy(w2.tensor(), fmt)?, round(b2)?);
-    let f16 = fmt == crate::precision::Precision::F16;
-    let pre = gemm(&xr, &w1r, b1r.as_ref(), g1.f16_operands(f16))?;
+    let x_saved = convert::save(x.tensor(), fmt)?;
+    let (w1h, b1r) = (convert::cast(w1.tensor(), fmt)?, round(b1)?);
+    let pre = gemm(&x_saved, &w1h, b1r.as_ref(), g1)?;
+    drop((w1h, b1r));
     convert::round_inplace(&pre, fmt)?;
     let h = forward(&pre, act)?;
-    convert::round_inplace(&h, fmt)?;
+    let h_saved = convert::round_pack(&h, fmt).map(Saved::Half)?;
+    drop(h);
+    let (w2h, b2r) = (convert::cast(w2.tensor(), fmt)?, round(b2)?);
     let mut ys = xs.clone();
     *ys.last_mut().unwrap() = d2;
-    let y = gemm(&h, &w2r, b2r.as_ref(), g2.f16_operands(f16))?.reshape(&ys)?;
+    let y = gemm(&h_saved, &w2h, b2r.as_ref(), g2)?.reshape(&ys)?;
     convert::round_inplace(&y, fmt)?;
-    let Some(x_saved) = x_saved else {
+    if !tape.grad_enabled() {
         return Ok(Var::constant(y));
-    };
+    }
     let saved = Kept {
         x: x_saved,
         pre: convert::save(&pre, fmt)?,
-        h: convert::save(&h, fmt)?,
+        h: h_saved,
         fmt,
     };
-    drop((xr, pre, h, w1r, w2r, b1r, b2r));
     Ok(record_mlp(
         tape,
         y,
@@ -165,11 +160,10 @@ fn record_mlp(
         Box::new(move |dy, needs, acc| {
             let mut out: Vec<Option<Tensor>> = vec![None; needs.len()];
             let dy = dy.reshape(&[rows, d2])?;
-            let w2 = convert::round_copy(&w2t, kept.fmt)?;
+            let w2 = convert::cast(&w2t, kept.fmt)?;
             let need_b2 = i_b2.is_some_and(|i| needs[i]);
-            let h = kept.h.get()?;
-            let (_, dw2, db2) = linear_grads(&dy, &h, &w2, g2, false, needs[i_w2], need_b2, None)?;
-            drop(h);
+            let (_, dw2, db2) =
+                linear_grads(&dy, &kept.h, &w2, g2, false, needs[i_w2], need_b2, None)?;
             out[i_w2] = dw2;
             if let Some(i) = i_b2 {
                 out[i] = db2;
@@ -188,10 +182,16 @@ fn record_mlp(
                     Some(Epilogue::ActGrad(act, &pre)),
                 )?;
                 drop(pre);
-                let (x, w1) = (kept.x.get()?, convert::round_copy(&w1t, kept.fmt)?);
+                // W1 is read only for dx.
+                let w1 = if needs[0] {
+                    convert::cast(&w1t, kept.fmt)?
+                } else {
+                    Saved::Full(w1t.clone())
+                };
                 let dx_into = if needs[0] { acc[0].take() } else { None };
-                let (dx, dw1, db1) =
-                    linear_grads(&dpre, &x, &w1, g1, needs[0], needs[1], need_b1, dx_into)?;
+                let (dx, dw1, db1) = linear_grads(
+                    &dpre, &kept.x, &w1, g1, needs[0], needs[1], need_b1, dx_into,
+                )?;
                 out[0] = dx.map(|t| t.reshape(&xs)).transpose()?;
                 out[1] = dw1;
                 if let Some(i) = i_b1 {
