@@ -110,15 +110,13 @@ fn main() {
     );
 }
 
-/// The matmuls' OPERANDS: A and B bound as vec4<f32> arrays, or (`a16`,
-/// `b16`) as packed 16-bit words unpacked by convert.wgsl's shared block,
-/// and read through ld_a / ld_b either way.
+/// The matmuls' OPERANDS: convert.wgsl's shared block (16-bit decoding
+/// and rounding, for packed operands and the ROUND epilogue), then A and B
+/// bound as vec4<f32> arrays or (`a16`, `b16`) as packed 16-bit words, and
+/// read through ld_a / ld_b either way.
 fn operands(unpack: &str, a16: bool, b16: bool) -> String {
-    let mut o = String::new();
-    if a16 || b16 {
-        o.push_str(unpack);
-        o.push('\n');
-    }
+    let mut o = String::from(unpack);
+    o.push('\n');
     for (binding, name, half) in [(1, "a", a16), (2, "b", b16)] {
         let (ty, load) = if half {
             ("vec2<u32>", format!("unpack4({name}[i])"))

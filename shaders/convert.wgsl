@@ -37,11 +37,6 @@ fn values4(h: vec4<u32>) -> vec4<f32> {
 fn unpack4(w: vec2<u32>) -> vec4<f32> {
     return values4(vec4(w.x & 0xffffu, w.x >> 16u, w.y & 0xffffu, w.y >> 16u));
 }
-// END shared
-
-@group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read_write> x: array<f32>;
-@group(0) @binding(2) var<storage, read_write> w: array<u32>;
 
 fn f16_bits(v: f32) -> u32 {
     let b = bitcast<u32>(v);
@@ -82,6 +77,17 @@ fn bits(v: f32) -> u32 {
     if FMT == 1u { return bf16_bits(v); }
     return f16_bits(v);
 }
+
+// The values the format stores nearest each of `v` (autocast's rounding of
+// an op's output).
+fn round4(v: vec4<f32>) -> vec4<f32> {
+    return values4(vec4(bits(v.x), bits(v.y), bits(v.z), bits(v.w)));
+}
+// END shared
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read_write> x: array<f32>;
+@group(0) @binding(2) var<storage, read_write> w: array<u32>;
 
 fn word(gid: vec3<u32>, nwg: vec3<u32>) -> u32 {
     return gid.x + gid.y * nwg.x * 256u;

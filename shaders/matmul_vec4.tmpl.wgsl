@@ -27,8 +27,10 @@
 // d(pre-activation) in the same pass). ACT_KIND: an activation of
 // activation.wgsl. BIAS_GRAD (TRANS_A only): aux[i] = sum_k op(A)[i, k] as
 // well, from the A loads the product makes anyway (with A = dY of a linear
-// layer, its bias gradient). Params has_bias / accumulate (matmul.wgsl's
-// runtime switches) are unused here.
+// layer, its bias gradient). ROUND: C (and aux with ACT 1) rounded to the
+// 16-bit format FMT, as autocast rounds a half-precision op's output.
+// Params has_bias / accumulate (matmul.wgsl's runtime switches) are unused
+// here.
 // BEGIN shared with matmul_blocked (build.rs copies it there)
 struct Params {
     m: u32, n: u32, k: u32, lda: u32,
@@ -43,6 +45,7 @@ override ACCUMULATE: bool = false;
 override ACT: u32 = 0u;
 override ACT_KIND: u32 = 0u;
 override BIAS_GRAD: bool = false;
+override ROUND: bool = false;
 
 @group(0) @binding(0) var<uniform> p: Params;
 // A and B, read through ld_a / ld_b (vec4 i of the operand, i.e. elements
@@ -64,6 +67,7 @@ fn store4(base: u32, i: u32, j4: u32, v: vec4<f32>, bq: vec4<f32>) {
     var out = p.alpha * v + bq;
     let idx = base + i * (p.ldc / 4u) + j4;
     if ACCUMULATE { out += c[idx]; }
+    if ROUND { out = round4(out); }
     if ACT == 2u {
         let x = aux[idx];
         out *= vec4(act_grad_kind(x.x, ACT_KIND), act_grad_kind(x.y, ACT_KIND),
@@ -71,8 +75,10 @@ fn store4(base: u32, i: u32, j4: u32, v: vec4<f32>, bq: vec4<f32>) {
     }
     c[idx] = out;
     if ACT == 1u {
-        aux[idx] = vec4(act_kind(out.x, ACT_KIND), act_kind(out.y, ACT_KIND),
-                            act_kind(out.z, ACT_KIND), act_kind(out.w, ACT_KIND));
+        var y = vec4(act_kind(out.x, ACT_KIND), act_kind(out.y, ACT_KIND),
+                     act_kind(out.z, ACT_KIND), act_kind(out.w, ACT_KIND));
+        if ROUND { y = round4(y); }
+        aux[idx] = y;
     }
 }
 // END shared

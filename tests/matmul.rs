@@ -402,6 +402,7 @@ fn matmul_coop_runs_or_falls_back() {
 /// values.
 #[test]
 fn matmul_packed_operands_match_f32() {
+    use clip_wgpu::ops::activation::{act_ref, Act};
     use clip_wgpu::ops::convert::pack;
     use clip_wgpu::ops::matmul::{gemm_act_into, Epilogue, Operand};
     use clip_wgpu::precision::Precision;
@@ -457,6 +458,30 @@ fn matmul_packed_operands_match_f32() {
                         "{name} {what}: not the f32 kernel's result"
                     );
                 }
+                // The ROUND epilogue (a half-precision linear's output, with
+                // the activation alongside): C and act(C) rounded as the CPU
+                // rounds the f32 kernel's C.
+                let (c, h) = (
+                    Tensor::empty(&gpu, &[batch, m, n]).unwrap(),
+                    Tensor::empty(&gpu, &[batch, m, n]).unwrap(),
+                );
+                let gelu = Some(Epilogue::Act(Act::QuickGelu, &h));
+                gemm_act_into(&c, &ah, &bh, None, g.round(fmt), gelu).unwrap();
+                let rounded: Vec<f32> = want.iter().map(|v| fmt.round(*v as f32)).collect();
+                assert_eq!(c.to_vec().unwrap(), rounded, "{name} rounded");
+                let pre: Vec<f64> = rounded.iter().map(|v| *v as f64).collect();
+                let acts: Vec<f32> = act_ref(&pre, Act::QuickGelu)
+                    .iter()
+                    .map(|v| fmt.round(*v as f32))
+                    .collect();
+                let got_h = h.to_vec().unwrap();
+                let off = got_h.iter().zip(&acts).filter(|(x, y)| x != y).count();
+                // act_ref is f64; the kernel's f32 activation may land on
+                // the other side of a rounding boundary once in a while.
+                assert!(
+                    off * 100 <= acts.len(),
+                    "{name}: {off} activations not rounded"
+                );
                 let round = |x: &[f64]| -> Vec<f64> {
                     x.iter().map(|v| fmt.round(*v as f32) as f64).collect()
                 };

@@ -92,9 +92,9 @@ impl Operand<'_> {
         }
     }
     /// The values as f32 (a fresh tensor for a packed operand).
-    fn to_f32(&self) -> Result<Tensor> {
+    fn to_f32(self) -> Result<Tensor> {
         match self {
-            Operand::F32(t) => Ok((*t).clone()),
+            Operand::F32(t) => Ok(t.clone()),
             Operand::Half(h) => h.unpack(),
         }
     }
@@ -178,6 +178,9 @@ pub struct Gemm {
     pub tile: Option<Tile>,
     /// Force a matmul_blocked block (tests, tuner); `None` picks per adapter.
     pub block: Option<Block>,
+    /// Round C (and an activation epilogue's output) to this 16-bit
+    /// format, as autocast rounds a half-precision matmul's output.
+    pub round: Option<Precision>,
 }
 
 impl Gemm {
@@ -194,6 +197,7 @@ impl Gemm {
             variant: None,
             tile: None,
             block: None,
+            round: None,
         }
     }
     pub fn ta(mut self, t: bool) -> Gemm {
@@ -218,6 +222,10 @@ impl Gemm {
     }
     pub fn block(mut self, b: Block) -> Gemm {
         self.block = Some(b);
+        self
+    }
+    pub fn round(mut self, fmt: Precision) -> Gemm {
+        self.round = fmt.is_half().then_some(fmt);
         self
     }
     /// `self` forced to run `k`.
@@ -363,6 +371,13 @@ pub fn gemm_act_into<'o>(
         // No kernel reads only A packed (or two formats): A as f32.
         _ => return gemm_act_into(c, &a.to_f32()?, b, bias, g, act),
     };
+    let fmt = b.half().or(g.round);
+    ensure!(
+        g.round.is_none() || b.half().is_none() || g.round == b.half(),
+        "matmul: operands in {} rounded to {}",
+        b.half().map_or("f32", |f| f.name()),
+        g.round.map_or("f32", |f| f.name())
+    );
     let kernel = choose(&g, a, b, c, a_bs, b_bs)?;
     let packed_ok = match kernel {
         Kernel::Vec4(_) | Kernel::Blocked(_) => true,
@@ -396,7 +411,10 @@ pub fn gemm_act_into<'o>(
     if let Some(e) = act.filter(|e| !kernel.runs(*e)) {
         gemm_act_into(c, a, b, bias, g.kernel(kernel), None)?;
         return match e {
-            Epilogue::Act(kind, out) => super::activation::forward_into(c, out, kind),
+            Epilogue::Act(kind, out) => {
+                super::activation::forward_into(c, out, kind)?;
+                g.round.map_or(Ok(()), |f| convert::round_inplace(out, f))
+            }
             Epilogue::ActGrad(kind, x) => {
                 // Not in place: a dispatch may not bind C as both its input
                 // and its output.
@@ -448,11 +466,10 @@ pub fn gemm_act_into<'o>(
             ("ACT", act.map_or(0, |e| e.parts().1) as f64),
             ("ACT_KIND", act.map_or(0, |e| e.parts().2) as f64),
             ("BIAS_GRAD", act.is_some_and(|e| e.parts().3) as u32 as f64),
+            ("ROUND", g.round.is_some() as u32 as f64),
+            // The packed operands' and the rounding's format (convert.wgsl).
+            ("FMT", (fmt == Some(Precision::Bf16)) as u32 as f64),
         ]);
-    }
-    if let Some(fmt) = b.half() {
-        // The packed operands' format (convert.wgsl's FMT).
-        constants.push(("FMT", (fmt == Precision::Bf16) as u32 as f64));
     }
     if let Kernel::Coop(_) = kernel {
         // A workgroup is one subgroup (the adapter has one subgroup size).
@@ -484,7 +501,12 @@ pub fn gemm_act_into<'o>(
         &params,
         &buffers[..nbuf],
         [u(g.n.div_ceil(tile_n)), u(g.m.div_ceil(tile_m)), u(g.batch)],
-    )
+    )?;
+    match g.round {
+        // The scalar kernels round in a pass of their own.
+        Some(f) if !kernel.has_epilogue() => convert::round_inplace(c, f),
+        _ => Ok(()),
+    }
 }
 
 /// The tiles of matmul_vec4 (build/matmul_gen.rs generates these;
@@ -1099,8 +1121,7 @@ fn linear_half(tape: &mut Tape, x: &Var, w: &Var, b: Option<&Var>) -> Result<Var
     let br = b
         .map(|b| convert::round_copy(b.tensor(), fmt))
         .transpose()?;
-    let y = gemm(&xs, &wh, br.as_ref(), g)?.reshape(&ys)?;
-    convert::round_inplace(&y, fmt)?;
+    let y = gemm(&xs, &wh, br.as_ref(), g.round(fmt))?.reshape(&ys)?;
     drop((wh, br));
     if !keep {
         return Ok(Var::constant(y));

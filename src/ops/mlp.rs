@@ -4,7 +4,7 @@
 //! neither direction runs a separate activation pass (with the vec4
 //! kernels; other kernels fall back to the activation kernels).
 
-use super::activation::{forward, Act};
+use super::activation::Act;
 use super::convert::{self, Saved};
 use super::matmul::{gemm, gemm_act_into, linear_grads, Epilogue, Gemm};
 use crate::precision::Precision;
@@ -66,9 +66,8 @@ pub fn mlp(
 }
 
 /// `mlp` in a half mode, as autocast runs it: each linear's operands and
-/// output rounded to the format (its own pass, not the fused activation
-/// epilogue, so the activation sees the rounded pre-activation as PyTorch's
-/// does), the activation's output rounded too. The matmuls read 16-bit
+/// output rounded to the format, the activation's output rounded too. The
+/// matmuls read 16-bit
 /// copies of x, the activation and the weights; the backward keeps those of
 /// x, the pre-activation and the activation.
 fn mlp_half(
@@ -85,17 +84,22 @@ fn mlp_half(
     let round = |t: Option<&Var>| t.map(|t| convert::round_copy(t.tensor(), fmt)).transpose();
     let x_saved = convert::save(x.tensor(), fmt)?;
     let (w1h, b1r) = (convert::cast(w1.tensor(), fmt)?, round(b1)?);
-    let pre = gemm(&x_saved, &w1h, b1r.as_ref(), g1)?;
+    // pre and act(pre) rounded in fc1's epilogue (the activation sees the
+    // rounded pre-activation, as PyTorch's does).
+    let gpu = x.tensor().gpu();
+    let (pre, h) = (
+        Tensor::empty(gpu, &[g1.m, g1.n])?,
+        Tensor::empty(gpu, &[g1.m, g1.n])?,
+    );
+    let epilogue = Some(Epilogue::Act(act, &h));
+    gemm_act_into(&pre, &x_saved, &w1h, b1r.as_ref(), g1.round(fmt), epilogue)?;
     drop((w1h, b1r));
-    convert::round_inplace(&pre, fmt)?;
-    let h = forward(&pre, act)?;
-    let h_saved = convert::round_pack(&h, fmt).map(Saved::Half)?;
+    let h_saved = Saved::Half(convert::pack(&h, fmt)?);
     drop(h);
     let (w2h, b2r) = (convert::cast(w2.tensor(), fmt)?, round(b2)?);
     let mut ys = xs.clone();
     *ys.last_mut().unwrap() = d2;
-    let y = gemm(&h_saved, &w2h, b2r.as_ref(), g2)?.reshape(&ys)?;
-    convert::round_inplace(&y, fmt)?;
+    let y = gemm(&h_saved, &w2h, b2r.as_ref(), g2.round(fmt))?.reshape(&ys)?;
     if !tape.grad_enabled() {
         return Ok(Var::constant(y));
     }
