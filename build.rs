@@ -57,7 +57,8 @@ fn main() {
         ("_b16", false, true),
         ("_ab16", true, true),
     ] {
-        let ops = operands(unpack, a16, b16);
+        // The shared block always: the ROUND epilogue rounds with it.
+        let ops = bindings(unpack, true, &[(1, "a", a16), (2, "b", b16)]);
         write(
             &format!("matmul_vec4{suffix}.wgsl"),
             matmul_gen::generate(&matmul, activation, &ops, false),
@@ -89,35 +90,45 @@ fn main() {
     }
 
     let attention = read("attention_fused.tmpl.wgsl");
-    write(
-        "attention_fused.wgsl",
-        attention_gen::generate(&attention, false),
-    );
-    write(
-        "attention_sg.wgsl",
-        attention_gen::generate(&attention, true),
-    );
-    // The GPU attention binds as the fused kernels do.
-    write(
-        "attention_tiled.wgsl",
-        template::fill(
-            &read("attention_tiled.tmpl.wgsl"),
-            &[(
-                "COMMON",
-                template::shared_block(&attention, "attention_fused.tmpl.wgsl"),
-            )],
-        ),
-    );
+    let tiled = read("attention_tiled.tmpl.wgsl");
+    // Attention with q, k and v in f32, and packed 16-bit (the half modes).
+    for (suffix, half) in [("", false), ("_h16", true)] {
+        let qkv = bindings(
+            unpack,
+            half,
+            &[(1, "q", half), (2, "k", half), (3, "v", half)],
+        );
+        write(
+            &format!("attention_fused{suffix}.wgsl"),
+            attention_gen::generate(&attention, &qkv, false),
+        );
+        write(
+            &format!("attention_sg{suffix}.wgsl"),
+            attention_gen::generate(&attention, &qkv, true),
+        );
+        // The GPU attention binds as the fused kernels do.
+        let common = template::fill(
+            template::shared_block(&attention, "attention_fused.tmpl.wgsl"),
+            &[("QKV", &qkv)],
+        );
+        write(
+            &format!("attention_tiled{suffix}.wgsl"),
+            template::fill(&tiled, &[("COMMON", &common)]),
+        );
+    }
 }
 
-/// The matmuls' OPERANDS: convert.wgsl's shared block (16-bit decoding
-/// and rounding, for packed operands and the ROUND epilogue), then A and B
-/// bound as vec4<f32> arrays or (`a16`, `b16`) as packed 16-bit words, and
-/// read through ld_a / ld_b either way.
-fn operands(unpack: &str, a16: bool, b16: bool) -> String {
-    let mut o = String::from(unpack);
-    o.push('\n');
-    for (binding, name, half) in [(1, "a", a16), (2, "b", b16)] {
+/// Storage bindings read through `ld_NAME(i)` (vec4 i of the array):
+/// vec4<f32> arrays, or (`half`) packed 16-bit words that convert.wgsl's
+/// shared block (`unpack`, put first when `with_unpack`) decodes. The
+/// matmuls' OPERANDS (A, B) and attention's QKV (q, k, v).
+fn bindings(unpack: &str, with_unpack: bool, list: &[(u32, &str, bool)]) -> String {
+    let mut o = String::new();
+    if with_unpack {
+        o.push_str(unpack);
+        o.push('\n');
+    }
+    for &(binding, name, half) in list {
         let (ty, load) = if half {
             ("vec2<u32>", format!("unpack4({name}[i])"))
         } else {

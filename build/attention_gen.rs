@@ -21,7 +21,7 @@ const HEAD_SIZES: [usize; 3] = [16, 32, 64];
 /// 8 threads' worth, so short sequences waste lanes (a 65-token sequence
 /// takes 96 rows at 4 a thread, 72 at 3), hence also entry points with 3
 /// rows a thread, ending in _r3.
-pub fn generate(template: &str, sg: bool) -> String {
+pub fn generate(template: &str, qkv: &str, sg: bool) -> String {
     let rows_note = if sg {
         "4 rows a thread (3 in the _r3 ones)"
     } else {
@@ -29,7 +29,11 @@ pub fn generate(template: &str, sg: bool) -> String {
     };
     let mut o = template::fill(
         template,
-        &[("GENERATED", &generated_line(sg)), ("ROWS", rows_note)],
+        &[
+            ("GENERATED", &generated_line(sg)),
+            ("ROWS", rows_note),
+            ("QKV", qkv),
+        ],
     );
     let rows: &[usize] = if sg { &[4, 3] } else { &[4] };
     for &r in rows {
@@ -135,19 +139,25 @@ impl Gen {
     /// or with subgroups (the 8 lanes of a subgroup share base) lane L loads
     /// vec4s L, L+8, ... and every lane takes each from its owner by
     /// subgroupBroadcast.
+    /// q, k and v load through ld_q / ld_k / ld_v (f32 or packed).
     fn shared_load(&self, o: &mut String, dst: &str, src: &str, base: &str) {
         let c = self.c();
+        let (open, close) = if ["q", "k", "v"].contains(&src) {
+            (format!("ld_{src}("), ")")
+        } else {
+            (format!("{src}["), "]")
+        };
         let pad = "        ";
         if !self.sg {
             for i in 0..c {
-                w!(o, "{pad}let {dst}{i} = {src}[{base} + {i}u];");
+                w!(o, "{pad}let {dst}{i} = {open}{base} + {i}u{close};");
             }
             return;
         }
         for s in 0..c.div_ceil(8) {
             w!(
                 o,
-                "{pad}let {dst}l{s} = {src}[{base} + min(lane + {}u, {}u)];",
+                "{pad}let {dst}l{s} = {open}{base} + min(lane + {}u, {}u){close};",
                 8 * s,
                 c - 1
             );
@@ -185,7 +195,7 @@ impl Gen {
         self.header(o, "attn_fwd");
         for r in 0..rows {
             for i in 0..c {
-                w!(o, "    let q{r}_{i} = q[x{r} + {i}u];");
+                w!(o, "    let q{r}_{i} = ld_q(x{r} + {i}u);");
                 w!(o, "    var a{r}_{i} = vec4<f32>(0.0);");
             }
             w!(o, "    var m{r} = -1e30;");
@@ -234,7 +244,7 @@ impl Gen {
         self.header(o, "attn_dq");
         for r in 0..rows {
             for i in 0..c {
-                w!(o, "    let q{r}_{i} = q[x{r} + {i}u];");
+                w!(o, "    let q{r}_{i} = ld_q(x{r} + {i}u);");
                 w!(o, "    let g{r}_{i} = d_o[x{r} + {i}u];");
                 w!(o, "    var a{r}_{i} = vec4<f32>(0.0);");
             }
@@ -288,8 +298,8 @@ impl Gen {
                 "    let ok{r} = i{r} < p.t && key_ok(b, min(i{r}, p.t - 1u));"
             );
             for i in 0..c {
-                w!(o, "    let k{r}_{i} = k[x{r} + {i}u];");
-                w!(o, "    let v{r}_{i} = v[x{r} + {i}u];");
+                w!(o, "    let k{r}_{i} = ld_k(x{r} + {i}u);");
+                w!(o, "    let v{r}_{i} = ld_v(x{r} + {i}u);");
                 w!(o, "    var dk{r}_{i} = vec4<f32>(0.0);");
                 w!(o, "    var dv{r}_{i} = vec4<f32>(0.0);");
             }

@@ -1,6 +1,7 @@
 //# Template of attention_fused.wgsl and attention_sg.wgsl (lines starting //#
 //# are left out): build/attention_gen.rs fills in the placeholders and appends
-//# the unrolled entry points, three per head size (and rows per thread).
+//# the unrolled entry points, three per head size (and rows per thread); QKV
+//# binds q, k and v as f32 or packed 16-bit words (build.rs, `bindings`).
 {{GENERATED}}
 //
 // Fused attention per (batch, head), {{ROWS}}, head size DH in the
@@ -21,9 +22,9 @@ struct Params {
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> q: array<vec4<f32>>;
-@group(0) @binding(2) var<storage, read> k: array<vec4<f32>>;
-@group(0) @binding(3) var<storage, read> v: array<vec4<f32>>;
+// q, k and v through ld_q / ld_k / ld_v (vec4 i): f32 arrays, or 16-bit
+// values packed two a u32 word (--fp16/--bf16) unpacked as they load.
+{{QKV}}
 @group(0) @binding(4) var<storage, read> kv: array<f32>;
 @group(0) @binding(5) var<storage, read_write> lse: array<f32>;
 // attn_fwd

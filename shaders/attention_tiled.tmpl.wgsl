@@ -39,8 +39,8 @@ fn load_kv(b: u32, hoff: u32, r0: u32, li: u32) {
     for (var e = 0u; e < DH4; e++) {
         let flat = e * BLK + li;
         let at = (b * p.t + min(r0 + flat / DH4, p.t - 1u)) * p.d4 + hoff + flat % DH4;
-        tile_a[flat] = k[at];
-        tile_b[flat] = v[at];
+        tile_a[flat] = ld_k(at);
+        tile_b[flat] = ld_v(at);
     }
 }
 
@@ -51,7 +51,7 @@ fn load_qg(b: u32, hoff: u32, r0: u32, li: u32) {
     for (var e = 0u; e < DH4; e++) {
         let flat = e * BLK + li;
         let at = (b * p.t + min(r0 + flat / DH4, p.t - 1u)) * p.d4 + hoff + flat % DH4;
-        tile_a[flat] = q[at];
+        tile_a[flat] = ld_q(at);
         tile_b[flat] = d_o2[at];
     }
 }
@@ -79,7 +79,7 @@ fn attn_fwd_wg(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_
     var qr: array<vec4<f32>, MAX_C>;
     var acc: array<vec4<f32>, MAX_C>;
     for (var c = 0u; c < DH4; c++) {
-        qr[c] = q[x + c];
+        qr[c] = ld_q(x + c);
         acc[c] = vec4(0.0);
     }
     var m = -1e30;
@@ -133,7 +133,7 @@ fn attn_dq_wg(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_i
     var acc: array<vec4<f32>, MAX_C>;
     var dl = 0.0;
     for (var c = 0u; c < DH4; c++) {
-        qr[c] = q[x + c];
+        qr[c] = ld_q(x + c);
         gr[c] = d_o[x + c];
         acc[c] = vec4(0.0);
         dl += dot(gr[c], o_in[x + c]);
@@ -173,8 +173,8 @@ fn attn_dkv_wg(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_
     var dkr: array<vec4<f32>, MAX_C>;
     var dvr: array<vec4<f32>, MAX_C>;
     for (var c = 0u; c < DH4; c++) {
-        kr[c] = k[x + c];
-        vr[c] = v[x + c];
+        kr[c] = ld_k(x + c);
+        vr[c] = ld_v(x + c);
         dkr[c] = vec4(0.0);
         dvr[c] = vec4(0.0);
     }

@@ -2,7 +2,7 @@
 //# left out): build/matmul_gen.rs fills in the placeholders and appends one
 //# unrolled entry point per register tile; ACTIVATION is the part of
 //# activation.wgsl between its BEGIN shared / END shared markers; OPERANDS
-//# binds A and B as f32 or as packed 16-bit words (build.rs, `operands`).
+//# binds A and B as f32 or as packed 16-bit words (build.rs, `bindings`).
 {{HEADER}}
 // Batched matmul for CPU adapters (lavapipe): register-blocked, no workgroup
 // memory, every load a vec4. Same Params and meaning as matmul.wgsl.

@@ -26,29 +26,37 @@ pub fn attention(
     heads: usize,
     mask: &Mask,
 ) -> Result<Var> {
-    if tape.precision().is_half() {
-        return attention_half(tape, q, k, v, heads, mask);
+    let fused = fused_dims(q, k, v, heads, mask)?;
+    let fmt = tape.precision();
+    match fused {
+        Some(d) if fmt.is_half() => fused::attention_fused_half(tape, [q, k, v], d, mask, fmt),
+        Some(d) => run_fused(tape, q, k, v, d, mask),
+        None if fmt.is_half() => attention_half(tape, q, k, v, heads, mask),
+        None => attention_unfused(tape, q, k, v, heads, mask),
     }
+}
+
+/// The fused kernels `attention` runs with, or `None` for the unfused
+/// pieces (sequence padding, or the choice of `choose_fused`).
+fn fused_dims(q: &Var, k: &Var, v: &Var, heads: usize, mask: &Mask) -> Result<Option<Dims>> {
     let (b, t, dh) = dims(q, k, v, heads)?;
-    let gpu = q.tensor().gpu();
     let d = Dims {
         b,
         t,
         h: heads,
         dh,
-        sg: gpu.subgroups_of_8(),
+        sg: q.tensor().gpu().subgroups_of_8(),
         tiled: None,
     };
-    if mask.keys.is_none() {
-        if let Some(d) = choose_fused(q, k, v, d, mask)? {
-            return run_fused(tape, q, k, v, d, mask);
-        }
+    if mask.keys.is_some() {
+        return Ok(None);
     }
-    attention_unfused(tape, q, k, v, heads, mask)
+    choose_fused(q, k, v, d, mask)
 }
 
-/// `attention` in a half mode: q, k and v (the projections' rounded
-/// outputs) are kept as 16-bit copies, and the backward runs the f32
+/// `attention` in a half mode where the fused kernels do not run
+/// (sequence padding, a head size without them, or the tuner's choice): q,
+/// k and v (the projections' rounded outputs) are kept as 16-bit copies, and the backward runs the f32
 /// attention again on them (inside, scores, softmax and the weighted sum
 /// are f32, as flash attention under autocast keeps them) and
 /// backpropagates through that; the output is rounded to the format. The

@@ -9,19 +9,22 @@
 //! through workgroup memory), for any head size that is a multiple of 4 up
 //! to 128; `Dims::tiled` selects it.
 
+use super::convert::{self, Operand, Saved};
 use super::softmax::Mask;
 use super::{f, shader, u};
 use crate::gpu::Shader;
+use crate::precision::Precision;
 use crate::tape::{Tape, Var};
 use crate::tensor::Tensor;
 use anyhow::{ensure, Result};
 
-const SHADER: Shader = shader!("attention_fused");
+// Each with q, k, v as f32 and as packed 16-bit words (the half modes).
+const SHADER: [Shader; 2] = [shader!("attention_fused"), shader!("attention_fused_h16")];
 /// The same kernels for subgroups of 8 (attention_sg.wgsl, same template):
 /// the 8 lanes of a subgroup work on one (batch, head) and share each key
 /// or query row's loads through subgroupBroadcast.
-const SHADER_SG: Shader = shader!("attention_sg");
-const SHADER_TILED: Shader = shader!("attention_tiled");
+const SHADER_SG: [Shader; 2] = [shader!("attention_sg"), shader!("attention_sg_h16")];
+const SHADER_TILED: [Shader; 2] = [shader!("attention_tiled"), shader!("attention_tiled_h16")];
 /// Rows a workgroup of the tiled kernels (and a tile), largest first; the
 /// device's workgroup memory decides which it can run.
 pub const TILED_ROWS: [usize; 3] = [64, 32, 16];
@@ -75,14 +78,15 @@ impl Dims {
         }
     }
 
-    fn shader(&self, kernel: &str) -> (&'static Shader, String) {
+    fn shader(&self, kernel: &str, half: bool) -> (&'static Shader, String) {
+        let i = half as usize;
         if self.tiled.is_some() {
-            return (&SHADER_TILED, format!("{kernel}_wg"));
+            return (&SHADER_TILED[i], format!("{kernel}_wg"));
         }
         match (self.sg, self.rows()) {
-            (true, 3) => (&SHADER_SG, format!("{kernel}_sg_{}_r3", self.dh)),
-            (true, _) => (&SHADER_SG, format!("{kernel}_sg_{}", self.dh)),
-            _ => (&SHADER, format!("{kernel}_{}", self.dh)),
+            (true, 3) => (&SHADER_SG[i], format!("{kernel}_sg_{}_r3", self.dh)),
+            (true, _) => (&SHADER_SG[i], format!("{kernel}_sg_{}", self.dh)),
+            _ => (&SHADER[i], format!("{kernel}_{}", self.dh)),
         }
     }
 
@@ -106,29 +110,39 @@ impl Dims {
         (p, total)
     }
 
-    /// Dispatch one of the kernels: bindings q, k, v, key_valid, lse (the
-    /// same in all three), then the kernel's own.
+    /// Dispatch one of the kernels: bindings q, k, v (all f32 or all
+    /// packed in one format), key_valid, lse (the same in all three), then
+    /// the kernel's own.
     fn launch(
         &self,
         kernel: &str,
         mask: &Mask,
-        [q, k, v, lse]: [&Tensor; 4],
+        [q, k, v]: [Operand; 3],
+        lse: &Tensor,
         rest: &[&Tensor],
     ) -> Result<()> {
         let gpu = q.gpu();
+        let half = q.half();
+        ensure!(
+            k.half() == half && v.half() == half,
+            "fused attention: q, k and v in different formats"
+        );
         let (params, total) = self.params(mask);
-        let (shader, entry) = self.shader(kernel);
-        let (constants, groups) = match self.tiled {
+        let (shader, entry) = self.shader(kernel, half.is_some());
+        let (mut constants, groups) = match self.tiled {
             Some(rows) => (
                 vec![("DH4", (self.dh / 4) as f64), ("BLK", rows as f64)],
                 [u(self.t.div_ceil(rows)), u(self.h), u(self.b)],
             ),
             None => (Vec::new(), gpu.grid_1d(total, 64)),
         };
+        if let Some(fmt) = half {
+            constants.push(("FMT", (fmt == Precision::Bf16) as u32 as f64));
+        }
         let mut buffers = vec![
-            Some(q.buffer()),
-            Some(k.buffer()),
-            Some(v.buffer()),
+            Some(q.tensor().buffer()),
+            Some(k.tensor().buffer()),
+            Some(v.tensor().buffer()),
             mask.key_valid.as_ref().map(|t| t.buffer()),
             Some(lse.buffer()),
         ];
@@ -165,13 +179,7 @@ pub fn tiled_rows(gpu: &crate::Gpu, dh: usize) -> Vec<usize> {
 }
 
 /// O [B, T, H*Dh] and the log-sum-exp of each query row [B, H, T].
-pub fn forward(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    d: Dims,
-    mask: &Mask,
-) -> Result<(Tensor, Tensor)> {
+pub fn forward(qkv: [Operand; 3], d: Dims, mask: &Mask) -> Result<(Tensor, Tensor)> {
     ensure!(
         d.supported(),
         "fused attention: no {} kernel for head size {}",
@@ -179,32 +187,30 @@ pub fn forward(
         d.dh
     );
     ensure!(mask.keys.is_none(), "fused attention: no sequence padding");
-    let gpu = q.gpu();
-    let o = Tensor::empty(gpu, q.shape())?;
+    let gpu = qkv[0].gpu();
+    let o = Tensor::empty(gpu, qkv[0].shape())?;
     let lse = Tensor::empty(gpu, &[d.b, d.h, d.t])?;
-    d.launch("attn_fwd", mask, [q, k, v, &lse], &[&o])?;
+    d.launch("attn_fwd", mask, qkv, &lse, &[&o])?;
     Ok((o, lse))
 }
 
 /// dQ, dK, dV from dO (probabilities recomputed from `lse`).
 #[allow(clippy::too_many_arguments)]
 pub fn backward(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
+    qkv: [Operand; 3],
     o: &Tensor,
     lse: &Tensor,
     d_o: &Tensor,
     d: Dims,
     mask: &Mask,
 ) -> Result<(Tensor, Tensor, Tensor)> {
-    let gpu = q.gpu();
+    let gpu = o.gpu();
     let delta = Tensor::empty(gpu, &[d.b, d.h, d.t])?;
-    let dq = Tensor::empty(gpu, q.shape())?;
-    d.launch("attn_dq", mask, [q, k, v, lse], &[o, d_o, &delta, &dq])?;
-    let dk = Tensor::empty(gpu, q.shape())?;
-    let dv = Tensor::empty(gpu, q.shape())?;
-    d.launch("attn_dkv", mask, [q, k, v, lse], &[d_o, &delta, &dk, &dv])?;
+    let dq = Tensor::empty(gpu, o.shape())?;
+    d.launch("attn_dq", mask, qkv, lse, &[o, d_o, &delta, &dq])?;
+    let dk = Tensor::empty(gpu, o.shape())?;
+    let dv = Tensor::empty(gpu, o.shape())?;
+    d.launch("attn_dkv", mask, qkv, lse, &[d_o, &delta, &dk, &dv])?;
     Ok((dq, dk, dv))
 }
 
@@ -217,7 +223,7 @@ pub fn attention_fused(
     d: Dims,
     mask: &Mask,
 ) -> Result<Var> {
-    let (o, lse) = forward(q.tensor(), k.tensor(), v.tensor(), d, mask)?;
+    let (o, lse) = forward([q, k, v].map(|x| x.tensor().into()), d, mask)?;
     let (qt, kt, vt, ot) = (
         q.tensor().clone(),
         k.tensor().clone(),
@@ -229,7 +235,42 @@ pub fn attention_fused(
         o,
         &[q, k, v],
         Box::new(move |d_o, _| {
-            let (dq, dk, dv) = backward(&qt, &kt, &vt, &ot, &lse, d_o, d, &mask)?;
+            let qkv = [&qt, &kt, &vt].map(Operand::from);
+            let (dq, dk, dv) = backward(qkv, &ot, &lse, d_o, d, &mask)?;
+            Ok(vec![Some(dq), Some(dk), Some(dv)])
+        }),
+    ))
+}
+
+/// `attention_fused` in a half mode, as autocast runs it: the kernels read
+/// 16-bit copies of q, k and v (kept for the backward), compute in f32, and
+/// the output is rounded to the format. The backward reads o's 16-bit copy
+/// (the one the output projection keeps) and the log-sum-exps, so nothing
+/// is recomputed.
+pub fn attention_fused_half(
+    tape: &mut Tape,
+    [q, k, v]: [&Var; 3],
+    d: Dims,
+    mask: &Mask,
+    fmt: Precision,
+) -> Result<Var> {
+    let saved = [q, k, v].map(|x| convert::save(x.tensor(), fmt));
+    let [sq, sk, sv] = saved;
+    let saved = [sq?, sk?, sv?];
+    let (o, lse) = forward(saved.each_ref().map(Operand::from), d, mask)?;
+    convert::round_inplace(&o, fmt)?;
+    if !tape.grad_enabled() || [q, k, v].iter().all(|x| !x.requires_grad()) {
+        return Ok(Var::constant(o));
+    }
+    let o_saved: Saved = convert::save(&o, fmt)?;
+    let mask = mask.clone();
+    Ok(tape.record(
+        o,
+        &[q, k, v],
+        Box::new(move |d_o, _| {
+            let o = o_saved.get()?;
+            let qkv = saved.each_ref().map(Operand::from);
+            let (dq, dk, dv) = backward(qkv, &o, &lse, d_o, d, &mask)?;
             Ok(vec![Some(dq), Some(dk), Some(dv)])
         }),
     ))

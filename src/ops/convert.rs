@@ -192,6 +192,75 @@ pub fn cast(w: &Tensor, fmt: Precision) -> Result<Saved> {
     })
 }
 
+/// A kernel's input: f32 values, or 16-bit ones packed two a u32 word (the
+/// half-precision modes' kept activations and weight copies), which the
+/// matmul (vec4, subgroup, blocked, cooperative-matrix) and fused attention
+/// kernels read as they are; other kernels get an f32 copy first.
+#[derive(Clone, Copy, Debug)]
+pub enum Operand<'a> {
+    F32(&'a Tensor),
+    Half(&'a Half),
+}
+
+impl<'a> From<&'a Tensor> for Operand<'a> {
+    fn from(t: &'a Tensor) -> Self {
+        Operand::F32(t)
+    }
+}
+
+impl<'a> From<&'a Half> for Operand<'a> {
+    fn from(h: &'a Half) -> Self {
+        Operand::Half(h)
+    }
+}
+
+impl<'a> From<&'a Saved> for Operand<'a> {
+    fn from(s: &'a Saved) -> Self {
+        match s {
+            Saved::Full(t) => Operand::F32(t),
+            Saved::Half(h) => Operand::Half(h),
+        }
+    }
+}
+
+impl Operand<'_> {
+    pub fn shape(&self) -> &[usize] {
+        match self {
+            Operand::F32(t) => t.shape(),
+            Operand::Half(h) => h.shape(),
+        }
+    }
+    pub fn numel(&self) -> usize {
+        match self {
+            Operand::F32(t) => t.numel(),
+            Operand::Half(h) => h.numel(),
+        }
+    }
+    pub(crate) fn tensor(&self) -> &Tensor {
+        match self {
+            Operand::F32(t) => t,
+            Operand::Half(h) => h.words(),
+        }
+    }
+    pub fn gpu(&self) -> &std::sync::Arc<crate::gpu::Gpu> {
+        self.tensor().gpu()
+    }
+    /// The 16-bit format of a packed operand.
+    pub fn half(&self) -> Option<Precision> {
+        match self {
+            Operand::F32(_) => None,
+            Operand::Half(h) => Some(h.precision()),
+        }
+    }
+    /// The values as f32 (a fresh tensor for a packed operand).
+    pub fn to_f32(self) -> Result<Tensor> {
+        match self {
+            Operand::F32(t) => Ok(t.clone()),
+            Operand::Half(h) => h.unpack(),
+        }
+    }
+}
+
 /// CPU reference of the round trip.
 pub fn round_ref(x: &[f32], fmt: Precision) -> Vec<f32> {
     x.iter().map(|&v| fmt.round(v)).collect()

@@ -3,7 +3,8 @@
 //! bias gradient is a column sum.
 
 use super::activation::Act;
-use super::convert::{self, Half};
+use super::convert;
+pub use super::convert::Operand;
 use super::{f, reduce, shader, u};
 use crate::gpu::{DeviceClass, Gpu, Shader};
 use crate::precision::Precision;
@@ -30,75 +31,6 @@ const SHADER_BLOCKED: [Shader; 3] = [
 ];
 const SHADER_COOP8: [Shader; 2] = [shader!("matmul_coop8"), shader!("matmul_coop8_ab16")];
 const SHADER_COOP16: [Shader; 2] = [shader!("matmul_coop16"), shader!("matmul_coop16_ab16")];
-
-/// A matmul operand: f32 values, or 16-bit ones packed two a u32 word (the
-/// half-precision modes' kept activations and weight copies), which the
-/// vec4, subgroup, blocked and cooperative-matrix kernels read as they are:
-/// the rest get an f32 copy first.
-#[derive(Clone, Copy, Debug)]
-pub enum Operand<'a> {
-    F32(&'a Tensor),
-    Half(&'a Half),
-}
-
-impl<'a> From<&'a Tensor> for Operand<'a> {
-    fn from(t: &'a Tensor) -> Self {
-        Operand::F32(t)
-    }
-}
-
-impl<'a> From<&'a Half> for Operand<'a> {
-    fn from(h: &'a Half) -> Self {
-        Operand::Half(h)
-    }
-}
-
-impl<'a> From<&'a convert::Saved> for Operand<'a> {
-    fn from(s: &'a convert::Saved) -> Self {
-        match s {
-            convert::Saved::Full(t) => Operand::F32(t),
-            convert::Saved::Half(h) => Operand::Half(h),
-        }
-    }
-}
-
-impl Operand<'_> {
-    pub fn shape(&self) -> &[usize] {
-        match self {
-            Operand::F32(t) => t.shape(),
-            Operand::Half(h) => h.shape(),
-        }
-    }
-    pub fn numel(&self) -> usize {
-        match self {
-            Operand::F32(t) => t.numel(),
-            Operand::Half(h) => h.numel(),
-        }
-    }
-    fn tensor(&self) -> &Tensor {
-        match self {
-            Operand::F32(t) => t,
-            Operand::Half(h) => h.words(),
-        }
-    }
-    fn gpu(&self) -> &std::sync::Arc<Gpu> {
-        self.tensor().gpu()
-    }
-    /// The 16-bit format of a packed operand.
-    fn half(&self) -> Option<Precision> {
-        match self {
-            Operand::F32(_) => None,
-            Operand::Half(h) => Some(h.precision()),
-        }
-    }
-    /// The values as f32 (a fresh tensor for a packed operand).
-    fn to_f32(self) -> Result<Tensor> {
-        match self {
-            Operand::F32(t) => Ok(t.clone()),
-            Operand::Half(h) => h.unpack(),
-        }
-    }
-}
 
 /// Which operands a kernel reads packed: the generated shaders' variants.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
