@@ -12,9 +12,11 @@ use crate::model::weights::{HostTensor, Weights};
 use crate::ops::activation::{self, Act};
 use crate::ops::adamw::{self, AdamW};
 use crate::ops::attention_fused::{self, Dims};
+use crate::ops::convert::{self, Operand};
 use crate::ops::matmul::{gemm_into, kernel_name, Gemm};
 use crate::ops::softmax::{self, Mask};
 use crate::ops::{attention, calibrate, elementwise, layernorm, loss};
+use crate::precision::Precision;
 use crate::tape::Tape;
 use crate::tensor::Tensor;
 use crate::train::accumulate::{group_grads, AccumulationLoss};
@@ -101,24 +103,51 @@ pub fn calibrate(gpu: &Arc<Gpu>, reps: usize) -> Result<(Peak, Vec<Measure>)> {
     Ok((Peak { gflops, gbps }, rows))
 }
 
-pub fn matmul_case(gpu: &Arc<Gpu>, label: &str, g: Gemm, reps: usize) -> Result<Measure> {
+/// `g` timed, its operands f32 or (`half`: format, and whether A is packed
+/// too) packed as the half modes' steps pass them (B always: a weight or a
+/// kept activation), with the forward's ROUND epilogue when both are.
+pub fn matmul_case(
+    gpu: &Arc<Gpu>,
+    label: &str,
+    g: Gemm,
+    reps: usize,
+    half: Option<(Precision, bool)>,
+) -> Result<Measure> {
     let a_len = g.batch * g.m * g.k;
     let b_len = g.batch * g.k * g.n;
     let a = Tensor::from_slice(gpu, &filler(a_len), &[a_len])?;
     let b = Tensor::from_slice(gpu, &filler(b_len), &[b_len])?;
     let c = Tensor::empty(gpu, &[g.batch, g.m, g.n])?;
-    let t = time(gpu, reps, || gemm_into(&c, &a, &b, None, g))?;
-    let variant = kernel_name(&g, &a, &b, &c)?;
+    let (ap, bp) = match half {
+        Some((fmt, a16)) => (
+            a16.then(|| convert::pack(&a, fmt)).transpose()?,
+            Some(convert::pack(&b, fmt)?),
+        ),
+        None => (None, None),
+    };
+    let a_op = ap.as_ref().map_or(Operand::F32(&a), Operand::Half);
+    let b_op = bp.as_ref().map_or(Operand::F32(&b), Operand::Half);
+    let g = match half {
+        Some((fmt, true)) => g.round(fmt),
+        _ => g,
+    };
+    let t = time(gpu, reps, || gemm_into(&c, a_op, b_op, None, g))?;
+    let variant = kernel_name(&g, a_op, b_op, &c)?;
     Ok(Measure {
         kernel: format!("matmul {label} ({variant})"),
         shape: format!(
-            "{}x{}x{}x{}{}{}",
+            "{}x{}x{}x{}{}{}{}",
             g.batch,
             g.m,
             g.n,
             g.k,
             if g.ta { " ta" } else { "" },
-            if g.tb { " tb" } else { "" }
+            if g.tb { " tb" } else { "" },
+            match half {
+                Some((fmt, true)) => format!(" ab:{}", fmt.name()),
+                Some((fmt, false)) => format!(" b:{}", fmt.name()),
+                None => String::new(),
+            }
         ),
         median_ms: t * 1e3,
         rate: g.flops() / t / 1e9,
@@ -179,12 +208,15 @@ fn towers(config: &ModelConfig) -> Vec<Tower> {
 /// The kernel table: calibration, the 1024^3 reference matmul in each
 /// transpose mode, then every kernel at the shapes of `config`'s training
 /// step at `batch` (each tower's linear layers forward and backward,
-/// attention, row kernels, loss, AdamW on the largest parameter).
+/// attention, row kernels, loss, AdamW on the largest parameter). In a half
+/// `precision` the matmuls and fused attention read packed operands as the
+/// step does.
 pub fn kernel_table(
     gpu: &Arc<Gpu>,
     config: &ModelConfig,
     batch: usize,
     reps: usize,
+    precision: Precision,
 ) -> Result<Vec<Measure>> {
     let (peak, mut out) = calibrate(gpu, reps)?;
     for (label, ta, tb) in [
@@ -193,23 +225,25 @@ pub fn kernel_table(
         ("TN", true, false),
     ] {
         let g = Gemm::new(1, 1024, 1024, 1024).ta(ta).tb(tb);
-        out.push(matmul_case(gpu, &format!("1024^3 {label}"), g, reps)?);
+        out.push(matmul_case(gpu, &format!("1024^3 {label}"), g, reps, None)?);
     }
     for t in towers(config) {
         let rows = batch * t.tokens;
         let (d, f) = (t.width, t.mlp);
         let n = t.name;
+        // (label, matmul, A packed too in a half mode: the forward's).
         let cases = [
-            ("qkv/out proj", Gemm::new(1, rows, d, d).tb(true)),
-            ("fc1", Gemm::new(1, rows, f, d).tb(true)),
-            ("fc2", Gemm::new(1, rows, d, f).tb(true)),
-            ("fc1 dX", Gemm::new(1, rows, d, f)),
-            ("fc1 dW", Gemm::new(1, f, d, rows).ta(true)),
+            ("qkv/out proj", Gemm::new(1, rows, d, d).tb(true), true),
+            ("fc1", Gemm::new(1, rows, f, d).tb(true), true),
+            ("fc2", Gemm::new(1, rows, d, f).tb(true), true),
+            ("fc1 dX", Gemm::new(1, rows, d, f), false),
+            ("fc1 dW", Gemm::new(1, f, d, rows).ta(true), false),
         ];
-        for (label, g) in cases {
-            out.push(matmul_case(gpu, &format!("{n} {label}"), g, reps)?);
+        for (label, g, a16) in cases {
+            let half = precision.is_half().then_some((precision, a16));
+            out.push(matmul_case(gpu, &format!("{n} {label}"), g, reps, half)?);
         }
-        out.extend(attention_cases(gpu, &t, batch, reps)?);
+        out.extend(attention_cases(gpu, &t, batch, reps, precision)?);
         out.extend(row_cases(gpu, &t, batch, reps)?);
         out.extend(convert_cases(gpu, &t, batch, reps)?);
     }
@@ -231,8 +265,6 @@ pub fn kernel_table(
 /// activation [rows, mlp]: the forward's round-and-pack (what an op saves)
 /// and the backward's unpack.
 fn convert_cases(gpu: &Arc<Gpu>, t: &Tower, batch: usize, reps: usize) -> Result<Vec<Measure>> {
-    use crate::ops::convert;
-    use crate::precision::Precision;
     let rows = batch * t.tokens;
     let x = tensor(gpu, &[rows, t.mlp])?;
     let n = x.numel() as f64;
@@ -288,7 +320,13 @@ fn tensor(gpu: &Arc<Gpu>, shape: &[usize]) -> Result<Tensor> {
 
 /// Attention of one tower as the step runs it: scores and P V matmuls at
 /// the (padded) length the adapter uses, masked softmax forward/backward.
-fn attention_cases(gpu: &Arc<Gpu>, t: &Tower, batch: usize, reps: usize) -> Result<Vec<Measure>> {
+fn attention_cases(
+    gpu: &Arc<Gpu>,
+    t: &Tower,
+    batch: usize,
+    reps: usize,
+    precision: Precision,
+) -> Result<Vec<Measure>> {
     let (h, dh) = (t.heads, t.width / t.heads);
     let tp = attention::padded_len(gpu, batch * h, t.tokens, dh);
     let n = t.name;
@@ -298,12 +336,14 @@ fn attention_cases(gpu: &Arc<Gpu>, t: &Tower, batch: usize, reps: usize) -> Resu
             &format!("{n} attn scores"),
             Gemm::new(batch * h, tp, tp, dh).tb(true),
             reps,
+            None,
         )?,
         matmul_case(
             gpu,
             &format!("{n} attn P V"),
             Gemm::new(batch * h, tp, dh, tp),
             reps,
+            None,
         )?,
     ];
     // The whole attention forward + backward, both ways (the step uses
@@ -340,9 +380,22 @@ fn attention_cases(gpu: &Arc<Gpu>, t: &Tower, batch: usize, reps: usize) -> Resu
     }
     ways.push(("unfused".to_string(), false, d));
     for (way, fused, d) in ways {
-        let secs = time(gpu, reps, || {
-            attention::forward_backward(&q, &q, &q, d, &plain, fused)
+        let secs = time(gpu, reps, || match precision {
+            // The fused kernels on packed q, k, v, as the half modes run.
+            fmt if fused && fmt.is_half() => {
+                let mut tape = Tape::new().with_precision(fmt);
+                let x = tape.param(q.clone());
+                let o =
+                    attention_fused::attention_fused_half(&mut tape, [&x, &x, &x], d, &plain, fmt)?;
+                let seed = o.tensor().clone();
+                tape.backward_with(&o, seed).map(drop)
+            }
+            _ => attention::forward_backward(&q, &q, &q, d, &plain, fused),
         })?;
+        let way = match precision {
+            fmt if fused && fmt.is_half() => format!("{way}, {}", fmt.name()),
+            _ => way,
+        };
         out.push(Measure {
             kernel: format!("{n} attention fwd+bwd ({way})"),
             shape: format!("{batch}x{}x{h}x{dh}", t.tokens),

@@ -520,7 +520,7 @@ fn bench(
         }
     }
     if !step_only {
-        let rows = bench::kernel_table(&gpu, &cfg, batch, reps)?;
+        let rows = bench::kernel_table(&gpu, &cfg, batch, reps, mode.precision)?;
         if json {
             for m in &rows {
                 println!("{}", m.json());
