@@ -1,8 +1,9 @@
 //! `--fp16`'s loss scaling end to end (the tiny transformers-made CLIP of
 //! tests/fixtures/clip/model on a generated CSV), and `--save_dtype`.
 //!
-//! - A step whose gradients are not finite (a NaN injected through
-//!   CLIP_WGPU_FAULTS) is skipped by the scaler, not as a fault: logged with
+//! - A step whose gradients (or loss and gradients) are not finite (a NaN
+//!   injected through CLIP_WGPU_FAULTS) is skipped by the scaler, not as a
+//!   fault: logged with
 //!   the old and new scale, the scale halves, the weights and the learning
 //!   rate schedule are not stepped (the Trainer's rule), global_step goes on,
 //!   and the run finishes without --skip_nonfinite_steps.
@@ -162,6 +163,20 @@ fn fp16_skips_overflowing_steps_halves_the_scale_and_resumes_exactly() {
         e.contains("the fp16 loss scaler skipped 1 optimizer step(s)"),
         "{e}"
     );
+    // A loss that overflowed in the f16 forward (NaN, with NaN gradients):
+    // skipped by the scaler too, as PyTorch's GradScaler skips the NaN
+    // gradients it leaves, not stopped as a fault.
+    let nan_loss = root.join("nan-loss");
+    let o = train(&csv, &nan_loss, &["--fp16"], Some("nan_loss@2"));
+    let e = stderr(&o);
+    assert!(o.status.success(), "{e}");
+    assert!(
+        e.contains("step 2: the loss is NaN")
+            && e.contains("skipped (fp16 loss scaling)")
+            && e.contains("loss scale 65536 -> 32768"),
+        "{e}"
+    );
+    assert_eq!(step_lines(&nan_loss).len(), 6);
     let lines = step_lines(&out);
     let steps: Vec<u64> = lines.iter().map(|l| l["step"].as_u64().unwrap()).collect();
     assert_eq!(

@@ -27,7 +27,9 @@
 //!
 //! Tests inject faults through the `CLIP_WGPU_FAULTS` environment variable:
 //! comma-separated `KIND@STEP` with KIND one of `nan_grad` (optionally
-//! `nan_grad:NAME`, the first parameter whose name contains NAME), `oom` (an
+//! `nan_grad:NAME`, the first parameter whose name contains NAME),
+//! `nan_loss` (the step's loss and first gradient NaN, as an f16 forward
+//! that overflowed leaves them), `oom` (an
 //! allocation past the adapter's buffer limit), `device_lost` (the device is
 //! destroyed at the start of that step), `device_lost_at_save` (destroyed
 //! just before that step's checkpoint is written), `hold_at_interrupt` (any
@@ -188,6 +190,7 @@ impl Faults {
             ensure!(
                 [
                     "nan_grad",
+                    "nan_loss",
                     "oom",
                     "device_lost",
                     "device_lost_at_save",
@@ -233,14 +236,18 @@ impl Faults {
     }
 
     /// `nan_grad[:NAME]` at step `step_no`: NaN into the gradient of the
-    /// first parameter (with a gradient) whose name contains NAME.
+    /// first parameter (with a gradient) whose name contains NAME (the
+    /// first with a gradient for `nan_loss`).
     pub(super) fn poison_gradient(
         &self,
         step_no: u64,
         params: &ParamStore,
         grads: &[Option<Tensor>],
     ) -> Result<()> {
-        let Some(name) = self.at("nan_grad", step_no) else {
+        let Some(name) = self
+            .at("nan_grad", step_no)
+            .or(self.at("nan_loss", step_no).map(|_| ""))
+        else {
             return Ok(());
         };
         let (p, g) = params

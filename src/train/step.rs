@@ -142,6 +142,9 @@ impl<'a> Stepper<'a> {
         for l in &out.losses {
             step_loss += l.to_vec()?[0] as f64 * out.loss_weight;
         }
+        if faults.at("nan_loss", step_no).is_some() {
+            step_loss = f64::NAN;
+        }
         // fp16: the gradients are `scale` times the true ones.
         let scale = state.grad_scaler.as_ref().map(|s| s.scale);
         let true_norm = scale.map_or(nv[0], |s| nv[0] / s);
@@ -161,9 +164,11 @@ impl<'a> Stepper<'a> {
             if let Some(s) = state.grad_scaler.as_mut() {
                 s.update(false);
             }
-        } else if let (true, Some(s)) = (step_loss.is_finite(), state.grad_scaler.as_mut()) {
+        } else if let Some(s) = state.grad_scaler.as_mut() {
             // GradScaler: gradients that overflowed at this scale; skip
             // the update and back off (not a fault: expected now and then).
+            // A loss that overflowed in the f16 forward too: its gradients
+            // are not finite either, and PyTorch's scaler skips those.
             let old = s.scale;
             s.update(true);
             scaler_skipped = true;
