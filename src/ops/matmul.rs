@@ -1029,32 +1029,23 @@ fn slice_batch(t: &Tensor, i: usize, batch: usize) -> Result<Tensor> {
 }
 
 /// Tape op: y = x W^T (+ b) for x [..., in], W [out, in] (Hugging Face's
-/// nn.Linear layout), b [out].
+/// nn.Linear layout), b [out]. In a half mode, as under autocast: x, W and b
+/// rounded to the format, f32 accumulation, y rounded (in the matmul's
+/// epilogue). The matmul reads x's and W's 16-bit copies; the backward
+/// keeps x's and packs W again from the f32 master weights (no second copy
+/// held between the passes). At f32 every copy is the tensor itself.
 pub fn linear(tape: &mut Tape, x: &Var, w: &Var, b: Option<&Var>) -> Result<Var> {
-    if tape.precision().is_half() {
-        return linear_half(tape, x, w, b);
-    }
-    let (g, ys) = linear_shape(x, w)?;
-    let y = gemm(x.tensor(), w.tensor(), b.map(|b| b.tensor()), g)?.reshape(&ys)?;
-    let xs = convert::Saved::Full(x.tensor().clone());
-    Ok(record_linear(tape, y, x, w, b, g, xs, Precision::F32))
-}
-
-/// `linear` in a half mode, as under autocast: x, W and b rounded to the
-/// format, f32 accumulation, y rounded. The matmul reads x's and W's 16-bit
-/// copies; the backward keeps x's and packs W again from the f32 master
-/// weights (no second copy held between the passes).
-fn linear_half(tape: &mut Tape, x: &Var, w: &Var, b: Option<&Var>) -> Result<Var> {
     let fmt = tape.precision();
     let (g, ys) = linear_shape(x, w)?;
-    let keep = tape.grad_enabled() && (x.requires_grad() || w.requires_grad());
+    let keep = tape.grad_enabled()
+        && (x.requires_grad() || w.requires_grad() || b.is_some_and(|b| b.requires_grad()));
     let xs = convert::save(x.tensor(), fmt)?;
-    let wh = convert::cast(w.tensor(), fmt)?;
+    let wc = convert::cast(w.tensor(), fmt)?;
     let br = b
         .map(|b| convert::round_copy(b.tensor(), fmt))
         .transpose()?;
-    let y = gemm(&xs, &wh, br.as_ref(), g.round(fmt))?.reshape(&ys)?;
-    drop((wh, br));
+    let y = gemm(&xs, &wc, br.as_ref(), g.round(fmt))?.reshape(&ys)?;
+    drop((wc, br));
     if !keep {
         return Ok(Var::constant(y));
     }

@@ -30,76 +30,28 @@ pub fn mlp(
     let rows = x.tensor().numel() / d;
     let g1 = Gemm::new(1, rows, f, d).tb(true);
     let g2 = Gemm::new(1, rows, d2, f).tb(true);
-    if tape.precision().is_half() {
-        return mlp_half(tape, x, (w1, b1), (w2, b2), act, (g1, g2));
-    }
+    // In a half mode, as autocast runs it: each linear's operands and output
+    // rounded to the format (the matmuls read x's, the activation's and the
+    // weights' 16-bit copies, and round in their epilogue, so the activation
+    // sees the rounded pre-activation as PyTorch's does), the activation's
+    // output rounded too; the backward keeps the 16-bit copies of x, the
+    // pre-activation and the activation. At f32 every copy is the tensor.
+    let fmt = tape.precision();
+    let round = |t: Option<&Var>| t.map(|t| convert::round_copy(t.tensor(), fmt)).transpose();
+    let x_saved = convert::save(x.tensor(), fmt)?;
+    let (w1c, b1r) = (convert::cast(w1.tensor(), fmt)?, round(b1)?);
     let gpu = x.tensor().gpu();
     let pre = Tensor::empty(gpu, &[rows, f])?;
     let h = Tensor::empty(gpu, &[rows, f])?;
-    gemm_act_into(
-        &pre,
-        x.tensor(),
-        w1.tensor(),
-        b1.map(|b| b.tensor()),
-        g1,
-        Some(Epilogue::Act(act, &h)),
-    )?;
-    let mut ys = xs.clone();
-    *ys.last_mut().unwrap() = d2;
-    let y = gemm(&h, w2.tensor(), b2.map(|b| b.tensor()), g2)?.reshape(&ys)?;
-    let saved = Kept {
-        x: Saved::Full(x.tensor().clone()),
-        pre: Saved::Full(pre),
-        h: Saved::Full(h),
-        fmt: Precision::F32,
-    };
-    Ok(record_mlp(
-        tape,
-        y,
-        x,
-        (w1, b1),
-        (w2, b2),
-        act,
-        (g1, g2),
-        saved,
-    ))
-}
-
-/// `mlp` in a half mode, as autocast runs it: each linear's operands and
-/// output rounded to the format, the activation's output rounded too. The
-/// matmuls read 16-bit
-/// copies of x, the activation and the weights; the backward keeps those of
-/// x, the pre-activation and the activation.
-fn mlp_half(
-    tape: &mut Tape,
-    x: &Var,
-    (w1, b1): (&Var, Option<&Var>),
-    (w2, b2): (&Var, Option<&Var>),
-    act: Act,
-    (g1, g2): (Gemm, Gemm),
-) -> Result<Var> {
-    let fmt = tape.precision();
-    let d2 = g2.n;
-    let xs = x.shape().to_vec();
-    let round = |t: Option<&Var>| t.map(|t| convert::round_copy(t.tensor(), fmt)).transpose();
-    let x_saved = convert::save(x.tensor(), fmt)?;
-    let (w1h, b1r) = (convert::cast(w1.tensor(), fmt)?, round(b1)?);
-    // pre and act(pre) rounded in fc1's epilogue (the activation sees the
-    // rounded pre-activation, as PyTorch's does).
-    let gpu = x.tensor().gpu();
-    let (pre, h) = (
-        Tensor::empty(gpu, &[g1.m, g1.n])?,
-        Tensor::empty(gpu, &[g1.m, g1.n])?,
-    );
     let epilogue = Some(Epilogue::Act(act, &h));
-    gemm_act_into(&pre, &x_saved, &w1h, b1r.as_ref(), g1.round(fmt), epilogue)?;
-    drop((w1h, b1r));
-    let h_saved = Saved::Half(convert::pack(&h, fmt)?);
+    gemm_act_into(&pre, &x_saved, &w1c, b1r.as_ref(), g1.round(fmt), epilogue)?;
+    drop((w1c, b1r));
+    let h_saved = convert::save(&h, fmt)?;
     drop(h);
-    let (w2h, b2r) = (convert::cast(w2.tensor(), fmt)?, round(b2)?);
+    let (w2c, b2r) = (convert::cast(w2.tensor(), fmt)?, round(b2)?);
     let mut ys = xs.clone();
     *ys.last_mut().unwrap() = d2;
-    let y = gemm(&h_saved, &w2h, b2r.as_ref(), g2.round(fmt))?.reshape(&ys)?;
+    let y = gemm(&h_saved, &w2c, b2r.as_ref(), g2.round(fmt))?.reshape(&ys)?;
     if !tape.grad_enabled() {
         return Ok(Var::constant(y));
     }
