@@ -56,10 +56,10 @@ fn fused_dims(q: &Var, k: &Var, v: &Var, heads: usize, mask: &Mask) -> Result<Op
 
 /// `attention` in a half mode where the fused kernels do not run
 /// (sequence padding, a head size without them, or the tuner's choice): q,
-/// k and v (the projections' rounded outputs) are kept as 16-bit copies, and the backward runs the f32
-/// attention again on them (inside, scores, softmax and the weighted sum
-/// are f32, as flash attention under autocast keeps them) and
-/// backpropagates through that; the output is rounded to the format. The
+/// k and v (the projections' rounded outputs) are kept as 16-bit copies,
+/// and the backward runs the f32 attention again on them (inside, scores,
+/// softmax and the weighted sum are f32, as flash attention under autocast
+/// keeps them) and backpropagates through that; the output is rounded to the format. The
 /// forward's intermediates (probabilities or log-sum-exps, the output) are
 /// not held, for one more attention forward in the backward.
 fn attention_half(

@@ -137,7 +137,7 @@ impl Dims {
             None => (Vec::new(), gpu.grid_1d(total, 64)),
         };
         if let Some(fmt) = half {
-            constants.push(("FMT", (fmt == Precision::Bf16) as u32 as f64));
+            constants.push(convert::fmt_constant(fmt));
         }
         let mut buffers = vec![
             Some(q.tensor().buffer()),

@@ -55,6 +55,13 @@ impl Half {
     }
 }
 
+/// The override constant that picks `fmt`'s decoding and rounding in
+/// convert.wgsl and the kernels that share its block (FMT 1: bf16, else
+/// f16).
+pub(crate) fn fmt_constant(fmt: Precision) -> (&'static str, f64) {
+    ("FMT", (fmt == Precision::Bf16) as u32 as f64)
+}
+
 fn check_fmt(fmt: Precision) -> Result<()> {
     ensure!(fmt.is_half(), "16-bit conversion asked for precision f32");
     Ok(())
@@ -83,7 +90,7 @@ fn run(entry: &str, x: &Tensor, w: Option<&Tensor>, fmt: Precision) -> Result<()
         gpu.dispatch_windows(
             &SHADER,
             entry,
-            &[("FMT", if fmt == Precision::Bf16 { 1.0 } else { 0.0 })],
+            &[fmt_constant(fmt)],
             &[u(len), 0, 0, 0],
             &buffers,
             gpu.grid_1d(len.div_ceil(2), 256),
@@ -150,10 +157,7 @@ pub enum Saved {
 impl Saved {
     /// The saved values as an f32 tensor (a fresh one from a 16-bit copy).
     pub fn get(&self) -> Result<Tensor> {
-        match self {
-            Saved::Full(t) => Ok(t.clone()),
-            Saved::Half(h) => h.unpack(),
-        }
+        Operand::from(self).to_f32()
     }
 }
 

@@ -400,7 +400,7 @@ pub fn gemm_act_into<'o>(
             ("BIAS_GRAD", act.is_some_and(|e| e.parts().3) as u32 as f64),
             ("ROUND", g.round.is_some() as u32 as f64),
             // The packed operands' and the rounding's format (convert.wgsl).
-            ("FMT", (fmt == Some(Precision::Bf16)) as u32 as f64),
+            convert::fmt_constant(fmt.unwrap_or(Precision::F16)),
         ]);
     }
     if let Kernel::Coop(_) = kernel {
