@@ -161,11 +161,23 @@ fn entry_point(o: &mut String, rm: usize, rv: usize, sg: bool) {
         for q in 0..rv {
             w!(
                 o,
-                "    store4(cbase, row0 + {r}u, col0 + {}u, acc{r}_{q}, bias{q});",
+                "    store4_linear(cbase, row0 + {r}u, col0 + {}u, acc{r}_{q}, bias{q});",
                 8 * q
             );
         }
     }
+    // The rest of the epilogue once, in a loop over the tile (see finish4).
+    w!(o, "    if FINISH {{");
+    w!(o, "        for (var r = 0u; r < {rm}u; r++) {{");
+    for q in 0..rv {
+        w!(
+            o,
+            "            finish4(cbase, row0 + r, col0 + {}u);",
+            8 * q
+        );
+    }
+    w!(o, "        }}");
+    w!(o, "    }}");
     w!(o, "}}");
 }
 
