@@ -40,6 +40,7 @@ pub const ALL: &[(&str, &str)] = &[
     hand_written!("patch"),
     hand_written!("permute"),
     hand_written!("permute_vec4"),
+    hand_written!("positions"),
     hand_written!("reduce"),
     hand_written!("softmax"),
     hand_written!("topk"),

@@ -3,8 +3,10 @@
 //! CPU references.
 mod common;
 use clip_wgpu::ops::layernorm::Rows;
+use clip_wgpu::ops::positions::{column_positions, column_positions_ref};
 use clip_wgpu::ops::topk::{
-    indices_to_vec, rank, rank_both, rank_ref, topk_columns, topk_ref, topk_with, Ranking, PASS_K,
+    indices_to_vec, rank, rank_ref, rank_with_positions, topk_columns, topk_ref, topk_with,
+    Ranking, PASS_K,
 };
 use clip_wgpu::Tensor;
 use common::*;
@@ -89,6 +91,35 @@ fn topk_of_columns_matches_reference() {
     }
 }
 
+#[test]
+fn column_positions_match_reference_with_ties() {
+    let Some(gpu) = gpu() else { return };
+    for (seed, (rows, cols, stride)) in (500..).zip([
+        (1, 1, 4),
+        (5, 3, 4),
+        (9, 8, 8),
+        (130, 37, 40),
+        (1000, 21, 24),
+    ]) {
+        let mut r = Rng::new(seed);
+        // Few distinct values: ties, broken by the lower row.
+        let levels = 1 + r.below(12);
+        let scores: Vec<f32> = (0..rows * stride)
+            .map(|_| r.below(levels) as f32 * 0.5 - 2.0)
+            .collect();
+        let own: Vec<u32> = (0..cols).map(|_| r.below(rows) as u32).collect();
+        let want = column_positions_ref(&scores, rows, cols, stride, &own);
+        let st = Tensor::from_slice(&gpu, &scores, &[rows, stride]).unwrap();
+        let ot = Tensor::from_slice(&gpu, bytemuck::cast_slice(&own), &[cols]).unwrap();
+        let got = column_positions(&st, rows, cols, stride, &ot).unwrap();
+        assert_eq!(
+            indices_to_vec(&got).unwrap()[..cols],
+            want[..],
+            "positions in {rows}x{cols} (stride {stride})"
+        );
+    }
+}
+
 /// L2-normalised rows, as embeddings are.
 fn embeddings(r: &mut Rng, n: usize, dim: usize) -> Vec<f32> {
     let mut v: Vec<f32> = r.vec(n * dim, 1.0).iter().map(|&x| x as f32).collect();
@@ -120,18 +151,41 @@ fn check_rank(
     let what = format!("rank {nq} queries x {nk} keys, dim {dim}, k {k}");
     let dups = (nk > 4).then_some(((nk / 3) as u32, (nk - 2) as u32));
     same_ranking(&got, &q, &keys, dim, k, dups, &what);
-    // Both ways from one product.
-    let (fwd, back) = rank_both(gpu, &q, &keys, dim, k).unwrap();
-    assert_eq!(fwd, got, "{what}: rank_both's forward ranking");
-    same_ranking(
-        &back,
-        &keys,
-        &q,
-        dim,
-        k,
-        None,
-        &format!("{what}, keys to queries"),
-    );
+    // With each key's own query's position, from the same product: each
+    // key owned by a query in turn (several keys a query, as captions).
+    let owners: Vec<u32> = (0..nk).map(|t| ((t * 7 + 3) % nq) as u32).collect();
+    let (fwd, pos) = rank_with_positions(gpu, &q, &keys, dim, k, &owners).unwrap();
+    assert_eq!(fwd, got, "{what}: rank_with_positions' ranking");
+    same_positions(&pos, &q, &keys, dim, &owners, &what);
+}
+
+/// `got[t]` is how many queries rank before query `owners[t]` for key t,
+/// as the CPU counts in f64, but for queries within f32 rounding of it.
+fn same_positions(got: &[u32], q: &[f32], keys: &[f32], dim: usize, owners: &[u32], what: &str) {
+    let dot =
+        |a: &[f32], b: &[f32]| -> f64 { a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum() };
+    assert_eq!(got.len(), owners.len(), "{what}: positions");
+    let mut near = 0;
+    for (t, key) in keys.chunks(dim).enumerate() {
+        let o = owners[t] as usize;
+        let own = dot(&q[o * dim..(o + 1) * dim], key);
+        let (mut sure, mut close) = (0, 0);
+        for (i, row) in q.chunks(dim).enumerate() {
+            let d = dot(row, key) - own;
+            if i != o && d.abs() < 1e-6 {
+                close += 1;
+            } else if d > 0.0 || (d == 0.0 && i < o) {
+                sure += 1;
+            }
+        }
+        near += close;
+        let p = got[t];
+        assert!(
+            p >= sure && p <= sure + close,
+            "{what}: key {t}'s own query {o} at position {p}, the CPU counts {sure} before it (+{close} within rounding)"
+        );
+    }
+    eprintln!("{what}: positions as the CPU's, {near} near ties");
 }
 
 /// `got` ranks `keys` for each of `q` as the CPU does.

@@ -21,6 +21,7 @@ pub mod matmul;
 pub mod mlp;
 pub mod patch;
 pub mod permute;
+pub mod positions;
 pub mod reduce;
 pub mod softmax;
 pub mod topk;

@@ -9,6 +9,7 @@
 
 use super::layernorm::Rows;
 use super::matmul::{gemm, Gemm};
+use super::positions::column_positions;
 use super::{shader, u};
 use crate::gpu::Shader;
 use crate::tensor::Tensor;
@@ -191,22 +192,28 @@ pub fn rank(
     dim: usize,
     k: usize,
 ) -> Result<Ranking> {
-    Ok(rank_impl(gpu, queries, keys, dim, k, false)?.0)
+    Ok(rank_impl(gpu, queries, keys, dim, k, None)?.0)
 }
 
-/// [`rank`] both ways from one product: the k best keys of each query and
-/// the k best queries of each key (the second from the columns of the same
-/// scores, merged over the blocks of queries on the host). Evaluation's
-/// image-to-text and text-to-image retrieval.
-pub fn rank_both(
+/// [`rank`], and for each key the position of its own query among all
+/// queries ranked for that key (`owners[key]`: a query index): how many
+/// queries rank before it, by the same order, from the same product. A key
+/// with its own query at position p is found in the top K for every K > p.
+/// Evaluation's image-to-text (the ranking) and text-to-image (the
+/// positions) retrieval.
+///
+/// Each block holds every query, so that a key's whole column is counted in
+/// one pass ([`column_positions`]); the blocks then take fewer keys.
+pub fn rank_with_positions(
     gpu: &Arc<Gpu>,
     queries: &[f32],
     keys: &[f32],
     dim: usize,
     k: usize,
-) -> Result<(Ranking, Ranking)> {
-    let (a, b) = rank_impl(gpu, queries, keys, dim, k, true)?;
-    Ok((a, b.expect("asked for both")))
+    owners: &[u32],
+) -> Result<(Ranking, Vec<u32>)> {
+    let (ranking, positions) = rank_impl(gpu, queries, keys, dim, k, Some(owners))?;
+    Ok((ranking, positions.expect("asked for positions")))
 }
 
 fn rank_impl(
@@ -215,8 +222,8 @@ fn rank_impl(
     keys: &[f32],
     dim: usize,
     k: usize,
-    both: bool,
-) -> Result<(Ranking, Option<Ranking>)> {
+    owners: Option<&[u32]>,
+) -> Result<(Ranking, Option<Vec<u32>>)> {
     ensure!(dim > 0, "rank: embeddings of dimension 0");
     ensure!(
         queries.len().is_multiple_of(dim) && keys.len().is_multiple_of(dim),
@@ -230,31 +237,46 @@ fn rank_impl(
         }
     }
     let (nq, nk) = (queries.len() / dim, keys.len() / dim);
-    let (k_keys, k_queries) = (k.min(nk), k.min(nq));
+    if let Some(o) = owners {
+        ensure!(o.len() == nk, "rank: {} owners for {nk} keys", o.len());
+        if let Some(&bad) = o.iter().find(|&&q| q as usize >= nq) {
+            anyhow::bail!("rank: a key's own query {bad} is not one of the {nq} queries");
+        }
+    }
+    let k_keys = k.min(nk);
     let empty = |k| Ranking {
         k,
         values: Vec::new(),
         indices: Vec::new(),
     };
     if nq == 0 || nk == 0 || k == 0 {
-        // No rows on one side, or none asked for: every list is empty.
-        return Ok((empty(k_keys), both.then(|| empty(k_queries))));
+        // No rows on one side, or none asked for: every list is empty, and
+        // a key's own query is first of the queries.
+        return Ok((empty(k_keys), owners.map(|_| vec![0; nk])));
     }
-    let limit = gpu.window_bytes(16 * dim as u64).min(BLOCK_BYTES);
+    let nq4 = nq.next_multiple_of(4);
+    let limit = if owners.is_some() {
+        // Every query in one block: as large as a binding allows.
+        let window = gpu.window_bytes(16 * dim as u64);
+        ensure!(
+            16 * nq4 as u64 <= window,
+            "rank: {nq} queries do not fit one block of scores ({} MiB bound at once)",
+            window >> 20
+        );
+        window.min(BLOCK_BYTES.max(16 * nq4 as u64))
+    } else {
+        gpu.window_bytes(16 * dim as u64).min(BLOCK_BYTES)
+    };
     // Key chunks: as many rows as one binding holds, as a score row of a
-    // block of 4 queries (a multiple of 4).
-    let chunk = ((limit / (4 * dim as u64)).min(limit / 16) as usize / 4 * 4).max(4);
+    // block of 4 queries (a multiple of 4); with positions, of every query.
+    let per_key = 4 * if owners.is_some() { nq4 } else { 4 } as u64;
+    let chunk = ((limit / (4 * dim as u64)).min(limit / per_key) as usize / 4 * 4).max(4);
     let chunks: Vec<(usize, usize)> = (0..nk)
         .step_by(chunk)
         .map(|s| (s, chunk.min(nk - s)))
         .collect();
     let mut parts: Vec<Ranking> = Vec::with_capacity(chunks.len());
-    // The best queries of each key so far (both ways).
-    let mut back: Vec<Vec<(f32, u32)>> = if both {
-        vec![Vec::new(); nk]
-    } else {
-        Vec::new()
-    };
+    let mut positions: Vec<u32> = Vec::with_capacity(if owners.is_some() { nk } else { 0 });
     for &(k0, kn) in &chunks {
         let kpad = kn.next_multiple_of(4);
         let mut kdata = keys[k0 * dim..(k0 + kn) * dim].to_vec();
@@ -262,7 +284,7 @@ fn rank_impl(
         let kt = Tensor::from_slice(gpu, &kdata, &[kpad, dim])?;
         drop(kdata);
         // Queries per block: the scores fit the limit, one shape for all.
-        let qb = ((limit / (4 * kpad as u64)) as usize / 4 * 4).clamp(4, nq.next_multiple_of(4));
+        let qb = ((limit / (4 * kpad as u64)) as usize / 4 * 4).clamp(4, nq4);
         let kc = k_keys.min(kn);
         let mut part = Ranking {
             k: kc,
@@ -277,28 +299,20 @@ fn rank_impl(
             let qt = Tensor::from_slice(gpu, &qdata, &[qb, dim])?;
             let s = gemm(&qt, &kt, None, Gemm::new(1, qb, kpad, dim).tb(true))?;
             let (v, i) = topk(&s, qn, kn, kpad, kc)?;
-            let col = if both {
-                Some(topk_columns(&s, qn, kn, kpad, k_queries.min(qn))?)
-            } else {
-                None
+            let pos = match owners {
+                Some(o) => {
+                    ensure!(qn == nq, "rank: a block of {qn} of {nq} queries");
+                    let own =
+                        Tensor::from_slice(gpu, bytemuck::cast_slice(&o[k0..k0 + kn]), &[kn])?;
+                    Some(column_positions(&s, qn, kn, kpad, &own)?)
+                }
+                None => None,
             };
             part.values.extend(v.to_vec()?);
             part.indices
                 .extend(indices_to_vec(&i)?.into_iter().map(|x| x + k0 as u32));
-            if let Some((cv, ci)) = col {
-                let kb = k_queries.min(qn);
-                let (cv, ci) = (cv.to_vec()?, indices_to_vec(&ci)?);
-                for j in 0..kn {
-                    let best = &mut back[k0 + j];
-                    best.extend(
-                        cv[j * kb..(j + 1) * kb]
-                            .iter()
-                            .zip(&ci[j * kb..(j + 1) * kb])
-                            .map(|(&v, &i)| (v, i + q0 as u32)),
-                    );
-                    best.sort_by(|a, b| b.0.partial_cmp(&a.0).unwrap().then(a.1.cmp(&b.1)));
-                    best.truncate(k_queries);
-                }
+            if let Some(p) = pos {
+                positions.extend(&indices_to_vec(&p)?[..kn]);
             }
         }
         parts.push(part);
@@ -308,12 +322,7 @@ fn rank_impl(
     } else {
         merge(&parts, nq, k_keys)
     };
-    let backward = both.then(|| Ranking {
-        k: k_queries,
-        values: back.iter().flat_map(|b| b.iter().map(|x| x.0)).collect(),
-        indices: back.iter().flat_map(|b| b.iter().map(|x| x.1)).collect(),
-    });
-    Ok((forward, backward))
+    Ok((forward, owners.map(|_| positions)))
 }
 
 /// The k best over per-chunk rankings of the same queries.

@@ -274,14 +274,15 @@ pub fn recall_at_k(
 }
 
 /// [`recall_at_k`] ranked on the GPU: the embeddings flat ([images, dim],
-/// [texts, dim]), each image's best max(K) texts and each text's best
-/// max(K) images by dot product in f32 ([`crate::ops::topk::rank_both`]: a
-/// matmul and a top-k of its rows and of its columns, block by block),
-/// with the same tie rule (the lower index first). An image is an image-to-text hit at K when one of its
-/// captions is among its best K, exactly when its best caption's rank is
-/// below K; a text is a hit when its image is among its best K. The same
-/// values as [`recall_at_k`] but where two similarities are closer than
-/// f32 rounding (about 1e-7).
+/// [texts, dim]), by dot product in f32 with the same tie rule (the lower
+/// index first), from one matmul block by block
+/// ([`crate::ops::topk::rank_with_positions`]): each image's best max(K)
+/// texts (a top-k of the rows) and each text's image's position among all
+/// images for that text (a count down the columns). An image is an
+/// image-to-text hit at K when one of its captions is among its best K,
+/// exactly when its best caption's rank is below K; a text is a hit when
+/// its image's position is below K. The same values as [`recall_at_k`] but
+/// where two similarities are closer than f32 rounding (about 1e-7).
 pub fn recall_at_k_gpu(
     gpu: &std::sync::Arc<crate::Gpu>,
     image_embeds: &[f32],
@@ -291,7 +292,7 @@ pub fn recall_at_k_gpu(
     image_ids_of_images: &[u64],
     ks: &[usize],
 ) -> Result<Recall> {
-    use crate::ops::topk::rank_both;
+    use crate::ops::topk::rank_with_positions;
     check_ks(ks)?;
     let (n_images, n_texts) = (image_ids_of_images.len(), image_ids_of_texts.len());
     ensure!(
@@ -307,20 +308,19 @@ pub fn recall_at_k_gpu(
     }
     let owner = text_owners(image_ids_of_texts, image_ids_of_images)?;
     let kmax = *ks.iter().max().unwrap();
-    let (i2t, t2i) = rank_both(gpu, image_embeds, text_embeds, dim, kmax)?;
+    let owners: Vec<u32> = owner.iter().map(|&i| i as u32).collect();
+    let (i2t, t2i) = rank_with_positions(gpu, image_embeds, text_embeds, dim, kmax, &owners)?;
     let mut has_caption = vec![false; n_images];
     for &i in &owner {
         has_caption[i] = true;
     }
     // Position of the first own caption among each image's best (None:
-    // not among them), and of each text's image among its best.
+    // not among them), and of each text's image among all images.
     let i2t_pos: Vec<Option<usize>> = (0..n_images)
         .filter(|&i| has_caption[i])
         .map(|i| i2t.row(i).iter().position(|&t| owner[t as usize] == i))
         .collect();
-    let t2i_pos: Vec<Option<usize>> = (0..n_texts)
-        .map(|t| t2i.row(t).iter().position(|&i| i as usize == owner[t]))
-        .collect();
+    let t2i_pos: Vec<Option<usize>> = t2i.iter().map(|&p| Some(p as usize)).collect();
     let frac = |pos: &[Option<usize>], k: usize| {
         if pos.is_empty() {
             0.0
