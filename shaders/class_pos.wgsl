@@ -29,3 +29,28 @@ fn class_pos(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgro
     }
     out[i] = x + pos[t * p.d + c];
 }
+
+// Four values a thread where d % 4 == 0 (a quarter of llvmpipe's per-lane
+// load loops). Same bindings, as vec4s.
+@group(0) @binding(1) var<storage, read> patches4: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read> cls4: array<vec4<f32>>;
+@group(0) @binding(3) var<storage, read> pos4: array<vec4<f32>>;
+@group(0) @binding(4) var<storage, read_write> out4: array<vec4<f32>>;
+
+@compute @workgroup_size(256, 1, 1)
+fn class_pos4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = gid.x + gid.y * nwg.x * 256u;
+    let t_len = p.np + 1u;
+    let d4 = p.d / 4u;
+    if i >= p.batch * t_len * d4 { return; }
+    let c = i % d4;
+    let t = (i / d4) % t_len;
+    let b = i / (d4 * t_len);
+    var x: vec4<f32>;
+    if t == 0u {
+        x = cls4[c];
+    } else {
+        x = patches4[(b * p.np + t - 1u) * d4 + c];
+    }
+    out4[i] = x + pos4[t * d4 + c];
+}

@@ -168,8 +168,17 @@ fn class_pos_matches_reference() {
         return;
     }
     let mut r = Rng::new(4);
-    // Batches up to 300 so the column sum takes its two-pass path too.
-    for &(b, np, d) in &[(1, 1, 1), (3, 7, 50), (2, 49, 33), (300, 4, 7), (1, 50, 77)] {
+    // Batches up to 300 so the column sum takes its two-pass path too; d
+    // a multiple of 4 takes the four-a-thread forward.
+    for &(b, np, d) in &[
+        (1, 1, 1),
+        (3, 7, 50),
+        (2, 49, 33),
+        (300, 4, 7),
+        (1, 50, 77),
+        (2, 9, 12),
+        (3, 16, 64),
+    ] {
         let patches = r.vec(b * np * d, 1.0);
         let cls = r.vec(d, 1.0);
         let pos = r.vec((np + 1) * d, 1.0);

@@ -39,6 +39,8 @@ fn patch_embed_matches_reference() {
         dims(1, 1, 7, 7, 7, 1),
         dims(3, 2, 20, 33, 5, 7), // non-square, trailing columns
         dims(1, 3, 32, 32, 16, 77),
+        dims(2, 3, 20, 36, 8, 9), // four columns a thread, trailing rows
+        dims(2, 3, 17, 18, 4, 9), // p % 4 == 0 but w % 4 != 0: one a thread
     ] {
         let px = r.vec(g.b * g.c * g.h * g.w, 1.0);
         let wt = r.vec(g.d * g.k(), 1.0);

@@ -2,7 +2,7 @@
 //! whose backward is a deterministic scatter-add without atomics, and the
 //! vision tower's class token + position embedding.
 
-use super::{reduce, shader, u};
+use super::{by_vec4, reduce, shader, u};
 use crate::gpu::{Shader, Window};
 use crate::tape::{Tape, Var};
 use crate::tensor::Tensor;
@@ -213,9 +213,10 @@ pub fn class_pos_forward(patches: &Tensor, class_emb: &Tensor, pos: &Tensor) -> 
     let (b, np, d) = class_pos_dims(patches, class_emb, pos)?;
     let gpu = patches.gpu();
     let out = Tensor::empty(gpu, &[b, np + 1, d])?;
+    let (entry, per) = by_vec4(d % 4 == 0, "class_pos");
     gpu.dispatch(
         &CLASS_POS,
-        "class_pos",
+        &entry,
         &[u(b), u(np), u(d), 0],
         &[
             Some(patches.buffer()),
@@ -223,7 +224,7 @@ pub fn class_pos_forward(patches: &Tensor, class_emb: &Tensor, pos: &Tensor) -> 
             Some(pos.buffer()),
             Some(out.buffer()),
         ],
-        gpu.grid_1d(b * (np + 1) * d, 256),
+        gpu.grid_1d(b * (np + 1) * d / per, 256),
     )?;
     Ok(out)
 }

@@ -5,7 +5,7 @@
 //! col2im for the pixels.
 
 use super::matmul::{gemm, gemm_backward, Gemm};
-use super::{shader, u};
+use super::{by_vec4, shader, u};
 use crate::gpu::Shader;
 use crate::tape::{Tape, Var};
 use crate::tensor::Tensor;
@@ -95,11 +95,12 @@ pub fn im2col(pixels: &Tensor, dims: PatchDims) -> Result<Tensor> {
         pixels.shape()
     );
     let gpu = pixels.gpu();
-    let n = dims.b * dims.np() * dims.k();
+    let (entry, per) = by_vec4(dims.p % 4 == 0 && dims.w % 4 == 0, "im2col");
+    let n = dims.b * dims.np() * dims.k() / per;
     let cols = Tensor::empty(gpu, &[dims.b * dims.np(), dims.k()])?;
     gpu.dispatch(
         &SHADER,
-        "im2col",
+        &entry,
         &dims.params(),
         &[Some(pixels.buffer()), Some(cols.buffer())],
         gpu.grid_1d(n, 256),
