@@ -22,7 +22,8 @@
 // the code it runs (a runtime switch over every activation, inlined into each
 // store, made the kernel several times larger and slower):
 // HAS_BIAS: C += bias; ACCUMULATE: C += old C; ACT 1: aux = act(C) as
-// well (a linear layer's bias + activation in one pass); ACT 2: C *= act'(x)
+// well (a linear layer's bias + activation in one pass); ACT 3: C = act(C)
+// instead (the same with no backward to keep C for); ACT 2: C *= act'(x)
 // with x, the activation's input, in aux (the MLP backward's dH ->
 // d(pre-activation) in the same pass). ACT_KIND: an activation of
 // activation.wgsl. BIAS_GRAD (TRANS_A only): aux[i] = sum_k op(A)[i, k] as
@@ -95,12 +96,12 @@ fn finish4(base: u32, i: u32, j4: u32) {
         out *= vec4(act_grad_kind(x.x, ACT_KIND), act_grad_kind(x.y, ACT_KIND),
                     act_grad_kind(x.z, ACT_KIND), act_grad_kind(x.w, ACT_KIND));
     }
-    if ROUND || ACT == 2u { c[idx] = out; }
-    if ACT == 1u {
+    if ACT == 1u || ACT == 3u {
         var y = vec4(act_kind(out.x, ACT_KIND), act_kind(out.y, ACT_KIND),
                      act_kind(out.z, ACT_KIND), act_kind(out.w, ACT_KIND));
         if ROUND { y = round4(y); }
-        aux[idx] = y;
+        if ACT == 1u { aux[idx] = y; } else { out = y; }
     }
+    if ROUND || ACT >= 2u { c[idx] = out; }
 }
 // END shared

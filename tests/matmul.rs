@@ -292,6 +292,11 @@ fn matmul_blocked_epilogues() {
             &act_ref(&prod, kind),
             1e-5,
         );
+        // ACT 3: act(C) in place of C, the same values.
+        let inplace = Tensor::empty(&gpu, &[m, n]).unwrap();
+        let e = Some(Epilogue::ActInPlace(kind));
+        gemm_act_into(&inplace, &at, &wt, Some(&biast), g, e).unwrap();
+        assert!(download(&inplace) == download(&out), "{b} act in place");
 
         let x = r.vec(m * n, 1.0);
         let xt = upload(&gpu, &x, &[m, n]);
@@ -469,6 +474,15 @@ fn matmul_packed_operands_match_f32() {
                 gemm_act_into(&c, &ah, &bh, None, g.round(fmt), gelu).unwrap();
                 let rounded: Vec<f32> = want.iter().map(|v| fmt.round(*v as f32)).collect();
                 assert_eq!(c.to_vec().unwrap(), rounded, "{name} rounded");
+                // ACT 3 (no backward): the rounded activation in place of C.
+                let inplace = Tensor::empty(&gpu, &[batch, m, n]).unwrap();
+                let e = Some(Epilogue::ActInPlace(Act::QuickGelu));
+                gemm_act_into(&inplace, &ah, &bh, None, g.round(fmt), e).unwrap();
+                assert_eq!(
+                    inplace.to_vec().unwrap(),
+                    h.to_vec().unwrap(),
+                    "{name} act in place"
+                );
                 let pre: Vec<f64> = rounded.iter().map(|v| *v as f64).collect();
                 let acts: Vec<f32> = act_ref(&pre, Act::QuickGelu)
                     .iter()

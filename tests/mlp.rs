@@ -55,6 +55,20 @@ fn mlp_matches_separate_ops() {
             let (ys, gs) = run(false);
             let name = format!("mlp {rows}x{d}->{f}->{d2} {a:?} bias={bias}");
             assert_close(&format!("{name} forward"), &yf, &ys, 1e-6);
+            // With no backward the activation replaces the pre-activation
+            // in fc1's output (ACT 3): the same values, bit for bit.
+            let mut tape = Tape::no_grad();
+            let xv = tape.param(upload(&gpu, &x, &[rows, d]));
+            let w1v = tape.param(upload(&gpu, &w1, &[f, d]));
+            let b1v = tape.param(upload(&gpu, &b1, &[f]));
+            let w2v = tape.param(upload(&gpu, &w2, &[d2, f]));
+            let b2v = tape.param(upload(&gpu, &b2, &[d2]));
+            let (b1o, b2o) = (bias.then_some(&b1v), bias.then_some(&b2v));
+            let y = mlp(&mut tape, &xv, (&w1v, b1o), (&w2v, b2o), a).unwrap();
+            assert!(
+                download(y.tensor()) == yf,
+                "{name}: no-grad forward differs"
+            );
             for (i, (fg, sg)) in gf.iter().zip(&gs).enumerate() {
                 assert_close(&format!("{name} grad {i}"), fg, sg, 1e-6);
             }

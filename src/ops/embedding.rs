@@ -213,7 +213,7 @@ pub fn class_pos_forward(patches: &Tensor, class_emb: &Tensor, pos: &Tensor) -> 
     let (b, np, d) = class_pos_dims(patches, class_emb, pos)?;
     let gpu = patches.gpu();
     let out = Tensor::empty(gpu, &[b, np + 1, d])?;
-    let (entry, per) = by_vec4(d % 4 == 0, "class_pos");
+    let (entry, per) = by_vec4(d.is_multiple_of(4), "class_pos");
     gpu.dispatch(
         &CLASS_POS,
         &entry,

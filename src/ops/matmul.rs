@@ -205,6 +205,8 @@ pub fn gemm_into<'o>(
 pub enum Epilogue<'a> {
     /// Also write act(C) into the tensor.
     Act(Act, &'a Tensor),
+    /// C = act(C): `Act` where nothing keeps the activation's input.
+    ActInPlace(Act),
     /// C *= act'(x) with x (the activation's input) in the tensor.
     ActGrad(Act, &'a Tensor),
     /// Also write out[i] = sum_k op(A)[i, k] (A stored transposed, one
@@ -214,13 +216,14 @@ pub enum Epilogue<'a> {
 }
 
 impl<'a> Epilogue<'a> {
-    /// The aux tensor the vec4 kernels bind, and their ACT / ACT_KIND /
-    /// BIAS_GRAD override values.
-    fn parts(self) -> (&'a Tensor, u32, u32, bool) {
+    /// The aux tensor the vec4 kernels bind (none: C), and their ACT /
+    /// ACT_KIND / BIAS_GRAD override values.
+    fn parts(self) -> (Option<&'a Tensor>, u32, u32, bool) {
         match self {
-            Epilogue::Act(a, t) => (t, 1, a.code(), false),
-            Epilogue::ActGrad(a, t) => (t, 2, a.code(), false),
-            Epilogue::BiasGrad(t) => (t, 0, 0, true),
+            Epilogue::Act(a, t) => (Some(t), 1, a.code(), false),
+            Epilogue::ActInPlace(a) => (None, 3, a.code(), false),
+            Epilogue::ActGrad(a, t) => (Some(t), 2, a.code(), false),
+            Epilogue::BiasGrad(t) => (Some(t), 0, 0, true),
         }
     }
 }
@@ -242,12 +245,15 @@ pub fn gemm_act_into<'o>(
             "matmul: a bias-gradient epilogue needs [{}] values, A transposed, one batch entry, no accumulation and alpha 1",
             g.m
         ),
-        Some(e) => ensure!(
-            e.parts().0.numel() == c.numel(),
-            "matmul: activation output {:?} does not match {:?}",
-            e.parts().0.shape(),
-            c.shape()
-        ),
+        Some(e) => {
+            let t = e.parts().0.unwrap_or(c);
+            ensure!(
+                t.numel() == c.numel(),
+                "matmul: activation output {:?} does not match {:?}",
+                t.shape(),
+                c.shape()
+            )
+        }
         None => {}
     }
     let a_bs = batch_stride(a, g.m * g.k, g.batch, "A")?;
@@ -347,6 +353,13 @@ pub fn gemm_act_into<'o>(
                 super::activation::forward_into(c, out, kind)?;
                 g.round.map_or(Ok(()), |f| convert::round_inplace(out, f))
             }
+            Epilogue::ActInPlace(kind) => {
+                // Not in place: a dispatch may not bind C as both its input
+                // and its output.
+                let h = super::activation::forward(c, kind)?;
+                gpu.copy(h.buffer(), c.buffer(), (c.numel() * 4) as u64);
+                g.round.map_or(Ok(()), |f| convert::round_inplace(c, f))
+            }
             Epilogue::ActGrad(kind, x) => {
                 // Not in place: a dispatch may not bind C as both its input
                 // and its output.
@@ -421,7 +434,7 @@ pub fn gemm_act_into<'o>(
         Some(b.tensor().buffer()),
         bias.map(|t| t.buffer()),
         Some(c.buffer()),
-        act.map(|e| e.parts().0.buffer()),
+        act.and_then(|e| e.parts().0).map(|t| t.buffer()),
     ];
     // The epilogue kernels take the activation output too (a dummy without
     // one).

@@ -41,10 +41,28 @@ pub fn mlp(
     let x_saved = convert::save(x.tensor(), fmt)?;
     let (w1c, b1r) = (convert::cast(w1.tensor(), fmt)?, round(b1)?);
     let gpu = x.tensor().gpu();
+    let grad = tape.grad_enabled();
     let pre = Tensor::empty(gpu, &[rows, f])?;
-    let h = Tensor::empty(gpu, &[rows, f])?;
-    let epilogue = Some(Epilogue::Act(act, &h));
-    gemm_act_into(&pre, &x_saved, &w1c, b1r.as_ref(), g1.round(fmt), epilogue)?;
+    // With no backward the pre-activation is not kept: the activation
+    // replaces it (one store a value, not two).
+    let h = if grad {
+        Tensor::empty(gpu, &[rows, f])?
+    } else {
+        pre.clone()
+    };
+    let epilogue = if grad {
+        Epilogue::Act(act, &h)
+    } else {
+        Epilogue::ActInPlace(act)
+    };
+    gemm_act_into(
+        &pre,
+        &x_saved,
+        &w1c,
+        b1r.as_ref(),
+        g1.round(fmt),
+        Some(epilogue),
+    )?;
     drop((w1c, b1r));
     let h_saved = convert::save(&h, fmt)?;
     drop(h);
@@ -52,7 +70,7 @@ pub fn mlp(
     let mut ys = xs.clone();
     *ys.last_mut().unwrap() = d2;
     let y = gemm(&h_saved, &w2c, b2r.as_ref(), g2.round(fmt))?.reshape(&ys)?;
-    if !tape.grad_enabled() {
+    if !grad {
         return Ok(Var::constant(y));
     }
     let saved = Kept {

@@ -95,7 +95,10 @@ pub fn im2col(pixels: &Tensor, dims: PatchDims) -> Result<Tensor> {
         pixels.shape()
     );
     let gpu = pixels.gpu();
-    let (entry, per) = by_vec4(dims.p % 4 == 0 && dims.w % 4 == 0, "im2col");
+    let (entry, per) = by_vec4(
+        dims.p.is_multiple_of(4) && dims.w.is_multiple_of(4),
+        "im2col",
+    );
     let n = dims.b * dims.np() * dims.k() / per;
     let cols = Tensor::empty(gpu, &[dims.b * dims.np(), dims.k()])?;
     gpu.dispatch(
