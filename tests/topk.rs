@@ -157,6 +157,13 @@ fn check_rank(
     let (fwd, pos) = rank_with_positions(gpu, &q, &keys, dim, k, &owners).unwrap();
     assert_eq!(fwd, got, "{what}: rank_with_positions' ranking");
     same_positions(&pos, &q, &keys, dim, &owners, &what);
+    // The positions alone (k = 0): the same.
+    let (none, alone) = rank_with_positions(gpu, &q, &keys, dim, 0, &owners).unwrap();
+    assert!(
+        none.k == 0 && none.indices.is_empty(),
+        "{what}: k = 0 ranks nothing"
+    );
+    assert_eq!(alone, pos, "{what}: the positions with k = 0");
 }
 
 /// `got[t]` is how many queries rank before query `owners[t]` for key t,

@@ -249,10 +249,10 @@ fn rank_impl(
         values: Vec::new(),
         indices: Vec::new(),
     };
-    if nq == 0 || nk == 0 || k == 0 {
-        // No rows on one side, or none asked for: every list is empty, and
-        // a key's own query is first of the queries.
-        return Ok((empty(k_keys), owners.map(|_| vec![0; nk])));
+    if nq == 0 || nk == 0 || (k == 0 && owners.is_none()) {
+        // No rows on one side (then no keys have owners), or nothing asked
+        // for: every list is empty.
+        return Ok((empty(k_keys), owners.map(|_| Vec::new())));
     }
     let nq4 = nq.next_multiple_of(4);
     let limit = if owners.is_some() {
@@ -298,7 +298,12 @@ fn rank_impl(
             qdata[qn * dim..].fill(0.0);
             let qt = Tensor::from_slice(gpu, &qdata, &[qb, dim])?;
             let s = gemm(&qt, &kt, None, Gemm::new(1, qb, kpad, dim).tb(true))?;
-            let (v, i) = topk(&s, qn, kn, kpad, kc)?;
+            // k = 0 with positions: only the positions.
+            let best = if kc > 0 {
+                Some(topk(&s, qn, kn, kpad, kc)?)
+            } else {
+                None
+            };
             let pos = match owners {
                 Some(o) => {
                     ensure!(qn == nq, "rank: a block of {qn} of {nq} queries");
@@ -308,9 +313,11 @@ fn rank_impl(
                 }
                 None => None,
             };
-            part.values.extend(v.to_vec()?);
-            part.indices
-                .extend(indices_to_vec(&i)?.into_iter().map(|x| x + k0 as u32));
+            if let Some((v, i)) = best {
+                part.values.extend(v.to_vec()?);
+                part.indices
+                    .extend(indices_to_vec(&i)?.into_iter().map(|x| x + k0 as u32));
+            }
             if let Some(p) = pos {
                 positions.extend(&indices_to_vec(&p)?[..kn]);
             }
