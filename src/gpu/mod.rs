@@ -330,6 +330,13 @@ impl Gpu {
         self.tune.read().unwrap().path().cloned()
     }
 
+    /// Release every free buffer the pool holds: for a caller moving on to
+    /// shapes that will not come back (the pool keeps buffers by exact
+    /// size, so their sizes would only be memory).
+    pub fn trim_pool(&self) {
+        self.pool.trim();
+    }
+
     pub fn pool_stats(&self) -> PoolStats {
         self.pool.stats()
     }
