@@ -255,9 +255,9 @@ fn rank_impl(
         return Ok((empty(k_keys), owners.map(|_| Vec::new())));
     }
     let nq4 = nq.next_multiple_of(4);
+    let window = gpu.window_bytes(16 * dim as u64);
     let limit = if owners.is_some() {
         // Every query in one block: as large as a binding allows.
-        let window = gpu.window_bytes(16 * dim as u64);
         ensure!(
             16 * nq4 as u64 <= window,
             "rank: {nq} queries do not fit one block of scores ({} MiB bound at once)",
@@ -265,7 +265,7 @@ fn rank_impl(
         );
         window.min(BLOCK_BYTES.max(16 * nq4 as u64))
     } else {
-        gpu.window_bytes(16 * dim as u64).min(BLOCK_BYTES)
+        window.min(BLOCK_BYTES)
     };
     // Key chunks: as many rows as one binding holds, as a score row of a
     // block of 4 queries (a multiple of 4); with positions, of every query.
